@@ -1,0 +1,67 @@
+/* lp-private.h: what core's files share and nobody else sees
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#pragma once
+
+#include <json-glib/json-glib.h>
+#include "lpipe/lpipe.h"
+
+G_BEGIN_DECLS
+
+/* lp-value.c: one conversion from text or JSON to a property's GValue, used by
+ * the pipeline file, `lpipe launch`, bindings and the CLI. A value that
+ * g_param_value_validate() would change is an error, never clamped. */
+gboolean  lp_value_from_string (GParamSpec    *pspec,
+                                const char    *text,
+                                GValue        *value,
+                                GError       **error);
+gboolean  lp_value_from_json   (GParamSpec    *pspec,
+                                JsonNode      *node,
+                                GValue        *value,
+                                GError       **error);
+char     *lp_value_to_string   (const GValue  *value);
+char     *lp_pspec_describe_type (GParamSpec  *pspec);
+
+/* lp-stage.c: set by the pipeline while it runs */
+void      lp_stage_set_pipeline_context (LpStage       *self,
+                                         gpointer       pipeline,
+                                         guint          index,
+                                         LpCheckpoint **extra_inputs,
+                                         guint          n_extra);
+guint     lp_stage_get_index            (LpStage       *self);
+gpointer  lp_stage_get_pipeline_context (LpStage       *self);
+
+/* lp-pipeline.c: forwarded to the "progress" signal */
+void      lp_pipeline_emit_progress     (gpointer       pipeline,
+                                         guint64        tensors_done,
+                                         guint64        tensors_total,
+                                         guint64        bytes_done,
+                                         guint64        bytes_total);
+
+/* lp-pipeline.c (for the loader) */
+/* Records where the pipeline came from: @origin is the file name (or
+ * "launch"), @params maps each parameter's name to the value it resolved to
+ * (a string), for `lpipe inspect` and the provenance the sink records. */
+void      lp_pipeline_set_source_info   (LpPipeline    *self,
+                                         const char    *origin,
+                                         const char    *description,
+                                         GHashTable    *params);
+/* Tells the pipeline that @stage's inputs were wired by lp_pipeline_connect()
+ * on purpose (possibly none), so nothing is chained implicitly. */
+void      lp_pipeline_mark_explicit_inputs (LpPipeline *self,
+                                            LpStage    *stage);
+/* Drops every stage and connection and the source info, leaving the pipeline
+ * as lp_pipeline_new() made it: the loader's way to fail without leaving a
+ * half-loaded pipeline behind. */
+void      lp_pipeline_clear             (LpPipeline    *self);
+
+/* lp-safetensors.c: replaces @path atomically (a temporary file in the same
+ * directory, fsync, rename, fsync of the directory); on error @path is
+ * untouched and no temporary file is left */
+gboolean  lp_atomic_write_contents      (const char    *path,
+                                         gconstpointer  data,
+                                         gsize          len,
+                                         GError       **error);
+
+G_END_DECLS

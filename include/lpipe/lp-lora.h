@@ -1,0 +1,82 @@
+/* lp-lora.h: LoRA modules: pairing down and up factors for every key convention
+ *
+ * The one place that knows how LoRA files name their factors and where they
+ * keep the scale. Every LoRA stage finds its modules through it.
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#pragma once
+
+#if !defined(LPIPE_INSIDE) && !defined(LPIPE_COMPILATION)
+#error "Only <lpipe/lpipe.h> or <lpipe/lpipe-plugin.h> can be included directly."
+#endif
+
+#include <lpipe/lp-checkpoint.h>
+
+G_BEGIN_DECLS
+
+/**
+ * LpLoraConvention:
+ * @LP_LORA_CONVENTION_PEFT: `*.lora_A.weight` / `*.lora_B.weight`, scale from `adapter_config.json`
+ * @LP_LORA_CONVENTION_DIFFUSERS: `*.lora_A.weight` / `*.lora_B.weight` with no config: scale 1
+ * @LP_LORA_CONVENTION_DIFFUSERS_OLD: `*.lora.down.weight` / `*.lora.up.weight`
+ * @LP_LORA_CONVENTION_DIFFUSERS_PROCESSOR: `*.processor.to_q_lora.down.weight`
+ * @LP_LORA_CONVENTION_KOHYA: `*.lora_down.weight` / `*.lora_up.weight` with optional `*.alpha`
+ * @LP_LORA_CONVENTION_CLONEOFSIMO: `prefix:N:down` / `prefix:N:up`
+ * @LP_LORA_CONVENTION_CUSTOM: given by a down and an up pattern
+ *
+ * How a LoRA file names its factors.
+ */
+typedef enum {
+  LP_LORA_CONVENTION_PEFT,
+  LP_LORA_CONVENTION_DIFFUSERS,
+  LP_LORA_CONVENTION_DIFFUSERS_OLD,
+  LP_LORA_CONVENTION_DIFFUSERS_PROCESSOR,
+  LP_LORA_CONVENTION_KOHYA,
+  LP_LORA_CONVENTION_CLONEOFSIMO,
+  LP_LORA_CONVENTION_CUSTOM,
+} LpLoraConvention;
+
+#define LP_TYPE_LORA_MODULE (lp_lora_module_get_type ())
+G_DECLARE_FINAL_TYPE (LpLoraModule, lp_lora_module, LP, LORA_MODULE, GObject)
+
+const char       *lp_lora_module_get_name         (LpLoraModule *self);
+LpLoraConvention  lp_lora_module_get_convention   (LpLoraModule *self);
+LpTensor         *lp_lora_module_get_down         (LpLoraModule *self);
+LpTensor         *lp_lora_module_get_up           (LpLoraModule *self);
+LpTensor         *lp_lora_module_get_alpha        (LpLoraModule *self);
+guint             lp_lora_module_get_rank         (LpLoraModule *self);
+guint64           lp_lora_module_get_in_features  (LpLoraModule *self);
+guint64           lp_lora_module_get_out_features (LpLoraModule *self);
+double            lp_lora_module_get_scale        (LpLoraModule *self);
+
+GPtrArray        *lp_lora_find_modules            (LpCheckpoint  *checkpoint,
+                                                   const char    *down_pattern,
+                                                   const char    *up_pattern,
+                                                   GPtrArray    **others,
+                                                   GError       **error);
+
+/* Layout of the factors, for stages that write factors of another rank */
+gboolean          lp_lora_module_is_conv          (LpLoraModule *self);
+void              lp_lora_module_get_kernel_size  (LpLoraModule *self,
+                                                   guint64      *kernel_h,
+                                                   guint64      *kernel_w);
+void              lp_lora_module_new_factor_shape (LpLoraModule *self,
+                                                   gboolean      is_up,
+                                                   guint         new_rank,
+                                                   guint64      *shape_out,
+                                                   guint        *n_dims);
+
+/* Scale semantics through a rank change r -> k */
+double            lp_lora_module_get_alpha_value  (LpLoraModule *self);
+double            lp_lora_module_get_fold_scale   (LpLoraModule *self);
+LpTensor         *lp_lora_module_new_alpha        (LpLoraModule *self,
+                                                   guint         new_rank);
+const char       *lp_lora_module_get_peft_key     (LpLoraModule *self);
+
+char             *lp_lora_update_adapter_config   (const char    *json,
+                                                   GPtrArray     *modules,
+                                                   const guint   *new_ranks,
+                                                   GError       **error);
+
+G_END_DECLS

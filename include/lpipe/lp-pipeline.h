@@ -1,0 +1,69 @@
+/* lp-pipeline.h: a graph of stages, loaded from a pipeline file or built in code
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#pragma once
+
+#if !defined(LPIPE_INSIDE) && !defined(LPIPE_COMPILATION)
+#error "Only <lpipe/lpipe.h> or <lpipe/lpipe-plugin.h> can be included directly."
+#endif
+
+#include <lpipe/lp-registry.h>
+
+G_BEGIN_DECLS
+
+#define LP_TYPE_PIPELINE (lp_pipeline_get_type ())
+G_DECLARE_FINAL_TYPE (LpPipeline, lp_pipeline, LP, PIPELINE, GObject)
+
+LpPipeline   *lp_pipeline_new               (LpRegistry    *registry);
+gboolean      lp_pipeline_load_from_file    (LpPipeline    *self,
+                                             const char    *filename,
+                                             const char * const *params,
+                                             GError       **error);
+gboolean      lp_pipeline_load_from_data    (LpPipeline    *self,
+                                             const char    *data,
+                                             gssize         length,
+                                             const char    *origin,
+                                             const char * const *params,
+                                             GError       **error);
+gboolean      lp_pipeline_parse_launch      (LpPipeline    *self,
+                                             const char * const *argv,
+                                             GError       **error);
+
+LpStage      *lp_pipeline_add_stage         (LpPipeline    *self,
+                                             const char    *stage_name,
+                                             const char    *id,
+                                             GError       **error);
+void          lp_pipeline_append            (LpPipeline    *self,
+                                             LpStage       *stage);
+gboolean      lp_pipeline_connect           (LpPipeline    *self,
+                                             LpStage       *from,
+                                             LpStage       *to,
+                                             GError       **error);
+guint         lp_pipeline_get_n_stages      (LpPipeline    *self);
+LpStage      *lp_pipeline_get_stage         (LpPipeline    *self,
+                                             guint          index);
+LpStage      *lp_pipeline_lookup_stage      (LpPipeline    *self,
+                                             const char    *id);
+const char   *lp_pipeline_get_description   (LpPipeline    *self);
+const char   *lp_pipeline_get_origin        (LpPipeline    *self);
+GHashTable   *lp_pipeline_get_params        (LpPipeline    *self);
+
+void          lp_pipeline_set_threads       (LpPipeline    *self,
+                                             guint          threads);
+guint         lp_pipeline_get_threads       (LpPipeline    *self);
+
+gboolean      lp_pipeline_validate          (LpPipeline    *self,
+                                             GError       **error);
+gboolean      lp_pipeline_run               (LpPipeline    *self,
+                                             GCancellable  *cancellable,
+                                             GError       **error);
+void          lp_pipeline_run_async         (LpPipeline          *self,
+                                             GCancellable        *cancellable,
+                                             GAsyncReadyCallback  callback,
+                                             gpointer             user_data);
+gboolean      lp_pipeline_run_finish        (LpPipeline    *self,
+                                             GAsyncResult  *result,
+                                             GError       **error);
+
+G_END_DECLS

@@ -1,0 +1,167 @@
+/* lp-test-util.c: what the test programs share
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#include <stdlib.h>
+
+#include <glib/gstdio.h>
+
+#include "lp-test-util.h"
+
+const char *
+lp_test_samples_dir (void)
+{
+  static char *dir;
+  static gsize once;
+
+  if (g_once_init_enter (&once))
+    {
+      const char *shared = g_getenv ("LPIPE_SHARED_DIR");
+      if (shared)
+        {
+          char *d = g_build_filename (shared, "lora-samples", NULL);
+          if (g_file_test (d, G_FILE_TEST_IS_DIR))
+            dir = d;
+          else
+            g_free (d);
+        }
+      g_once_init_leave (&once, 1);
+    }
+  return dir;
+}
+
+gboolean
+lp_test_require_samples (void)
+{
+  if (lp_test_samples_dir () != NULL)
+    return TRUE;
+  g_test_skip ("../shared/lora-samples is absent");
+  return FALSE;
+}
+
+static GPtrArray *tmpdirs;
+
+static void
+remove_tree (const char *path)
+{
+  g_autoptr(GDir) dir = g_dir_open (path, 0, NULL);
+  const char *name;
+
+  if (dir)
+    while ((name = g_dir_read_name (dir)))
+      {
+        g_autofree char *child = g_build_filename (path, name, NULL);
+        if (g_file_test (child, G_FILE_TEST_IS_DIR) && !g_file_test (child, G_FILE_TEST_IS_SYMLINK))
+          remove_tree (child);
+        else
+          g_unlink (child);
+      }
+  g_rmdir (path);
+}
+
+static void
+remove_tmpdirs (void)
+{
+  for (guint i = 0; tmpdirs && i < tmpdirs->len; i++)
+    remove_tree (g_ptr_array_index (tmpdirs, i));
+}
+
+char *
+lp_test_make_tmpdir (void)
+{
+  g_autoptr(GError) error = NULL;
+  char *dir = g_dir_make_tmp ("lpipe-test-XXXXXX", &error);
+
+  g_assert_no_error (error);
+  if (tmpdirs == NULL)
+    {
+      tmpdirs = g_ptr_array_new_with_free_func (g_free);
+      atexit (remove_tmpdirs);
+    }
+  g_ptr_array_add (tmpdirs, g_strdup (dir));
+  return dir;
+}
+
+char *
+lp_test_run_python (const char * const *argv)
+{
+  g_autoptr(GPtrArray) args = g_ptr_array_new_with_free_func (g_free);
+  g_autofree char *out = NULL;
+  g_autofree char *err = NULL;
+  g_autoptr(GError) error = NULL;
+  int status = 0;
+
+  g_ptr_array_add (args, g_strdup ("/usr/bin/python3"));
+  for (guint i = 0; argv[i]; i++)
+    {
+      if (i == 0 && !g_path_is_absolute (argv[0]))
+        g_ptr_array_add (args, g_test_build_filename (G_TEST_DIST, argv[0], NULL));
+      else
+        g_ptr_array_add (args, g_strdup (argv[i]));
+    }
+  g_ptr_array_add (args, NULL);
+
+  g_spawn_sync (NULL, (char **) args->pdata, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+                &out, &err, &status, &error);
+  g_assert_no_error (error);
+  if (!g_spawn_check_wait_status (status, NULL))
+    g_error ("python oracle %s failed:\n%s%s", argv[0], out, err);
+  return g_steal_pointer (&out);
+}
+
+LpRegistry *
+lp_test_registry (void)
+{
+  return lp_registry_get_default ();
+}
+
+LpTensor *
+lp_test_tensor (const char    *name,
+                LpDtype        dtype,
+                const guint64 *shape,
+                guint          n_dims,
+                const float   *values)
+{
+  g_autoptr(GError) error = NULL;
+  guint64 n = 1;
+  LpTensor *t;
+
+  for (guint i = 0; i < n_dims; i++)
+    n *= shape[i];
+  t = lp_tensor_new_from_f32 (name, dtype, shape, n_dims, values, n, &error);
+  g_assert_no_error (error);
+  return t;
+}
+
+LpCheckpoint *
+lp_test_run_stage (const char    *stage_name,
+                   LpCheckpoint **inputs,
+                   guint          n_inputs,
+                   GError       **error,
+                   ...)
+{
+  g_autoptr(LpStage) stage = NULL;
+  LpCheckpoint *output = NULL;
+  va_list args;
+  const char *name;
+
+  stage = lp_registry_create_stage (lp_test_registry (), stage_name, error);
+  if (stage == NULL)
+    return NULL;
+  va_start (args, error);
+  while ((name = va_arg (args, const char *)))
+    {
+      const char *value = va_arg (args, const char *);
+      if (!lp_stage_set_property_from_string (stage, name, value, error))
+        {
+          va_end (args);
+          return NULL;
+        }
+    }
+  va_end (args);
+  if (!lp_stage_prepare (stage, error))
+    return NULL;
+  if (!lp_stage_run (stage, inputs, n_inputs, &output, error))
+    return NULL;
+  return output;
+}
