@@ -1,0 +1,333 @@
+/* test-pipeline-run.c: running graphs of stages: order, threads, errors,
+ * progress, cancellation
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#include "lp-test-util.h"
+
+/* The test stages live in a plugin; the sink is read through its properties. */
+static double
+collected_sum (LpStage *sink)
+{
+  double sum;
+  g_object_get (sink, "sum", &sum, NULL);
+  return sum;
+}
+
+static guint
+collected_n (LpStage *sink)
+{
+  guint n;
+  g_object_get (sink, "n-tensors", &n, NULL);
+  return n;
+}
+
+static char *
+collected_name (LpStage *sink, guint i)
+{
+  g_auto(GStrv) order = NULL;
+  g_object_get (sink, "order", &order, NULL);
+  g_assert_cmpuint (i, <, g_strv_length (order));
+  return g_strdup (order[i]);
+}
+
+static LpRegistry *
+test_registry (void)
+{
+  static LpRegistry *registry;
+
+  if (registry == NULL)
+    {
+      g_autoptr(GError) error = NULL;
+      g_autofree char *path = g_build_filename (g_getenv ("LPIPE_TEST_PLUGIN_DIR"), "liblptest-good.so", NULL);
+      registry = lp_registry_new ();
+      g_assert_nonnull (lp_registry_load_plugin (registry, path, &error));
+      g_assert_no_error (error);
+    }
+  return registry;
+}
+
+static LpPipeline *
+make_chain (guint count, const char *fail_on, LpStage **sink_out)
+{
+  LpPipeline *pipeline = lp_pipeline_new (test_registry ());
+  g_autoptr(GError) error = NULL;
+  LpStage *source, *add, *sink;
+
+  source = lp_pipeline_add_stage (pipeline, "test-source", "src", &error);
+  g_assert_no_error (error);
+  g_object_set (source, "count", count, "size", 1000, NULL);
+  add = lp_pipeline_add_stage (pipeline, "test-add", NULL, &error);
+  g_assert_no_error (error);
+  g_object_set (add, "amount", 0.5, "fail-on", fail_on, NULL);
+  sink = lp_pipeline_add_stage (pipeline, "test-collect", "out", &error);
+  g_assert_no_error (error);
+  *sink_out = sink;
+  return pipeline;
+}
+
+/* Stages added in order with no inputs form a chain; the sink sees every
+ * tensor in checkpoint order whatever the number of threads. */
+static void
+test_chain_threads (void)
+{
+  for (guint threads = 1; threads <= 4; threads++)
+    {
+      LpStage *sink;
+      g_autoptr(LpPipeline) pipeline = make_chain (20, NULL, &sink);
+      g_autoptr(GError) error = NULL;
+
+      lp_pipeline_set_threads (pipeline, threads);
+      g_assert_true (lp_pipeline_run (pipeline, NULL, &error));
+      g_assert_no_error (error);
+      g_assert_cmpuint (collected_n (sink), ==, 20);
+      /* sum over i < 20 of 1000 * (i + 0.5) */
+      g_assert_cmpfloat (collected_sum (sink), ==, 1000.0 * (190 + 10));
+      for (guint i = 0; i < 20; i++)
+        {
+          g_autofree char *name = g_strdup_printf ("t%u", i);
+          g_autofree char *got = collected_name (sink, i);
+          g_assert_cmpstr (got, ==, name);
+        }
+    }
+}
+
+/* A lazy tensor that fails: the error names the file-less origin, the stage
+ * that made the tensor is not known to the sink, but the tensor is. */
+static void
+test_lazy_error (void)
+{
+  LpStage *sink;
+  g_autoptr(LpPipeline) pipeline = make_chain (6, "t3", &sink);
+  g_autoptr(GError) error = NULL;
+
+  lp_pipeline_set_threads (pipeline, 2);
+  g_assert_false (lp_pipeline_run (pipeline, NULL, &error));
+  g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC);
+  g_assert_nonnull (strstr (error->message, "stage 3 'test-collect' (id out)"));
+  g_assert_nonnull (strstr (error->message, "tensor 't3'"));
+}
+
+static void
+test_dag (void)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (test_registry ());
+  g_autoptr(GError) error = NULL;
+  LpStage *a, *b, *concat, *sink;
+
+  a = lp_pipeline_add_stage (pipeline, "test-source", "a", &error);
+  b = lp_pipeline_add_stage (pipeline, "test-source", "b", &error);
+  g_object_set (b, "count", 2, NULL);
+  concat = lp_pipeline_add_stage (pipeline, "test-concat", NULL, &error);
+  sink = lp_pipeline_add_stage (pipeline, "test-collect", NULL, &error);
+  g_assert_no_error (error);
+  g_assert_true (lp_pipeline_connect (pipeline, a, concat, &error));
+  g_assert_true (lp_pipeline_connect (pipeline, b, concat, &error));
+  g_assert_true (lp_pipeline_connect (pipeline, concat, sink, &error));
+  g_assert_true (lp_pipeline_run (pipeline, NULL, &error));
+  g_assert_no_error (error);
+  g_assert_cmpuint (collected_n (sink), ==, 4 + 2);
+  {
+    g_autofree char *fifth = collected_name (sink, 4);
+    g_assert_cmpstr (fifth, ==, "in1.t0");
+  }
+}
+
+static void
+test_cycle (void)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (test_registry ());
+  g_autoptr(GError) error = NULL;
+  LpStage *x, *y, *sink;
+
+  x = lp_pipeline_add_stage (pipeline, "test-add", "x", &error);
+  y = lp_pipeline_add_stage (pipeline, "test-add", "y", &error);
+  sink = lp_pipeline_add_stage (pipeline, "test-collect", NULL, &error);
+  g_assert_true (lp_pipeline_connect (pipeline, x, y, &error));
+  g_assert_true (lp_pipeline_connect (pipeline, y, x, &error));
+  g_assert_true (lp_pipeline_connect (pipeline, y, sink, &error));
+  g_assert_false (lp_pipeline_validate (pipeline, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_CYCLE);
+  g_assert_nonnull (strstr (error->message, "'test-add' (id x)"));
+}
+
+static void
+test_arity (void)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (test_registry ());
+  g_autoptr(GError) error = NULL;
+  LpStage *a, *b, *sink;
+
+  /* A transform first in line has nothing to take. */
+  lp_pipeline_add_stage (pipeline, "test-add", NULL, &error);
+  g_assert_false (lp_pipeline_validate (pipeline, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_ARITY);
+  g_clear_error (&error);
+  g_clear_object (&pipeline);
+
+  /* A sink takes one input, not two; a sink has no output. */
+  pipeline = lp_pipeline_new (test_registry ());
+  a = lp_pipeline_add_stage (pipeline, "test-source", NULL, &error);
+  b = lp_pipeline_add_stage (pipeline, "test-source", NULL, &error);
+  sink = lp_pipeline_add_stage (pipeline, "test-collect", NULL, &error);
+  g_assert_true (lp_pipeline_connect (pipeline, a, sink, &error));
+  g_assert_false (lp_pipeline_connect (pipeline, b, sink, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_ARITY);
+  g_clear_error (&error);
+  g_assert_false (lp_pipeline_connect (pipeline, sink, a, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_ARITY);
+  g_clear_error (&error);
+
+  /* An aggregator needs two. */
+  g_clear_object (&pipeline);
+  pipeline = lp_pipeline_new (test_registry ());
+  lp_pipeline_add_stage (pipeline, "test-source", NULL, &error);
+  lp_pipeline_add_stage (pipeline, "test-concat", NULL, &error);
+  g_assert_false (lp_pipeline_validate (pipeline, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_ARITY);
+  g_assert_nonnull (strstr (error->message, "stage 2 'test-concat'"));
+}
+
+static void
+test_empty (void)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (test_registry ());
+  g_autoptr(GError) error = NULL;
+
+  g_assert_false (lp_pipeline_run (pipeline, NULL, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
+}
+
+typedef struct {
+  guint calls;
+  guint64 last[4];
+  GThread *thread;
+} ProgressLog;
+
+static void
+on_progress (LpPipeline *p, guint64 a, guint64 b, guint64 c, guint64 d, gpointer user_data)
+{
+  ProgressLog *log = user_data;
+  log->calls++;
+  log->last[0] = a; log->last[1] = b; log->last[2] = c; log->last[3] = d;
+  log->thread = g_thread_self ();
+}
+
+static void
+test_progress (void)
+{
+  LpStage *sink;
+  g_autoptr(LpPipeline) pipeline = make_chain (5, NULL, &sink);
+  g_autoptr(GError) error = NULL;
+  ProgressLog log = { 0, };
+
+  g_signal_connect (pipeline, "progress", G_CALLBACK (on_progress), &log);
+  g_assert_true (lp_pipeline_run (pipeline, NULL, &error));
+  g_assert_cmpuint (log.calls, ==, 6);   /* the start, then each tensor */
+  g_assert_cmpuint (log.last[0], ==, 5);
+  g_assert_cmpuint (log.last[1], ==, 5);
+  g_assert_cmpuint (log.last[2], ==, 5 * 1000 * sizeof (float));
+  g_assert_cmpuint (log.last[3], ==, 5 * 1000 * sizeof (float));
+}
+
+static void
+test_cancelled (void)
+{
+  LpStage *sink;
+  g_autoptr(LpPipeline) pipeline = make_chain (5, NULL, &sink);
+  g_autoptr(GError) error = NULL;
+  g_autoptr(GCancellable) cancellable = g_cancellable_new ();
+
+  g_cancellable_cancel (cancellable);
+  g_assert_false (lp_pipeline_run (pipeline, cancellable, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_CANCELLED);
+  g_assert_cmpuint (collected_n (sink), ==, 0);
+}
+
+typedef struct {
+  GMainLoop *loop;
+  gboolean ok;
+  GError *error;
+} AsyncResult;
+
+static void
+on_done (GObject *source, GAsyncResult *result, gpointer user_data)
+{
+  AsyncResult *r = user_data;
+  r->ok = lp_pipeline_run_finish (LP_PIPELINE (source), result, &r->error);
+  g_main_loop_quit (r->loop);
+}
+
+/* An async run keeps the main loop turning; progress arrives in the caller's
+ * thread. */
+static void
+test_async (void)
+{
+  LpStage *sink;
+  g_autoptr(LpPipeline) pipeline = make_chain (8, NULL, &sink);
+  AsyncResult r = { 0, };
+  ProgressLog log = { 0, };
+
+  r.loop = g_main_loop_new (NULL, FALSE);
+  g_signal_connect (pipeline, "progress", G_CALLBACK (on_progress), &log);
+  lp_pipeline_run_async (pipeline, NULL, on_done, &r);
+  g_main_loop_run (r.loop);
+  /* Progress idles queued before the result may still be pending. */
+  while (g_main_context_iteration (NULL, FALSE))
+    ;
+  g_assert_no_error (r.error);
+  g_assert_true (r.ok);
+  g_assert_cmpuint (log.calls, ==, 9);
+  g_assert_true (log.thread == g_thread_self ());
+  g_assert_cmpuint (collected_n (sink), ==, 8);
+  g_main_loop_unref (r.loop);
+}
+
+/* Properties are never clamped: out of range is an error. */
+static void
+test_property_checked (void)
+{
+  g_autoptr(LpStage) add = lp_registry_create_stage (test_registry (), "test-add", NULL);
+  g_autoptr(GError) error = NULL;
+  g_auto(GValue) v = G_VALUE_INIT;
+  double amount;
+
+  g_assert_false (lp_stage_set_property_from_string (add, "amount", "1e9", &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE);
+  g_clear_error (&error);
+  g_assert_false (lp_stage_set_property_from_string (add, "amout", "1", &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_UNKNOWN_PROPERTY);
+  g_assert_nonnull (strstr (error->message, "did you mean 'amount'?"));
+  g_clear_error (&error);
+
+  g_value_init (&v, G_TYPE_INT);
+  g_value_set_int (&v, 7);
+  g_assert_true (lp_stage_set_property_checked (add, "amount", &v, &error));
+  g_assert_no_error (error);
+  g_object_get (add, "amount", &amount, NULL);
+  g_assert_cmpfloat (amount, ==, 7.0);
+  g_value_set_int (&v, 2000000);
+  g_assert_false (lp_stage_set_property_checked (add, "amount", &v, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE);
+  g_object_get (add, "amount", &amount, NULL);
+  g_assert_cmpfloat (amount, ==, 7.0);
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+
+  g_test_add_func ("/pipeline/run/chain-any-threads", test_chain_threads);
+  g_test_add_func ("/pipeline/run/lazy-error-named", test_lazy_error);
+  g_test_add_func ("/pipeline/run/dag", test_dag);
+  g_test_add_func ("/pipeline/run/cycle", test_cycle);
+  g_test_add_func ("/pipeline/run/arity", test_arity);
+  g_test_add_func ("/pipeline/run/empty", test_empty);
+  g_test_add_func ("/pipeline/run/progress", test_progress);
+  g_test_add_func ("/pipeline/run/cancelled", test_cancelled);
+  g_test_add_func ("/pipeline/run/async", test_async);
+  g_test_add_func ("/stage/property/never-clamped", test_property_checked);
+
+  return g_test_run ();
+}
