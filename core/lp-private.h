@@ -21,7 +21,6 @@ gboolean  lp_value_from_json   (GParamSpec    *pspec,
                                 GValue        *value,
                                 GError       **error);
 char     *lp_value_to_string   (const GValue  *value);
-char     *lp_pspec_describe_type (GParamSpec  *pspec);
 
 /* lp-stage.c: set by the pipeline while it runs */
 void      lp_stage_set_pipeline_context (LpStage       *self,

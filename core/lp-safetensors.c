@@ -1,0 +1,1786 @@
+/* lp-safetensors.c: reading and writing the safetensors file format
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#include "lp-private.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <glib/gstdio.h>
+
+/* The format needs depth 3 (header, entry, shape); anything much deeper is an
+ * attack on the parser's stack, or on json-glib's, which has no limit. */
+#define HEADER_MAX_DEPTH 8
+#define CONFIG_MAX_DEPTH 64
+
+/* Writes smaller than this are gathered so that a file of many small tensors
+ * still goes out in large write() calls. */
+#define WRITE_BUFFER_SIZE (4 * 1024 * 1024)
+
+static void set_format_error (GError     **error,
+                              int          code,
+                              const char  *origin,
+                              const char  *format,
+                              ...) G_GNUC_PRINTF (4, 5);
+
+static void
+set_format_error (GError     **error,
+                  int          code,
+                  const char  *origin,
+                  const char  *format,
+                  ...)
+{
+  g_autofree char *message = NULL;
+  va_list args;
+
+  va_start (args, format);
+  message = g_strdup_vprintf (format, args);
+  va_end (args);
+  g_set_error (error, LP_FORMAT_ERROR, code, "%s: %s", origin, message);
+}
+
+/* ---- validation that needs no parser ---------------------------------- */
+
+/* Strict UTF-8 (RFC 3629): no overlong forms, no surrogates, nothing above
+ * U+10FFFF. NUL is valid UTF-8; the JSON grammar refuses it later, so that
+ * NUL padding is reported as what it is. */
+static gboolean
+utf8_validate_strict (const guchar *p,
+                      gsize         len,
+                      gsize        *bad_pos)
+{
+  gsize i = 0;
+
+  while (i < len)
+    {
+      guchar c = p[i];
+      guchar lo = 0x80, hi = 0xbf;
+      guint n;
+
+      if (c < 0x80)
+        {
+          i++;
+          continue;
+        }
+      if (c >= 0xc2 && c <= 0xdf)
+        n = 1;
+      else if (c >= 0xe0 && c <= 0xef)
+        {
+          n = 2;
+          if (c == 0xe0)
+            lo = 0xa0;          /* overlong */
+          else if (c == 0xed)
+            hi = 0x9f;          /* surrogates */
+        }
+      else if (c >= 0xf0 && c <= 0xf4)
+        {
+          n = 3;
+          if (c == 0xf0)
+            lo = 0x90;          /* overlong */
+          else if (c == 0xf4)
+            hi = 0x8f;          /* above U+10FFFF */
+        }
+      else
+        {
+          *bad_pos = i;
+          return FALSE;
+        }
+      if (len - i <= n || p[i + 1] < lo || p[i + 1] > hi)
+        {
+          *bad_pos = i;
+          return FALSE;
+        }
+      for (guint k = 2; k <= n; k++)
+        if (p[i + k] < 0x80 || p[i + k] > 0xbf)
+          {
+            *bad_pos = i;
+            return FALSE;
+          }
+      i += n + 1;
+    }
+  return TRUE;
+}
+
+/* Counts brackets outside strings. It runs before any parser so that no
+ * parser ever recurses deeper than @max_depth, whatever the input. */
+static gboolean
+check_depth (const guchar *p,
+             gsize         len,
+             guint         max_depth,
+             gsize        *bad_pos)
+{
+  gboolean in_string = FALSE;
+  guint depth = 0;
+
+  for (gsize i = 0; i < len; i++)
+    {
+      guchar c = p[i];
+
+      if (in_string)
+        {
+          if (c == '\\')
+            i++;
+          else if (c == '"')
+            in_string = FALSE;
+        }
+      else if (c == '"')
+        in_string = TRUE;
+      else if (c == '[' || c == '{')
+        {
+          if (++depth > max_depth)
+            {
+              *bad_pos = i;
+              return FALSE;
+            }
+        }
+      else if ((c == ']' || c == '}') && depth > 0)
+        depth--;
+    }
+  return TRUE;
+}
+
+/* ---- a strict JSON scanner for the header ------------------------------ */
+
+/* json-glib reads numbers as double or gint64 (offsets above 2^53 or 2^63
+ * get mangled), keeps one of two duplicate keys silently and accepts some
+ * non-JSON; the header is small enough in grammar to read by hand, and every
+ * value is checked against the one schema the format has. */
+
+typedef struct {
+  const char *origin;
+  const guchar *p;
+  gsize len;
+  gsize pos;
+  GString *str;                 /* the last string read, unescaped */
+} Scanner;
+
+typedef enum {
+  NUMBER_UINT,
+  NUMBER_NEGATIVE,
+  NUMBER_FRACTION,
+  NUMBER_TOO_LARGE,
+} NumberKind;
+
+static void scanner_error (Scanner     *s,
+                           GError     **error,
+                           int          code,
+                           const char  *format,
+                           ...) G_GNUC_PRINTF (4, 5);
+
+static void
+scanner_error (Scanner     *s,
+               GError     **error,
+               int          code,
+               const char  *format,
+               ...)
+{
+  g_autofree char *message = NULL;
+  va_list args;
+
+  va_start (args, format);
+  message = g_strdup_vprintf (format, args);
+  va_end (args);
+  g_set_error (error, LP_FORMAT_ERROR, code, "%s: header byte %" G_GSIZE_FORMAT ": %s",
+               s->origin, s->pos, message);
+}
+
+static void
+skip_ws (Scanner *s)
+{
+  while (s->pos < s->len)
+    {
+      guchar c = s->p[s->pos];
+      if (c != ' ' && c != '\t' && c != '\n' && c != '\r')
+        break;
+      s->pos++;
+    }
+}
+
+static int
+peek (Scanner *s)
+{
+  return s->pos < s->len ? s->p[s->pos] : -1;
+}
+
+static const char *
+describe_char (int c,
+               char buf[16])
+{
+  if (c < 0)
+    return "the end of the header";
+  if (c >= 0x21 && c < 0x7f)
+    g_snprintf (buf, 16, "'%c'", c);
+  else
+    g_snprintf (buf, 16, "byte 0x%02x", c);
+  return buf;
+}
+
+/* What the value at the cursor is, without reading it; anything that cannot
+ * start a JSON value is a syntax error. */
+static const char *
+peek_value_kind (Scanner  *s,
+                 GError  **error)
+{
+  static const struct { const char *word; const char *kind; } literals[] = {
+    { "true", "a boolean" }, { "false", "a boolean" }, { "null", "null" },
+  };
+  int c = peek (s);
+  char buf[16];
+
+  switch (c)
+    {
+    case '{': return "an object";
+    case '[': return "an array";
+    case '"': return "a string";
+    case '-': case '0': case '1': case '2': case '3': case '4':
+    case '5': case '6': case '7': case '8': case '9':
+      return "a number";
+    default:
+      break;
+    }
+  for (guint i = 0; i < G_N_ELEMENTS (literals); i++)
+    {
+      gsize n = strlen (literals[i].word);
+      if (s->len - s->pos >= n && memcmp (s->p + s->pos, literals[i].word, n) == 0)
+        return literals[i].kind;
+    }
+  scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "expected a JSON value, found %s",
+                 describe_char (c, buf));
+  return NULL;
+}
+
+static gboolean
+expect_char (Scanner     *s,
+             char         expected,
+             GError     **error)
+{
+  char buf[16];
+
+  skip_ws (s);
+  if (peek (s) != expected)
+    {
+      scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "expected '%c', found %s",
+                     expected, describe_char (peek (s), buf));
+      return FALSE;
+    }
+  s->pos++;
+  return TRUE;
+}
+
+/* After a member or an element: TRUE in *more if a ',' came (and another
+ * member must follow), FALSE if the closing bracket did. */
+static gboolean
+next_member (Scanner   *s,
+             char       close,
+             gboolean  *more,
+             GError   **error)
+{
+  char buf[16];
+
+  skip_ws (s);
+  if (peek (s) == ',')
+    {
+      s->pos++;
+      skip_ws (s);
+      if (peek (s) == close)
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "trailing comma before '%c'", close);
+          return FALSE;
+        }
+      *more = TRUE;
+      return TRUE;
+    }
+  if (peek (s) == close)
+    {
+      s->pos++;
+      *more = FALSE;
+      return TRUE;
+    }
+  scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "expected ',' or '%c', found %s",
+                 close, describe_char (peek (s), buf));
+  return FALSE;
+}
+
+static int
+hex_value (int c)
+{
+  if (c >= '0' && c <= '9')
+    return c - '0';
+  if (c >= 'a' && c <= 'f')
+    return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F')
+    return c - 'A' + 10;
+  return -1;
+}
+
+static gboolean
+read_hex4 (Scanner  *s,
+           gunichar *out,
+           GError  **error)
+{
+  gunichar v = 0;
+
+  if (s->len - s->pos < 4)
+    {
+      scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "truncated \\u escape");
+      return FALSE;
+    }
+  for (guint i = 0; i < 4; i++)
+    {
+      int h = hex_value (s->p[s->pos + i]);
+      if (h < 0)
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "bad \\u escape");
+          return FALSE;
+        }
+      v = v * 16 + h;
+    }
+  s->pos += 4;
+  *out = v;
+  return TRUE;
+}
+
+/* Reads a string at the cursor into s->str. The header is valid UTF-8
+ * already; escapes must not produce lone surrogates or NUL (names are C
+ * strings: "a\u0000b" would become "a"). */
+static gboolean
+read_string (Scanner  *s,
+             GError  **error)
+{
+  g_string_truncate (s->str, 0);
+  s->pos++;                     /* the opening quote */
+
+  for (;;)
+    {
+      gsize run = s->pos;
+      guchar c;
+
+      while (run < s->len && s->p[run] != '"' && s->p[run] != '\\' && s->p[run] >= 0x20)
+        run++;
+      g_string_append_len (s->str, (const char *) s->p + s->pos, run - s->pos);
+      s->pos = run;
+      if (s->pos >= s->len)
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "unterminated string");
+          return FALSE;
+        }
+      c = s->p[s->pos];
+      if (c == '"')
+        {
+          s->pos++;
+          return TRUE;
+        }
+      if (c < 0x20)
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX,
+                         "control character 0x%02x in a string (it must be escaped)", c);
+          return FALSE;
+        }
+
+      /* a backslash */
+      s->pos++;
+      c = s->pos < s->len ? s->p[s->pos] : 0;
+      s->pos++;
+      switch (c)
+        {
+        case '"': g_string_append_c (s->str, '"'); break;
+        case '\\': g_string_append_c (s->str, '\\'); break;
+        case '/': g_string_append_c (s->str, '/'); break;
+        case 'b': g_string_append_c (s->str, '\b'); break;
+        case 'f': g_string_append_c (s->str, '\f'); break;
+        case 'n': g_string_append_c (s->str, '\n'); break;
+        case 'r': g_string_append_c (s->str, '\r'); break;
+        case 't': g_string_append_c (s->str, '\t'); break;
+        case 'u':
+          {
+            gunichar cp, low;
+
+            if (!read_hex4 (s, &cp, error))
+              return FALSE;
+            if (cp >= 0xdc00 && cp <= 0xdfff)
+              {
+                scanner_error (s, error, LP_FORMAT_ERROR_ENCODING,
+                               "lone low surrogate \\u%04X in a string", cp);
+                return FALSE;
+              }
+            if (cp >= 0xd800 && cp <= 0xdbff)
+              {
+                if (s->len - s->pos < 2 || s->p[s->pos] != '\\' || s->p[s->pos + 1] != 'u')
+                  {
+                    scanner_error (s, error, LP_FORMAT_ERROR_ENCODING,
+                                   "lone high surrogate \\u%04X in a string", cp);
+                    return FALSE;
+                  }
+                s->pos += 2;
+                if (!read_hex4 (s, &low, error))
+                  return FALSE;
+                if (low < 0xdc00 || low > 0xdfff)
+                  {
+                    scanner_error (s, error, LP_FORMAT_ERROR_ENCODING,
+                                   "high surrogate \\u%04X not followed by a low one", cp);
+                    return FALSE;
+                  }
+                cp = 0x10000 + ((cp - 0xd800) << 10) + (low - 0xdc00);
+              }
+            if (cp == 0)
+              {
+                scanner_error (s, error, LP_FORMAT_ERROR_ENCODING, "\\u0000 in a string");
+                return FALSE;
+              }
+            g_string_append_unichar (s->str, cp);
+          }
+          break;
+        default:
+          s->pos--;
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "bad escape sequence in a string");
+          return FALSE;
+        }
+    }
+}
+
+/* Reads a number at the cursor, checking the JSON grammar; integers are
+ * parsed exactly as 64-bit unsigned values. */
+static gboolean
+read_number (Scanner     *s,
+             NumberKind  *kind,
+             guint64     *value,
+             GError     **error)
+{
+  gboolean negative = FALSE, fraction = FALSE, too_large = FALSE;
+  guint64 v = 0;
+
+  if (peek (s) == '-')
+    {
+      negative = TRUE;
+      s->pos++;
+    }
+  if (peek (s) < '0' || peek (s) > '9')
+    {
+      scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "a number needs digits");
+      return FALSE;
+    }
+  if (peek (s) == '0')
+    {
+      s->pos++;
+      if (peek (s) >= '0' && peek (s) <= '9')
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "a number with a leading zero");
+          return FALSE;
+        }
+    }
+  else
+    while (peek (s) >= '0' && peek (s) <= '9')
+      {
+        guint d = s->p[s->pos++] - '0';
+        if (v > (G_MAXUINT64 - d) / 10)
+          too_large = TRUE;
+        else
+          v = v * 10 + d;
+      }
+  if (peek (s) == '.')
+    {
+      fraction = TRUE;
+      s->pos++;
+      if (peek (s) < '0' || peek (s) > '9')
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "a fraction needs digits");
+          return FALSE;
+        }
+      while (peek (s) >= '0' && peek (s) <= '9')
+        s->pos++;
+    }
+  if (peek (s) == 'e' || peek (s) == 'E')
+    {
+      fraction = TRUE;
+      s->pos++;
+      if (peek (s) == '+' || peek (s) == '-')
+        s->pos++;
+      if (peek (s) < '0' || peek (s) > '9')
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "an exponent needs digits");
+          return FALSE;
+        }
+      while (peek (s) >= '0' && peek (s) <= '9')
+        s->pos++;
+    }
+
+  if (negative)
+    *kind = NUMBER_NEGATIVE;
+  else if (fraction)
+    *kind = NUMBER_FRACTION;
+  else if (too_large)
+    *kind = NUMBER_TOO_LARGE;
+  else
+    *kind = NUMBER_UINT;
+  *value = v;
+  return TRUE;
+}
+
+/* ---- the header's schema ----------------------------------------------- */
+
+typedef struct {
+  char *name;
+  LpDtype dtype;
+  guint n_dims;
+  guint shape_start;            /* into Header.dims */
+  guint64 begin;
+  guint64 end;
+  guint index;                  /* header order, to keep sorting stable */
+} Entry;
+
+typedef struct {
+  GArray *entries;              /* Entry */
+  GArray *dims;                 /* guint64 */
+  GHashTable *names;            /* set of tensor names */
+  GPtrArray *metadata;          /* key, value, key, value... */
+  gboolean has_metadata;
+} Header;
+
+static void
+header_clear (Header *h)
+{
+  if (h->entries)
+    for (guint i = 0; i < h->entries->len; i++)
+      g_free (g_array_index (h->entries, Entry, i).name);
+  g_clear_pointer (&h->entries, g_array_unref);
+  g_clear_pointer (&h->dims, g_array_unref);
+  g_clear_pointer (&h->names, g_hash_table_unref);
+  g_clear_pointer (&h->metadata, g_ptr_array_unref);
+}
+
+static char *
+describe_shape (const guint64 *dims,
+                guint          n_dims)
+{
+  GString *s = g_string_new ("[");
+
+  for (guint i = 0; i < n_dims; i++)
+    g_string_append_printf (s, "%s%" G_GUINT64_FORMAT, i ? ", " : "", dims[i]);
+  g_string_append_c (s, ']');
+  return g_string_free (s, FALSE);
+}
+
+/* A list of unsigned integers: a shape or data_offsets. Element errors carry
+ * @code, so that a bad shape is a shape error and bad offsets an offset error. */
+static gboolean
+read_uint_list (Scanner     *s,
+                const char  *tensor,
+                const char  *what,
+                int          code,
+                GArray      *out,
+                GError     **error)
+{
+  const char *kind;
+  gboolean more = TRUE;
+
+  skip_ws (s);
+  kind = peek_value_kind (s, error);
+  if (kind == NULL)
+    return FALSE;
+  if (peek (s) != '[')
+    {
+      scanner_error (s, error, code, "tensor '%s': %s is %s, not an array", tensor, what, kind);
+      return FALSE;
+    }
+  s->pos++;
+  skip_ws (s);
+  if (peek (s) == ']')
+    {
+      s->pos++;
+      return TRUE;
+    }
+  while (more)
+    {
+      NumberKind nk;
+      guint64 v;
+
+      skip_ws (s);
+      kind = peek_value_kind (s, error);
+      if (kind == NULL)
+        return FALSE;
+      if (peek (s) != '-' && (peek (s) < '0' || peek (s) > '9'))
+        {
+          scanner_error (s, error, code, "tensor '%s': %s holds %s, not an integer",
+                         tensor, what, kind);
+          return FALSE;
+        }
+      if (!read_number (s, &nk, &v, error))
+        return FALSE;
+      switch (nk)
+        {
+        case NUMBER_NEGATIVE:
+          scanner_error (s, error, code, "tensor '%s': %s holds a negative number", tensor, what);
+          return FALSE;
+        case NUMBER_FRACTION:
+          scanner_error (s, error, code, "tensor '%s': %s holds a number that is not an integer",
+                         tensor, what);
+          return FALSE;
+        case NUMBER_TOO_LARGE:
+          scanner_error (s, error, code, "tensor '%s': %s holds a number above 2^64 - 1",
+                         tensor, what);
+          return FALSE;
+        case NUMBER_UINT:
+          break;
+        }
+      g_array_append_val (out, v);
+      if (!next_member (s, ']', &more, error))
+        return FALSE;
+    }
+  return TRUE;
+}
+
+/* Bytes taken by @n elements of @dtype; FALSE if they overflow or do not
+ * fill whole bytes (sub-byte dtypes). */
+static gboolean
+byte_size (LpDtype   dtype,
+           guint64   n,
+           guint64  *bytes,
+           GError  **error,
+           const char *origin,
+           const char *tensor)
+{
+  guint bits = lp_dtype_get_bits (dtype);
+  guint g = bits % 8 == 0 ? 8 : (bits % 4 == 0 ? 4 : 2);   /* gcd (bits, 8) */
+  guint64 unit = 8 / g;         /* elements per whole number of bytes */
+  guint64 per_unit = bits / g;  /* bytes in that many elements */
+
+  if (n % unit != 0)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_SHAPE, origin,
+                        "tensor '%s': %" G_GUINT64_FORMAT " elements of %s (%u bits each) "
+                        "do not fill whole bytes", tensor, n, lp_dtype_to_string (dtype), bits);
+      return FALSE;
+    }
+  if (n / unit > G_MAXUINT64 / per_unit)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_SHAPE, origin,
+                        "tensor '%s': the byte size of the shape overflows", tensor);
+      return FALSE;
+    }
+  *bytes = n / unit * per_unit;
+  return TRUE;
+}
+
+static gboolean
+read_entry (Scanner     *s,
+            Header      *h,
+            const char  *name,
+            GError     **error)
+{
+  g_autoptr(GArray) shape = g_array_new (FALSE, FALSE, sizeof (guint64));
+  g_autoptr(GArray) offsets = g_array_new (FALSE, FALSE, sizeof (guint64));
+  gboolean have_dtype = FALSE, have_shape = FALSE, have_offsets = FALSE;
+  gboolean more = TRUE;
+  const char *kind;
+  Entry e = { 0, };
+  guint64 n = 1, bytes;
+  g_autofree char *shape_str = NULL;
+
+  kind = peek_value_kind (s, error);
+  if (kind == NULL)
+    return FALSE;
+  if (peek (s) != '{')
+    {
+      scanner_error (s, error, LP_FORMAT_ERROR_ENTRY, "tensor '%s': the entry is %s, not an object",
+                     name, kind);
+      return FALSE;
+    }
+  s->pos++;
+  skip_ws (s);
+  if (peek (s) == '}')
+    {
+      s->pos++;
+      more = FALSE;
+    }
+  while (more)
+    {
+      skip_ws (s);
+      if (peek (s) != '"')
+        {
+          char buf[16];
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "expected a key, found %s",
+                         describe_char (peek (s), buf));
+          return FALSE;
+        }
+      if (!read_string (s, error) || !expect_char (s, ':', error))
+        return FALSE;
+      skip_ws (s);
+
+      if (strcmp (s->str->str, "dtype") == 0)
+        {
+          if (have_dtype)
+            {
+              scanner_error (s, error, LP_FORMAT_ERROR_ENTRY, "tensor '%s': 'dtype' given twice", name);
+              return FALSE;
+            }
+          have_dtype = TRUE;
+          kind = peek_value_kind (s, error);
+          if (kind == NULL)
+            return FALSE;
+          if (peek (s) != '"')
+            {
+              scanner_error (s, error, LP_FORMAT_ERROR_ENTRY, "tensor '%s': dtype is %s, not a string",
+                             name, kind);
+              return FALSE;
+            }
+          if (!read_string (s, error))
+            return FALSE;
+          if (strlen (s->str->str) != s->str->len || !lp_dtype_from_string (s->str->str, &e.dtype))
+            {
+              g_autofree char *shown = g_strescape (s->str->str, NULL);
+              scanner_error (s, error, LP_FORMAT_ERROR_DTYPE, "tensor '%s': unknown dtype '%s'",
+                             name, shown);
+              return FALSE;
+            }
+        }
+      else if (strcmp (s->str->str, "shape") == 0)
+        {
+          if (have_shape)
+            {
+              scanner_error (s, error, LP_FORMAT_ERROR_ENTRY, "tensor '%s': 'shape' given twice", name);
+              return FALSE;
+            }
+          have_shape = TRUE;
+          if (!read_uint_list (s, name, "shape", LP_FORMAT_ERROR_SHAPE, shape, error))
+            return FALSE;
+          if (shape->len > LP_TENSOR_MAX_DIMS)
+            {
+              scanner_error (s, error, LP_FORMAT_ERROR_SHAPE,
+                             "tensor '%s': %u dimensions, at most %d are supported",
+                             name, shape->len, LP_TENSOR_MAX_DIMS);
+              return FALSE;
+            }
+        }
+      else if (strcmp (s->str->str, "data_offsets") == 0)
+        {
+          if (have_offsets)
+            {
+              scanner_error (s, error, LP_FORMAT_ERROR_ENTRY, "tensor '%s': 'data_offsets' given twice",
+                             name);
+              return FALSE;
+            }
+          have_offsets = TRUE;
+          if (!read_uint_list (s, name, "data_offsets", LP_FORMAT_ERROR_OFFSETS, offsets, error))
+            return FALSE;
+          if (offsets->len != 2)
+            {
+              scanner_error (s, error, LP_FORMAT_ERROR_OFFSETS,
+                             "tensor '%s': data_offsets must hold 2 numbers (begin and end), not %u",
+                             name, offsets->len);
+              return FALSE;
+            }
+        }
+      else
+        {
+          /* The reference ignores unknown keys; carrying them would need a
+           * place to keep them, dropping them silently would lose data. */
+          g_autofree char *shown = g_strescape (s->str->str, NULL);
+          scanner_error (s, error, LP_FORMAT_ERROR_ENTRY, "tensor '%s': unknown key '%s'", name, shown);
+          return FALSE;
+        }
+      if (!next_member (s, '}', &more, error))
+        return FALSE;
+    }
+
+  if (!have_dtype || !have_shape || !have_offsets)
+    {
+      scanner_error (s, error, LP_FORMAT_ERROR_ENTRY, "tensor '%s': the entry has no '%s'", name,
+                     !have_dtype ? "dtype" : !have_shape ? "shape" : "data_offsets");
+      return FALSE;
+    }
+
+  for (guint i = 0; i < shape->len; i++)
+    {
+      guint64 d = g_array_index (shape, guint64, i);
+      if (d != 0 && n > G_MAXUINT64 / d)
+        {
+          set_format_error (error, LP_FORMAT_ERROR_SHAPE, s->origin,
+                            "tensor '%s': the element count of the shape overflows", name);
+          return FALSE;
+        }
+      n *= d;
+    }
+  if (!byte_size (e.dtype, n, &bytes, error, s->origin, name))
+    return FALSE;
+
+  e.begin = g_array_index (offsets, guint64, 0);
+  e.end = g_array_index (offsets, guint64, 1);
+  if (e.end < e.begin)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_OFFSETS, s->origin,
+                        "tensor '%s': data_offsets [%" G_GUINT64_FORMAT ", %" G_GUINT64_FORMAT
+                        "] end before they begin", name, e.begin, e.end);
+      return FALSE;
+    }
+  if (e.end - e.begin != bytes)
+    {
+      shape_str = describe_shape ((const guint64 *) shape->data, shape->len);
+      set_format_error (error, LP_FORMAT_ERROR_OFFSETS, s->origin,
+                        "tensor '%s': data_offsets [%" G_GUINT64_FORMAT ", %" G_GUINT64_FORMAT
+                        "] hold %" G_GUINT64_FORMAT " bytes but shape %s of %s needs %" G_GUINT64_FORMAT,
+                        name, e.begin, e.end, e.end - e.begin, shape_str,
+                        lp_dtype_to_string (e.dtype), bytes);
+      return FALSE;
+    }
+
+  e.name = g_strdup (name);
+  e.n_dims = shape->len;
+  e.shape_start = h->dims->len;
+  e.index = h->entries->len;
+  g_array_append_vals (h->dims, shape->data, shape->len);
+  g_array_append_val (h->entries, e);
+  return TRUE;
+}
+
+static gboolean
+read_metadata (Scanner  *s,
+               Header   *h,
+               GError  **error)
+{
+  g_autoptr(GHashTable) keys = g_hash_table_new (g_str_hash, g_str_equal);
+  gboolean more = TRUE;
+  const char *kind;
+
+  if (h->has_metadata)
+    {
+      scanner_error (s, error, LP_FORMAT_ERROR_METADATA, "__metadata__ given twice");
+      return FALSE;
+    }
+  h->has_metadata = TRUE;
+
+  kind = peek_value_kind (s, error);
+  if (kind == NULL)
+    return FALSE;
+  if (peek (s) != '{')
+    {
+      scanner_error (s, error, LP_FORMAT_ERROR_METADATA, "__metadata__ is %s, not an object", kind);
+      return FALSE;
+    }
+  s->pos++;
+  skip_ws (s);
+  if (peek (s) == '}')
+    {
+      s->pos++;
+      return TRUE;
+    }
+  while (more)
+    {
+      char *key;
+
+      skip_ws (s);
+      if (peek (s) != '"')
+        {
+          char buf[16];
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "expected a key, found %s",
+                         describe_char (peek (s), buf));
+          return FALSE;
+        }
+      if (!read_string (s, error))
+        return FALSE;
+      key = g_strdup (s->str->str);
+      g_ptr_array_add (h->metadata, key);
+      if (!g_hash_table_add (keys, key))
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_METADATA, "__metadata__ key '%s' given twice", key);
+          return FALSE;
+        }
+      if (!expect_char (s, ':', error))
+        return FALSE;
+      skip_ws (s);
+      kind = peek_value_kind (s, error);
+      if (kind == NULL)
+        return FALSE;
+      if (peek (s) != '"')
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_METADATA,
+                         "__metadata__ value of '%s' is %s, not a string", key, kind);
+          return FALSE;
+        }
+      if (!read_string (s, error))
+        return FALSE;
+      g_ptr_array_add (h->metadata, g_strdup (s->str->str));
+      if (!next_member (s, '}', &more, error))
+        return FALSE;
+    }
+  return TRUE;
+}
+
+static gboolean
+read_header (Scanner  *s,
+             Header   *h,
+             GError  **error)
+{
+  gboolean more = TRUE;
+  char buf[16];
+
+  skip_ws (s);
+  if (peek (s) != '{')
+    {
+      const char *kind = peek_value_kind (s, error);
+      if (kind != NULL)
+        scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "the header is %s, not a JSON object", kind);
+      return FALSE;
+    }
+  s->pos++;
+  skip_ws (s);
+  if (peek (s) == '}')
+    {
+      s->pos++;
+      more = FALSE;
+    }
+  while (more)
+    {
+      g_autofree char *name = NULL;
+
+      skip_ws (s);
+      if (peek (s) != '"')
+        {
+          scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX, "expected a tensor name, found %s",
+                         describe_char (peek (s), buf));
+          return FALSE;
+        }
+      if (!read_string (s, error) || !expect_char (s, ':', error))
+        return FALSE;
+      skip_ws (s);
+      name = g_strdup (s->str->str);
+
+      if (strcmp (name, "__metadata__") == 0)
+        {
+          if (!read_metadata (s, h, error))
+            return FALSE;
+        }
+      else
+        {
+          if (g_hash_table_contains (h->names, name))
+            {
+              scanner_error (s, error, LP_FORMAT_ERROR_DUPLICATE, "tensor '%s' appears twice", name);
+              return FALSE;
+            }
+          if (!read_entry (s, h, name, error))
+            return FALSE;
+          g_hash_table_add (h->names, g_steal_pointer (&name));
+        }
+      if (!next_member (s, '}', &more, error))
+        return FALSE;
+    }
+
+  skip_ws (s);
+  if (s->pos != s->len)
+    {
+      scanner_error (s, error, LP_FORMAT_ERROR_SYNTAX,
+                     "%s after the header object (only spaces, tabs, CR and LF may pad it)",
+                     describe_char (peek (s), buf));
+      return FALSE;
+    }
+  return TRUE;
+}
+
+static int
+compare_entries (gconstpointer a,
+                 gconstpointer b)
+{
+  const Entry *x = a, *y = b;
+
+  if (x->begin != y->begin)
+    return x->begin < y->begin ? -1 : 1;
+  if (x->end != y->end)
+    return x->end < y->end ? -1 : 1;
+  return x->index < y->index ? -1 : x->index > y->index;
+}
+
+/* After sorting by offset, the tensors must tile the data section exactly. */
+static gboolean
+check_tiling (Header      *h,
+              guint64      data_size,
+              const char  *origin,
+              GError     **error)
+{
+  guint64 expected = 0;
+
+  g_array_sort (h->entries, compare_entries);
+  for (guint i = 0; i < h->entries->len; i++)
+    {
+      Entry *e = &g_array_index (h->entries, Entry, i);
+
+      if (e->begin != expected)
+        {
+          if (i == 0)
+            set_format_error (error, LP_FORMAT_ERROR_OFFSETS, origin,
+                              "tensor '%s': the first tensor's data begins at %" G_GUINT64_FORMAT
+                              ", not 0", e->name, e->begin);
+          else if (e->begin > expected)
+            set_format_error (error, LP_FORMAT_ERROR_OFFSETS, origin,
+                              "tensor '%s': a gap of %" G_GUINT64_FORMAT " bytes before its data "
+                              "(begins at %" G_GUINT64_FORMAT ", the previous tensor ends at %"
+                              G_GUINT64_FORMAT ")", e->name, e->begin - expected, e->begin, expected);
+          else
+            set_format_error (error, LP_FORMAT_ERROR_OFFSETS, origin,
+                              "tensor '%s': its data [%" G_GUINT64_FORMAT ", %" G_GUINT64_FORMAT
+                              "] overlaps tensor '%s'", e->name, e->begin, e->end,
+                              g_array_index (h->entries, Entry, i - 1).name);
+          return FALSE;
+        }
+      expected = e->end;
+    }
+
+  if (expected > data_size)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_TRUNCATED, origin,
+                        "the tensors need %" G_GUINT64_FORMAT " bytes of data but the file holds %"
+                        G_GUINT64_FORMAT " after the header", expected, data_size);
+      return FALSE;
+    }
+  if (expected < data_size)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_OFFSETS, origin,
+                        "the data section holds %" G_GUINT64_FORMAT " bytes but the tensors "
+                        "cover only the first %" G_GUINT64_FORMAT, data_size, expected);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+/* ---- tensors over the file --------------------------------------------- */
+
+/* Loaded tensors are lazy: each lp_tensor_dup_data() hands out a fresh
+ * zero-copy slice of the file, and when a slice from a mapping is dropped its
+ * pages are given back. A tensor holding one slice for its whole life would
+ * keep every page it was ever read through resident, and a 2 GiB checkpoint
+ * would end with 2 GiB of RSS. */
+typedef struct {
+  GBytes *file;
+  gsize offset;
+  gsize size;
+  gboolean mapped;
+} Slice;
+
+static void
+slice_free (gpointer data)
+{
+  Slice *slice = data;
+
+  g_bytes_unref (slice->file);
+  g_free (slice);
+}
+
+typedef struct {
+  GBytes *file;
+  const guchar *start;
+  gsize size;
+} MappedView;
+
+static void
+mapped_view_release (gpointer data)
+{
+  MappedView *view = data;
+  gsize page = sysconf (_SC_PAGESIZE);
+  guintptr lo = ((guintptr) view->start + page - 1) & ~(guintptr) (page - 1);
+  guintptr hi = ((guintptr) view->start + view->size) & ~(guintptr) (page - 1);
+
+  /* Only whole pages inside the range: neighbours keep theirs. The mapping is
+   * private, read-only and never written, so dropped pages are re-read from
+   * the file if anybody asks again. */
+  if (hi > lo)
+    madvise ((void *) lo, hi - lo, MADV_DONTNEED);
+  g_bytes_unref (view->file);
+  g_free (view);
+}
+
+static GBytes *
+slice_get_data (LpTensor  *tensor,
+                gpointer   user_data,
+                GError   **error)
+{
+  Slice *slice = user_data;
+  const guchar *base = g_bytes_get_data (slice->file, NULL);
+  MappedView *view;
+
+  if (!slice->mapped)
+    return g_bytes_new_from_bytes (slice->file, slice->offset, slice->size);
+
+  view = g_new (MappedView, 1);
+  view->file = g_bytes_ref (slice->file);
+  view->start = base + slice->offset;
+  view->size = slice->size;
+  return g_bytes_new_with_free_func (view->start, view->size, mapped_view_release, view);
+}
+
+static LpCheckpoint *
+load_bytes (GBytes      *bytes,
+            gboolean     mapped,
+            const char  *origin,
+            GError     **error)
+{
+  gsize size;
+  const guchar *p = g_bytes_get_data (bytes, &size);
+  guint64 n = 0;
+  gsize bad_pos;
+  Header h = { 0, };
+  Scanner s = { 0, };
+  g_autoptr(LpCheckpoint) checkpoint = NULL;
+  gboolean ok;
+
+  if (size < 8)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_TRUNCATED, origin,
+                        "%" G_GSIZE_FORMAT " bytes, too short for the 8-byte header length", size);
+      return NULL;
+    }
+  for (int i = 7; i >= 0; i--)
+    n = (n << 8) | p[i];
+  if (n == 0 || n > LP_SAFETENSORS_MAX_HEADER)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_HEADER_SIZE, origin,
+                        "the header length is %" G_GUINT64_FORMAT "%s", n,
+                        n == 0 ? "" : ", above the limit of 100000000 bytes");
+      return NULL;
+    }
+  if (n > size - 8)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_TRUNCATED, origin,
+                        "the header length %" G_GUINT64_FORMAT " runs past the end of the file "
+                        "(%" G_GSIZE_FORMAT " bytes)", n, size);
+      return NULL;
+    }
+
+  if (!utf8_validate_strict (p + 8, n, &bad_pos))
+    {
+      set_format_error (error, LP_FORMAT_ERROR_ENCODING, origin,
+                        "header byte %" G_GSIZE_FORMAT ": the header is not valid UTF-8", bad_pos);
+      return NULL;
+    }
+  if (!check_depth (p + 8, n, HEADER_MAX_DEPTH, &bad_pos))
+    {
+      set_format_error (error, LP_FORMAT_ERROR_TOO_DEEP, origin,
+                        "header byte %" G_GSIZE_FORMAT ": the header nests deeper than %d levels",
+                        bad_pos, HEADER_MAX_DEPTH);
+      return NULL;
+    }
+
+  s.origin = origin;
+  s.p = p + 8;
+  s.len = n;
+  s.str = g_string_new (NULL);
+  h.entries = g_array_new (FALSE, FALSE, sizeof (Entry));
+  h.dims = g_array_new (FALSE, FALSE, sizeof (guint64));
+  h.names = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  h.metadata = g_ptr_array_new_with_free_func (g_free);
+
+  ok = read_header (&s, &h, error) && check_tiling (&h, size - 8 - n, origin, error);
+  g_string_free (s.str, TRUE);
+  if (!ok)
+    {
+      header_clear (&h);
+      return NULL;
+    }
+
+  checkpoint = lp_checkpoint_new ();
+  for (guint i = 0; i < h.entries->len; i++)
+    {
+      Entry *e = &g_array_index (h.entries, Entry, i);
+      Slice *slice = g_new (Slice, 1);
+      g_autoptr(LpTensor) tensor = NULL;
+
+      slice->file = g_bytes_ref (bytes);
+      slice->offset = 8 + n + e->begin;
+      slice->size = e->end - e->begin;
+      slice->mapped = mapped;
+      tensor = lp_tensor_new_lazy (e->name, e->dtype,
+                                   &g_array_index (h.dims, guint64, e->shape_start), e->n_dims,
+                                   slice_get_data, slice, slice_free, error);
+      if (tensor == NULL || !lp_checkpoint_add_tensor (checkpoint, tensor, error))
+        {
+          g_prefix_error (error, "%s: ", origin);
+          header_clear (&h);
+          return NULL;
+        }
+    }
+  for (guint i = 0; i + 1 < h.metadata->len; i += 2)
+    lp_checkpoint_set_metadata (checkpoint, h.metadata->pdata[i], h.metadata->pdata[i + 1]);
+  lp_checkpoint_set_origin (checkpoint, origin);
+
+  header_clear (&h);
+  return g_steal_pointer (&checkpoint);
+}
+
+/**
+ * lp_safetensors_load_from_bytes:
+ * @bytes: the whole content of a safetensors file
+ * @origin: (nullable): a name for error messages, such as the file's name
+ * @error: return location for a #GError
+ *
+ * Reads a checkpoint from memory, with the same checks as
+ * lp_safetensors_load(). The tensors share @bytes; nothing is copied.
+ *
+ * Returns: (transfer full): the checkpoint, or %NULL with an
+ *   %LP_FORMAT_ERROR if @bytes is not a valid safetensors file
+ */
+LpCheckpoint *
+lp_safetensors_load_from_bytes (GBytes      *bytes,
+                                const char  *origin,
+                                GError     **error)
+{
+  g_return_val_if_fail (bytes != NULL, NULL);
+  g_return_val_if_fail (error == NULL || *error == NULL, NULL);
+
+  return load_bytes (bytes, FALSE, origin ? origin : "safetensors data", error);
+}
+
+/* For `X.safetensors` the PEFT config is `X.adapter_config.json` (how the
+ * files of lora-samples are named), for PEFT's own `adapter_model.safetensors`
+ * it is `adapter_config.json` beside it. */
+static char *
+adapter_config_path (const char *filename,
+                     gboolean    for_writing)
+{
+  g_autofree char *dir = g_path_get_dirname (filename);
+  g_autofree char *base = g_path_get_basename (filename);
+  g_autofree char *stem = NULL;
+  g_autofree char *named = NULL;
+
+  if (g_str_has_suffix (base, ".safetensors"))
+    stem = g_strndup (base, strlen (base) - strlen (".safetensors"));
+  else
+    stem = g_strdup (base);
+
+  if (strcmp (base, "adapter_model.safetensors") == 0)
+    {
+      named = g_build_filename (dir, "adapter_model.adapter_config.json", NULL);
+      if (for_writing || !g_file_test (named, G_FILE_TEST_EXISTS))
+        return g_build_filename (dir, "adapter_config.json", NULL);
+      return g_steal_pointer (&named);
+    }
+  named = g_strconcat (stem, ".adapter_config.json", NULL);
+  return g_build_filename (dir, named, NULL);
+}
+
+static gboolean
+read_adapter_config (LpCheckpoint  *checkpoint,
+                     const char    *filename,
+                     GError       **error)
+{
+  g_autofree char *path = adapter_config_path (filename, FALSE);
+  g_autofree char *display = g_filename_display_name (path);
+  g_autofree char *contents = NULL;
+  g_autoptr(JsonParser) parser = NULL;
+  g_autoptr(GError) local_error = NULL;
+  JsonNode *root;
+  gsize len, bad_pos;
+
+  if (!g_file_test (path, G_FILE_TEST_EXISTS))
+    return TRUE;
+  if (!g_file_get_contents (path, &contents, &len, error))
+    return FALSE;
+  if (!g_utf8_validate_len (contents, len, NULL))
+    {
+      set_format_error (error, LP_FORMAT_ERROR_ENCODING, display, "not valid UTF-8");
+      return FALSE;
+    }
+  if (!check_depth ((const guchar *) contents, len, CONFIG_MAX_DEPTH, &bad_pos))
+    {
+      set_format_error (error, LP_FORMAT_ERROR_TOO_DEEP, display,
+                        "byte %" G_GSIZE_FORMAT ": nests deeper than %d levels", bad_pos,
+                        CONFIG_MAX_DEPTH);
+      return FALSE;
+    }
+  parser = json_parser_new ();
+  if (!json_parser_load_from_data (parser, contents, len, &local_error))
+    {
+      set_format_error (error, LP_FORMAT_ERROR_SYNTAX, display, "%s", local_error->message);
+      return FALSE;
+    }
+  root = json_parser_get_root (parser);
+  if (root == NULL || !JSON_NODE_HOLDS_OBJECT (root))
+    {
+      set_format_error (error, LP_FORMAT_ERROR_SYNTAX, display, "not a JSON object");
+      return FALSE;
+    }
+  lp_checkpoint_set_adapter_config (checkpoint, contents);
+  return TRUE;
+}
+
+/**
+ * lp_safetensors_load:
+ * @filename: (type filename): the file to read
+ * @error: return location for a #GError
+ *
+ * Maps a safetensors file and checks all of it (header syntax and encoding,
+ * every entry, offsets tiling the data section exactly to the end of the
+ * file) before handing out any tensor. Tensors are ordered as their data is
+ * in the file, and their bytes are zero-copy views of the mapping.
+ *
+ * A PEFT `adapter_config.json` beside the file (`X.adapter_config.json` for
+ * `X.safetensors`, or `adapter_config.json` for `adapter_model.safetensors`)
+ * is read into lp_checkpoint_get_adapter_config().
+ *
+ * Returns: (transfer full): the checkpoint, or %NULL with a #GFileError or an
+ *   %LP_FORMAT_ERROR naming the file and the problem
+ */
+LpCheckpoint *
+lp_safetensors_load (const char  *filename,
+                     GError     **error)
+{
+  g_autoptr(GMappedFile) mapped = NULL;
+  g_autoptr(GBytes) bytes = NULL;
+  g_autoptr(LpCheckpoint) checkpoint = NULL;
+  g_autofree char *display = NULL;
+
+  g_return_val_if_fail (filename != NULL, NULL);
+  g_return_val_if_fail (error == NULL || *error == NULL, NULL);
+
+  mapped = g_mapped_file_new (filename, FALSE, error);
+  if (mapped == NULL)
+    return NULL;
+  bytes = g_mapped_file_get_bytes (mapped);
+  display = g_filename_display_name (filename);
+
+  checkpoint = load_bytes (bytes, g_mapped_file_get_length (mapped) > 0, display, error);
+  if (checkpoint == NULL)
+    return NULL;
+  if (!read_adapter_config (checkpoint, filename, error))
+    return NULL;
+  lp_checkpoint_set_origin (checkpoint, filename);
+  return g_steal_pointer (&checkpoint);
+}
+
+/* ---- atomic files ------------------------------------------------------ */
+
+/* A file written under a temporary name in the target's directory and renamed
+ * over the target once complete and on disk: readers see the old file or the
+ * new one, never a part, and a file that is mapped (the input itself,
+ * perhaps) is never truncated under its reader. */
+typedef struct {
+  char *path;
+  char *tmp_path;
+  char *display;
+  int fd;
+  guchar *buffer;
+  gsize buffered;
+} AtomicFile;
+
+static void
+set_io_error (GError     **error,
+              int          saved_errno,
+              const char  *what,
+              const char  *display)
+{
+  g_set_error (error, G_IO_ERROR, g_io_error_from_errno (saved_errno),
+               "%s “%s”: %s", what, display, g_strerror (saved_errno));
+}
+
+static void
+atomic_file_free (AtomicFile *f)
+{
+  if (f->fd >= 0)
+    close (f->fd);
+  if (f->tmp_path)
+    g_unlink (f->tmp_path);
+  g_free (f->path);
+  g_free (f->tmp_path);
+  g_free (f->display);
+  g_free (f->buffer);
+  g_free (f);
+}
+
+G_DEFINE_AUTOPTR_CLEANUP_FUNC (AtomicFile, atomic_file_free)
+
+static AtomicFile *
+atomic_file_new (const char  *path,
+                 GError     **error)
+{
+  g_autoptr(AtomicFile) f = g_new0 (AtomicFile, 1);
+  g_autofree char *dir = g_path_get_dirname (path);
+  g_autofree char *base = g_path_get_basename (path);
+  g_autofree char *tmpl_base = g_strconcat (".", base, ".XXXXXX", NULL);
+  char *tmpl = g_build_filename (dir, tmpl_base, NULL);
+  struct stat st;
+
+  f->fd = -1;
+  f->path = g_strdup (path);
+  f->display = g_filename_display_name (path);
+
+  /* 0666 less the umask, as for any new file. */
+  f->fd = g_mkstemp_full (tmpl, O_WRONLY | O_CLOEXEC, 0666);
+  if (f->fd < 0)
+    {
+      int saved_errno = errno;
+      g_free (tmpl);
+      set_io_error (error, saved_errno, "Could not create a temporary file beside", f->display);
+      return NULL;
+    }
+  f->tmp_path = tmpl;
+  /* Replacing a file keeps its permissions. */
+  if (g_stat (path, &st) == 0 && S_ISREG (st.st_mode))
+    (void) fchmod (f->fd, st.st_mode & 07777);
+  return g_steal_pointer (&f);
+}
+
+static gboolean
+write_all (AtomicFile    *f,
+           const guchar  *data,
+           gsize          len,
+           GError       **error)
+{
+  while (len > 0)
+    {
+      /* Linux writes at most ~2 GiB per call. */
+      ssize_t n = write (f->fd, data, MIN (len, (gsize) 1 << 30));
+      if (n < 0)
+        {
+          int saved_errno = errno;
+          if (saved_errno == EINTR)
+            continue;
+          set_io_error (error, saved_errno, "Could not write", f->display);
+          return FALSE;
+        }
+      data += n;
+      len -= n;
+    }
+  return TRUE;
+}
+
+static gboolean
+atomic_file_flush (AtomicFile  *f,
+                   GError     **error)
+{
+  gsize n = f->buffered;
+
+  f->buffered = 0;
+  return write_all (f, f->buffer, n, error);
+}
+
+static gboolean
+atomic_file_write (AtomicFile     *f,
+                   gconstpointer   data,
+                   gsize           len,
+                   GError        **error)
+{
+  if (f->buffered + len <= WRITE_BUFFER_SIZE)
+    {
+      if (f->buffer == NULL)
+        f->buffer = g_malloc (WRITE_BUFFER_SIZE);
+      memcpy (f->buffer + f->buffered, data, len);
+      f->buffered += len;
+      return TRUE;
+    }
+  if (!atomic_file_flush (f, error))
+    return FALSE;
+  if (len < WRITE_BUFFER_SIZE / 2)
+    return atomic_file_write (f, data, len, error);
+  return write_all (f, data, len, error);
+}
+
+static gboolean
+atomic_file_commit (AtomicFile  *f,
+                    GError     **error)
+{
+  g_autofree char *dir = NULL;
+  int fd, dir_fd;
+
+  if (!atomic_file_flush (f, error))
+    return FALSE;
+  if (fsync (f->fd) != 0)
+    {
+      set_io_error (error, errno, "Could not write", f->display);
+      return FALSE;
+    }
+  fd = f->fd;
+  f->fd = -1;
+  if (close (fd) != 0)
+    {
+      set_io_error (error, errno, "Could not write", f->display);
+      return FALSE;
+    }
+  if (g_rename (f->tmp_path, f->path) != 0)
+    {
+      set_io_error (error, errno, "Could not replace", f->display);
+      return FALSE;
+    }
+  g_clear_pointer (&f->tmp_path, g_free);
+
+  /* The rename is durable only once the directory is. */
+  dir = g_path_get_dirname (f->path);
+  dir_fd = open (dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dir_fd >= 0)
+    {
+      int rc = fsync (dir_fd);
+      int saved_errno = errno;
+      close (dir_fd);
+      /* Some file systems cannot sync directories; the file is in place. */
+      if (rc != 0 && saved_errno != EINVAL && saved_errno != ENOTSUP)
+        {
+          set_io_error (error, saved_errno, "Could not sync the directory of", f->display);
+          return FALSE;
+        }
+    }
+  return TRUE;
+}
+
+/**
+ * lp_atomic_write_contents:
+ * @path: the file to replace or create
+ * @data: (array length=len): the new contents
+ * @len: their length
+ * @error: return location for a #GError
+ *
+ * Replaces @path with @data atomically: written to a temporary file in the
+ * same directory, synced and renamed over @path. On error the old file is
+ * untouched and no temporary file is left.
+ *
+ * Returns: %TRUE on success
+ */
+gboolean
+lp_atomic_write_contents (const char     *path,
+                          gconstpointer   data,
+                          gsize           len,
+                          GError        **error)
+{
+  g_autoptr(AtomicFile) f = atomic_file_new (path, error);
+
+  return f != NULL && write_all (f, data, len, error) && atomic_file_commit (f, error);
+}
+
+/* ---- writing ----------------------------------------------------------- */
+
+static gboolean
+append_json_string (GString     *out,
+                    const char  *s,
+                    const char  *what,
+                    const char  *display,
+                    GError     **error)
+{
+  if (!g_utf8_validate (s, -1, NULL))
+    {
+      set_format_error (error, LP_FORMAT_ERROR_ENCODING, display, "%s is not valid UTF-8", what);
+      return FALSE;
+    }
+  g_string_append_c (out, '"');
+  for (const guchar *p = (const guchar *) s; *p; p++)
+    {
+      const guchar *run = p;
+
+      while (*p >= 0x20 && *p != '"' && *p != '\\')
+        p++;
+      g_string_append_len (out, (const char *) run, p - run);
+      if (*p == '\0')
+        break;
+      switch (*p)
+        {
+        case '"': g_string_append (out, "\\\""); break;
+        case '\\': g_string_append (out, "\\\\"); break;
+        case '\n': g_string_append (out, "\\n"); break;
+        case '\r': g_string_append (out, "\\r"); break;
+        case '\t': g_string_append (out, "\\t"); break;
+        case '\b': g_string_append (out, "\\b"); break;
+        case '\f': g_string_append (out, "\\f"); break;
+        default:
+          {
+            char esc[7] = { '\\', 'u', '0', '0', "0123456789abcdef"[*p >> 4],
+                            "0123456789abcdef"[*p & 15], 0 };
+            g_string_append_len (out, esc, 6);
+          }
+        }
+    }
+  g_string_append_c (out, '"');
+  return TRUE;
+}
+
+/* Compact JSON, __metadata__ first, offsets contiguous in checkpoint order,
+ * padded with spaces so that the data starts 8-byte aligned. */
+static GString *
+build_header (LpCheckpoint  *checkpoint,
+              const char    *display,
+              GError       **error)
+{
+  g_autoptr(GString) out = g_string_new ("{");
+  g_auto(GStrv) keys = lp_checkpoint_dup_metadata_keys (checkpoint);
+  guint n_tensors = lp_checkpoint_get_n_tensors (checkpoint);
+  guint64 offset = 0;
+  gboolean first = TRUE;
+
+  if (keys != NULL && keys[0] != NULL)
+    {
+      g_string_append (out, "\"__metadata__\":{");
+      for (guint i = 0; keys[i]; i++)
+        {
+          g_autofree char *what = g_strdup_printf ("metadata key '%s'", keys[i]);
+          if (i > 0)
+            g_string_append_c (out, ',');
+          if (!append_json_string (out, keys[i], what, display, error))
+            return NULL;
+          g_string_append_c (out, ':');
+          if (!append_json_string (out, lp_checkpoint_get_metadata (checkpoint, keys[i]),
+                                   what, display, error))
+            return NULL;
+        }
+      g_string_append_c (out, '}');
+      first = FALSE;
+    }
+
+  for (guint i = 0; i < n_tensors; i++)
+    {
+      LpTensor *tensor = lp_checkpoint_get_tensor (checkpoint, i);
+      const char *name = lp_tensor_get_name (tensor);
+      guint n_dims;
+      const guint64 *shape = lp_tensor_get_shape (tensor, &n_dims);
+      guint64 n_bytes = lp_tensor_get_n_bytes (tensor);
+      g_autofree char *what = g_strdup_printf ("tensor name '%s'", name);
+
+      if (strcmp (name, "__metadata__") == 0)
+        {
+          set_format_error (error, LP_FORMAT_ERROR_ENTRY, display,
+                            "a tensor may not be named __metadata__");
+          return NULL;
+        }
+      if (!first)
+        g_string_append_c (out, ',');
+      first = FALSE;
+      if (!append_json_string (out, name, what, display, error))
+        return NULL;
+      g_string_append_printf (out, ":{\"dtype\":\"%s\",\"shape\":[",
+                              lp_dtype_to_string (lp_tensor_get_dtype (tensor)));
+      for (guint d = 0; d < n_dims; d++)
+        g_string_append_printf (out, "%s%" G_GUINT64_FORMAT, d ? "," : "", shape[d]);
+      g_string_append_printf (out, "],\"data_offsets\":[%" G_GUINT64_FORMAT ",%" G_GUINT64_FORMAT "]}",
+                              offset, offset + n_bytes);
+      offset += n_bytes;
+      if (out->len > LP_SAFETENSORS_MAX_HEADER)
+        break;
+    }
+  g_string_append_c (out, '}');
+  while (out->len % 8 != 0)
+    g_string_append_c (out, ' ');
+
+  if (out->len > LP_SAFETENSORS_MAX_HEADER)
+    {
+      set_format_error (error, LP_FORMAT_ERROR_HEADER_SIZE, display,
+                        "the header would exceed the limit of %d bytes", LP_SAFETENSORS_MAX_HEADER);
+      return NULL;
+    }
+  return g_steal_pointer (&out);
+}
+
+typedef struct {
+  AtomicFile *file;
+  LpCheckpoint *checkpoint;
+  guint next;
+} WriteContext;
+
+static gboolean
+write_tensor_data (LpTensor  *tensor,
+                   GBytes    *data,
+                   gpointer   user_data,
+                   GError   **error)
+{
+  WriteContext *ctx = user_data;
+  gsize size;
+  gconstpointer p = g_bytes_get_data (data, &size);
+
+  /* The header promised this tensor, this size, at this place. */
+  if (ctx->next >= lp_checkpoint_get_n_tensors (ctx->checkpoint) ||
+      lp_checkpoint_get_tensor (ctx->checkpoint, ctx->next) != tensor ||
+      size != lp_tensor_get_n_bytes (tensor))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                   "tensor '%s': got %" G_GSIZE_FORMAT " bytes out of order or of the wrong size "
+                   "(expected %" G_GUINT64_FORMAT ")", lp_tensor_get_name (tensor), size,
+                   lp_tensor_get_n_bytes (tensor));
+      return FALSE;
+    }
+  ctx->next++;
+  return atomic_file_write (ctx->file, p, size, error);
+}
+
+/**
+ * lp_safetensors_save:
+ * @checkpoint: the checkpoint to write
+ * @filename: (type filename): where to write it
+ * @stage: (nullable): the sink doing the writing, to compute tensors in
+ *   parallel, report progress and honour cancellation; %NULL to compute
+ *   them one by one
+ * @error: return location for a #GError
+ *
+ * Writes @checkpoint as a safetensors file: `__metadata__` first, compact
+ * JSON padded to a multiple of 8 bytes, tensors in checkpoint order. The file
+ * is written beside @filename under a temporary name and renamed over it when
+ * complete, so @filename is never seen half written and may be the file the
+ * checkpoint was read from. A PEFT adapter config is written beside it the
+ * same way (see lp_safetensors_load() for its name).
+ *
+ * Returns: %TRUE on success; on error @filename is untouched
+ */
+gboolean
+lp_safetensors_save (LpCheckpoint  *checkpoint,
+                     const char    *filename,
+                     LpStage       *stage,
+                     GError       **error)
+{
+  g_autoptr(AtomicFile) file = NULL;
+  g_autoptr(GString) header = NULL;
+  g_autofree char *display = NULL;
+  const char *config;
+  WriteContext ctx;
+  guchar prefix[8];
+  guint64 n;
+
+  g_return_val_if_fail (LP_IS_CHECKPOINT (checkpoint), FALSE);
+  g_return_val_if_fail (filename != NULL, FALSE);
+  g_return_val_if_fail (stage == NULL || LP_IS_STAGE (stage), FALSE);
+  g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
+
+  display = g_filename_display_name (filename);
+  header = build_header (checkpoint, display, error);
+  if (header == NULL)
+    return FALSE;
+
+  file = atomic_file_new (filename, error);
+  if (file == NULL)
+    return FALSE;
+
+  n = header->len;
+  for (int i = 0; i < 8; i++)
+    prefix[i] = (n >> (8 * i)) & 0xff;
+  if (!atomic_file_write (file, prefix, 8, error) ||
+      !atomic_file_write (file, header->str, header->len, error))
+    return FALSE;
+
+  ctx.file = file;
+  ctx.checkpoint = checkpoint;
+  ctx.next = 0;
+  if (stage != NULL)
+    {
+      if (!lp_stage_pull_tensors (stage, checkpoint, write_tensor_data, &ctx, error))
+        return FALSE;
+    }
+  else
+    for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
+      {
+        LpTensor *tensor = lp_checkpoint_get_tensor (checkpoint, i);
+        g_autoptr(GBytes) data = lp_tensor_dup_data (tensor, error);
+
+        if (data == NULL || !write_tensor_data (tensor, data, &ctx, error))
+          return FALSE;
+      }
+  if (ctx.next != lp_checkpoint_get_n_tensors (checkpoint))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                   "%s: only %u of %u tensors were written", display, ctx.next,
+                   lp_checkpoint_get_n_tensors (checkpoint));
+      return FALSE;
+    }
+  if (!atomic_file_commit (file, error))
+    return FALSE;
+
+  config = lp_checkpoint_get_adapter_config (checkpoint);
+  if (config != NULL)
+    {
+      g_autofree char *config_path = adapter_config_path (filename, TRUE);
+      if (!lp_atomic_write_contents (config_path, config, strlen (config), error))
+        return FALSE;
+    }
+  return TRUE;
+}
