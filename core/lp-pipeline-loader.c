@@ -693,7 +693,7 @@ check_required (Loader     *ld,
       if (lp_stage_class_is_property_required (klass, pspecs[i]->name) &&
           !g_hash_table_contains (spec->set, pspecs[i]->name))
         {
-          g_autofree char *desc = lp_pspec_describe_type (pspecs[i]);
+          g_autofree char *desc = lp_param_spec_describe_type (pspecs[i]);
           return spec_error (ld, spec, error, LP_PIPELINE_ERROR_MISSING_PROPERTY,
                              "required property '%s' (%s) is not set",
                              pspecs[i]->name, desc);

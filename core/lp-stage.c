@@ -573,7 +573,7 @@ lp_stage_set_property_checked (LpStage       *self,
   if (g_param_value_validate (pspec, &v))
     {
       g_autofree char *text = g_strdup_value_contents (value);
-      g_autofree char *range = lp_pspec_describe_type (pspec);
+      g_autofree char *range = lp_param_spec_describe_type (pspec);
       g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE,
                    "property '%s': %s is out of range (%s)", pspec->name, text, range);
       return FALSE;
@@ -857,6 +857,16 @@ lp_stage_pull_tensors (LpStage              *self,
  */
 G_DEFINE_ABSTRACT_TYPE (LpSource, lp_source, LP_TYPE_STAGE)
 
+/**
+ * LpSourceClass::create:
+ * @self: the source
+ * @error: return location for a #GError
+ *
+ * Makes the checkpoint this source provides.
+ *
+ * Returns: (transfer full): the checkpoint, or %NULL with @error set
+ */
+
 static gboolean
 lp_source_run (LpStage       *stage,
                LpCheckpoint **inputs,
@@ -894,6 +904,30 @@ lp_source_init (LpSource *self)
  * whole output, or just `transform_tensor` to map tensors one by one.
  */
 G_DEFINE_ABSTRACT_TYPE (LpTransform, lp_transform, LP_TYPE_STAGE)
+
+/**
+ * LpTransformClass::transform:
+ * @self: the transform
+ * @input: (transfer none): the checkpoint to transform
+ * @error: return location for a #GError
+ *
+ * Makes the output from the input. The default calls
+ * LpTransformClass::transform_tensor on each tensor and keeps the metadata.
+ *
+ * Returns: (transfer full): the output, or %NULL with @error set
+ */
+
+/**
+ * LpTransformClass::transform_tensor:
+ * @self: the transform
+ * @tensor: (transfer none): a tensor of the input
+ * @error: return location for a #GError
+ *
+ * Maps one tensor of the input to the output.
+ *
+ * Returns: (transfer full) (nullable): the tensor to put in place of @tensor
+ *   (@tensor itself to keep it), or %NULL with no error to drop it
+ */
 
 static LpCheckpoint *
 lp_transform_real_transform (LpTransform   *self,
@@ -1031,6 +1065,19 @@ lp_sink_init (LpSink *self)
  * A stage with several inputs and one output, such as a merge.
  */
 G_DEFINE_ABSTRACT_TYPE (LpAggregator, lp_aggregator, LP_TYPE_STAGE)
+
+/**
+ * LpAggregatorClass::aggregate:
+ * @self: the aggregator
+ * @inputs: (array length=n_inputs) (transfer none): the input checkpoints, in
+ *   the order the pipeline lists them
+ * @n_inputs: the number of inputs
+ * @error: return location for a #GError
+ *
+ * Combines the inputs into one checkpoint.
+ *
+ * Returns: (transfer full): the output, or %NULL with @error set
+ */
 
 static gboolean
 lp_aggregator_run (LpStage       *stage,

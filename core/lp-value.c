@@ -171,7 +171,7 @@ join_flags_nicks (GFlagsClass *klass)
 }
 
 /**
- * lp_pspec_describe_type:
+ * lp_param_spec_describe_type:
  * @pspec: a property's #GParamSpec
  *
  * Describes what values @pspec accepts, for `lpipe inspect` and for error
@@ -182,7 +182,7 @@ join_flags_nicks (GFlagsClass *klass)
  * Returns: (transfer full): the description
  */
 char *
-lp_pspec_describe_type (GParamSpec *pspec)
+lp_param_spec_describe_type (GParamSpec *pspec)
 {
   GType type = G_PARAM_SPEC_VALUE_TYPE (pspec);
   IntRange r;
@@ -262,6 +262,8 @@ lp_pspec_describe_type (GParamSpec *pspec)
 char *
 lp_value_to_string (const GValue *value)
 {
+  g_return_val_if_fail (G_IS_VALUE (value), NULL);
+
   GType type = G_VALUE_TYPE (value);
 
   switch (G_TYPE_FUNDAMENTAL (type))
@@ -353,7 +355,7 @@ check_valid (GParamSpec    *pspec,
   g_value_copy (value, &copy);
   if (g_param_value_validate (pspec, &copy))
     {
-      g_autofree char *desc = lp_pspec_describe_type (pspec);
+      g_autofree char *desc = lp_param_spec_describe_type (pspec);
       g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE,
                    "property '%s': %s is out of range; expected %s",
                    pspec->name, shown, desc);
@@ -367,7 +369,7 @@ bad_value (GParamSpec  *pspec,
            const char  *got,
            GError     **error)
 {
-  g_autofree char *desc = lp_pspec_describe_type (pspec);
+  g_autofree char *desc = lp_param_spec_describe_type (pspec);
 
   g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE,
                "property '%s': expected %s, got %s", pspec->name, desc, got);
@@ -388,7 +390,7 @@ out_of_range (GParamSpec  *pspec,
               const char  *shown,
               GError     **error)
 {
-  g_autofree char *desc = lp_pspec_describe_type (pspec);
+  g_autofree char *desc = lp_param_spec_describe_type (pspec);
 
   g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE,
                "property '%s': %s is out of range; expected %s", pspec->name, shown, desc);
@@ -581,7 +583,7 @@ unknown_nick (GParamSpec  *pspec,
               const char **nicks,
               GError     **error)
 {
-  g_autofree char *desc = lp_pspec_describe_type (pspec);
+  g_autofree char *desc = lp_param_spec_describe_type (pspec);
   g_autofree char *lower = g_ascii_strdown (text, -1);
   g_autofree char *closest = lp_suggest_closest (lower, nicks);
 
@@ -961,4 +963,28 @@ lp_value_from_json (GParamSpec  *pspec,
       }
   }
   return TRUE;
+}
+
+/**
+ * lp_param_spec_default_to_string:
+ * @pspec: a property's #GParamSpec
+ *
+ * Formats the property's default the way a pipeline file or `lpipe launch`
+ * would write it, for `lpipe inspect` and the stage reference.
+ *
+ * Returns: (transfer full) (nullable): the default as text, or %NULL when
+ *   there is none (an unset string or list)
+ */
+char *
+lp_param_spec_default_to_string (GParamSpec *pspec)
+{
+  const GValue *def;
+
+  g_return_val_if_fail (G_IS_PARAM_SPEC (pspec), NULL);
+
+  def = g_param_spec_get_default_value (pspec);
+  if ((G_VALUE_HOLDS_STRING (def) && g_value_get_string (def) == NULL) ||
+      (G_VALUE_HOLDS_BOXED (def) && g_value_get_boxed (def) == NULL))
+    return NULL;
+  return lp_value_to_string (def);
 }

@@ -286,73 +286,6 @@ role_name (LpStageRole role)
     }
 }
 
-/* The type, range and default of a property, as `lpipe inspect` shows them.
- * Written here from the GParamSpec so that it cannot drift from the code. */
-static char *
-describe_pspec_type (GParamSpec *pspec)
-{
-#define RANGE(fmt, P) g_strdup_printf (fmt, P->minimum, P->maximum)
-  if (G_IS_PARAM_SPEC_BOOLEAN (pspec))
-    return g_strdup ("boolean");
-  if (G_IS_PARAM_SPEC_INT (pspec))
-    return RANGE ("integer [%d, %d]", G_PARAM_SPEC_INT (pspec));
-  if (G_IS_PARAM_SPEC_UINT (pspec))
-    return RANGE ("integer [%u, %u]", G_PARAM_SPEC_UINT (pspec));
-  if (G_IS_PARAM_SPEC_INT64 (pspec))
-    return RANGE ("integer [%" G_GINT64_FORMAT ", %" G_GINT64_FORMAT "]", G_PARAM_SPEC_INT64 (pspec));
-  if (G_IS_PARAM_SPEC_UINT64 (pspec))
-    return RANGE ("integer [%" G_GUINT64_FORMAT ", %" G_GUINT64_FORMAT "]", G_PARAM_SPEC_UINT64 (pspec));
-  if (G_IS_PARAM_SPEC_DOUBLE (pspec))
-    return RANGE ("number [%g, %g]", G_PARAM_SPEC_DOUBLE (pspec));
-  if (G_IS_PARAM_SPEC_FLOAT (pspec))
-    return RANGE ("number [%g, %g]", G_PARAM_SPEC_FLOAT (pspec));
-#undef RANGE
-  if (G_IS_PARAM_SPEC_ENUM (pspec))
-    {
-      GEnumClass *klass = G_PARAM_SPEC_ENUM (pspec)->enum_class;
-      GString *s = g_string_new ("one of ");
-      for (guint i = 0; i < klass->n_values; i++)
-        g_string_append_printf (s, "%s%s", i ? "|" : "", klass->values[i].value_nick);
-      return g_string_free (s, FALSE);
-    }
-  if (G_IS_PARAM_SPEC_FLAGS (pspec))
-    {
-      GFlagsClass *klass = G_PARAM_SPEC_FLAGS (pspec)->flags_class;
-      GString *s = g_string_new ("flags ");
-      for (guint i = 0; i < klass->n_values; i++)
-        g_string_append_printf (s, "%s%s", i ? "|" : "", klass->values[i].value_nick);
-      return g_string_free (s, FALSE);
-    }
-  if (pspec->value_type == G_TYPE_STRV)
-    return g_strdup ("list of strings");
-  if (G_IS_PARAM_SPEC_STRING (pspec))
-    return g_strdup ("string");
-  return g_strdup (g_type_name (pspec->value_type));
-}
-
-static char *
-default_text (GParamSpec *pspec)
-{
-  g_auto(GValue) v = G_VALUE_INIT;
-  const GValue *def = g_param_spec_get_default_value (pspec);
-
-  if (G_IS_PARAM_SPEC_ENUM (pspec))
-    {
-      GEnumValue *ev = g_enum_get_value (G_PARAM_SPEC_ENUM (pspec)->enum_class, g_value_get_enum (def));
-      return g_strdup (ev ? ev->value_nick : "");
-    }
-  if (G_VALUE_HOLDS_STRING (def))
-    return g_strdup (g_value_get_string (def));
-  if (G_VALUE_HOLDS_BOXED (def) && g_value_get_boxed (def) == NULL)
-    return NULL;
-  if (G_VALUE_HOLDS_DOUBLE (def))
-    return g_strdup_printf ("%g", g_value_get_double (def));
-  g_value_init (&v, G_TYPE_STRING);
-  if (g_value_transform (def, &v))
-    return g_value_dup_string (&v);
-  return NULL;
-}
-
 static GParamSpec **
 stage_properties (GType type, guint *n)
 {
@@ -413,8 +346,8 @@ build_stage_json (JsonBuilder *b, LpRegistry *registry, const char *name, gboole
       json_builder_begin_array (b);
       for (guint i = 0; i < n; i++)
         {
-          g_autofree char *t = describe_pspec_type (pspecs[i]);
-          g_autofree char *d = default_text (pspecs[i]);
+          g_autofree char *t = lp_param_spec_describe_type (pspecs[i]);
+          g_autofree char *d = lp_param_spec_default_to_string (pspecs[i]);
 
           json_builder_begin_object (b);
           json_builder_set_member_name (b, "name");
@@ -515,8 +448,8 @@ cmd_inspect (int argc, char **argv)
       g_print ("  (none)\n");
     for (guint i = 0; i < n; i++)
       {
-        g_autofree char *t = describe_pspec_type (pspecs[i]);
-        g_autofree char *d = default_text (pspecs[i]);
+        g_autofree char *t = lp_param_spec_describe_type (pspecs[i]);
+        g_autofree char *d = lp_param_spec_default_to_string (pspecs[i]);
         gboolean required = lp_stage_class_is_property_required (klass, pspecs[i]->name);
 
         g_print ("  %-16s %s%s%s%s\n", pspecs[i]->name, t,

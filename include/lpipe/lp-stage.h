@@ -117,6 +117,9 @@ gboolean      lp_stage_set_property_checked (LpStage       *self,
                                              const char    *property,
                                              const GValue  *value,
                                              GError       **error);
+char         *lp_param_spec_describe_type    (GParamSpec    *pspec);
+char         *lp_param_spec_default_to_string (GParamSpec  *pspec);
+
 gboolean      lp_stage_prepare              (LpStage       *self,
                                              GError       **error);
 gboolean      lp_stage_run                  (LpStage       *self,

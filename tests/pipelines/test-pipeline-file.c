@@ -962,12 +962,12 @@ test_value_describe (void)
   };
   g_autoptr(GParamSpec) count = g_param_spec_uint ("count", NULL, NULL, 0, G_MAXUINT, 0, 0);
   g_autoptr(GParamSpec) d = g_param_spec_double ("d", NULL, NULL, 0, G_MAXDOUBLE, 0, 0);
-  g_autofree char *count_desc = lp_pspec_describe_type (count);
-  g_autofree char *d_desc = lp_pspec_describe_type (d);
+  g_autofree char *count_desc = lp_param_spec_describe_type (count);
+  g_autofree char *d_desc = lp_param_spec_describe_type (d);
 
   for (guint i = 0; i < G_N_ELEMENTS (cases); i++)
     {
-      g_autofree char *got = lp_pspec_describe_type (transform_pspec (cases[i].property));
+      g_autofree char *got = lp_param_spec_describe_type (transform_pspec (cases[i].property));
       g_assert_cmpstr (got, ==, cases[i].description);
     }
   g_assert_cmpstr (count_desc, ==, "integer >= 0");
