@@ -1,0 +1,59 @@
+/* lp-transform-common.h: what the transform stages share
+ *
+ * Name globs (select, lora-scale) and lazy factors assembled from blocks of
+ * other factors (rename's split and fuse, lora-merge's stacking, lora-scale):
+ * one place for the loop that copies scaled rows into a bigger matrix.
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#pragma once
+
+#include <lpipe/lpipe-plugin.h>
+
+G_BEGIN_DECLS
+
+/* Compiled `*`/`?` globs; an empty list matches nothing. */
+GPtrArray *lp_globs_new          (const char * const *globs);
+gboolean   lp_globs_match        (GPtrArray          *globs,
+                                  const char         *name);
+
+/**
+ * LpBlock:
+ * @source: a factor, seen as a 2-D matrix `[dim 0, product of the others]`
+ * @row_start: the first row of @source taken
+ * @n_rows: how many rows are taken (all columns are)
+ * @dest_row: where the rows go in the output
+ * @dest_col: the column of the output where the source's first column goes
+ * @scale: what the values are multiplied by on the way
+ *
+ * One piece of an assembled factor. The output is zero where no block writes.
+ */
+typedef struct {
+  LpTensor *source;
+  guint64 row_start;
+  guint64 n_rows;
+  guint64 dest_row;
+  guint64 dest_col;
+  double scale;
+} LpBlock;
+
+LpTensor  *lp_block_tensor_new   (const char     *name,
+                                  LpDtype         dtype,
+                                  const guint64  *shape,
+                                  guint           n_dims,
+                                  const LpBlock  *blocks,
+                                  guint           n_blocks,
+                                  GError        **error);
+
+/* A 0-dim alpha tensor holding @value. */
+LpTensor  *lp_alpha_tensor_new   (const char     *name,
+                                  LpDtype         dtype,
+                                  double          value,
+                                  GError        **error);
+
+/* The dtype blocks from several factors are written in: theirs when they
+ * agree, else F32. */
+LpDtype    lp_common_float_dtype (LpTensor      **tensors,
+                                  guint           n);
+
+G_END_DECLS

@@ -1,0 +1,115 @@
+/* test-lora-merge.c: the `lora-merge` stage, against numpy
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#include <string.h>
+
+#include "transform-test-util.h"
+
+static guint64
+dim (LpCheckpoint *checkpoint,
+     const char   *name,
+     guint         axis)
+{
+  LpTensor *tensor = lp_checkpoint_lookup (checkpoint, name);
+
+  if (tensor == NULL)
+    g_error ("no tensor %s", name);
+  return lp_tensor_get_dim (tensor, axis);
+}
+
+/* kohya, different alphas and ranks, a module set that differs: the merge
+ * is the weighted sum, and merge ! lora-svd reaches the SVD optimum */
+static void
+test_kohya_weighted (void)
+{
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autoptr(LpCheckpoint) a = synth ("preset", "sd15-unet", "format", "kohya", "rank", "4", "alpha", "3", "dtype", "f32");
+  g_autoptr(LpCheckpoint) b_all = synth ("preset", "sd15-unet", "format", "kohya", "rank", "2", "alpha", "1",
+                                         "seed", "9", "dtype", "f32");
+  g_autoptr(LpCheckpoint) b = run1 ("select", b_all, "exclude", "*attn2*");
+  LpCheckpoint *inputs[] = { a, b };
+  g_autoptr(LpCheckpoint) merged = run_ok ("lora-merge", inputs, 2, "weights", "0.7,-0.3", NULL);
+  g_autoptr(LpCheckpoint) reduced = run1 ("lora-svd", merged, "rank", "3");
+  g_autofree char *p_a = write_file (a, dir, "a");
+  g_autofree char *p_b = write_file (b, dir, "b");
+  g_autofree char *p_merged = write_file (merged, dir, "merged");
+  g_autofree char *p_reduced = write_file (reduced, dir, "reduced");
+
+  g_assert_cmpuint (dim (merged, "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight", 0), ==, 6);
+  g_assert_cmpuint (dim (merged, "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_q.lora_down.weight", 0), ==, 4);
+  oracle ("merge", p_merged, "0.7", p_a, "-0.3", p_b, NULL);
+  oracle ("svd", p_reduced, "3", "0.7", p_a, "-0.3", p_b, NULL);
+}
+
+/* diffusers in bf16, three inputs, default weights */
+static void
+test_diffusers_bf16 (void)
+{
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autoptr(LpCheckpoint) a = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "2", "dtype", "bf16");
+  g_autoptr(LpCheckpoint) b = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "3", "seed", "2", "dtype", "bf16");
+  g_autoptr(LpCheckpoint) c = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "1", "seed", "3", "dtype", "f16");
+  LpCheckpoint *inputs[] = { a, b, c };
+  g_autoptr(LpCheckpoint) merged = run_ok ("lora-merge", inputs, 3, "method", "concat", NULL);
+  g_autofree char *p_a = write_file (a, dir, "a");
+  g_autofree char *p_b = write_file (b, dir, "b");
+  g_autofree char *p_c = write_file (c, dir, "c");
+  g_autofree char *p_merged = write_file (merged, dir, "merged");
+
+  oracle ("merge", p_merged, "1", p_a, "1", p_b, "1", p_c, NULL);
+}
+
+/* PEFT: the first input's adapter config, rewritten for the merged rank */
+static void
+test_peft (void)
+{
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autoptr(LpCheckpoint) a_all = synth ("preset", "llama", "format", "peft", "rank", "4", "alpha", "8", "dtype", "f32");
+  g_autoptr(LpCheckpoint) b_all = synth ("preset", "llama", "format", "peft", "rank", "2", "alpha", "1", "seed", "5", "dtype", "f32");
+  g_autoptr(LpCheckpoint) a = run1 ("select", a_all, "include", "*layers.1.*");
+  g_autoptr(LpCheckpoint) b = run1 ("select", b_all, "include", "*layers.1.*");
+  LpCheckpoint *inputs[] = { a, b };
+  g_autoptr(LpCheckpoint) merged = run_ok ("lora-merge", inputs, 2, "weights", "1,2", NULL);
+  g_autofree char *p_a = write_file (a, dir, "a");
+  g_autofree char *p_b = write_file (b, dir, "b");
+  g_autofree char *p_merged = write_file (merged, dir, "merged");
+
+  g_assert_nonnull (strstr (lp_checkpoint_get_adapter_config (merged), "\"r\" : 6"));
+  oracle ("merge", p_merged, "1", p_a, "2", p_b, NULL);
+}
+
+static void
+test_errors (void)
+{
+  g_autoptr(LpCheckpoint) a = lp_checkpoint_new ();
+  g_autoptr(LpCheckpoint) b = lp_checkpoint_new ();
+  g_autoptr(LpCheckpoint) c = lp_checkpoint_new ();
+  LpCheckpoint *ab[] = { a, b }, *ac[] = { a, c };
+
+  add_kohya (a, "lora_unet_x", 4, 6, 2);
+  add_kohya (b, "lora_unet_x", 5, 6, 2);
+  add_diffusers (c, "lora_unet_x", 4, 6, 2);
+
+  expect_error ("lora-merge", ab, 2, STRS ("weights", "1,abc"), LP_STAGE_ERROR,
+                LP_STAGE_ERROR_INVALID_PROPERTY, STRS ("'abc' (weight 2)"));
+  expect_error ("lora-merge", ab, 2, STRS ("weights", "1,2,3"), LP_STAGE_ERROR,
+                LP_STAGE_ERROR_INVALID_PROPERTY, STRS ("3 weights given for 2 inputs"));
+  expect_error ("lora-merge", ab, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                STRS ("module lora_unet_x: shapes differ", "[2, 4]", "[2, 5]"));
+  expect_error ("lora-merge", ac, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                STRS ("module lora_unet_x: inputs 1 and 2", "different conventions"));
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+
+  g_test_add_func ("/stage/lora-merge/kohya-weighted", test_kohya_weighted);
+  g_test_add_func ("/stage/lora-merge/diffusers-bf16", test_diffusers_bf16);
+  g_test_add_func ("/stage/lora-merge/peft", test_peft);
+  g_test_add_func ("/stage/lora-merge/errors", test_errors);
+
+  return g_test_run ();
+}
