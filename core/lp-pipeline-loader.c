@@ -898,6 +898,7 @@ finish (Loader     *ld,
         GError    **error)
 {
   g_autoptr(GHashTable) params = NULL;
+  g_autofree char *expanded = NULL;
 
   if (!resolve_inputs (ld, error) ||
       !check_arity (ld, error) ||
@@ -920,8 +921,14 @@ finish (Loader     *ld,
       lp_pipeline_mark_explicit_inputs (ld->pipeline, spec->stage);
     }
 
+  /* "Reduce to rank ${rank}" should say which rank this run used. */
+  if (description && !expand (ld, description, FALSE, &expanded, NULL, NULL, error))
+    {
+      g_prefix_error (error, "%s: description: ", ld->origin);
+      return FALSE;
+    }
   params = resolved_params (ld);
-  lp_pipeline_set_source_info (ld->pipeline, ld->origin, description, params);
+  lp_pipeline_set_source_info (ld->pipeline, ld->origin, expanded, params);
   return TRUE;
 }
 
