@@ -1,0 +1,176 @@
+/* lp-lora-common.c: statistics and output assembly shared by the rank stages
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#include "lp-lora-common.h"
+
+#define STATS_KEY "lp-lora-stats"
+
+typedef struct {
+  double kept;
+  double total;
+} Entry;
+
+struct _LpLoraStats
+{
+  gint ref_count;
+  char *method;
+  GMutex lock;
+  GHashTable *entries;   /* module name -> Entry */
+};
+
+LpLoraStats *
+lp_lora_stats_new (const char *method)
+{
+  LpLoraStats *stats = g_new0 (LpLoraStats, 1);
+  stats->ref_count = 1;
+  stats->method = g_strdup (method);
+  g_mutex_init (&stats->lock);
+  stats->entries = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
+  return stats;
+}
+
+LpLoraStats *
+lp_lora_stats_ref (LpLoraStats *stats)
+{
+  g_atomic_int_inc (&stats->ref_count);
+  return stats;
+}
+
+void
+lp_lora_stats_unref (LpLoraStats *stats)
+{
+  if (stats == NULL || !g_atomic_int_dec_and_test (&stats->ref_count))
+    return;
+  g_hash_table_unref (stats->entries);
+  g_mutex_clear (&stats->lock);
+  g_free (stats->method);
+  g_free (stats);
+}
+
+void
+lp_lora_stats_record (LpLoraStats *stats,
+                      const char  *module,
+                      double       kept,
+                      double       total)
+{
+  Entry *entry = g_new (Entry, 1);
+  entry->kept = kept;
+  entry->total = total;
+  g_mutex_lock (&stats->lock);
+  g_hash_table_replace (stats->entries, g_strdup (module), entry);
+  g_mutex_unlock (&stats->lock);
+}
+
+gboolean
+lp_lora_stats_lookup (LpLoraStats *stats,
+                      const char  *module,
+                      double      *kept,
+                      double      *total)
+{
+  gboolean found;
+  g_mutex_lock (&stats->lock);
+  Entry *entry = g_hash_table_lookup (stats->entries, module);
+  found = entry != NULL;
+  if (found)
+    {
+      *kept = entry->kept;
+      *total = entry->total;
+    }
+  g_mutex_unlock (&stats->lock);
+  return found;
+}
+
+const char *
+lp_lora_stats_get_method (LpLoraStats *stats)
+{
+  return stats->method;
+}
+
+void
+lp_lora_stats_attach (LpLoraStats  *stats,
+                      LpCheckpoint *checkpoint)
+{
+  g_object_set_data_full (G_OBJECT (checkpoint), STATS_KEY, lp_lora_stats_ref (stats),
+                          (GDestroyNotify) lp_lora_stats_unref);
+}
+
+LpLoraStats *
+lp_lora_stats_get (LpCheckpoint *checkpoint)
+{
+  return g_object_get_data (G_OBJECT (checkpoint), STATS_KEY);
+}
+
+GBytes *
+lp_lora_bytes_from_f64 (LpDtype       dtype,
+                        const double *values,
+                        gsize         n)
+{
+  gsize size = (n * lp_dtype_get_bits (dtype) + 7) / 8;
+  gpointer data = g_malloc (MAX (size, 1));
+  lp_dtype_from_f64 (dtype, values, data, n);
+  return g_bytes_new_take (data, size);
+}
+
+GBytes *
+lp_lora_bytes_from_f32 (LpDtype      dtype,
+                        const float *values,
+                        gsize        n)
+{
+  gsize size = (n * lp_dtype_get_bits (dtype) + 7) / 8;
+  gpointer data = g_malloc (MAX (size, 1));
+  lp_dtype_from_f32 (dtype, values, data, n);
+  return g_bytes_new_take (data, size);
+}
+
+void
+lp_lora_prefix_error (GError      **error,
+                      LpLoraModule *module)
+{
+  g_prefix_error (error, "module %s: ", lp_lora_module_get_name (module));
+}
+
+LpCheckpoint *
+lp_lora_assemble (LpCheckpoint  *input,
+                  GPtrArray     *modules,
+                  LpTensor     **new_down,
+                  LpTensor     **new_up,
+                  LpTensor     **new_alpha,
+                  const guint   *new_ranks,
+                  GError       **error)
+{
+  g_autoptr (LpCheckpoint) output = lp_checkpoint_new_like (input);
+  g_autoptr (GHashTable) replace = g_hash_table_new (NULL, NULL);
+  gboolean any_peft = FALSE;
+
+  for (guint i = 0; i < modules->len; i++)
+    {
+      LpLoraModule *module = g_ptr_array_index (modules, i);
+      if (new_down[i])
+        g_hash_table_insert (replace, lp_lora_module_get_down (module), new_down[i]);
+      if (new_up[i])
+        g_hash_table_insert (replace, lp_lora_module_get_up (module), new_up[i]);
+      if (new_alpha[i] && lp_lora_module_get_alpha (module))
+        g_hash_table_insert (replace, lp_lora_module_get_alpha (module), new_alpha[i]);
+      any_peft |= lp_lora_module_get_convention (module) == LP_LORA_CONVENTION_PEFT;
+    }
+
+  for (guint i = 0; i < lp_checkpoint_get_n_tensors (input); i++)
+    {
+      LpTensor *tensor = lp_checkpoint_get_tensor (input, i);
+      LpTensor *replacement = g_hash_table_lookup (replace, tensor);
+      if (!lp_checkpoint_add_tensor (output, replacement ? replacement : tensor, error))
+        return NULL;
+    }
+
+  const char *config = lp_checkpoint_get_adapter_config (input);
+  if (any_peft && config != NULL)
+    {
+      g_autofree char *updated = lp_lora_update_adapter_config (config, modules, new_ranks, error);
+      if (updated == NULL)
+        return NULL;
+      lp_checkpoint_set_adapter_config (output, updated);
+    }
+
+  return g_steal_pointer (&output);
+}

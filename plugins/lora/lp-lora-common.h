@@ -1,0 +1,61 @@
+/* lp-lora-common.h: what the LoRA rank stages share besides the numerics
+ *
+ * The per-module statistics a reduction leaves for rank-check, and the
+ * assembly of a reduced checkpoint (tensor order, alpha tensors, the PEFT
+ * adapter config).
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#pragma once
+
+#include <lpipe/lpipe-plugin.h>
+
+G_BEGIN_DECLS
+
+/* A thread-safe table filled by the lazy tensors of a reduction as they are
+ * computed: per module the energy (Σσ²) kept and the total. A negative total
+ * means the method does not know it (randomized, projection). */
+typedef struct _LpLoraStats LpLoraStats;
+
+LpLoraStats  *lp_lora_stats_new      (const char   *method);
+LpLoraStats  *lp_lora_stats_ref      (LpLoraStats  *stats);
+void          lp_lora_stats_unref    (LpLoraStats  *stats);
+void          lp_lora_stats_record   (LpLoraStats  *stats,
+                                      const char   *module,
+                                      double        kept,
+                                      double        total);
+gboolean      lp_lora_stats_lookup   (LpLoraStats  *stats,
+                                      const char   *module,
+                                      double       *kept,
+                                      double       *total);
+const char   *lp_lora_stats_get_method (LpLoraStats *stats);
+void          lp_lora_stats_attach   (LpLoraStats  *stats,
+                                      LpCheckpoint *checkpoint);
+LpLoraStats  *lp_lora_stats_get      (LpCheckpoint *checkpoint);
+
+G_DEFINE_AUTOPTR_CLEANUP_FUNC (LpLoraStats, lp_lora_stats_unref)
+
+/* Data of n values in @dtype, converted from f64 or f32. */
+GBytes       *lp_lora_bytes_from_f64 (LpDtype       dtype,
+                                      const double *values,
+                                      gsize         n);
+GBytes       *lp_lora_bytes_from_f32 (LpDtype       dtype,
+                                      const float  *values,
+                                      gsize         n);
+
+/* The output of a reduction: the input's tensors in their order, each
+ * module's factors (and kohya alpha) replaced by the ones given (a NULL entry
+ * keeps the input's), and the PEFT adapter config rewritten for @new_ranks. */
+LpCheckpoint *lp_lora_assemble       (LpCheckpoint  *input,
+                                      GPtrArray     *modules,
+                                      LpTensor     **new_down,
+                                      LpTensor     **new_up,
+                                      LpTensor     **new_alpha,
+                                      const guint   *new_ranks,
+                                      GError       **error);
+
+/* Prefixes an error with the module's name. */
+void          lp_lora_prefix_error   (GError      **error,
+                                      LpLoraModule *module);
+
+G_END_DECLS

@@ -1,0 +1,676 @@
+/* lp-lora-math.c: factored SVD, randomized SVD, projections and norms
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#include "lp-lora-math.h"
+
+#include <math.h>
+#include <string.h>
+#include <cblas.h>
+#include <lapacke.h>
+
+/* ---- RNG --------------------------------------------------------------- */
+
+static guint64
+splitmix64 (guint64 *state)
+{
+  guint64 z = (*state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+void
+lp_lora_rng_init (LpLoraRng  *rng,
+                  guint64     seed,
+                  const char *name)
+{
+  /* FNV-1a of the name, mixed with the seed: the stream depends on which
+   * module it is for, never on when it is drawn. */
+  guint64 h = 0xcbf29ce484222325ull;
+  for (const guchar *p = (const guchar *) (name ? name : ""); *p; p++)
+    h = (h ^ *p) * 0x100000001b3ull;
+
+  guint64 state = seed ^ splitmix64 (&h);
+  for (guint i = 0; i < 4; i++)
+    rng->s[i] = splitmix64 (&state);
+  rng->has_spare = FALSE;
+  rng->spare = 0;
+}
+
+static inline guint64
+rotl (guint64 x, int k)
+{
+  return (x << k) | (x >> (64 - k));
+}
+
+guint64
+lp_lora_rng_next (LpLoraRng *rng)
+{
+  guint64 *s = rng->s;
+  guint64 result = rotl (s[1] * 5, 7) * 9;
+  guint64 t = s[1] << 17;
+
+  s[2] ^= s[0];
+  s[3] ^= s[1];
+  s[1] ^= s[2];
+  s[0] ^= s[3];
+  s[2] ^= t;
+  s[3] = rotl (s[3], 45);
+  return result;
+}
+
+double
+lp_lora_rng_uniform (LpLoraRng *rng)
+{
+  return (lp_lora_rng_next (rng) >> 11) * 0x1.0p-53;
+}
+
+double
+lp_lora_rng_normal (LpLoraRng *rng)
+{
+  if (rng->has_spare)
+    {
+      rng->has_spare = FALSE;
+      return rng->spare;
+    }
+
+  /* Box–Muller; 1 - u keeps the logarithm finite. */
+  double u1 = 1.0 - lp_lora_rng_uniform (rng);
+  double u2 = lp_lora_rng_uniform (rng);
+  double radius = sqrt (-2.0 * log (u1));
+  rng->spare = radius * sin (2.0 * G_PI * u2);
+  rng->has_spare = TRUE;
+  return radius * cos (2.0 * G_PI * u2);
+}
+
+void
+lp_lora_projection_matrix (LpLoraRng *rng,
+                           gboolean   sparse,
+                           guint      k,
+                           guint      r,
+                           float     *matrix)
+{
+  double inv_sqrt_k = 1.0 / sqrt ((double) k);
+  double sparse_value = sqrt (3.0) * inv_sqrt_k;
+
+  for (gsize i = 0; i < (gsize) k * r; i++)
+    {
+      if (sparse)
+        {
+          guint64 draw = lp_lora_rng_next (rng) % 6;
+          matrix[i] = draw == 0 ? sparse_value : draw == 1 ? -sparse_value : 0.f;
+        }
+      else
+        matrix[i] = lp_lora_rng_normal (rng) * inv_sqrt_k;
+    }
+}
+
+/* ---- helpers ----------------------------------------------------------- */
+
+double
+lp_lora_dtype_eps (LpDtype dtype)
+{
+  switch (dtype)
+    {
+    case LP_DTYPE_BF16: return 0x1.0p-8;
+    case LP_DTYPE_F16: return 0x1.0p-11;
+    case LP_DTYPE_F32: return 0x1.0p-24;
+    case LP_DTYPE_F64: return 0x1.0p-53;
+    case LP_DTYPE_F8_E4M3:
+    case LP_DTYPE_F8_E4M3FNUZ: return 0x1.0p-4;
+    case LP_DTYPE_F8_E5M2:
+    case LP_DTYPE_F8_E5M2FNUZ: return 0x1.0p-3;
+    default: return 0x1.0p-8;
+    }
+}
+
+gboolean
+lp_lora_all_finite_f64 (const double *values,
+                        gsize         n)
+{
+  /* x - x is 0 for finite x and NaN otherwise: one branch-free pass. */
+  double acc = 0;
+  for (gsize i = 0; i < n; i++)
+    acc += values[i] - values[i];
+  return acc == 0;
+}
+
+gboolean
+lp_lora_all_finite_f32 (const float *values,
+                        gsize        n)
+{
+  float acc = 0;
+  for (gsize i = 0; i < n; i++)
+    acc += values[i] - values[i];
+  return acc == 0;
+}
+
+void
+lp_lora_spectrum_free (LpLoraSpectrum *spectrum)
+{
+  if (spectrum == NULL)
+    return;
+  g_free (spectrum->sigma);
+  g_free (spectrum->map_b);
+  g_free (spectrum->map_a);
+  g_free (spectrum);
+}
+
+/* G = A Aᵀ (r × r) for A [r, n], or G = Bᵀ B for B [n, r] when @transposed. */
+static void
+gram (gboolean      f32,
+      gconstpointer data,
+      guint64       n,
+      guint         r,
+      gboolean      transposed,
+      double       *g)
+{
+  if (f32)
+    {
+      g_autofree float *gf = g_new0 (float, (gsize) r * r);
+      if (transposed)
+        cblas_ssyrk (CblasRowMajor, CblasUpper, CblasTrans, r, n, 1.f, data, r, 0.f, gf, r);
+      else
+        cblas_ssyrk (CblasRowMajor, CblasUpper, CblasNoTrans, r, n, 1.f, data, n, 0.f, gf, r);
+      for (gsize i = 0; i < (gsize) r * r; i++)
+        g[i] = gf[i];
+    }
+  else
+    {
+      memset (g, 0, sizeof (double) * r * r);
+      if (transposed)
+        cblas_dsyrk (CblasRowMajor, CblasUpper, CblasTrans, r, n, 1.0, data, r, 0.0, g, r);
+      else
+        cblas_dsyrk (CblasRowMajor, CblasUpper, CblasNoTrans, r, n, 1.0, data, n, 0.0, g, r);
+    }
+}
+
+/* Eigen-decomposes the Gram matrix in place (eigenvectors in columns,
+ * ascending) and returns how many eigenvalues count as non-zero: those above
+ * a relative floor set by rounding in the Gram product (f64: about
+ * r·1e-14 of the largest, so singular values down to ~1e-7 σ₁ survive). */
+static gboolean
+eigen (double   *g,
+       guint     r,
+       double   *w,
+       gboolean  f32,
+       guint    *n_kept,
+       GError  **error)
+{
+  lapack_int info = LAPACKE_dsyevd (LAPACK_ROW_MAJOR, 'V', 'U', r, g, r, w);
+  if (info != 0)
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                   "eigendecomposition of a %u × %u Gram matrix failed (LAPACK info %d)",
+                   r, r, (int) info);
+      return FALSE;
+    }
+
+  double top = w[r - 1];
+  double floor = top * r * (f32 ? 1e-6 : 1e-14);
+  guint kept = 0;
+  if (top > 0)
+    for (guint i = 0; i < r; i++)
+      if (w[i] > floor)
+        kept++;
+  *n_kept = kept;
+  return TRUE;
+}
+
+LpLoraSpectrum *
+lp_lora_spectrum_compute (const LpLoraFactors *f,
+                          gboolean             want_maps,
+                          GError             **error)
+{
+  guint r = f->r;
+  g_autoptr (LpLoraSpectrum) s = g_new0 (LpLoraSpectrum, 1);
+  s->r = r;
+  s->sigma = g_new0 (double, r);
+  if (want_maps)
+    {
+      s->map_b = g_new0 (double, (gsize) r * r);
+      s->map_a = g_new0 (double, (gsize) r * r);
+    }
+  if (r == 0)
+    return g_steal_pointer (&s);
+
+  g_autofree double *ga = g_new (double, (gsize) r * r);
+  g_autofree double *gb = g_new (double, (gsize) r * r);
+  g_autofree double *wa = g_new (double, r);
+  g_autofree double *wb = g_new (double, r);
+
+  gram (f->f32, f->a, f->in, r, FALSE, ga);
+  gram (f->f32, f->b, f->out, r, TRUE, gb);
+
+  /* A NaN or infinity anywhere in a factor reaches its Gram diagonal (a sum
+   * of squares), so checking r numbers covers the whole factor. */
+  for (guint i = 0; i < r; i++)
+    if (!isfinite (ga[i * r + i]) || !isfinite (gb[i * r + i]))
+      {
+        g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                     "NaN or infinity in the %s factor",
+                     isfinite (ga[i * r + i]) ? "up" : "down");
+        return NULL;
+      }
+
+  guint pa, pb;
+  if (!eigen (ga, r, wa, f->f32, &pa, error) || !eigen (gb, r, wb, f->f32, &pb, error))
+    return NULL;
+  if (pa == 0 || pb == 0)
+    return g_steal_pointer (&s);   /* a zero factor: zero update, zero spectrum */
+
+  /* Kept eigenpairs are the last pa (pb) columns. With A = V_A Λ_A^½ Q_Aᵀ and
+   * B = Q_B Λ_B^½ V_Bᵀ the update is Q_B C Q_Aᵀ, C = Λ_B^½ V_Bᵀ V_A Λ_A^½.
+   * x* hold V Λ^½ and y* hold V Λ^-½, both r × p, row-major. */
+  guint oa = r - pa, ob = r - pb;
+  g_autofree double *xa = g_new (double, (gsize) r * pa);
+  g_autofree double *ya = g_new (double, (gsize) r * pa);
+  g_autofree double *xb = g_new (double, (gsize) r * pb);
+  g_autofree double *yb = g_new (double, (gsize) r * pb);
+  for (guint j = 0; j < pa; j++)
+    {
+      double root = sqrt (wa[oa + j]);
+      for (guint t = 0; t < r; t++)
+        {
+          xa[t * pa + j] = ga[t * r + oa + j] * root;
+          ya[t * pa + j] = ga[t * r + oa + j] / root;
+        }
+    }
+  for (guint j = 0; j < pb; j++)
+    {
+      double root = sqrt (wb[ob + j]);
+      for (guint t = 0; t < r; t++)
+        {
+          xb[t * pb + j] = gb[t * r + ob + j] * root;
+          yb[t * pb + j] = gb[t * r + ob + j] / root;
+        }
+    }
+
+  g_autofree double *core = g_new (double, (gsize) pb * pa);
+  cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, pb, pa, r, 1.0, xb, pb, xa, pa, 0.0, core, pa);
+
+  /* LAPACK is column-major: the row-major core is its transpose there, and
+   * the SVD of Cᵀ = W S Uᵀ hands back U and Wᵀ in row-major order for free. */
+  guint n = MIN (pa, pb);
+  g_autofree double *u = g_new (double, (gsize) pb * pb);
+  g_autofree double *vt = g_new (double, (gsize) pa * pa);
+  g_autofree double *sv = g_new (double, n);
+  lapack_int info = LAPACKE_dgesdd (LAPACK_COL_MAJOR, 'A', pa, pb, core, pa, sv, vt, pa, u, pb);
+  if (info != 0)
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                   "SVD of the %u × %u core did not converge (LAPACK info %d)",
+                   pb, pa, (int) info);
+      return NULL;
+    }
+
+  s->n = 0;
+  for (guint i = 0; i < n; i++)
+    {
+      s->sigma[i] = sv[i];
+      s->total += sv[i] * sv[i];
+      if (sv[i] > 0)
+        s->n = i + 1;
+    }
+
+  if (want_maps)
+    {
+      /* map_b[:, :n] = V_B Λ_B^-½ U[:, :n];  map_a[:n, :] = Wᵀ[:n, :] (V_A Λ_A^-½)ᵀ */
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, n, pb, 1.0, yb, pb, u, pb, 0.0, s->map_b, r);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasTrans, n, r, pa, 1.0, vt, pa, ya, pa, 0.0, s->map_a, r);
+    }
+
+  return g_steal_pointer (&s);
+}
+
+void
+lp_lora_spectrum_apply (const LpLoraSpectrum *s,
+                        const LpLoraFactors  *f,
+                        guint                 k,
+                        guint                 k_out,
+                        double                fold,
+                        gpointer              b_new,
+                        gpointer              a_new)
+{
+  guint r = f->r;
+  guint used = MIN (MIN (k, k_out), s->n);
+  double sign = fold < 0 ? -1.0 : 1.0;
+
+  /* The small maps absorb √(|fold|·σ): B' = B·Mb, A' = Ma·A. */
+  g_autofree double *mb = g_new0 (double, (gsize) r * k_out);
+  g_autofree double *ma = g_new0 (double, (gsize) k_out * r);
+  for (guint i = 0; i < used; i++)
+    {
+      double root = sqrt (fabs (fold) * s->sigma[i]);
+      for (guint t = 0; t < r; t++)
+        {
+          mb[t * k_out + i] = sign * root * s->map_b[t * r + i];
+          ma[i * r + t] = root * s->map_a[i * r + t];
+        }
+    }
+
+  if (f->f32)
+    {
+      g_autofree float *mbf = g_new (float, (gsize) r * k_out);
+      g_autofree float *maf = g_new (float, (gsize) k_out * r);
+      for (gsize i = 0; i < (gsize) r * k_out; i++)
+        {
+          mbf[i] = mb[i];
+          maf[i] = ma[i];
+        }
+      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, f->out, k_out, r,
+                   1.f, f->b, r, mbf, k_out, 0.f, b_new, k_out);
+      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k_out, f->in, r,
+                   1.f, maf, r, f->a, f->in, 0.f, a_new, f->in);
+    }
+  else
+    {
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, f->out, k_out, r,
+                   1.0, f->b, r, mb, k_out, 0.0, b_new, k_out);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k_out, f->in, r,
+                   1.0, ma, r, f->a, f->in, 0.0, a_new, f->in);
+    }
+}
+
+/* ---- randomized SVD ---------------------------------------------------- */
+
+/* Fills the lower triangle of an r × r Gram matrix from its upper one. */
+static void
+symmetrize (double *g, guint r)
+{
+  for (guint i = 0; i < r; i++)
+    for (guint j = 0; j < i; j++)
+      g[i * r + j] = g[j * r + i];
+}
+
+/* Given t [r, l], returns t V Λ^-½ [r, l'] over the eigenpairs of tᵀ m t
+ * above a rounding floor, so that (B t')ᵀ (B t') = I when m = Bᵀ B: an
+ * orthonormalization in r-space that drops dependent columns instead of
+ * failing on them. */
+static double *
+orthonormalize_metric (const double *t,
+                       guint         r,
+                       guint         l,
+                       const double *m,
+                       guint        *l_out,
+                       GError      **error)
+{
+  g_autofree double *mt = g_new (double, (gsize) r * l);
+  g_autofree double *h = g_new (double, (gsize) l * l);
+  g_autofree double *w = g_new (double, l);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, m, r, t, l, 0.0, mt, l);
+  cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, l, l, r, 1.0, t, l, mt, l, 0.0, h, l);
+
+  guint kept;
+  if (!eigen (h, l, w, FALSE, &kept, error))
+    return NULL;
+
+  /* the kept eigenvectors are the last columns; take them largest first */
+  double *out = g_new0 (double, (gsize) r * MAX (kept, 1));
+  g_autofree double *v = g_new0 (double, (gsize) l * MAX (kept, 1));
+  for (guint j = 0; j < kept; j++)
+    {
+      guint col = l - 1 - j;
+      double inv = 1.0 / sqrt (w[col]);
+      for (guint i = 0; i < l; i++)
+        v[i * kept + j] = h[i * l + col] * inv;
+    }
+  if (kept > 0)
+    cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, t, l, v, kept, 0.0, out, kept);
+  *l_out = kept;
+  return out;
+}
+
+LpLoraSpectrum *
+lp_lora_randomized_spectrum (const LpLoraFactors *f,
+                             guint                k,
+                             guint                oversample,
+                             guint                niter,
+                             LpLoraRng           *rng,
+                             GError             **error)
+{
+  guint r = f->r;
+  guint l = MIN (MIN ((guint64) k + oversample, (guint64) r), MIN (f->out, f->in));
+  g_autoptr (LpLoraSpectrum) s = g_new0 (LpLoraSpectrum, 1);
+  s->r = r;
+  s->sigma = g_new0 (double, r);
+  s->map_b = g_new0 (double, (gsize) r * r);
+  s->map_a = g_new0 (double, (gsize) r * r);
+  if (l == 0)
+    return g_steal_pointer (&s);
+
+  g_autofree double *ga = g_new (double, (gsize) r * r);
+  g_autofree double *gb = g_new (double, (gsize) r * r);
+  gram (f->f32, f->a, f->in, r, FALSE, ga);
+  gram (f->f32, f->b, f->out, r, TRUE, gb);
+  for (guint i = 0; i < r; i++)
+    if (!isfinite (ga[i * r + i]) || !isfinite (gb[i * r + i]))
+      {
+        g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                     "NaN or infinity in the %s factor",
+                     isfinite (ga[i * r + i]) ? "up" : "down");
+        return NULL;
+      }
+  symmetrize (ga, r);
+  symmetrize (gb, r);
+
+  /* Halko–Martinsson–Tropp on M = B A, with every sketch kept as Y = B T:
+   * M Mᵀ Y = B (G_A G_B T), so the power iterations run on r × l matrices
+   * and the factors are read once, for their Gram matrices, as in the exact
+   * method. The test matrix is Ω = Aᵀ Ω_r (Ω_r Gaussian, r × l), whose
+   * sketch is A Ω = G_A Ω_r. */
+  g_autofree double *omega = g_new (double, (gsize) r * l);
+  for (gsize i = 0; i < (gsize) r * l; i++)
+    omega[i] = lp_lora_rng_normal (rng);
+  g_autofree double *gagb = g_new (double, (gsize) r * r);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, r, r, 1.0, ga, r, gb, r, 0.0, gagb, r);
+
+  g_autofree double *t = g_new (double, (gsize) r * l);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, ga, r, omega, l, 0.0, t, l);
+
+  for (guint it = 0; it <= niter; it++)
+    {
+      guint l2;
+      g_autofree double *q = orthonormalize_metric (t, r, l, gb, &l2, error);
+      if (q == NULL)
+        return NULL;
+      l = l2;
+      g_clear_pointer (&t, g_free);
+      if (l == 0)
+        return g_steal_pointer (&s);   /* B A = 0 */
+      if (it == niter)
+        {
+          t = g_steal_pointer (&q);
+          break;
+        }
+      t = g_new (double, (gsize) r * l);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, gagb, r, q, l, 0.0, t, l);
+    }
+
+  /* Q = B T has orthonormal columns. Z = Qᵀ B A = C A with C = Tᵀ G_B;
+   * Z Zᵀ = C G_A Cᵀ = U S² Uᵀ, and Vᵀ = S⁻¹ Uᵀ C A. */
+  g_autofree double *c = g_new (double, (gsize) l * r);
+  g_autofree double *cga = g_new (double, (gsize) l * r);
+  g_autofree double *h = g_new (double, (gsize) l * l);
+  g_autofree double *w = g_new (double, l);
+  cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, l, r, r, 1.0, t, l, gb, r, 0.0, c, r);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, l, r, r, 1.0, c, r, ga, r, 0.0, cga, r);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasTrans, l, l, r, 1.0, cga, r, c, r, 0.0, h, l);
+  guint kept;
+  if (!eigen (h, l, w, FALSE, &kept, error))
+    return NULL;
+
+  for (guint i = 0; i < r; i++)
+    for (guint j = 0; j < r; j++)
+      s->total += ga[i * r + j] * gb[j * r + i];   /* ‖B A‖² = trace (G_A G_B) */
+
+  /* map_b[:, i] = T u_i / 1 (B T u_i is a unit vector already);
+   * map_a[i, :] = u_iᵀ C / σ_i */
+  for (guint i = 0; i < kept; i++)
+    {
+      guint col = l - 1 - i;
+      double sigma = sqrt (w[col]);
+      s->sigma[i] = sigma;
+      for (guint t_ = 0; t_ < r; t_++)
+        {
+          double mb = 0, ma = 0;
+          for (guint j = 0; j < l; j++)
+            {
+              mb += t[t_ * l + j] * h[j * l + col];
+              ma += h[j * l + col] * c[j * r + t_];
+            }
+          s->map_b[t_ * r + i] = mb;
+          s->map_a[i * r + t_] = ma / sigma;
+        }
+    }
+  s->n = kept;
+  return g_steal_pointer (&s);
+}
+
+/* ---- norms and rank selection ------------------------------------------ */
+
+guint
+lp_lora_numerical_rank (const LpLoraSpectrum *s,
+                        double                rel_tol)
+{
+  if (s->r == 0 || s->sigma[0] <= 0)
+    return 0;
+  guint n = 0;
+  for (guint i = 0; i < s->r; i++)
+    if (s->sigma[i] > rel_tol * s->sigma[0])
+      n++;
+  return n;
+}
+
+/* ⟨Bx Ax, By Ay⟩ from the rx × ry and ry × rx products of the factors */
+static double
+cross (const double *bx, guint rx, const double *by, guint ry, guint64 out,
+       const double *ax, const double *ay, guint64 in)
+{
+  if (rx == 0 || ry == 0)
+    return 0;
+  g_autofree double *p = g_new (double, (gsize) rx * ry);
+  g_autofree double *q = g_new (double, (gsize) ry * rx);
+  /* P = Bxᵀ By (rx × ry), Q = Ay Axᵀ (ry × rx); ⟨Bx Ax, By Ay⟩ = trace (P Q) */
+  cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, rx, ry, out, 1.0, bx, rx, by, ry, 0.0, p, ry);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasTrans, ry, rx, in, 1.0, ay, in, ax, in, 0.0, q, rx);
+  double trace = 0;
+  for (guint i = 0; i < rx; i++)
+    for (guint j = 0; j < ry; j++)
+      trace += p[i * ry + j] * q[j * rx + i];
+  return trace;
+}
+
+void
+lp_lora_delta_norms (const double *bx,
+                     const double *ax,
+                     guint         rx,
+                     double        sx,
+                     const double *by,
+                     const double *ay,
+                     guint         ry,
+                     double        sy,
+                     guint64       out,
+                     guint64       in,
+                     double       *norm2_x,
+                     double       *norm2_y,
+                     double       *norm2_diff)
+{
+  double xx = sx * sx * cross (bx, rx, bx, rx, out, ax, ax, in);
+  double yy = sy * sy * cross (by, ry, by, ry, out, ay, ay, in);
+  double xy = sx * sy * cross (bx, rx, by, ry, out, ax, ay, in);
+  *norm2_x = xx;
+  *norm2_y = yy;
+  *norm2_diff = MAX (0.0, xx + yy - 2 * xy);
+}
+
+guint
+lp_lora_rank_for_energy (const double *sigma,
+                         guint         n,
+                         double        fraction)
+{
+  double total = 0, acc = 0;
+  for (guint i = 0; i < n; i++)
+    total += sigma[i] * sigma[i];
+  if (total <= 0)
+    return 1;
+  for (guint i = 0; i < n; i++)
+    {
+      acc += sigma[i] * sigma[i];
+      /* a relative slack so that fraction = 1 stops at the last non-zero σ
+       * despite rounding in the sums */
+      if (acc >= fraction * total * (1 - 1e-12))
+        return i + 1;
+    }
+  return MAX (n, 1);
+}
+
+/* kohya: index = clamp (i, 1, len - 1) and new rank = index + 1 */
+static guint
+kohya_rank (guint64 index, guint64 full_len)
+{
+  if (full_len >= 2)
+    index = CLAMP (index, 1, full_len - 1);
+  else
+    index = 1;
+  return MIN (index + 1, (guint64) G_MAXUINT);
+}
+
+/* numpy/torch searchsorted (left): the first i with cum[i] ≥ target, or len */
+static guint64
+search_cumulative (const double *sigma, guint n, guint64 full_len, double target, gboolean squared)
+{
+  double total = 0, acc = 0;
+  for (guint i = 0; i < n; i++)
+    total += squared ? sigma[i] * sigma[i] : sigma[i];
+  if (total <= 0)
+    return 0;
+  for (guint i = 0; i < n; i++)
+    {
+      acc += squared ? sigma[i] * sigma[i] : sigma[i];
+      if (acc / total >= target)
+        return i;
+    }
+  /* the dense SVD's trailing zeros keep the sum at its total: it reaches the
+   * target (≤ 1) right after our last value, or never */
+  return target <= 1.0 && full_len > n ? n : full_len;
+}
+
+guint
+lp_lora_rank_sv_ratio (const double *sigma,
+                       guint         n,
+                       guint64       full_len,
+                       double        ratio)
+{
+  if (n == 0 || sigma[0] <= 0)
+    return 1;
+  double min_sv = sigma[0] / ratio;
+  guint64 count = 0;
+  for (guint i = 0; i < n; i++)
+    if (sigma[i] > min_sv)
+      count++;
+  return kohya_rank (count, full_len);
+}
+
+guint
+lp_lora_rank_sv_fro (const double *sigma,
+                     guint         n,
+                     guint64       full_len,
+                     double        target)
+{
+  if (n == 0 || sigma[0] <= 0)
+    return 1;
+  return kohya_rank (search_cumulative (sigma, n, full_len, target * target, TRUE) + 1, full_len);
+}
+
+guint
+lp_lora_rank_sv_cumulative (const double *sigma,
+                            guint         n,
+                            guint64       full_len,
+                            double        target)
+{
+  if (n == 0 || sigma[0] <= 0)
+    return 1;
+  return kohya_rank (search_cumulative (sigma, n, full_len, target, FALSE) + 1, full_len);
+}

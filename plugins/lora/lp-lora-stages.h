@@ -1,0 +1,63 @@
+/* lp-lora-stages.h: the LoRA rank stages: lora-svd, lora-project, rank-check
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#pragma once
+
+#include <lpipe/lpipe-plugin.h>
+
+G_BEGIN_DECLS
+
+/**
+ * LpLoraSvdMethod:
+ * @LP_LORA_SVD_METHOD_EXACT: the exact SVD of each update, through its factors
+ * @LP_LORA_SVD_METHOD_RANDOMIZED: a randomized range finder with power iterations
+ *
+ * How lora-svd finds the leading singular vectors.
+ */
+typedef enum {
+  LP_LORA_SVD_METHOD_EXACT,
+  LP_LORA_SVD_METHOD_RANDOMIZED,
+} LpLoraSvdMethod;
+
+/**
+ * LpLoraComputeDtype:
+ * @LP_LORA_COMPUTE_DTYPE_F64: double precision (Gram matrices need it for accuracy)
+ * @LP_LORA_COMPUTE_DTYPE_F32: single precision, faster, singular values down to ~1e-3 σ₁
+ *
+ * The precision of the large products.
+ */
+typedef enum {
+  LP_LORA_COMPUTE_DTYPE_F64,
+  LP_LORA_COMPUTE_DTYPE_F32,
+} LpLoraComputeDtype;
+
+/**
+ * LpLoraProjection:
+ * @LP_LORA_PROJECTION_GAUSSIAN: entries N(0, 1/k)
+ * @LP_LORA_PROJECTION_SPARSE: Achlioptas: ±√3 with probability 1/6 each, 0 with 2/3, over √k
+ *
+ * The distribution of lora-project's random matrix.
+ */
+typedef enum {
+  LP_LORA_PROJECTION_GAUSSIAN,
+  LP_LORA_PROJECTION_SPARSE,
+} LpLoraProjection;
+
+GType lp_lora_svd_method_get_type (void);
+#define LP_TYPE_LORA_SVD_METHOD (lp_lora_svd_method_get_type ())
+GType lp_lora_compute_dtype_get_type (void);
+#define LP_TYPE_LORA_COMPUTE_DTYPE (lp_lora_compute_dtype_get_type ())
+GType lp_lora_projection_get_type (void);
+#define LP_TYPE_LORA_PROJECTION (lp_lora_projection_get_type ())
+
+#define LP_TYPE_LORA_SVD (lp_lora_svd_get_type ())
+G_DECLARE_FINAL_TYPE (LpLoraSvd, lp_lora_svd, LP, LORA_SVD, LpTransform)
+
+#define LP_TYPE_LORA_PROJECT (lp_lora_project_get_type ())
+G_DECLARE_FINAL_TYPE (LpLoraProject, lp_lora_project, LP, LORA_PROJECT, LpTransform)
+
+#define LP_TYPE_RANK_CHECK (lp_rank_check_get_type ())
+G_DECLARE_FINAL_TYPE (LpRankCheck, lp_rank_check, LP, RANK_CHECK, LpTransform)
+
+G_END_DECLS

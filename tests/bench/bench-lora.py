@@ -1,0 +1,87 @@
+#!/usr/bin/python3
+# bench-lora.py: the issue's measured requirements for the rank stages
+#
+# Generates the flux-dev preset at rank 42 in bf16 (451 MB) to a file, then
+# reduces it to rank 4 with the exact SVD, the randomized SVD and the random
+# projection, and compares their wall time with `cp` of the same file in the
+# same run: exact <= 1.5x cp, randomized <= 1.5x exact, projection <= 1.5x cp,
+# peak RSS < 160 MiB for each. Each figure is the best of a few runs, so a
+# busy machine does not fail it by chance.
+#
+# SPDX-License-Identifier: LGPL-2.1-or-later
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+LPIPE = os.environ["LPIPE"]
+RUNS = 3
+
+
+def timed(argv):
+    """wall seconds and peak RSS (MiB) of one child"""
+    start = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit("failed: %s" % " ".join(argv))
+    return wall, usage.ru_maxrss / 1024.0
+
+
+def best(argv, cleanup=None):
+    results = []
+    for _ in range(RUNS):
+        results.append(timed(argv))
+        if cleanup:
+            os.unlink(cleanup)
+    return min(w for w, _ in results), max(m for _, m in results)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="lpipe-bench-lora-", dir=os.environ.get("LPIPE_BENCH_DIR"))
+    try:
+        src = os.path.join(tmp, "flux-r42.safetensors")
+        subprocess.run([LPIPE, "-q", "launch", "lora-synth", "preset=flux-dev", "rank=42", "dtype=bf16",
+                        "!", "safetensors-sink", "location=" + src], check=True)
+        size = os.path.getsize(src)
+        copy = os.path.join(tmp, "copy.safetensors")
+        cp, _ = best(["cp", src, copy], cleanup=copy)
+
+        out = os.path.join(tmp, "out.safetensors")
+        stages = {
+            "exact": ["lora-svd", "rank=4"],
+            "randomized": ["lora-svd", "rank=4", "method=randomized"],
+            "projection": ["lora-project", "rank=4"],
+        }
+        figures = {}
+        for name, stage in stages.items():
+            argv = [LPIPE, "-q", "launch", "safetensors-source", "location=" + src, "!"] + stage + \
+                   ["!", "safetensors-sink", "location=" + out]
+            figures[name] = best(argv, cleanup=out)
+
+        print("input %.0f MB; cp %.3f s" % (size / 1e6, cp))
+        for name, (wall, rss) in figures.items():
+            print("%-11s %.3f s (%.2fx cp)  peak RSS %.1f MiB" % (name, wall, wall / cp, rss))
+
+        failures = []
+        if figures["exact"][0] > 1.5 * cp:
+            failures.append("exact SVD %.2fx cp > 1.5x" % (figures["exact"][0] / cp))
+        if figures["randomized"][0] > 1.5 * figures["exact"][0]:
+            failures.append("randomized %.2fx exact > 1.5x" % (figures["randomized"][0] / figures["exact"][0]))
+        if figures["projection"][0] > 1.5 * cp:
+            failures.append("projection %.2fx cp > 1.5x" % (figures["projection"][0] / cp))
+        for name, (_, rss) in figures.items():
+            if rss >= 160:
+                failures.append("%s peak RSS %.1f MiB >= 160" % (name, rss))
+        if failures:
+            sys.exit("requirements not met: " + "; ".join(failures))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

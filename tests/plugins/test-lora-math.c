@@ -1,0 +1,364 @@
+/* test-lora-math.c: the shared LoRA numerics against dense LAPACK
+ *
+ * The oracle here is the dense SVD of B @ A (LAPACKE_dgesdd on the small
+ * out × in matrix), which the code under test never forms. The stage tests
+ * check the same results against numpy.
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#include <math.h>
+#include <string.h>
+#include <cblas.h>
+#include <lapacke.h>
+
+#include "lp-lora-math.h"
+
+static double *
+random_matrix (LpLoraRng *rng, gsize rows, gsize cols)
+{
+  double *m = g_new (double, rows * cols);
+  for (gsize i = 0; i < rows * cols; i++)
+    m[i] = lp_lora_rng_normal (rng);
+  return m;
+}
+
+static double *
+dense (const double *b, const double *a, guint64 out, guint r, guint64 in)
+{
+  double *d = g_new0 (double, out * in);
+  if (r > 0)
+    cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, out, in, r, 1.0, b, r, a, in, 0.0, d, in);
+  return d;
+}
+
+/* the singular values of the dense product */
+static double *
+dense_sigma (const double *d, guint64 out, guint64 in)
+{
+  guint64 n = MIN (out, in);
+  double *copy = g_memdup2 (d, sizeof (double) * out * in);
+  double *s = g_new (double, n);
+  double *superb = g_new (double, n);
+  g_assert_cmpint (LAPACKE_dgesvd (LAPACK_ROW_MAJOR, 'N', 'N', out, in, copy, in, s,
+                                   NULL, 1, NULL, 1, superb), ==, 0);
+  g_free (copy);
+  g_free (superb);
+  return s;
+}
+
+static double
+fro2_diff (const double *x, const double *y, gsize n)
+{
+  double acc = 0;
+  for (gsize i = 0; i < n; i++)
+    acc += (x[i] - y[i]) * (x[i] - y[i]);
+  return acc;
+}
+
+typedef struct {
+  guint64 out, in;
+  guint r, k;
+  guint deficient;   /* make the factors of this true rank (0: full) */
+  gboolean zero_b;
+  gboolean f32;
+} SvdCase;
+
+static void
+check_exact (const SvdCase *c, guint64 seed)
+{
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, seed, "exact");
+  g_autofree double *b = random_matrix (&rng, c->out, c->r);
+  g_autofree double *a = random_matrix (&rng, c->r, c->in);
+
+  /* spread the spectrum so truncation is meaningful */
+  for (guint j = 0; j < c->r; j++)
+    for (guint64 i = 0; i < c->out; i++)
+      b[i * c->r + j] *= pow (0.7, j);
+  if (c->deficient)
+    for (guint j = c->deficient; j < c->r; j++)
+      for (guint64 i = 0; i < c->out; i++)
+        b[i * c->r + j] = b[i * c->r + (j % c->deficient)];   /* duplicated columns */
+  if (c->zero_b)
+    memset (b, 0, sizeof (double) * c->out * c->r);
+
+  g_autofree double *d = dense (b, a, c->out, c->r, c->in);
+  g_autofree double *sd = dense_sigma (d, c->out, c->in);
+  guint64 nd = MIN (c->out, c->in);
+
+  g_autofree float *bf = NULL, *af = NULL;
+  LpLoraFactors f = { .f32 = c->f32, .b = b, .a = a, .out = c->out, .in = c->in, .r = c->r };
+  if (c->f32)
+    {
+      bf = g_new (float, c->out * c->r);
+      af = g_new (float, c->r * c->in);
+      for (gsize i = 0; i < c->out * c->r; i++)
+        bf[i] = b[i];
+      for (gsize i = 0; i < c->r * c->in; i++)
+        af[i] = a[i];
+      f.b = bf;
+      f.a = af;
+    }
+
+  g_autoptr (GError) error = NULL;
+  g_autoptr (LpLoraSpectrum) s = lp_lora_spectrum_compute (&f, TRUE, &error);
+  g_assert_no_error (error);
+  g_assert_nonnull (s);
+
+  double tol = c->f32 ? 1e-3 : 1e-9;
+  double s0 = sd[0] > 0 ? sd[0] : 1;
+  for (guint i = 0; i < c->r; i++)
+    {
+      double expected = i < nd ? sd[i] : 0;
+      g_assert_cmpfloat (fabs (s->sigma[i] - expected), <=, tol * s0);
+    }
+
+  guint k_out = c->k + 2;   /* two padded zero columns */
+  gsize eb = c->f32 ? sizeof (float) : sizeof (double);
+  g_autofree gpointer b_new = g_malloc (eb * c->out * k_out);
+  g_autofree gpointer a_new = g_malloc (eb * k_out * c->in);
+  lp_lora_spectrum_apply (s, &f, c->k, k_out, 2.0, b_new, a_new);
+
+  g_autofree double *b64 = g_new (double, c->out * k_out);
+  g_autofree double *a64 = g_new (double, k_out * c->in);
+  for (gsize i = 0; i < c->out * k_out; i++)
+    b64[i] = c->f32 ? ((float *) b_new)[i] : ((double *) b_new)[i];
+  for (gsize i = 0; i < k_out * c->in; i++)
+    a64[i] = c->f32 ? ((float *) a_new)[i] : ((double *) a_new)[i];
+  g_assert_true (lp_lora_all_finite_f64 (b64, c->out * k_out));
+  g_assert_true (lp_lora_all_finite_f64 (a64, k_out * c->in));
+
+  /* padded rows and columns are exactly zero */
+  for (guint64 i = 0; i < c->out; i++)
+    for (guint j = c->k; j < k_out; j++)
+      g_assert_cmpfloat (b64[i * k_out + j], ==, 0.0);
+
+  /* Eckart–Young: ‖2·BA − B'A'‖² = 4 Σ_{i≥k} σ_i² */
+  g_autofree double *d_new = dense (b64, a64, c->out, k_out, c->in);
+  for (gsize i = 0; i < c->out * c->in; i++)
+    d[i] *= 2;
+  double err2 = fro2_diff (d, d_new, c->out * c->in);
+  double opt2 = 0, total2 = 0;
+  for (guint64 i = 0; i < nd; i++)
+    {
+      total2 += 4 * sd[i] * sd[i];
+      if (i >= c->k)
+        opt2 += 4 * sd[i] * sd[i];
+    }
+  if (total2 == 0)
+    g_assert_cmpfloat (err2, ==, 0.0);
+  else
+    g_assert_cmpfloat (fabs (sqrt (err2) - sqrt (opt2)) / sqrt (total2), <=, c->f32 ? 1e-4 : 1e-9);
+
+  /* √σ split: the columns of B' and rows of A' have equal norms */
+  for (guint j = 0; j < MIN (c->k, s->n); j++)
+    {
+      double nb = 0, na = 0;
+      for (guint64 i = 0; i < c->out; i++)
+        nb += b64[i * k_out + j] * b64[i * k_out + j];
+      for (guint64 i = 0; i < c->in; i++)
+        na += a64[j * c->in + i] * a64[j * c->in + i];
+      g_assert_cmpfloat (fabs (sqrt (nb) - sqrt (na)), <=, (c->f32 ? 1e-3 : 1e-8) * sqrt (nb + na));
+    }
+}
+
+static void
+test_exact (void)
+{
+  static const SvdCase cases[] = {
+    { 40, 30, 8, 3, 0, FALSE, FALSE },
+    { 30, 50, 12, 5, 0, FALSE, FALSE },
+    { 6, 40, 10, 4, 0, FALSE, FALSE },      /* r > out */
+    { 40, 5, 10, 4, 0, FALSE, FALSE },      /* r > in */
+    { 40, 30, 8, 6, 3, FALSE, FALSE },      /* rank deficient, k above the true rank */
+    { 40, 30, 8, 2, 3, FALSE, FALSE },
+    { 40, 30, 8, 3, 0, TRUE, FALSE },       /* zero B */
+    { 64, 48, 16, 4, 0, FALSE, TRUE },      /* f32 compute */
+    { 1, 1, 1, 1, 0, FALSE, FALSE },
+  };
+  for (guint i = 0; i < G_N_ELEMENTS (cases); i++)
+    check_exact (&cases[i], 1000 + i);
+}
+
+static void
+test_randomized (void)
+{
+  guint64 out = 60, in = 50;
+  guint r = 16, k = 4;
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, 7, "randomized");
+  g_autofree double *b = random_matrix (&rng, out, r);
+  g_autofree double *a = random_matrix (&rng, r, in);
+  for (guint j = 0; j < r; j++)
+    for (guint64 i = 0; i < out; i++)
+      b[i * r + j] *= pow (0.6, j);
+
+  g_autofree double *d = dense (b, a, out, r, in);
+  g_autofree double *sd = dense_sigma (d, out, in);
+  g_autofree double *b_new = g_new (double, out * k);
+  g_autofree double *a_new = g_new (double, k * in);
+  g_autoptr (GError) error = NULL;
+  LpLoraFactors f = { .b = b, .a = a, .out = out, .in = in, .r = r };
+
+  LpLoraRng draw;
+  lp_lora_rng_init (&draw, 1, "m");
+  g_autoptr (LpLoraSpectrum) s = lp_lora_randomized_spectrum (&f, k, 2, 1, &draw, &error);
+  g_assert_no_error (error);
+  lp_lora_spectrum_apply (s, &f, k, k, 1.0, b_new, a_new);
+
+  g_autofree double *d_new = dense (b_new, a_new, out, k, in);
+  double err = sqrt (fro2_diff (d, d_new, out * in));
+  double opt2 = 0, total2 = 0;
+  for (guint64 i = 0; i < MIN (out, in); i++)
+    {
+      total2 += sd[i] * sd[i];
+      if (i >= k)
+        opt2 += sd[i] * sd[i];
+    }
+  /* close to the optimum on a decaying spectrum, with a small sketch */
+  g_assert_cmpfloat (err, <=, 1.01 * sqrt (opt2));
+  for (guint i = 0; i < k; i++)
+    g_assert_cmpfloat (fabs (s->sigma[i] - sd[i]), <=, 1e-3 * sd[0]);
+  g_assert_cmpfloat (fabs (s->total - total2), <=, 1e-10 * total2);
+
+  /* the same seed and name give the same bytes */
+  g_autofree double *b2 = g_new (double, out * k);
+  g_autofree double *a2 = g_new (double, k * in);
+  lp_lora_rng_init (&draw, 1, "m");
+  g_autoptr (LpLoraSpectrum) s2 = lp_lora_randomized_spectrum (&f, k, 2, 1, &draw, &error);
+  lp_lora_spectrum_apply (s2, &f, k, k, 1.0, b2, a2);
+  g_assert_cmpmem (b_new, sizeof (double) * out * k, b2, sizeof (double) * out * k);
+  g_assert_cmpmem (a_new, sizeof (double) * k * in, a2, sizeof (double) * k * in);
+
+  /* with the sketch as wide as the rank it is exact */
+  lp_lora_rng_init (&draw, 1, "m");
+  g_autoptr (LpLoraSpectrum) s3 = lp_lora_randomized_spectrum (&f, k, r, 0, &draw, &error);
+  lp_lora_spectrum_apply (s3, &f, k, k, 1.0, b2, a2);
+  g_autofree double *d3 = dense (b2, a2, out, k, in);
+  g_assert_cmpfloat (fabs (sqrt (fro2_diff (d, d3, out * in)) - sqrt (opt2)), <=, 1e-8 * sqrt (total2));
+
+  /* a zero B gives zeros, not NaN */
+  memset (b, 0, sizeof (double) * out * r);
+  lp_lora_rng_init (&draw, 1, "m");
+  g_autoptr (LpLoraSpectrum) s4 = lp_lora_randomized_spectrum (&f, k, 2, 1, &draw, &error);
+  g_assert_no_error (error);
+  lp_lora_spectrum_apply (s4, &f, k, k, 1.0, b_new, a_new);
+  for (gsize i = 0; i < out * k; i++)
+    g_assert_cmpfloat (b_new[i], ==, 0.0);
+  for (gsize i = 0; i < k * in; i++)
+    g_assert_cmpfloat (a_new[i], ==, 0.0);
+
+  /* NaN is a numeric error */
+  b[3] = NAN;
+  g_assert_null (lp_lora_randomized_spectrum (&f, k, 2, 1, &draw, &error));
+  g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC);
+}
+
+static void
+test_nan (void)
+{
+  double b[6] = { 1, 2, 3, 4, 5, 6 }, a[6] = { 1, 0, INFINITY, 0, 1, 0 };
+  LpLoraFactors f = { .b = b, .a = a, .out = 3, .in = 3, .r = 2 };
+  g_autoptr (GError) error = NULL;
+  g_assert_null (lp_lora_spectrum_compute (&f, TRUE, &error));
+  g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC);
+}
+
+static void
+test_rng (void)
+{
+  LpLoraRng x, y;
+  lp_lora_rng_init (&x, 42, "module.a");
+  lp_lora_rng_init (&y, 42, "module.a");
+  for (guint i = 0; i < 100; i++)
+    g_assert_cmpuint (lp_lora_rng_next (&x), ==, lp_lora_rng_next (&y));
+  lp_lora_rng_init (&y, 42, "module.b");
+  g_assert_cmpuint (lp_lora_rng_next (&x), !=, lp_lora_rng_next (&y));
+  lp_lora_rng_init (&y, 43, "module.a");
+  lp_lora_rng_init (&x, 42, "module.a");
+  g_assert_cmpuint (lp_lora_rng_next (&x), !=, lp_lora_rng_next (&y));
+
+  /* moments of the projections: E R = 0, E R² = 1/k; sparse values */
+  guint k = 4, r = 50000;
+  g_autofree float *m = g_new (float, (gsize) k * r);
+  for (int sparse = 0; sparse < 2; sparse++)
+    {
+      lp_lora_projection_matrix (&x, sparse, k, r, m);
+      double sum = 0, sum2 = 0;
+      guint zeros = 0;
+      for (gsize i = 0; i < (gsize) k * r; i++)
+        {
+          sum += m[i];
+          sum2 += (double) m[i] * m[i];
+          zeros += m[i] == 0;
+          if (sparse)
+            g_assert_true (m[i] == 0 || fabs (fabs (m[i]) - sqrt (3.0 / k)) < 1e-6);
+        }
+      double n = (double) k * r;
+      g_assert_cmpfloat (fabs (sum / n), <, 0.02);
+      g_assert_cmpfloat (fabs (sum2 / n - 1.0 / k), <, 0.01);
+      if (sparse)
+        g_assert_cmpfloat (fabs (zeros / n - 2.0 / 3), <, 0.01);
+    }
+}
+
+static void
+test_rank_selection (void)
+{
+  double s[] = { 4, 2, 1, 0.5, 0 };
+  /* energies 16, 4, 1, 0.25 of 21.25 */
+  g_assert_cmpuint (lp_lora_rank_for_energy (s, 5, 0.5), ==, 1);
+  g_assert_cmpuint (lp_lora_rank_for_energy (s, 5, 0.9), ==, 2);
+  g_assert_cmpuint (lp_lora_rank_for_energy (s, 5, 0.99), ==, 4);
+  g_assert_cmpuint (lp_lora_rank_for_energy (s, 5, 1.0), ==, 4);
+  /* kohya: count(σ > σ₁/ratio) clamped to [1, len-1], plus one */
+  g_assert_cmpuint (lp_lora_rank_sv_ratio (s, 5, 100, 3.0), ==, 3);
+  g_assert_cmpuint (lp_lora_rank_sv_ratio (s, 5, 100, 1.0), ==, 2);
+  /* sv_cumulative: searchsorted (cumsum σ / Σσ = .533 .8 .933 1, t) + 2 */
+  g_assert_cmpuint (lp_lora_rank_sv_cumulative (s, 5, 100, 0.5), ==, 2);
+  g_assert_cmpuint (lp_lora_rank_sv_cumulative (s, 5, 100, 0.9), ==, 4);
+  /* sv_fro: searchsorted (cumsum σ² / Σσ², t²) + 2: .753 .941 .988 1 */
+  g_assert_cmpuint (lp_lora_rank_sv_fro (s, 5, 100, 0.9), ==, 3);
+  g_assert_cmpuint (lp_lora_rank_sv_fro (s, 5, 100, 0.5), ==, 2);
+  double zero[] = { 0, 0 };
+  g_assert_cmpuint (lp_lora_rank_sv_fro (zero, 2, 100, 0.5), ==, 1);
+}
+
+static void
+test_delta_norms (void)
+{
+  guint64 out = 20, in = 15;
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, 3, "norms");
+  g_autofree double *bx = random_matrix (&rng, out, 5);
+  g_autofree double *ax = random_matrix (&rng, 5, in);
+  g_autofree double *by = random_matrix (&rng, out, 3);
+  g_autofree double *ay = random_matrix (&rng, 3, in);
+  g_autofree double *dx = dense (bx, ax, out, 5, in);
+  g_autofree double *dy = dense (by, ay, out, 3, in);
+  double xx = 0, yy = 0, diff = 0;
+  for (gsize i = 0; i < out * in; i++)
+    {
+      xx += 4 * dx[i] * dx[i];
+      yy += 0.25 * dy[i] * dy[i];
+      diff += (2 * dx[i] - 0.5 * dy[i]) * (2 * dx[i] - 0.5 * dy[i]);
+    }
+  double nx, ny, nd;
+  lp_lora_delta_norms (bx, ax, 5, 2.0, by, ay, 3, 0.5, out, in, &nx, &ny, &nd);
+  g_assert_cmpfloat (fabs (nx - xx), <=, 1e-10 * xx);
+  g_assert_cmpfloat (fabs (ny - yy), <=, 1e-10 * yy);
+  g_assert_cmpfloat (fabs (nd - diff), <=, 1e-10 * xx);
+}
+
+int
+main (int argc, char **argv)
+{
+  g_test_init (&argc, &argv, NULL);
+  g_test_add_func ("/lora-math/exact", test_exact);
+  g_test_add_func ("/lora-math/randomized", test_randomized);
+  g_test_add_func ("/lora-math/nan", test_nan);
+  g_test_add_func ("/lora-math/rng", test_rng);
+  g_test_add_func ("/lora-math/rank-selection", test_rank_selection);
+  g_test_add_func ("/lora-math/delta-norms", test_delta_norms);
+  return g_test_run ();
+}
