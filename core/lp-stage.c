@@ -693,17 +693,21 @@ lp_stage_report_progress (LpStage *self,
 }
 
 /* lp_stage_pull_tensors(): computes tensors on a pool and hands them over in
- * order. At most `threads` tensors are computed at once, and a new one is
- * started only while the bytes not yet handed over stay under a budget, so
- * memory is bounded by a few tensors whatever the checkpoint's size. */
+ * order. `threads` workers compute; a few more tensors than workers may be
+ * queued, because neighbours often share one computation (the two factors of
+ * a LoRA module), and a new one is started only while the bytes not yet
+ * handed over stay under a budget, so memory is bounded by a few tensors
+ * whatever the checkpoint's size. */
 
 #define PULL_BYTES_BUDGET (96 * 1024 * 1024)
+#define PULL_QUEUE_PER_THREAD 4
 
 typedef struct {
   LpTensor *tensor;
   GBytes *bytes;
   GError *error;
   gboolean done;
+  guint run;        /* slots from this one that one worker computes in turn */
 } PullSlot;
 
 typedef struct {
@@ -717,18 +721,23 @@ pull_worker (gpointer data,
              gpointer user_data)
 {
   PullState *state = user_data;
-  PullSlot *slot = data;
-  GError *local_error = NULL;
-  GBytes *bytes;
+  PullSlot *first = data;
 
-  bytes = lp_tensor_dup_data (slot->tensor, &local_error);
+  /* A run is a compute group: its first tensor does the shared work, and the
+   * others find it done. */
+  for (guint k = 0; k < MAX (first->run, 1); k++)
+    {
+      PullSlot *slot = first + k;
+      GError *local_error = NULL;
+      GBytes *bytes = lp_tensor_dup_data (slot->tensor, &local_error);
 
-  g_mutex_lock (&state->lock);
-  slot->bytes = bytes;
-  slot->error = local_error;
-  slot->done = TRUE;
-  g_cond_broadcast (&state->cond);
-  g_mutex_unlock (&state->lock);
+      g_mutex_lock (&state->lock);
+      slot->bytes = bytes;
+      slot->error = local_error;
+      slot->done = TRUE;
+      g_cond_broadcast (&state->cond);
+      g_mutex_unlock (&state->lock);
+    }
 }
 
 /**
@@ -796,12 +805,22 @@ lp_stage_pull_tensors (LpStage              *self,
       if (pool)
         {
           /* Keep the pool busy, within the thread and byte budgets. */
-          while (next < n && next - i < threads &&
+          while (next < n && next - i < threads * PULL_QUEUE_PER_THREAD &&
                  (next == i || in_flight + lp_tensor_get_n_bytes (state.slots[next].tensor) <= PULL_BYTES_BUDGET))
             {
-              in_flight += lp_tensor_get_n_bytes (state.slots[next].tensor);
-              g_thread_pool_push (pool, &state.slots[next], NULL);
-              next++;
+              PullSlot *start = &state.slots[next];
+              gpointer group = lp_tensor_get_compute_group (start->tensor);
+
+              start->run = 0;
+              do
+                {
+                  in_flight += lp_tensor_get_n_bytes (state.slots[next].tensor);
+                  start->run++;
+                  next++;
+                }
+              while (group != NULL && next < n &&
+                     lp_tensor_get_compute_group (state.slots[next].tensor) == group);
+              g_thread_pool_push (pool, start, NULL);
             }
           g_mutex_lock (&state.lock);
           while (!slot->done)
@@ -809,7 +828,10 @@ lp_stage_pull_tensors (LpStage              *self,
           g_mutex_unlock (&state.lock);
         }
       else
-        pull_worker (slot, &state);
+        {
+          slot->run = 1;
+          pull_worker (slot, &state);
+        }
 
       if (slot->error)
         {

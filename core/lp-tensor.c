@@ -38,6 +38,7 @@ struct _LpTensor
   GBytes *data;       /* held data, or NULL when lazy */
   LazySource *lazy;
   LpTensor *origin;   /* the tensor a lazy func is asked about (renames keep it) */
+  gpointer group;     /* tensors computed together, see lp_tensor_set_compute_group() */
 };
 
 G_DEFINE_FINAL_TYPE (LpTensor, lp_tensor, G_TYPE_OBJECT)
@@ -323,6 +324,39 @@ lp_tensor_new_lazy (const char       *name,
 }
 
 /**
+ * lp_tensor_set_compute_group:
+ * @self: a lazy tensor, not yet added to a checkpoint
+ * @group: (nullable): any pointer that tensors computed together share
+ *
+ * Says that @self is computed by the same work as its neighbours with the
+ * same @group, such as the two factors of a LoRA module that one SVD gives.
+ * lp_stage_pull_tensors() then hands a whole group to one worker, so that
+ * two workers never wait for the same computation. A scheduling hint only:
+ * the data does not depend on it.
+ */
+void
+lp_tensor_set_compute_group (LpTensor *self,
+                             gpointer  group)
+{
+  g_return_if_fail (LP_IS_TENSOR (self));
+  self->group = group;
+}
+
+/**
+ * lp_tensor_get_compute_group:
+ * @self: a tensor
+ *
+ * Returns: (transfer none) (nullable): the group set with
+ *   lp_tensor_set_compute_group()
+ */
+gpointer
+lp_tensor_get_compute_group (LpTensor *self)
+{
+  g_return_val_if_fail (LP_IS_TENSOR (self), NULL);
+  return self->group;
+}
+
+/**
  * lp_tensor_new_from_f32:
  * @name: the tensor's name
  * @dtype: the element type to store, one that lp_dtype_can_convert() accepts
@@ -397,6 +431,7 @@ lp_tensor_new_renamed (LpTensor   *tensor,
   else
     {
       self->lazy = lazy_source_ref (tensor->lazy);
+      self->group = tensor->group;
       /* The func was promised the tensor it was made for. */
       self->origin = g_object_ref (tensor->origin ? tensor->origin : tensor);
     }
@@ -649,4 +684,31 @@ lp_tensor_dup_f64 (LpTensor  *self,
 {
   g_return_val_if_fail (LP_IS_TENSOR (self), NULL);
   return dup_converted (self, TRUE, n_values, error);
+}
+
+/**
+ * lp_tensor_dup_f32_bytes:
+ * @self: a tensor of a dtype that lp_dtype_can_convert() accepts
+ * @error: return location for a #GError
+ *
+ * Gets the tensor's values as native-endian floats, row-major, like
+ * lp_tensor_dup_f32(), but in a #GBytes: language bindings turn an array of
+ * floats into a list element by element, while bytes go straight into
+ * `numpy.frombuffer()` or a JavaScript `Float32Array`.
+ *
+ * Returns: (transfer full): lp_tensor_get_n_elements() floats, or %NULL with
+ *   @error set
+ */
+GBytes *
+lp_tensor_dup_f32_bytes (LpTensor  *self,
+                         GError   **error)
+{
+  gsize n_values = 0;
+  float *values;
+
+  g_return_val_if_fail (LP_IS_TENSOR (self), NULL);
+  values = dup_converted (self, FALSE, &n_values, error);
+  if (values == NULL)
+    return NULL;
+  return g_bytes_new_take (values, n_values * sizeof (float));
 }

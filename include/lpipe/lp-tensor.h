@@ -48,6 +48,9 @@ LpTensor      *lp_tensor_new_lazy       (const char       *name,
                                          gpointer          user_data,
                                          GDestroyNotify    notify,
                                          GError          **error);
+void           lp_tensor_set_compute_group (LpTensor  *self,
+                                            gpointer   group);
+gpointer       lp_tensor_get_compute_group (LpTensor  *self);
 LpTensor      *lp_tensor_new_from_f32   (const char     *name,
                                          LpDtype         dtype,
                                          const guint64  *shape,
@@ -77,6 +80,8 @@ float         *lp_tensor_dup_f32        (LpTensor       *self,
                                          GError        **error);
 double        *lp_tensor_dup_f64        (LpTensor       *self,
                                          gsize          *n_values,
+                                         GError        **error);
+GBytes        *lp_tensor_dup_f32_bytes  (LpTensor       *self,
                                          GError        **error);
 
 G_END_DECLS

@@ -462,12 +462,18 @@ new_factor (LpLoraModule *module,
   guint n_dims;
   LpTensor *factor = up ? lp_lora_module_get_up (module) : lp_lora_module_get_down (module);
   FactorRef *ref = g_new (FactorRef, 1);
+  LpTensor *tensor;
 
   ref->job = job_ref (job);
   ref->up = up;
+
   lp_lora_module_new_factor_shape (module, up, k_out, shape, &n_dims);
-  return lp_tensor_new_lazy (lp_tensor_get_name (factor), lp_tensor_get_dtype (factor),
-                             shape, n_dims, factor_data, ref, factor_ref_free, error);
+  tensor = lp_tensor_new_lazy (lp_tensor_get_name (factor), lp_tensor_get_dtype (factor),
+                               shape, n_dims, factor_data, ref, factor_ref_free, error);
+  /* Both factors come out of one SVD: one worker should compute them. */
+  if (tensor)
+    lp_tensor_set_compute_group (tensor, job);
+  return tensor;
 }
 
 static LpCheckpoint *
