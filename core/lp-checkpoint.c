@@ -87,7 +87,7 @@ lp_checkpoint_new (void)
  * @other: a checkpoint
  *
  * Makes an empty checkpoint with the metadata, adapter config and origin of
- * @other: what a transform starts its output from.
+ * @other, which is what a transform starts its output from.
  *
  * Returns: (transfer full): a checkpoint with no tensors
  */

@@ -903,7 +903,7 @@ common_suffix (const char *a,
  * @checkpoint: a LoRA checkpoint
  * @down_pattern: (nullable): a custom down factor key with one `*`, e.g. `w_a_*`
  * @up_pattern: (nullable): the matching up factor key, e.g. `w_b_*`
- * @others: (out) (optional) (transfer full) (element-type LpTensor): the
+ * @others: (out) (optional) (transfer container) (element-type LpTensor): the
  *   tensors that are neither factors nor the `.alpha` of a kohya module, in
  *   checkpoint order
  * @error: return location for a #GError
@@ -933,7 +933,7 @@ common_suffix (const char *a,
  * NaN and infinities in the factors are left for the stages to find when they
  * read the data.
  *
- * Returns: (transfer full) (element-type LpLoraModule): the modules, in the
+ * Returns: (transfer container) (element-type LpLoraModule): the modules, in the
  *   order of their first factor in @checkpoint (possibly none)
  */
 GPtrArray *

@@ -290,13 +290,13 @@ lp_pipeline_add_stage (LpPipeline  *self,
 }
 
 /**
- * lp_pipeline_connect:
+ * lp_pipeline_connect: (skip)
  * @self: a pipeline
  * @from: the stage whose output is used
  * @to: the stage that takes it as its next input
  * @error: return location for a #GError
  *
- * Connects two stages of the pipeline.
+ * Connects two stages of the pipeline. Bindings call it lp_pipeline_link().
  *
  * Returns: %TRUE if connected; %FALSE if @from has no output or @to takes
  *   no more inputs
@@ -334,6 +334,29 @@ lp_pipeline_connect (LpPipeline  *self,
   g_ptr_array_add (b->inputs, a);
   b->explicit_inputs = TRUE;
   return TRUE;
+}
+
+/**
+ * lp_pipeline_link:
+ * @self: a pipeline
+ * @from: the stage whose output is used
+ * @to: the stage that takes it as its next input
+ * @error: return location for a #GError
+ *
+ * Connects two stages of the pipeline, as lp_pipeline_connect() does. In
+ * language bindings a method named `connect` would hide the one that
+ * connects to signals, so they see this one instead.
+ *
+ * Returns: %TRUE if connected; %FALSE if @from has no output or @to takes
+ *   no more inputs
+ */
+gboolean
+lp_pipeline_link (LpPipeline  *self,
+                  LpStage     *from,
+                  LpStage     *to,
+                  GError     **error)
+{
+  return lp_pipeline_connect (self, from, to, error);
 }
 
 void

@@ -40,6 +40,10 @@ gboolean      lp_pipeline_connect           (LpPipeline    *self,
                                              LpStage       *from,
                                              LpStage       *to,
                                              GError       **error);
+gboolean      lp_pipeline_link              (LpPipeline    *self,
+                                             LpStage       *from,
+                                             LpStage       *to,
+                                             GError       **error);
 guint         lp_pipeline_get_n_stages      (LpPipeline    *self);
 LpStage      *lp_pipeline_get_stage         (LpPipeline    *self,
                                              guint          index);
