@@ -11,6 +11,7 @@
 #include <lpipe/lp-version.h>
 #include <lpipe/lp-tensor.h>
 #include <lpipe/lp-checkpoint.h>
+#include <lpipe/lp-name-filter.h>
 #include <lpipe/lp-stage.h>
 #include <lpipe/lp-registry.h>
 #include <lpipe/lp-pipeline.h>

@@ -190,28 +190,6 @@ lp_cast_prepare (LpStage  *stage,
   return lp_cast_check (LP_CAST (stage), error);
 }
 
-static GPtrArray *
-compile_patterns (GStrv globs)
-{
-  GPtrArray *specs = g_ptr_array_new_with_free_func ((GDestroyNotify) g_pattern_spec_free);
-
-  for (guint i = 0; globs != NULL && globs[i] != NULL; i++)
-    g_ptr_array_add (specs, g_pattern_spec_new (globs[i]));
-  return specs;
-}
-
-static gboolean
-matches_any (GPtrArray  *specs,
-             const char *name)
-{
-  for (guint i = 0; i < specs->len; i++)
-    {
-      if (g_pattern_spec_match_string (specs->pdata[i], name))
-        return TRUE;
-    }
-  return FALSE;
-}
-
 static LpCheckpoint *
 lp_cast_transform (LpTransform   *transform,
                    LpCheckpoint  *input,
@@ -219,15 +197,14 @@ lp_cast_transform (LpTransform   *transform,
 {
   LpCast *self = LP_CAST (transform);
   g_autoptr(LpCheckpoint) output = NULL;
-  g_autoptr(GPtrArray) include = NULL;
-  g_autoptr(GPtrArray) exclude = NULL;
+  g_autoptr(LpNameFilter) filter = NULL;
   guint n = lp_checkpoint_get_n_tensors (input);
 
   if (!lp_cast_check (self, error))
     return NULL;
 
-  include = compile_patterns (self->include);
-  exclude = compile_patterns (self->exclude);
+  filter = lp_name_filter_new ((const char * const *) self->include,
+                               (const char * const *) self->exclude);
   output = lp_checkpoint_new_like (input);
 
   for (guint i = 0; i < n; i++)
@@ -238,9 +215,7 @@ lp_cast_transform (LpTransform   *transform,
       g_autoptr(LpTensor) out = NULL;
       gboolean selected;
 
-      /* an empty include list selects everything, like no list */
-      selected = (include->len == 0 || matches_any (include, name))
-                 && !matches_any (exclude, name);
+      selected = lp_name_filter_matches (filter, name);
 
       if (!selected || !lp_dtype_is_float (dtype) || dtype == self->dtype)
         out = g_object_ref (tensor);

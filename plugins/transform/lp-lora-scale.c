@@ -79,8 +79,7 @@ lp_lora_scale_transform (LpTransform   *transform,
 {
   LpLoraScale *self = LP_LORA_SCALE (transform);
   g_autoptr(LpCheckpoint) output = NULL;
-  g_autoptr(GPtrArray) include = NULL;
-  g_autoptr(GPtrArray) exclude = NULL;
+  g_autoptr(LpNameFilter) filter = NULL;
   g_autoptr(GPtrArray) modules = NULL;
   g_autoptr(GHashTable) replace = NULL;   /* old tensor -> new tensor */
   g_autoptr(GHashTable) add_after = NULL; /* up factor -> new alpha */
@@ -94,8 +93,8 @@ lp_lora_scale_transform (LpTransform   *transform,
   if (modules == NULL)
     return NULL;
 
-  include = lp_globs_new ((const char * const *) self->include);
-  exclude = lp_globs_new ((const char * const *) self->exclude);
+  filter = lp_name_filter_new ((const char * const *) self->include,
+                               (const char * const *) self->exclude);
   replace = g_hash_table_new_full (NULL, NULL, NULL, g_object_unref);
   add_after = g_hash_table_new_full (NULL, NULL, NULL, g_object_unref);
 
@@ -107,7 +106,7 @@ lp_lora_scale_transform (LpTransform   *transform,
       LpTensor *up = lp_lora_module_get_up (module);
       LpTensor *alpha = lp_lora_module_get_alpha (module);
 
-      if ((include->len > 0 && !lp_globs_match (include, name)) || lp_globs_match (exclude, name))
+      if (!lp_name_filter_matches (filter, name))
         continue;
       n_scaled++;
 

@@ -58,15 +58,6 @@ lp_select_prepare (LpStage  *stage,
   return TRUE;
 }
 
-static gboolean
-selected (GPtrArray  *include,
-          GPtrArray  *exclude,
-          const char *name)
-{
-  return (include->len == 0 || lp_globs_match (include, name))
-         && !lp_globs_match (exclude, name);
-}
-
 static LpCheckpoint *
 lp_select_transform (LpTransform   *transform,
                      LpCheckpoint  *input,
@@ -74,8 +65,7 @@ lp_select_transform (LpTransform   *transform,
 {
   LpSelect *self = LP_SELECT (transform);
   g_autoptr(LpCheckpoint) output = NULL;
-  g_autoptr(GPtrArray) include = NULL;
-  g_autoptr(GPtrArray) exclude = NULL;
+  g_autoptr(LpNameFilter) filter = NULL;
   g_autoptr(GPtrArray) modules = NULL;
   g_autoptr(GHashTable) keep = NULL;   /* LpTensor * of kept modules */
   g_autoptr(GHashTable) in_module = NULL;
@@ -88,8 +78,8 @@ lp_select_transform (LpTransform   *transform,
   if (modules == NULL)
     return NULL;
 
-  include = lp_globs_new ((const char * const *) self->include);
-  exclude = lp_globs_new ((const char * const *) self->exclude);
+  filter = lp_name_filter_new ((const char * const *) self->include,
+                               (const char * const *) self->exclude);
   keep = g_hash_table_new (NULL, NULL);
   in_module = g_hash_table_new (NULL, NULL);
 
@@ -98,7 +88,7 @@ lp_select_transform (LpTransform   *transform,
       LpLoraModule *module = g_ptr_array_index (modules, i);
       LpTensor *parts[] = { lp_lora_module_get_down (module), lp_lora_module_get_up (module),
                             lp_lora_module_get_alpha (module) };
-      gboolean kept = selected (include, exclude, lp_lora_module_get_name (module));
+      gboolean kept = lp_name_filter_matches (filter, lp_lora_module_get_name (module));
 
       for (guint p = 0; p < G_N_ELEMENTS (parts); p++)
         {
@@ -119,7 +109,7 @@ lp_select_transform (LpTransform   *transform,
       if (g_hash_table_contains (in_module, tensor))
         kept = g_hash_table_contains (keep, tensor);
       else
-        kept = selected (include, exclude, lp_tensor_get_name (tensor));
+        kept = lp_name_filter_matches (filter, lp_tensor_get_name (tensor));
       if (kept && !lp_checkpoint_add_tensor (output, tensor, error))
         return NULL;
     }

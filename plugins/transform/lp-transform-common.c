@@ -1,32 +1,10 @@
-/* lp-transform-common.c: globs and assembled factors for the transform stages
+/* lp-transform-common.c: assembled factors for the transform stages
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
 #include "lp-transform-common.h"
 
 #include <string.h>
-
-GPtrArray *
-lp_globs_new (const char * const *globs)
-{
-  GPtrArray *specs = g_ptr_array_new_with_free_func ((GDestroyNotify) g_pattern_spec_free);
-
-  for (guint i = 0; globs != NULL && globs[i] != NULL; i++)
-    g_ptr_array_add (specs, g_pattern_spec_new (globs[i]));
-  return specs;
-}
-
-gboolean
-lp_globs_match (GPtrArray  *globs,
-                const char *name)
-{
-  for (guint i = 0; i < globs->len; i++)
-    {
-      if (g_pattern_spec_match_string (globs->pdata[i], name))
-        return TRUE;
-    }
-  return FALSE;
-}
 
 /* The columns of a factor seen as 2-D: every dimension but the first. */
 static guint64

@@ -1,7 +1,6 @@
 /* lp-transform-common.h: what the transform stages share
  *
- * Name globs (select, lora-scale) and lazy factors assembled from blocks of
- * other factors (rename's split and fuse, lora-merge's stacking, lora-scale):
+ * Lazy factors assembled from blocks of other factors (rename's split and fuse, lora-merge's stacking, lora-scale):
  * one place for the loop that copies scaled rows into a bigger matrix.
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
@@ -11,11 +10,6 @@
 #include <lpipe/lpipe-plugin.h>
 
 G_BEGIN_DECLS
-
-/* Compiled `*`/`?` globs; an empty list matches nothing. */
-GPtrArray *lp_globs_new          (const char * const *globs);
-gboolean   lp_globs_match        (GPtrArray          *globs,
-                                  const char         *name);
 
 /**
  * LpBlock:

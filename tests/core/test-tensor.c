@@ -154,6 +154,24 @@ test_checkpoint (void)
   g_assert_null (lp_checkpoint_get_metadata (like, "z"));
 }
 
+static void
+test_name_filter (void)
+{
+  const char *include[] = { "*.attn.*", "*lora_te*", NULL };
+  const char *exclude[] = { "*to_k*", NULL };
+  g_autoptr(LpNameFilter) all = lp_name_filter_new (NULL, NULL);
+  g_autoptr(LpNameFilter) some = lp_name_filter_new (include, exclude);
+  g_autoptr(LpNameFilter) none_in = lp_name_filter_new (NULL, exclude);
+
+  g_assert_true (lp_name_filter_matches (all, "anything"));
+  g_assert_true (lp_name_filter_matches (some, "blocks.0.attn.to_q"));
+  g_assert_false (lp_name_filter_matches (some, "blocks.0.attn.to_k"));   /* excluded wins */
+  g_assert_true (lp_name_filter_matches (some, "lora_te_text_model"));
+  g_assert_false (lp_name_filter_matches (some, "blocks.0.ff.net.0"));
+  g_assert_true (lp_name_filter_matches (none_in, "blocks.0.ff.net.0"));
+  g_assert_false (lp_name_filter_matches (none_in, "x.to_k.y"));
+}
+
 int
 main (int argc, char **argv)
 {
@@ -165,6 +183,7 @@ main (int argc, char **argv)
   g_test_add_func ("/tensor/scalar-and-empty", test_scalar_and_empty);
   g_test_add_func ("/tensor/lazy", test_lazy);
   g_test_add_func ("/checkpoint/basics", test_checkpoint);
+  g_test_add_func ("/name-filter/include-exclude", test_name_filter);
 
   return g_test_run ();
 }
