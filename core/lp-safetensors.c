@@ -2,6 +2,7 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
+#define _GNU_SOURCE   /* sync_file_range */
 #include "lp-private.h"
 
 #include <errno.h>
@@ -1090,26 +1091,6 @@ mapped_view_release (gpointer data)
   g_free (view);
 }
 
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
-
-/* Maps a range's pages in one call instead of one fault per page: on virtual
- * machines a page fault costs microseconds, and a checkpoint has hundreds of
- * thousands of pages. Old kernels refuse the advice; the pages then fault in
- * as usual. */
-static void
-populate_pages (const guchar *start,
-                gsize         size)
-{
-  gsize page = sysconf (_SC_PAGESIZE);
-  guintptr lo = (guintptr) start & ~(guintptr) (page - 1);
-  guintptr hi = ((guintptr) start + size + page - 1) & ~(guintptr) (page - 1);
-
-  if (size >= 64 * 1024)
-    madvise ((void *) lo, hi - lo, MADV_POPULATE_READ);
-}
-
 static GBytes *
 slice_get_data (LpTensor  *tensor,
                 gpointer   user_data,
@@ -1126,7 +1107,6 @@ slice_get_data (LpTensor  *tensor,
   view->file = g_bytes_ref (slice->file);
   view->start = base + slice->offset;
   view->size = slice->size;
-  populate_pages (view->start, view->size);
   return g_bytes_new_with_free_func (view->start, view->size, mapped_view_release, view);
 }
 
@@ -1691,7 +1671,56 @@ typedef struct {
   AtomicFile *file;
   LpCheckpoint *checkpoint;
   guint next;
+  /* For writing in parallel: where each tensor goes in the file. */
+  GHashTable *offsets;      /* LpTensor* -> guint64* (absolute offset) */
+  gint written;
 } WriteContext;
+
+/* Writes a tensor at its place from a worker thread. Each write also starts
+ * the kernel's writeback of those pages, so the final fsync does not have to
+ * push the whole file to disk at once. */
+static gboolean
+write_tensor_at (LpTensor  *tensor,
+                 GBytes    *data,
+                 gpointer   user_data,
+                 GError   **error)
+{
+  WriteContext *ctx = user_data;
+  gsize size;
+  const guchar *p = g_bytes_get_data (data, &size);
+  const guint64 *offset = g_hash_table_lookup (ctx->offsets, tensor);
+  guint64 at;
+
+  if (offset == NULL || size != lp_tensor_get_n_bytes (tensor))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                   "tensor '%s': got %" G_GSIZE_FORMAT " bytes, not in the header or of the wrong size "
+                   "(expected %" G_GUINT64_FORMAT ")", lp_tensor_get_name (tensor), size,
+                   lp_tensor_get_n_bytes (tensor));
+      return FALSE;
+    }
+  at = *offset;
+  while (size > 0)
+    {
+      ssize_t n = pwrite (ctx->file->fd, p, MIN (size, (gsize) 1 << 30), at);
+      if (n < 0)
+        {
+          if (errno == EINTR)
+            continue;
+          set_io_error (error, errno, "Could not write", ctx->file->display);
+          return FALSE;
+        }
+      p += n;
+      at += n;
+      size -= n;
+    }
+#ifdef SYNC_FILE_RANGE_WRITE
+  if (lp_tensor_get_n_bytes (tensor) >= (1 << 20))
+    (void) sync_file_range (ctx->file->fd, *offset, lp_tensor_get_n_bytes (tensor), SYNC_FILE_RANGE_WRITE);
+#endif
+  g_atomic_int_inc (&ctx->written);
+  return TRUE;
+}
 
 static gboolean
 write_tensor_data (LpTensor  *tensor,
@@ -1774,10 +1803,31 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
   ctx.file = file;
   ctx.checkpoint = checkpoint;
   ctx.next = 0;
+  ctx.written = 0;
+  ctx.offsets = NULL;
   if (stage != NULL)
     {
-      if (!lp_stage_pull_tensors (stage, checkpoint, write_tensor_data, &ctx, error))
+      g_autofree guint64 *offsets = g_new (guint64, MAX (lp_checkpoint_get_n_tensors (checkpoint), 1));
+      guint64 at = 8 + header->len;
+      gboolean ok;
+
+      /* The header fixed every tensor's place, so the workers write them in
+       * parallel and the file is the same for any number of threads. */
+      if (!atomic_file_flush (file, error))
         return FALSE;
+      ctx.offsets = g_hash_table_new (NULL, NULL);
+      for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
+        {
+          LpTensor *tensor = lp_checkpoint_get_tensor (checkpoint, i);
+          offsets[i] = at;
+          at += lp_tensor_get_n_bytes (tensor);
+          g_hash_table_insert (ctx.offsets, tensor, &offsets[i]);
+        }
+      ok = lp_stage_pull_tensors_unordered (stage, checkpoint, write_tensor_at, &ctx, error);
+      g_hash_table_unref (ctx.offsets);
+      if (!ok)
+        return FALSE;
+      ctx.next = g_atomic_int_get (&ctx.written);
     }
   else
     for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)

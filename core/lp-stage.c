@@ -699,7 +699,7 @@ lp_stage_report_progress (LpStage *self,
  * handed over stay under a budget, so memory is bounded by a few tensors
  * whatever the checkpoint's size. */
 
-#define PULL_BYTES_BUDGET (96 * 1024 * 1024)
+#define PULL_BYTES_BUDGET (64 * 1024 * 1024)
 #define PULL_QUEUE_PER_THREAD 4
 
 typedef struct {
@@ -714,6 +714,9 @@ typedef struct {
   GMutex lock;
   GCond cond;
   PullSlot *slots;
+  /* Set for lp_stage_pull_tensors_unordered(): called by the workers. */
+  LpTensorDataCallback worker_callback;
+  gpointer worker_data;
 } PullState;
 
 static void
@@ -731,6 +734,13 @@ pull_worker (gpointer data,
       GError *local_error = NULL;
       GBytes *bytes = lp_tensor_dup_data (slot->tensor, &local_error);
 
+      if (bytes && state->worker_callback)
+        {
+          if (!state->worker_callback (slot->tensor, bytes, state->worker_data, &local_error))
+            g_assert (local_error != NULL);
+          g_clear_pointer (&bytes, g_bytes_unref);
+        }
+
       g_mutex_lock (&state->lock);
       slot->bytes = bytes;
       slot->error = local_error;
@@ -740,29 +750,13 @@ pull_worker (gpointer data,
     }
 }
 
-/**
- * lp_stage_pull_tensors:
- * @self: the stage that consumes the data (its threads, cancellable and
- *   progress are used)
- * @checkpoint: the checkpoint to pull
- * @callback: (scope call) (closure user_data): receives each tensor's data, in order
- * @user_data: data for @callback
- * @error: return location for a #GError
- *
- * Computes the data of every tensor of @checkpoint, up to
- * lp_stage_get_threads() at once, and gives it to @callback in checkpoint
- * order on the calling thread, so that what a sink writes does not depend on
- * the number of threads. Checks the stage's cancellable between tensors and
- * reports progress.
- *
- * Returns: %TRUE if every tensor was handed over
- */
-gboolean
-lp_stage_pull_tensors (LpStage              *self,
-                       LpCheckpoint         *checkpoint,
-                       LpTensorDataCallback  callback,
-                       gpointer              user_data,
-                       GError              **error)
+static gboolean
+pull_tensors (LpStage              *self,
+              LpCheckpoint         *checkpoint,
+              LpTensorDataCallback  callback,
+              gpointer              user_data,
+              gboolean              in_workers,
+              GError              **error)
 {
   LpStagePrivate *priv;
   guint n, threads, next = 0;
@@ -783,6 +777,8 @@ lp_stage_pull_tensors (LpStage              *self,
 
   g_mutex_init (&state.lock);
   g_cond_init (&state.cond);
+  state.worker_callback = in_workers ? callback : NULL;
+  state.worker_data = user_data;
   state.slots = g_new0 (PullSlot, MAX (n, 1));
   for (guint i = 0; i < n; i++)
     state.slots[i].tensor = lp_checkpoint_get_tensor (checkpoint, i);
@@ -840,7 +836,7 @@ lp_stage_pull_tensors (LpStage              *self,
         }
       else
         {
-          ok = callback (slot->tensor, slot->bytes, user_data, &local_error);
+          ok = in_workers ? TRUE : callback (slot->tensor, slot->bytes, user_data, &local_error);
           bytes_done += lp_tensor_get_n_bytes (slot->tensor);
           if (ok)
             lp_stage_report_progress (self, i + 1, n, bytes_done, bytes_total);
@@ -870,6 +866,61 @@ lp_stage_pull_tensors (LpStage              *self,
       return FALSE;
     }
   return TRUE;
+}
+
+/**
+ * lp_stage_pull_tensors:
+ * @self: the stage that consumes the data (its threads, cancellable and
+ *   progress are used)
+ * @checkpoint: the checkpoint to pull
+ * @callback: (scope call) (closure user_data): receives each tensor's data, in order
+ * @user_data: data for @callback
+ * @error: return location for a #GError
+ *
+ * Computes the data of every tensor of @checkpoint, up to
+ * lp_stage_get_threads() at once, and gives it to @callback in checkpoint
+ * order on the calling thread, so that what a sink writes does not depend on
+ * the number of threads. Checks the stage's cancellable between tensors and
+ * reports progress.
+ *
+ * Returns: %TRUE if every tensor was handed over
+ */
+gboolean
+lp_stage_pull_tensors (LpStage              *self,
+                       LpCheckpoint         *checkpoint,
+                       LpTensorDataCallback  callback,
+                       gpointer              user_data,
+                       GError              **error)
+{
+  return pull_tensors (self, checkpoint, callback, user_data, FALSE, error);
+}
+
+/**
+ * lp_stage_pull_tensors_unordered:
+ * @self: the stage that consumes the data (its threads, cancellable and
+ *   progress are used)
+ * @checkpoint: the checkpoint to pull
+ * @callback: (scope call) (closure user_data): receives each tensor's data
+ * @user_data: data for @callback
+ * @error: return location for a #GError
+ *
+ * Like lp_stage_pull_tensors(), but @callback runs on the worker that
+ * computed the tensor, as soon as it is done, in no particular order and
+ * concurrently with itself: for sinks that know where each tensor goes (a
+ * safetensors file, whose header gives every offset) and can write them in
+ * parallel. @callback must be thread-safe. Progress is still reported in
+ * checkpoint order from the calling thread.
+ *
+ * Returns: %TRUE if every tensor was handed over
+ */
+gboolean
+lp_stage_pull_tensors_unordered (LpStage              *self,
+                                 LpCheckpoint         *checkpoint,
+                                 LpTensorDataCallback  callback,
+                                 gpointer              user_data,
+                                 GError              **error)
+{
+  return pull_tensors (self, checkpoint, callback, user_data, TRUE, error);
 }
 
 /**

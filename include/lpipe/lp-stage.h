@@ -155,6 +155,11 @@ gboolean      lp_stage_pull_tensors         (LpStage              *self,
                                              LpTensorDataCallback  callback,
                                              gpointer              user_data,
                                              GError              **error);
+gboolean      lp_stage_pull_tensors_unordered (LpStage              *self,
+                                               LpCheckpoint         *checkpoint,
+                                               LpTensorDataCallback  callback,
+                                               gpointer              user_data,
+                                               GError              **error);
 
 /* Sources: 0 inputs, 1 output */
 #define LP_TYPE_SOURCE (lp_source_get_type ())
