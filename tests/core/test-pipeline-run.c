@@ -313,6 +313,50 @@ test_property_checked (void)
   g_assert_cmpfloat (amount, ==, 7.0);
 }
 
+/* A sink that writes in parallel gives the same file for any thread count,
+ * and the order of tensors in it is the checkpoint's. */
+static void
+test_save_any_threads (void)
+{
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autoptr(LpStage) source = lp_registry_create_stage (test_registry (), "test-source", NULL);
+  g_autoptr(LpStage) sink = lp_registry_create_stage (test_registry (), "test-collect", NULL);
+  g_autoptr(LpCheckpoint) ckpt = NULL;
+  g_autoptr(GBytes) first = NULL;
+  g_autoptr(GError) error = NULL;
+
+  g_object_set (source, "count", 40, "size", 30000, NULL);
+  g_assert_true (lp_stage_run (source, NULL, 0, &ckpt, &error));
+  g_assert_no_error (error);
+  for (guint threads = 1; threads <= 4; threads++)
+    {
+      g_autofree char *path = g_strdup_printf ("%s/out-%u.safetensors", dir, threads);
+      g_autofree char *contents = NULL;
+      gsize len;
+      g_autoptr(GBytes) bytes = NULL;
+      g_autoptr(LpCheckpoint) back = NULL;
+
+      lp_stage_set_threads (sink, threads);
+      g_assert_true (lp_safetensors_save (ckpt, path, sink, &error));
+      g_assert_no_error (error);
+      g_assert_true (g_file_get_contents (path, &contents, &len, NULL));
+      bytes = g_bytes_new_take (g_steal_pointer (&contents), len);
+      if (first == NULL)
+        first = g_bytes_ref (bytes);
+      else
+        g_assert_true (g_bytes_equal (first, bytes));
+      back = lp_safetensors_load (path, &error);
+      g_assert_no_error (error);
+      for (guint i = 0; i < 40; i++)
+        {
+          g_autoptr(GBytes) data = lp_tensor_dup_data (lp_checkpoint_get_tensor (back, i), NULL);
+          const float *v = g_bytes_get_data (data, NULL);
+          g_assert_cmpfloat (v[0], ==, i);
+          g_assert_cmpfloat (v[29999], ==, i);
+        }
+    }
+}
+
 int
 main (int argc, char **argv)
 {
@@ -328,6 +372,7 @@ main (int argc, char **argv)
   g_test_add_func ("/pipeline/run/cancelled", test_cancelled);
   g_test_add_func ("/pipeline/run/async", test_async);
   g_test_add_func ("/stage/property/never-clamped", test_property_checked);
+  g_test_add_func ("/pipeline/save/same-file-any-threads", test_save_any_threads);
 
   return g_test_run ();
 }
