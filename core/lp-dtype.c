@@ -517,6 +517,110 @@ bf16_to_f16_avx2 (const guint16 *src,
   return overflow;
 }
 
+/* bf16 is the dtype LoRA factors come in, and the rank stages widen every
+ * value of a checkpoint and round their (smaller) results back: AVX2 loops
+ * for those three, exact like the portable ones. */
+__attribute__((target ("avx2")))
+static void
+bf16_to_f32_avx2 (const guint16 *src,
+                  float         *dst,
+                  gsize          n)
+{
+  gsize i = 0;
+
+  for (; i + 8 <= n; i += 8)
+    {
+      __m128i b = _mm_loadu_si128 ((const __m128i *) (src + i));
+      _mm256_storeu_si256 ((__m256i *) (dst + i), _mm256_slli_epi32 (_mm256_cvtepu16_epi32 (b), 16));
+    }
+  for (; i < n; i++)
+    dst[i] = f32_from_bits ((guint32) src[i] << 16);
+}
+
+__attribute__((target ("avx2")))
+static void
+bf16_to_f64_avx2 (const guint16 *src,
+                  double        *dst,
+                  gsize          n)
+{
+  gsize i = 0;
+
+  for (; i + 8 <= n; i += 8)
+    {
+      __m128i b = _mm_loadu_si128 ((const __m128i *) (src + i));
+      __m256 x = _mm256_castsi256_ps (_mm256_slli_epi32 (_mm256_cvtepu16_epi32 (b), 16));
+      _mm256_storeu_pd (dst + i, _mm256_cvtps_pd (_mm256_castps256_ps128 (x)));
+      _mm256_storeu_pd (dst + i + 4, _mm256_cvtps_pd (_mm256_extractf128_ps (x, 1)));
+    }
+  for (; i < n; i++)
+    dst[i] = f32_from_bits ((guint32) src[i] << 16);
+}
+
+/* f64 -> bf16 in one rounding. Zeros and values whose result is a normal
+ * bf16 below 2^127 (so no overflow) are rounded on the bits: the 52-bit
+ * mantissa loses 45 bits, ties to even, a carry bumps the exponent, and the
+ * exponent is rebiased by 1023 - 127. Anything else (tiny, huge, inf, NaN)
+ * takes encode_f64() four values at a time. */
+__attribute__((target ("avx2")))
+static gsize
+bf16_from_f64_avx2 (const double *src,
+                    guint16      *dst,
+                    gsize         n)
+{
+  const __m256i abs_mask = _mm256_set1_epi64x (G_GINT64_CONSTANT (0x7fffffffffffffff));
+  const __m256i lo = _mm256_set1_epi64x ((gint64) 897 << 52);       /* 2^-126 */
+  const __m256i hi = _mm256_set1_epi64x ((gint64) 1150 << 52);      /* 2^127 */
+  const __m256i round = _mm256_set1_epi64x ((G_GINT64_CONSTANT (1) << 44) - 1);
+  const __m256i one = _mm256_set1_epi64x (1);
+  const __m256i rebias = _mm256_set1_epi64x ((gint64) (1023 - 127) << 7);
+  const __m256i zero = _mm256_setzero_si256 ();
+  const __m256i pick = _mm256_setr_epi32 (0, 2, 4, 6, 0, 2, 4, 6);
+  gsize overflow = 0;
+  gsize i = 0;
+
+  for (; i + 4 <= n; i += 4)
+    {
+      __m256i u = _mm256_loadu_si256 ((const __m256i *) (src + i));
+      __m256i a = _mm256_and_si256 (u, abs_mask);
+      /* lo <= a < hi, as signed compares (a has no sign bit) */
+      __m256i normal = _mm256_andnot_si256 (_mm256_cmpgt_epi64 (lo, a), _mm256_cmpgt_epi64 (hi, a));
+      __m256i is_zero = _mm256_cmpeq_epi64 (a, zero);
+
+      if (_mm256_movemask_pd (_mm256_castsi256_pd (_mm256_or_si256 (normal, is_zero))) != 0xf)
+        {
+          for (gsize j = i; j < i + 4; j++)
+            dst[j] = (guint16) encode_f64 (&fmt_bf16, src[j], &overflow);
+          continue;
+        }
+      __m256i odd = _mm256_and_si256 (_mm256_srli_epi64 (a, 45), one);
+      __m256i m = _mm256_srli_epi64 (_mm256_add_epi64 (_mm256_add_epi64 (a, round), odd), 45);
+      m = _mm256_and_si256 (_mm256_sub_epi64 (m, rebias), normal);   /* zeros stay 0 */
+      m = _mm256_or_si256 (m, _mm256_slli_epi64 (_mm256_srli_epi64 (u, 63), 15));
+      __m128i r32 = _mm256_castsi256_si128 (_mm256_permutevar8x32_epi32 (m, pick));
+      _mm_storel_epi64 ((__m128i *) (dst + i), _mm_packus_epi32 (r32, r32));
+    }
+  for (; i < n; i++)
+    dst[i] = (guint16) encode_f64 (&fmt_bf16, src[i], &overflow);
+  return overflow;
+}
+
+static gboolean
+have_avx2 (void)
+{
+  static gsize result = 0;
+
+  if (g_once_init_enter (&result))
+    {
+      __builtin_cpu_init ();
+      gsize ok = __builtin_cpu_supports ("avx2") ? 2 : 1;
+      /* LPIPE_NO_F16C also turns these off: one switch for the portable routines */
+      if (g_getenv ("LPIPE_NO_F16C") != NULL)
+        ok = 1;
+      g_once_init_leave (&result, ok);
+    }
+  return result == 2;
+}
+
 static gboolean
 have_avx2_f16c (void)
 {
@@ -564,6 +668,14 @@ bf16_to_f32 (const guint16 *src,
              gsize          n)
 {
   guint32 *out = (guint32 *) dst;
+
+#ifdef LP_HAVE_F16C_PATH
+  if (have_avx2 ())
+    {
+      bf16_to_f32_avx2 (src, dst, n);
+      return;
+    }
+#endif
 
   for (gsize i = 0; i < n; i++)
     out[i] = (guint32) src[i] << 16;
@@ -726,6 +838,14 @@ lp_dtype_to_f64 (LpDtype        dtype,
       return;
     }
 
+#ifdef LP_HAVE_F16C_PATH
+  if (dtype == LP_DTYPE_BF16 && have_avx2 ())
+    {
+      bf16_to_f64_avx2 (src, dst, n);
+      return;
+    }
+#endif
+
   /* the narrow types widen to f32 exactly; go through it in chunks */
   float buf[1024];
   gsize size = lp_dtype_get_bits (dtype) / 8;
@@ -781,6 +901,10 @@ lp_dtype_from_f64 (LpDtype       dtype,
     case LP_DTYPE_F16:
     case LP_DTYPE_BF16:
       {
+#ifdef LP_HAVE_F16C_PATH
+        if (dtype == LP_DTYPE_BF16 && have_avx2 ())
+          return bf16_from_f64_avx2 (src, dst, n);
+#endif
         const LpFloatFormat *fmt = format_for (dtype);
         guint16 *out = dst;
         gsize overflow = 0;

@@ -125,25 +125,62 @@ lp_lora_dtype_eps (LpDtype dtype)
     }
 }
 
+/* Tests the exponent bits (all ones: NaN or infinity) with GCC vector
+ * extensions: the projection checks every value it reads, and a scalar or
+ * floating-point reduction would cost as much as the projection itself. */
+typedef gint32 LpI32x4 __attribute__ ((vector_size (16)));
+typedef gint64 LpI64x2 __attribute__ ((vector_size (16)));
+
 gboolean
 lp_lora_all_finite_f64 (const double *values,
                         gsize         n)
 {
-  /* x - x is 0 for finite x and NaN otherwise: one branch-free pass. */
-  double acc = 0;
-  for (gsize i = 0; i < n; i++)
-    acc += values[i] - values[i];
-  return acc == 0;
+  const gint64 exp = G_GINT64_CONSTANT (0x7ff0000000000000);
+  LpI64x2 acc = { 0, };
+  guint64 bad = 0;
+  gsize i = 0;
+
+  for (; i + 2 <= n; i += 2)
+    {
+      LpI64x2 u;
+      memcpy (&u, values + i, sizeof u);
+      acc |= (u & exp) == exp;
+    }
+  for (guint j = 0; j < 2; j++)
+    bad |= acc[j] != 0;
+  for (; i < n; i++)
+    {
+      guint64 u;
+      memcpy (&u, values + i, sizeof u);
+      bad |= (u & exp) == exp;
+    }
+  return bad == 0;
 }
 
 gboolean
 lp_lora_all_finite_f32 (const float *values,
                         gsize        n)
 {
-  float acc = 0;
-  for (gsize i = 0; i < n; i++)
-    acc += values[i] - values[i];
-  return acc == 0;
+  const gint32 exp = 0x7f800000;
+  LpI32x4 acc = { 0, };
+  guint32 bad = 0;
+  gsize i = 0;
+
+  for (; i + 4 <= n; i += 4)
+    {
+      LpI32x4 u;
+      memcpy (&u, values + i, sizeof u);
+      acc |= (u & exp) == exp;
+    }
+  for (guint j = 0; j < 4; j++)
+    bad |= acc[j] != 0;
+  for (; i < n; i++)
+    {
+      guint32 u;
+      memcpy (&u, values + i, sizeof u);
+      bad |= (u & exp) == exp;
+    }
+  return bad == 0;
 }
 
 void
@@ -157,32 +194,185 @@ lp_lora_spectrum_free (LpLoraSpectrum *spectrum)
   g_free (spectrum);
 }
 
-/* G = A Aᵀ (r × r) for A [r, n], or G = Bᵀ B for B [n, r] when @transposed. */
+/* ---- factors a block at a time ---------------------------------------- */
+
+/* Stored factors (bf16, usually) are converted a block at a time into a
+ * buffer that stays in cache, and each block goes straight into the BLAS
+ * call: a whole f64 copy of a factor would cost more in page faults and
+ * memory traffic than the arithmetic. A block holds about this many values. */
+#define BLOCK_VALUES 16384
+
+/* One scratch buffer per thread, kept for the thread's life: fresh large
+ * allocations are mmap'd and faulted in every time, which dominates on
+ * virtual machines. */
+typedef struct {
+  gpointer data;
+  gsize size;
+} Scratch;
+
 static void
-gram (gboolean      f32,
-      gconstpointer data,
-      guint64       n,
-      guint         r,
-      gboolean      transposed,
-      double       *g)
+scratch_free (gpointer data)
+{
+  Scratch *scratch = data;
+  g_free (scratch->data);
+  g_free (scratch);
+}
+
+static GPrivate scratch_key = G_PRIVATE_INIT (scratch_free);
+
+static gpointer
+scratch_get (gsize size)
+{
+  Scratch *scratch = g_private_get (&scratch_key);
+
+  if (scratch == NULL)
+    {
+      scratch = g_new0 (Scratch, 1);
+      g_private_set (&scratch_key, scratch);
+    }
+  if (scratch->size < size)
+    {
+      g_free (scratch->data);
+      scratch->data = g_malloc (size);
+      scratch->size = size;
+    }
+  return scratch->data;
+}
+
+#define ALIGN_UP(n) (((n) + 63) & ~(gsize) 63)
+
+static LpDtype
+compute_dtype (const LpLoraFactors *f)
+{
+  return f->f32 ? LP_DTYPE_F32 : LP_DTYPE_F64;
+}
+
+static LpDtype
+stored_dtype (const LpLoraFactors *f,
+              gboolean             up)
+{
+  if (!f->stored)
+    return compute_dtype (f);
+  return up ? f->b_dtype : f->a_dtype;
+}
+
+static gsize
+dtype_size (LpDtype dtype)
+{
+  return lp_dtype_get_bits (dtype) / 8;
+}
+
+/* Columns of A [r, n] (or rows of B [n, r]) per block. */
+static gsize
+block_len (guint r)
+{
+  return CLAMP (BLOCK_VALUES / MAX (r, 1), 16, 4096);
+}
+
+/* Widens @n values of @src to the compute dtype. */
+static void
+widen (gboolean      f32,
+       LpDtype       src_dtype,
+       gconstpointer src,
+       gpointer      dst,
+       gsize         n)
 {
   if (f32)
-    {
-      g_autofree float *gf = g_new0 (float, (gsize) r * r);
-      if (transposed)
-        cblas_ssyrk (CblasRowMajor, CblasUpper, CblasTrans, r, n, 1.f, data, r, 0.f, gf, r);
-      else
-        cblas_ssyrk (CblasRowMajor, CblasUpper, CblasNoTrans, r, n, 1.f, data, n, 0.f, gf, r);
-      for (gsize i = 0; i < (gsize) r * r; i++)
-        g[i] = gf[i];
-    }
+    lp_dtype_to_f32 (src_dtype, src, dst, n);
   else
+    lp_dtype_to_f64 (src_dtype, src, dst, n);
+}
+
+/* Rounds @n values in the compute dtype to @dst_dtype. */
+static gsize
+narrow (gboolean      f32,
+        gconstpointer src,
+        LpDtype       dst_dtype,
+        gpointer      dst,
+        gsize         n)
+{
+  return f32 ? lp_dtype_from_f32 (dst_dtype, src, dst, n)
+             : lp_dtype_from_f64 (dst_dtype, src, dst, n);
+}
+
+/* G += Xᵀ X (@transposed, X [n, r] with row stride @ld) or X Xᵀ (X [r, n])
+ * into the upper triangle of the f64 G. f32 products are summed per block
+ * in f64, which keeps the f32 rounding to one block's worth. */
+static void
+syrk_add (gboolean      f32,
+          gboolean      transposed,
+          guint         r,
+          gsize         n,
+          gconstpointer x,
+          gsize         ld,
+          float        *gf,
+          double       *g)
+{
+  CBLAS_TRANSPOSE trans = transposed ? CblasTrans : CblasNoTrans;
+
+  if (!f32)
     {
-      memset (g, 0, sizeof (double) * r * r);
-      if (transposed)
-        cblas_dsyrk (CblasRowMajor, CblasUpper, CblasTrans, r, n, 1.0, data, r, 0.0, g, r);
+      cblas_dsyrk (CblasRowMajor, CblasUpper, trans, r, n, 1.0, x, ld, 1.0, g, r);
+      return;
+    }
+  cblas_ssyrk (CblasRowMajor, CblasUpper, trans, r, n, 1.f, x, ld, 0.f, gf, r);
+  for (guint i = 0; i < r; i++)
+    for (guint j = i; j < r; j++)
+      g[i * r + j] += gf[i * r + j];
+}
+
+/* G = A Aᵀ (r × r, upper triangle) of the down factor, or G = Bᵀ B of the up
+ * factor when @up, read a block at a time. */
+static void
+gram (const LpLoraFactors *f,
+      gboolean             up,
+      double              *g)
+{
+  guint r = f->r;
+  guint64 n = up ? f->out : f->in;
+  gconstpointer data = up ? f->b : f->a;
+  LpDtype src = stored_dtype (f, up);
+  gsize ssize = dtype_size (src);
+  gsize csize = f->f32 ? sizeof (float) : sizeof (double);
+  gsize bl = block_len (r);
+  guchar *buf = scratch_get (ALIGN_UP (csize * r * bl) + sizeof (float) * r * r);
+  float *gf = (float *) (buf + ALIGN_UP (csize * r * bl));
+
+  memset (g, 0, sizeof (double) * r * r);
+  if (src == compute_dtype (f) && !f->f32)
+    {
+      /* already f64: one call over the whole factor */
+      syrk_add (FALSE, up, r, n, data, up ? r : n, NULL, g);
+      return;
+    }
+
+  for (guint64 j0 = 0; j0 < n; j0 += bl)
+    {
+      gsize w = MIN (bl, n - j0);
+      gconstpointer x;
+      gsize ld;
+
+      if (src == compute_dtype (f))
+        {
+          x = (const guchar *) data + (up ? j0 * r : j0) * ssize;
+          ld = up ? r : n;
+        }
+      else if (up)
+        {
+          /* rows j0 … j0 + w of B are contiguous */
+          widen (f->f32, src, (const guchar *) data + j0 * r * ssize, buf, w * r);
+          x = buf;
+          ld = r;
+        }
       else
-        cblas_dsyrk (CblasRowMajor, CblasUpper, CblasNoTrans, r, n, 1.0, data, n, 0.0, g, r);
+        {
+          for (guint t = 0; t < r; t++)
+            widen (f->f32, src, (const guchar *) data + (t * n + j0) * ssize,
+                   buf + t * w * csize, w);
+          x = buf;
+          ld = w;
+        }
+      syrk_add (f->f32, up, r, w, x, ld, gf, g);
     }
 }
 
@@ -240,8 +430,8 @@ lp_lora_spectrum_compute (const LpLoraFactors *f,
   g_autofree double *wa = g_new (double, r);
   g_autofree double *wb = g_new (double, r);
 
-  gram (f->f32, f->a, f->in, r, FALSE, ga);
-  gram (f->f32, f->b, f->out, r, TRUE, gb);
+  gram (f, FALSE, ga);
+  gram (f, TRUE, gb);
 
   /* A NaN or infinity anywhere in a factor reaches its Gram diagonal (a sum
    * of squares), so checking r numbers covers the whole factor. */
@@ -324,18 +514,120 @@ lp_lora_spectrum_compute (const LpLoraFactors *f,
   return g_steal_pointer (&s);
 }
 
-void
-lp_lora_spectrum_apply (const LpLoraSpectrum *s,
-                        const LpLoraFactors  *f,
-                        guint                 k,
-                        guint                 k_out,
-                        double                fold,
-                        gpointer              b_new,
-                        gpointer              a_new)
+/* A' = M A for M [k, r] (compute dtype), a block of columns at a time,
+ * written in @out_dtype. */
+static gsize
+map_down (const LpLoraFactors *f,
+          gconstpointer        m,
+          guint                k,
+          LpDtype              out_dtype,
+          gpointer             result)
+{
+  guint r = f->r;
+  guint64 n = f->in;
+  LpDtype src = stored_dtype (f, FALSE), cdt = compute_dtype (f);
+  gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
+  gsize csize = f->f32 ? sizeof (float) : sizeof (double);
+  gsize bl = src == cdt && out_dtype == cdt ? n : block_len (r);
+  guchar *buf = src == cdt && out_dtype == cdt ? NULL
+              : scratch_get (ALIGN_UP (csize * r * bl) + csize * k * bl);
+  guchar *obuf = buf ? buf + ALIGN_UP (csize * r * bl) : NULL;
+  gsize overflow = 0;
+
+  for (guint64 j0 = 0; j0 < n; j0 += bl)
+    {
+      gsize w = MIN (bl, n - j0);
+      gconstpointer x = (const guchar *) f->a + j0 * ssize;
+      gsize ld = n;
+      gpointer y = (guchar *) result + j0 * osize;
+      gsize ldy = n;
+
+      if (src != cdt)
+        {
+          for (guint t = 0; t < r; t++)
+            widen (f->f32, src, (const guchar *) f->a + (t * n + j0) * ssize,
+                   buf + t * w * csize, w);
+          x = buf;
+          ld = w;
+        }
+      if (out_dtype != cdt)
+        {
+          y = obuf;
+          ldy = w;
+        }
+      if (f->f32)
+        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
+                     1.f, m, r, x, ld, 0.f, y, ldy);
+      else
+        cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
+                     1.0, m, r, x, ld, 0.0, y, ldy);
+      if (out_dtype != cdt)
+        for (guint i = 0; i < k; i++)
+          overflow += narrow (f->f32, obuf + i * w * csize, out_dtype,
+                              (guchar *) result + (i * n + j0) * osize, w);
+    }
+  return overflow;
+}
+
+/* B' = B M for M [r, k] (compute dtype), a block of rows at a time. */
+static gsize
+map_up (const LpLoraFactors *f,
+        gconstpointer        m,
+        guint                k,
+        LpDtype              out_dtype,
+        gpointer             result)
+{
+  guint r = f->r;
+  guint64 n = f->out;
+  LpDtype src = stored_dtype (f, TRUE), cdt = compute_dtype (f);
+  gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
+  gsize csize = f->f32 ? sizeof (float) : sizeof (double);
+  gsize bl = src == cdt && out_dtype == cdt ? n : block_len (r);
+  guchar *buf = src == cdt && out_dtype == cdt ? NULL
+              : scratch_get (ALIGN_UP (csize * r * bl) + csize * k * bl);
+  guchar *obuf = buf ? buf + ALIGN_UP (csize * r * bl) : NULL;
+  gsize overflow = 0;
+
+  for (guint64 i0 = 0; i0 < n; i0 += bl)
+    {
+      gsize h = MIN (bl, n - i0);
+      gconstpointer x = (const guchar *) f->b + i0 * r * ssize;
+      gpointer y = out_dtype == cdt ? (guchar *) result + i0 * k * osize : obuf;
+
+      if (src != cdt)
+        {
+          widen (f->f32, src, x, buf, h * r);
+          x = buf;
+        }
+      if (f->f32)
+        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, h, k, r,
+                     1.f, x, r, m, k, 0.f, y, k);
+      else
+        cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, h, k, r,
+                     1.0, x, r, m, k, 0.0, y, k);
+      if (out_dtype != cdt)
+        overflow += narrow (f->f32, obuf, out_dtype, (guchar *) result + i0 * k * osize, h * k);
+    }
+  return overflow;
+}
+
+gsize
+lp_lora_spectrum_apply_to (const LpLoraSpectrum *s,
+                           const LpLoraFactors  *f,
+                           guint                 k,
+                           guint                 k_out,
+                           double                fold,
+                           LpDtype               b_dtype,
+                           gpointer              b_new,
+                           LpDtype               a_dtype,
+                           gpointer              a_new)
 {
   guint r = f->r;
   guint used = MIN (MIN (k, k_out), s->n);
   double sign = fold < 0 ? -1.0 : 1.0;
+
+  if (k_out == 0)
+    return 0;
 
   /* The small maps absorb √(|fold|·σ): B' = B·Mb, A' = Ma·A. */
   g_autofree double *mb = g_new0 (double, (gsize) r * k_out);
@@ -359,18 +651,73 @@ lp_lora_spectrum_apply (const LpLoraSpectrum *s,
           mbf[i] = mb[i];
           maf[i] = ma[i];
         }
-      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, f->out, k_out, r,
-                   1.f, f->b, r, mbf, k_out, 0.f, b_new, k_out);
-      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k_out, f->in, r,
-                   1.f, maf, r, f->a, f->in, 0.f, a_new, f->in);
+      return map_up (f, mbf, k_out, b_dtype, b_new) + map_down (f, maf, k_out, a_dtype, a_new);
     }
-  else
+  return map_up (f, mb, k_out, b_dtype, b_new) + map_down (f, ma, k_out, a_dtype, a_new);
+}
+
+void
+lp_lora_spectrum_apply (const LpLoraSpectrum *s,
+                        const LpLoraFactors  *f,
+                        guint                 k,
+                        guint                 k_out,
+                        double                fold,
+                        gpointer              b_new,
+                        gpointer              a_new)
+{
+  lp_lora_spectrum_apply_to (s, f, k, k_out, fold, compute_dtype (f), b_new,
+                             compute_dtype (f), a_new);
+}
+
+gboolean
+lp_lora_project_factor (gboolean       up,
+                        LpDtype        dtype,
+                        gconstpointer  data,
+                        guint64        out,
+                        guint64        in,
+                        guint          r,
+                        const float   *proj,
+                        guint          k,
+                        float          alpha,
+                        LpDtype        out_dtype,
+                        gpointer       result,
+                        gsize         *overflow)
+{
+  guint64 n = up ? out : in;
+  gsize ssize = dtype_size (dtype), osize = dtype_size (out_dtype);
+  gsize bl = block_len (r);
+  float *buf = scratch_get (ALIGN_UP (sizeof (float) * r * bl) + sizeof (float) * k * bl);
+  float *obuf = (float *) ((guchar *) buf + ALIGN_UP (sizeof (float) * r * bl));
+
+  *overflow = 0;
+  for (guint64 j0 = 0; j0 < n; j0 += bl)
     {
-      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, f->out, k_out, r,
-                   1.0, f->b, r, mb, k_out, 0.0, b_new, k_out);
-      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k_out, f->in, r,
-                   1.0, ma, r, f->a, f->in, 0.0, a_new, f->in);
+      gsize w = MIN (bl, n - j0);
+
+      if (up)
+        {
+          /* rows j0 … j0 + w of B: B' rows = alpha · B rows Rᵀ */
+          lp_dtype_to_f32 (dtype, (const guchar *) data + j0 * r * ssize, buf, w * r);
+          if (!lp_lora_all_finite_f32 (buf, w * r))
+            return FALSE;
+          cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, w, k, r,
+                       alpha, buf, r, proj, r, 0.f, obuf, k);
+          *overflow += lp_dtype_from_f32 (out_dtype, obuf, (guchar *) result + j0 * k * osize, w * k);
+        }
+      else
+        {
+          for (guint t = 0; t < r; t++)
+            lp_dtype_to_f32 (dtype, (const guchar *) data + (t * n + j0) * ssize, buf + t * w, w);
+          if (!lp_lora_all_finite_f32 (buf, (gsize) r * w))
+            return FALSE;
+          cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
+                       alpha, proj, r, buf, w, 0.f, obuf, w);
+          for (guint i = 0; i < k; i++)
+            *overflow += lp_dtype_from_f32 (out_dtype, obuf + i * w,
+                                            (guchar *) result + (i * n + j0) * osize, w);
+        }
     }
+  return TRUE;
 }
 
 /* ---- randomized SVD ---------------------------------------------------- */
@@ -442,8 +789,8 @@ lp_lora_randomized_spectrum (const LpLoraFactors *f,
 
   g_autofree double *ga = g_new (double, (gsize) r * r);
   g_autofree double *gb = g_new (double, (gsize) r * r);
-  gram (f->f32, f->a, f->in, r, FALSE, ga);
-  gram (f->f32, f->b, f->out, r, TRUE, gb);
+  gram (f, FALSE, ga);
+  gram (f, TRUE, gb);
   for (guint i = 0; i < r; i++)
     if (!isfinite (ga[i * r + i]) || !isfinite (gb[i * r + i]))
       {

@@ -72,7 +72,11 @@ typedef struct {
 void      lp_lora_spectrum_free     (LpLoraSpectrum *spectrum);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC (LpLoraSpectrum, lp_lora_spectrum_free)
 
-/* Factors handed to the SVD: either f64 or f32 data (the compute dtype). */
+/* Factors handed to the SVD. @f32 picks the compute dtype (f32 or f64). The
+ * data are in the compute dtype, or, when @stored, in @b_dtype and @a_dtype
+ * (any dtype lp_dtype_can_convert() accepts, such as a tensor's mapped
+ * bytes): they are then converted a cache-sized block at a time, so a
+ * factor is never copied whole. */
 typedef struct {
   gboolean f32;
   gconstpointer b;   /* out × r */
@@ -80,6 +84,9 @@ typedef struct {
   guint64 out;
   guint64 in;
   guint r;
+  gboolean stored;
+  LpDtype b_dtype;
+  LpDtype a_dtype;
 } LpLoraFactors;
 
 LpLoraSpectrum *lp_lora_spectrum_compute (const LpLoraFactors *factors,
@@ -96,6 +103,37 @@ void      lp_lora_spectrum_apply    (const LpLoraSpectrum *spectrum,
                                      double                fold,
                                      gpointer              b_new,
                                      gpointer              a_new);
+
+/* The same, written in @b_dtype and @a_dtype (any convertible dtype)
+ * straight from blocks of the products. Returns how many finite values
+ * overflowed the output dtypes. */
+gsize     lp_lora_spectrum_apply_to (const LpLoraSpectrum *spectrum,
+                                     const LpLoraFactors  *factors,
+                                     guint                 k,
+                                     guint                 k_out,
+                                     double                fold,
+                                     LpDtype               b_dtype,
+                                     gpointer              b_new,
+                                     LpDtype               a_dtype,
+                                     gpointer              a_new);
+
+/* Random projection of one factor: A' = alpha · R A (@up FALSE) or
+ * B' = alpha · B Rᵀ (@up TRUE) for R k × r (f32, row-major), computed in f32
+ * a block at a time from the stored @dtype and written in @out_dtype.
+ * Returns FALSE if the factor holds a NaN or an infinity; *@overflow counts
+ * the finite values that overflowed @out_dtype. */
+gboolean  lp_lora_project_factor    (gboolean       up,
+                                     LpDtype        dtype,
+                                     gconstpointer  data,
+                                     guint64        out,
+                                     guint64        in,
+                                     guint          r,
+                                     const float   *proj,
+                                     guint          k,
+                                     float          alpha,
+                                     LpDtype        out_dtype,
+                                     gpointer       result,
+                                     gsize         *overflow);
 
 /* Randomized SVD (Halko, Martinsson, Tropp) of B @ A: a range finder over
  * k + @oversample columns with @niter power iterations, run in r-space on

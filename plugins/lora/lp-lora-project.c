@@ -7,7 +7,6 @@
 #include "lp-lora-math.h"
 
 #include <math.h>
-#include <cblas.h>
 
 /**
  * LpLoraProject:
@@ -76,19 +75,12 @@ project_data (LpTensor  *tensor,
   guint64 in = lp_lora_module_get_in_features (module);
   guint64 out = lp_lora_module_get_out_features (module);
   double fold = lp_lora_module_get_fold_scale (module);
-  gsize n;
   LpLoraRng rng;
+  gsize overflow;
 
-  g_autofree float *x = lp_tensor_dup_f32 (source, &n, error);
-  if (x == NULL)
+  g_autoptr (GBytes) data = lp_tensor_dup_data (source, error);
+  if (data == NULL)
     return NULL;
-  if (!lp_lora_all_finite_f32 (x, n))
-    {
-      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
-                   "module %s: NaN or infinity in the %s factor",
-                   lp_lora_module_get_name (module), factor->up ? "up" : "down");
-      return NULL;
-    }
 
   /* the same R for both factors: the stream of (seed, module name) */
   g_autofree float *proj = g_new (float, (gsize) k * r);
@@ -99,20 +91,20 @@ project_data (LpTensor  *tensor,
   float root = sqrt (fabs (fold));
   float alpha = factor->up && fold < 0 ? -root : root;
 
-  if (factor->up)
+  /* read in the stored dtype a block at a time, written in the tensor's */
+  LpDtype dtype = lp_tensor_get_dtype (tensor);
+  gsize size = lp_tensor_get_n_bytes (tensor);
+  gpointer result = g_malloc (MAX (size, 1));
+  if (!lp_lora_project_factor (factor->up, lp_tensor_get_dtype (source), g_bytes_get_data (data, NULL),
+                               out, in, r, proj, k, alpha, dtype, result, &overflow))
     {
-      g_autofree float *y = g_new (float, out * k);
-      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, out, k, r,
-                   alpha, x, r, proj, r, 0.f, y, k);
-      return lp_lora_bytes_from_f32 (lp_tensor_get_dtype (tensor), y, out * k);
+      g_free (result);
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                   "module %s: NaN or infinity in the %s factor",
+                   lp_lora_module_get_name (module), factor->up ? "up" : "down");
+      return NULL;
     }
-  else
-    {
-      g_autofree float *y = g_new (float, (gsize) k * in);
-      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, in, r,
-                   alpha, proj, r, x, in, 0.f, y, in);
-      return lp_lora_bytes_from_f32 (lp_tensor_get_dtype (tensor), y, k * in);
-    }
+  return g_bytes_new_take (result, size);
 }
 
 static LpTensor *

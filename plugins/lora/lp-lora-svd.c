@@ -134,26 +134,23 @@ factor_ref_free (gpointer data)
   g_free (ref);
 }
 
-/* The module's factors as f64 or f32, B [out, r] and A [r, in·kh·kw]. */
+/* The module's factors as f64, B [out, r] and A [r, in·kh·kw]. */
 static gboolean
 load_factors (LpLoraModule  *module,
-              gboolean       f32,
               LpLoraFactors *f,
               GError       **error)
 {
   LpTensor *down = lp_lora_module_get_down (module);
   LpTensor *up = lp_lora_module_get_up (module);
 
-  f->f32 = f32;
+  f->f32 = FALSE;
   f->r = lp_lora_module_get_rank (module);
   f->in = lp_lora_module_get_in_features (module);
   f->out = lp_lora_module_get_out_features (module);
-  f->a = f32 ? (gpointer) lp_tensor_dup_f32 (down, NULL, error)
-             : (gpointer) lp_tensor_dup_f64 (down, NULL, error);
+  f->a = lp_tensor_dup_f64 (down, NULL, error);
   if (f->a == NULL)
     return FALSE;
-  f->b = f32 ? (gpointer) lp_tensor_dup_f32 (up, NULL, error)
-             : (gpointer) lp_tensor_dup_f64 (up, NULL, error);
+  f->b = lp_tensor_dup_f64 (up, NULL, error);
   if (f->b == NULL)
     {
       g_clear_pointer ((gpointer *) &f->a, g_free);
@@ -169,11 +166,35 @@ free_factors (LpLoraFactors *f)
   g_clear_pointer ((gpointer *) &f->b, g_free);
 }
 
-static GBytes *
-to_bytes (LpDtype dtype, gboolean f32, gconstpointer values, gsize n)
+/* The module's factors as stored (mapped pages, usually): the math converts
+ * them a block at a time. @data[0] and @data[1] hold down's and up's bytes. */
+static gboolean
+load_stored (LpLoraModule  *module,
+             gboolean       f32,
+             LpLoraFactors *f,
+             GBytes       **data,
+             GError       **error)
 {
-  return f32 ? lp_lora_bytes_from_f32 (dtype, values, n)
-             : lp_lora_bytes_from_f64 (dtype, values, n);
+  LpTensor *down = lp_lora_module_get_down (module);
+  LpTensor *up = lp_lora_module_get_up (module);
+
+  f->f32 = f32;
+  f->stored = TRUE;
+  f->r = lp_lora_module_get_rank (module);
+  f->in = lp_lora_module_get_in_features (module);
+  f->out = lp_lora_module_get_out_features (module);
+  f->a_dtype = lp_tensor_get_dtype (down);
+  f->b_dtype = lp_tensor_get_dtype (up);
+  data[0] = lp_tensor_dup_data (down, error);
+  data[1] = data[0] ? lp_tensor_dup_data (up, error) : NULL;
+  if (data[1] == NULL)
+    {
+      g_clear_pointer (&data[0], g_bytes_unref);
+      return FALSE;
+    }
+  f->a = g_bytes_get_data (data[0], NULL);
+  f->b = g_bytes_get_data (data[1], NULL);
+  return TRUE;
 }
 
 /* k ≥ r: B·√|fold| and A·√|fold| (the sign on B), padded with zeros. */
@@ -202,67 +223,89 @@ job_copy (Job *job, LpLoraFactors *f, double *b_new, double *a_new, GError **err
   return TRUE;
 }
 
+/* k ≥ r: the factors folded and padded, through f64. */
 static gboolean
-job_compute (Job     *job,
-             GError **error)
+job_compute_copy (Job     *job,
+                  GError **error)
 {
   LpLoraModule *module = job->module;
-  /* the copy path works in f64 */
-  gboolean f32 = job->f32 && !job->copy;
   LpLoraFactors f = { 0, };
-  gsize esize = f32 ? sizeof (float) : sizeof (double);
-  double kept = 0, total = -1;
 
-  if (!load_factors (module, f32, &f, error))
+  if (!load_factors (module, &f, error))
     return FALSE;
 
-  g_autofree gpointer b_new = g_malloc (esize * f.out * job->k_out);
-  g_autofree gpointer a_new = g_malloc (esize * job->k_out * f.in);
-  gboolean ok = TRUE;
-
-  if (job->copy)
-    {
-      ok = job_copy (job, &f, b_new, a_new, error);
-      kept = total = 1;   /* nothing discarded */
-    }
-  else
-    {
-      g_autoptr (LpLoraSpectrum) own = NULL;
-      const LpLoraSpectrum *spectrum = job->spectrum;
-      if (spectrum == NULL && job->method == LP_LORA_SVD_METHOD_RANDOMIZED)
-        {
-          LpLoraRng rng;
-          lp_lora_rng_init (&rng, job->seed, lp_lora_module_get_name (module));
-          spectrum = own = lp_lora_randomized_spectrum (&f, job->k, job->oversample,
-                                                        job->niter, &rng, error);
-        }
-      else if (spectrum == NULL)
-        spectrum = own = lp_lora_spectrum_compute (&f, TRUE, error);
-      ok = spectrum != NULL;
-      if (ok)
-        {
-          lp_lora_spectrum_apply (spectrum, &f, job->k, job->k_out, job->fold, b_new, a_new);
-          for (guint i = 0; i < MIN (job->k, spectrum->r); i++)
-            kept += spectrum->sigma[i] * spectrum->sigma[i];
-          total = spectrum->total;
-        }
-    }
+  g_autofree double *b_new = g_new (double, f.out * job->k_out);
+  g_autofree double *a_new = g_new (double, job->k_out * f.in);
+  gboolean ok = job_copy (job, &f, b_new, a_new, error);
 
   if (ok)
     {
       g_clear_pointer (&job->held[0], g_bytes_unref);
       g_clear_pointer (&job->held[1], g_bytes_unref);
-      job->held[0] = to_bytes (lp_tensor_get_dtype (lp_lora_module_get_down (module)),
-                               f32, a_new, job->k_out * f.in);
-      job->held[1] = to_bytes (lp_tensor_get_dtype (lp_lora_module_get_up (module)),
-                               f32, b_new, f.out * job->k_out);
-      lp_lora_stats_record (job->stats, lp_lora_module_get_name (module), kept, total);
+      job->held[0] = lp_lora_bytes_from_f64 (lp_tensor_get_dtype (lp_lora_module_get_down (module)),
+                                             a_new, job->k_out * f.in);
+      job->held[1] = lp_lora_bytes_from_f64 (lp_tensor_get_dtype (lp_lora_module_get_up (module)),
+                                             b_new, f.out * job->k_out);
+      lp_lora_stats_record (job->stats, lp_lora_module_get_name (module), 1, 1);   /* nothing discarded */
     }
   else
     lp_lora_prefix_error (error, module);
 
   free_factors (&f);
   return ok;
+}
+
+static gboolean
+job_compute (Job     *job,
+             GError **error)
+{
+  LpLoraModule *module = job->module;
+  LpLoraFactors f = { 0, };
+  GBytes *data[2] = { NULL, NULL };
+  g_autoptr (LpLoraSpectrum) own = NULL;
+  const LpLoraSpectrum *spectrum = job->spectrum;
+  double kept = 0;
+
+  if (job->copy)
+    return job_compute_copy (job, error);
+
+  if (!load_stored (module, job->f32, &f, data, error))
+    return FALSE;
+
+  if (spectrum == NULL && job->method == LP_LORA_SVD_METHOD_RANDOMIZED)
+    {
+      LpLoraRng rng;
+      lp_lora_rng_init (&rng, job->seed, lp_lora_module_get_name (module));
+      spectrum = own = lp_lora_randomized_spectrum (&f, job->k, job->oversample,
+                                                    job->niter, &rng, error);
+    }
+  else if (spectrum == NULL)
+    spectrum = own = lp_lora_spectrum_compute (&f, TRUE, error);
+
+  if (spectrum != NULL)
+    {
+      /* written straight in the factors' dtypes, block by block */
+      gsize a_size = job->k_out * f.in * (lp_dtype_get_bits (f.a_dtype) / 8);
+      gsize b_size = f.out * job->k_out * (lp_dtype_get_bits (f.b_dtype) / 8);
+      gpointer a_new = g_malloc (MAX (a_size, 1));
+      gpointer b_new = g_malloc (MAX (b_size, 1));
+
+      lp_lora_spectrum_apply_to (spectrum, &f, job->k, job->k_out, job->fold,
+                                 f.b_dtype, b_new, f.a_dtype, a_new);
+      for (guint i = 0; i < MIN (job->k, spectrum->r); i++)
+        kept += spectrum->sigma[i] * spectrum->sigma[i];
+      g_clear_pointer (&job->held[0], g_bytes_unref);
+      g_clear_pointer (&job->held[1], g_bytes_unref);
+      job->held[0] = g_bytes_new_take (a_new, a_size);
+      job->held[1] = g_bytes_new_take (b_new, b_size);
+      lp_lora_stats_record (job->stats, lp_lora_module_get_name (module), kept, spectrum->total);
+    }
+  else
+    lp_lora_prefix_error (error, module);
+
+  g_bytes_unref (data[0]);
+  g_bytes_unref (data[1]);
+  return spectrum != NULL;
 }
 
 /* Both factors come from one computation: whichever is asked for first
@@ -300,11 +343,13 @@ spectrum_task (gpointer data,
   guint i = GPOINTER_TO_UINT (data) - 1;
   LpLoraModule *module = g_ptr_array_index (work->modules, i);
   LpLoraFactors f = { 0, };
+  GBytes *bytes[2];
 
-  if (load_factors (module, work->self->compute_dtype == LP_LORA_COMPUTE_DTYPE_F32, &f, &work->errors[i]))
+  if (load_stored (module, work->self->compute_dtype == LP_LORA_COMPUTE_DTYPE_F32, &f, bytes, &work->errors[i]))
     {
       work->spectra[i] = lp_lora_spectrum_compute (&f, TRUE, &work->errors[i]);
-      free_factors (&f);
+      g_bytes_unref (bytes[0]);
+      g_bytes_unref (bytes[1]);
     }
   if (work->errors[i])
     lp_lora_prefix_error (&work->errors[i], module);

@@ -5,20 +5,22 @@
 # reduces it to rank 4 with the exact SVD, the randomized SVD and the random
 # projection, and compares their wall time with `cp` of the same file in the
 # same run: exact <= 1.5x cp, randomized <= 1.5x exact, projection <= 1.5x cp,
-# peak RSS < 160 MiB for each. Each figure is the best of a few runs, so a
-# busy machine does not fail it by chance.
+# peak RSS < 160 MiB for each. The commands take turns, RUNS rounds of them,
+# so that a busy spell of a shared machine falls on all of them alike, and
+# each figure is the median of its runs.
 #
 # SPDX-License-Identifier: LGPL-2.1-or-later
 
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 LPIPE = os.environ["LPIPE"]
-RUNS = 3
+RUNS = int(os.environ.get("LPIPE_BENCH_RUNS", "5"))
 
 
 def timed(argv):
@@ -32,15 +34,6 @@ def timed(argv):
     return wall, usage.ru_maxrss / 1024.0
 
 
-def best(argv, cleanup=None):
-    results = []
-    for _ in range(RUNS):
-        results.append(timed(argv))
-        if cleanup:
-            os.unlink(cleanup)
-    return min(w for w, _ in results), max(m for _, m in results)
-
-
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-bench-lora-", dir=os.environ.get("LPIPE_BENCH_DIR"))
     try:
@@ -49,23 +42,32 @@ def main():
                         "!", "safetensors-sink", "location=" + src], check=True)
         size = os.path.getsize(src)
         copy = os.path.join(tmp, "copy.safetensors")
-        cp, _ = best(["cp", src, copy], cleanup=copy)
-
         out = os.path.join(tmp, "out.safetensors")
+        commands = {"cp": (["cp", src, copy], copy)}
         stages = {
             "exact": ["lora-svd", "rank=4"],
             "randomized": ["lora-svd", "rank=4", "method=randomized"],
             "projection": ["lora-project", "rank=4"],
         }
-        figures = {}
         for name, stage in stages.items():
-            argv = [LPIPE, "-q", "launch", "safetensors-source", "location=" + src, "!"] + stage + \
-                   ["!", "safetensors-sink", "location=" + out]
-            figures[name] = best(argv, cleanup=out)
+            commands[name] = ([LPIPE, "-q", "launch", "safetensors-source", "location=" + src, "!"]
+                              + stage + ["!", "safetensors-sink", "location=" + out], out)
 
-        print("input %.0f MB; cp %.3f s" % (size / 1e6, cp))
+        runs = {name: [] for name in commands}
+        for _ in range(RUNS):
+            for name, (argv, result) in commands.items():
+                runs[name].append(timed(argv))
+                os.unlink(result)
+        figures = {name: (statistics.median(w for w, _ in r), max(m for _, m in r))
+                   for name, r in runs.items()}
+        cp = figures["cp"][0]
+
+        print("input %.0f MB, median of %d runs" % (size / 1e6, RUNS))
+        print("%-11s %8s %8s %8s %10s" % ("", "wall s", "min s", "x cp", "peak MiB"))
         for name, (wall, rss) in figures.items():
-            print("%-11s %.3f s (%.2fx cp)  peak RSS %.1f MiB" % (name, wall, wall / cp, rss))
+            print("%-11s %8.3f %8.3f %8.2f %10.1f"
+                  % (name, wall, min(w for w, _ in runs[name]), wall / cp, rss))
+        figures.pop("cp")
 
         failures = []
         if figures["exact"][0] > 1.5 * cp:
