@@ -1052,8 +1052,41 @@ check_tiling (Header      *h,
  * pages are given back. A tensor holding one slice for its whole life would
  * keep every page it was ever read through resident, and a 2 GiB checkpoint
  * would end with 2 GiB of RSS. */
+/* An open descriptor of the mapped file, shared by its tensors: small
+ * tensors are read with pread() into memory the allocator reuses, which on
+ * virtual machines costs far less than faulting in the mapping's pages one
+ * by one. The descriptor keeps reading the file it opened even when the
+ * output replaces it (writing over the input). */
+typedef struct {
+  gatomicrefcount ref;
+  int fd;
+  char *display;
+} SourceFile;
+
+static SourceFile *
+source_file_ref (SourceFile *f)
+{
+  g_atomic_ref_count_inc (&f->ref);
+  return f;
+}
+
+static void
+source_file_unref (SourceFile *f)
+{
+  if (f && g_atomic_ref_count_dec (&f->ref))
+    {
+      close (f->fd);
+      g_free (f->display);
+      g_free (f);
+    }
+}
+
+/* Bigger tensors stay zero-copy views of the mapping (see below). */
+#define PREAD_MAX (16 * 1024 * 1024)
+
 typedef struct {
   GBytes *file;
+  SourceFile *source;   /* NULL when not read from a file */
   gsize offset;
   gsize size;
   gboolean mapped;
@@ -1065,7 +1098,34 @@ slice_free (gpointer data)
   Slice *slice = data;
 
   g_bytes_unref (slice->file);
+  source_file_unref (slice->source);
   g_free (slice);
+}
+
+static GBytes *
+slice_pread (Slice   *slice,
+             GError **error)
+{
+  guchar *buf = g_malloc (MAX (slice->size, 1));
+  gsize done = 0;
+
+  while (done < slice->size)
+    {
+      ssize_t n = pread (slice->source->fd, buf + done, slice->size - done, slice->offset + done);
+      if (n < 0 && errno == EINTR)
+        continue;
+      if (n <= 0)
+        {
+          int saved_errno = n < 0 ? errno : EIO;
+          g_free (buf);
+          g_set_error (error, G_IO_ERROR, g_io_error_from_errno (saved_errno),
+                       "Could not read “%s”: %s", slice->source->display,
+                       n < 0 ? g_strerror (saved_errno) : "the file was shortened while open");
+          return NULL;
+        }
+      done += n;
+    }
+  return g_bytes_new_take (buf, slice->size);
 }
 
 typedef struct {
@@ -1102,6 +1162,8 @@ slice_get_data (LpTensor  *tensor,
 
   if (!slice->mapped)
     return g_bytes_new_from_bytes (slice->file, slice->offset, slice->size);
+  if (slice->source && slice->size <= PREAD_MAX)
+    return slice_pread (slice, error);
 
   view = g_new (MappedView, 1);
   view->file = g_bytes_ref (slice->file);
@@ -1113,6 +1175,7 @@ slice_get_data (LpTensor  *tensor,
 static LpCheckpoint *
 load_bytes (GBytes      *bytes,
             gboolean     mapped,
+            SourceFile  *source,
             const char  *origin,
             GError     **error)
 {
@@ -1190,6 +1253,7 @@ load_bytes (GBytes      *bytes,
       slice->offset = 8 + n + e->begin;
       slice->size = e->end - e->begin;
       slice->mapped = mapped;
+      slice->source = source ? source_file_ref (source) : NULL;
       /* A scalar has no dims, and h.dims may have no storage at all: no
        * pointer arithmetic on it then (undefined behaviour on NULL). */
       tensor = lp_tensor_new_lazy (e->name, e->dtype,
@@ -1230,7 +1294,7 @@ lp_safetensors_load_from_bytes (GBytes      *bytes,
   g_return_val_if_fail (bytes != NULL, NULL);
   g_return_val_if_fail (error == NULL || *error == NULL, NULL);
 
-  return load_bytes (bytes, FALSE, origin ? origin : "safetensors data", error);
+  return load_bytes (bytes, FALSE, NULL, origin ? origin : "safetensors data", error);
 }
 
 /* For `X.safetensors` the PEFT config is `X.adapter_config.json` (how the
@@ -1341,7 +1405,30 @@ lp_safetensors_load (const char  *filename,
   bytes = g_mapped_file_get_bytes (mapped);
   display = g_filename_display_name (filename);
 
-  checkpoint = load_bytes (bytes, g_mapped_file_get_length (mapped) > 0, display, error);
+  {
+    SourceFile *source = NULL;
+    int fd = open (filename, O_RDONLY | O_CLOEXEC);
+
+    /* Opened after the mapping: the same file unless it was replaced in
+     * between, which the header check of the mapped bytes would not see;
+     * compare the two to be sure. */
+    if (fd >= 0)
+      {
+        struct stat a, b;
+        if (fstat (fd, &a) == 0 && g_stat (filename, &b) == 0 && a.st_ino == b.st_ino &&
+            (gsize) a.st_size == g_mapped_file_get_length (mapped))
+          {
+            source = g_new0 (SourceFile, 1);
+            g_atomic_ref_count_init (&source->ref);
+            source->fd = fd;
+            source->display = g_strdup (display);
+          }
+        else
+          close (fd);
+      }
+    checkpoint = load_bytes (bytes, g_mapped_file_get_length (mapped) > 0, source, display, error);
+    source_file_unref (source);
+  }
   if (checkpoint == NULL)
     return NULL;
   if (!read_adapter_config (checkpoint, filename, error))
