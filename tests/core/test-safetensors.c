@@ -374,6 +374,12 @@ static const BadCase bad_cases[] = {
   /* lax in the reference, strict here */
   { "duplicate-name", "{\"a\":" T ("U8", "[0]", "[0,0]") ",\"a\":" T ("U8", "[0]", "[0,0]") "}", -1, 0, LP_FORMAT_ERROR_DUPLICATE },
   { "duplicate-name-escaped", "{\"a\":" T ("U8", "[0]", "[0,0]") ",\"\\u0061\":" T ("U8", "[0]", "[0,0]") "}", -1, 0, LP_FORMAT_ERROR_DUPLICATE },
+
+  /* hostile files (tests/reliability covers their cost through the CLI) */
+  { "name-invalid-utf8", "{\"a\xff\":" T ("U8", "[0]", "[0,0]") "}", -1, 0, LP_FORMAT_ERROR_ENCODING },
+  { "name-overlong-nul", "{\"a\xc0\x80\":" T ("U8", "[0]", "[0,0]") "}", -1, 0, LP_FORMAT_ERROR_ENCODING },
+  { "alloc-bomb-2^40", ONE (T ("F32", "[1099511627776]", "[0,4398046511104]")), -1, 100, LP_FORMAT_ERROR_TRUNCATED },
+  { "alloc-bomb-many-gib", "{\"a\":" T ("U8", "[1073741824]", "[0,1073741824]") ",\"b\":" T ("U8", "[1073741824]", "[1073741824,2147483648]") "}", -1, 16, LP_FORMAT_ERROR_TRUNCATED },
 };
 
 static void
@@ -461,6 +467,28 @@ load_ok (const char *header,
   g_assert_no_error (error);
   g_assert_nonnull (checkpoint);
   return checkpoint;
+}
+
+/* Brackets and escaped quotes inside strings are text: they count toward no
+ * nesting depth and end no string. */
+static void
+test_accept_brackets_in_strings (void)
+{
+  GString *h = g_string_new ("{\"__metadata__\":{\"k\":\"");
+  g_autoptr(GError) error = NULL;
+  g_autoptr(GBytes) bytes = NULL;
+  g_autoptr(LpCheckpoint) checkpoint = NULL;
+
+  for (guint i = 0; i < 5000; i++)
+    g_string_append (h, "[{");
+  g_string_append (h, "\\\"[[\\\\\"},\"t[{\":" T ("U8", "[1]", "[0,1]") "}");
+  bytes = make_file (h->str, 1);
+  checkpoint = lp_safetensors_load_from_bytes (bytes, "brackets.safetensors", &error);
+  g_assert_no_error (error);
+  g_assert_cmpuint (lp_checkpoint_get_n_tensors (checkpoint), ==, 1);
+  g_assert_cmpstr (lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, 0)), ==, "t[{");
+  g_assert_true (g_str_has_suffix (lp_checkpoint_get_metadata (checkpoint, "k"), "[{\"[[\\"));
+  g_string_free (h, TRUE);
 }
 
 static void
@@ -1240,6 +1268,7 @@ main (int   argc,
   g_test_add_func ("/safetensors/reject/messages", test_reject_messages);
   g_test_add_func ("/safetensors/reject/file-errors", test_file_errors);
   g_test_add_func ("/safetensors/accept/empty", test_accept_empty);
+  g_test_add_func ("/safetensors/accept/brackets-in-strings", test_accept_brackets_in_strings);
   g_test_add_func ("/safetensors/accept/zero-size", test_accept_zero_size);
   g_test_add_func ("/safetensors/accept/scalar", test_accept_scalar);
   g_test_add_func ("/safetensors/accept/all-dtypes", test_accept_all_dtypes);
