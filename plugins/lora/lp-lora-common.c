@@ -104,23 +104,28 @@ lp_lora_stats_get (LpCheckpoint *checkpoint)
 GBytes *
 lp_lora_bytes_from_f64 (LpDtype       dtype,
                         const double *values,
-                        gsize         n)
+                        gsize         n,
+                        gsize        *overflow)
 {
   gsize size = (n * lp_dtype_get_bits (dtype) + 7) / 8;
   gpointer data = g_malloc (MAX (size, 1));
-  lp_dtype_from_f64 (dtype, values, data, n);
+
+  *overflow += lp_dtype_from_f64 (dtype, values, data, n);
   return g_bytes_new_take (data, size);
 }
 
-GBytes *
-lp_lora_bytes_from_f32 (LpDtype      dtype,
-                        const float *values,
-                        gsize        n)
+gboolean
+lp_lora_check_overflow (gsize          overflow,
+                        LpDtype        dtype,
+                        GError       **error)
 {
-  gsize size = (n * lp_dtype_get_bits (dtype) + 7) / 8;
-  gpointer data = g_malloc (MAX (size, 1));
-  lp_dtype_from_f32 (dtype, values, data, n);
-  return g_bytes_new_take (data, size);
+  if (overflow == 0)
+    return TRUE;
+  g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+               "%" G_GSIZE_FORMAT " values of the reduced factors overflow %s; "
+               "cast the LoRA to f32 before reducing it",
+               overflow, lp_dtype_to_string (dtype));
+  return FALSE;
 }
 
 void

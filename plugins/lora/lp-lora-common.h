@@ -35,13 +35,17 @@ LpLoraStats  *lp_lora_stats_get      (LpCheckpoint *checkpoint);
 
 G_DEFINE_AUTOPTR_CLEANUP_FUNC (LpLoraStats, lp_lora_stats_unref)
 
-/* Data of n values in @dtype, converted from f64 or f32. */
+/* Data of n values in @dtype, converted from f64; adds to *@overflow the
+ * finite values that became infinite (or NaN) in @dtype. */
 GBytes       *lp_lora_bytes_from_f64 (LpDtype       dtype,
                                       const double *values,
-                                      gsize         n);
-GBytes       *lp_lora_bytes_from_f32 (LpDtype       dtype,
-                                      const float  *values,
-                                      gsize         n);
+                                      gsize         n,
+                                      gsize        *overflow);
+/* Reduced factors are never written with values that overflowed their
+ * dtype: an error (the caller names the module) when @overflow > 0. */
+gboolean      lp_lora_check_overflow (gsize         overflow,
+                                      LpDtype       dtype,
+                                      GError      **error);
 
 /* The output of a reduction: the input's tensors in their order, each
  * module's factors (and kohya alpha) replaced by the ones given (a NULL entry

@@ -104,6 +104,12 @@ project_data (LpTensor  *tensor,
                    lp_lora_module_get_name (module), factor->up ? "up" : "down");
       return NULL;
     }
+  if (!lp_lora_check_overflow (overflow, dtype, error))
+    {
+      g_free (result);
+      lp_lora_prefix_error (error, module);
+      return NULL;
+    }
   return g_bytes_new_take (result, size);
 }
 

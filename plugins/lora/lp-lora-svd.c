@@ -240,15 +240,24 @@ job_compute_copy (Job     *job,
 
   if (ok)
     {
-      g_clear_pointer (&job->held[0], g_bytes_unref);
-      g_clear_pointer (&job->held[1], g_bytes_unref);
-      job->held[0] = lp_lora_bytes_from_f64 (lp_tensor_get_dtype (lp_lora_module_get_down (module)),
-                                             a_new, job->k_out * f.in);
-      job->held[1] = lp_lora_bytes_from_f64 (lp_tensor_get_dtype (lp_lora_module_get_up (module)),
-                                             b_new, f.out * job->k_out);
-      lp_lora_stats_record (job->stats, lp_lora_module_get_name (module), 1, 1);   /* nothing discarded */
+      LpDtype a_dtype = lp_tensor_get_dtype (lp_lora_module_get_down (module));
+      LpDtype b_dtype = lp_tensor_get_dtype (lp_lora_module_get_up (module));
+      gsize overflow_a = 0, overflow_b = 0;
+      g_autoptr(GBytes) a_bytes = lp_lora_bytes_from_f64 (a_dtype, a_new, job->k_out * f.in, &overflow_a);
+      g_autoptr(GBytes) b_bytes = lp_lora_bytes_from_f64 (b_dtype, b_new, f.out * job->k_out, &overflow_b);
+
+      ok = lp_lora_check_overflow (overflow_a, a_dtype, error) &&
+           lp_lora_check_overflow (overflow_b, b_dtype, error);
+      if (ok)
+        {
+          g_clear_pointer (&job->held[0], g_bytes_unref);
+          g_clear_pointer (&job->held[1], g_bytes_unref);
+          job->held[0] = g_steal_pointer (&a_bytes);
+          job->held[1] = g_steal_pointer (&b_bytes);
+          lp_lora_stats_record (job->stats, lp_lora_module_get_name (module), 1, 1);   /* nothing discarded */
+        }
     }
-  else
+  if (!ok)
     lp_lora_prefix_error (error, module);
 
   free_factors (&f);
@@ -290,8 +299,21 @@ job_compute (Job     *job,
       gpointer a_new = g_malloc (MAX (a_size, 1));
       gpointer b_new = g_malloc (MAX (b_size, 1));
 
-      lp_lora_spectrum_apply_to (spectrum, &f, job->k, job->k_out, job->fold,
-                                 f.b_dtype, b_new, f.a_dtype, a_new);
+      gsize overflow = lp_lora_spectrum_apply_to (spectrum, &f, job->k, job->k_out, job->fold,
+                                                  f.b_dtype, b_new, f.a_dtype, a_new);
+
+      /* one count for both factors: name the narrower dtype */
+      LpDtype narrow = lp_dtype_get_bits (f.b_dtype) <= lp_dtype_get_bits (f.a_dtype) ? f.b_dtype : f.a_dtype;
+
+      if (!lp_lora_check_overflow (overflow, narrow, error))
+        {
+          g_free (a_new);
+          g_free (b_new);
+          lp_lora_prefix_error (error, module);
+          g_bytes_unref (data[0]);
+          g_bytes_unref (data[1]);
+          return FALSE;
+        }
       for (guint i = 0; i < MIN (job->k, spectrum->r); i++)
         kept += spectrum->sigma[i] * spectrum->sigma[i];
       g_clear_pointer (&job->held[0], g_bytes_unref);
