@@ -24,7 +24,7 @@ enum {
 
 static gboolean opt_quiet;
 static gboolean opt_json;
-static gint opt_threads;
+static gint opt_threads = -1;   /* -1: not given, all cores */
 
 static const char usage_text[] =
   "Usage:\n"
@@ -643,7 +643,7 @@ main (int argc, char **argv)
       fputs (usage_text, opt_help ? stdout : stderr);
       return opt_help ? EXIT_OK : EXIT_USAGE;
     }
-  if (opt_threads < 0)
+  if (opt_threads == 0 || opt_threads < -1)
     {
       print_error ("--threads must be at least 1");
       return EXIT_USAGE;
