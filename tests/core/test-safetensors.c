@@ -1087,7 +1087,8 @@ rss_kib (void)
 }
 
 /* Reading every tensor of a mapped file and dropping the data must not keep
- * the file's pages in the process. */
+ * the file's pages in the process. The tensors are larger than those the
+ * reader copies with pread() (16 MiB), so they are views of the mapping. */
 static void
 test_mapped_pages_released (void)
 {
@@ -1096,7 +1097,7 @@ test_mapped_pages_released (void)
   g_autoptr(LpCheckpoint) checkpoint = lp_checkpoint_new ();
   g_autoptr(LpCheckpoint) loaded = NULL;
   g_autoptr(GError) error = NULL;
-  const guint64 shape[] = { 8 * 1024 * 1024 };
+  const guint64 shape[] = { 20 * 1024 * 1024 };
   gsize before, after;
   guint64 sum = 0;
 
@@ -1105,7 +1106,7 @@ test_mapped_pages_released (void)
       g_test_skip ("no /proc/self/status");
       return;
     }
-  for (guint i = 0; i < 8; i++)
+  for (guint i = 0; i < 4; i++)
     {
       g_autofree char *name = g_strdup_printf ("t%u", i);
       g_autoptr(LpTensor) t = lp_tensor_new_lazy (name, LP_DTYPE_U8, shape, 1,
@@ -1129,7 +1130,7 @@ test_mapped_pages_released (void)
         sum += p[k];
     }
   after = rss_kib ();
-  g_test_message ("RSS before %zu KiB, after reading 64 MiB: %zu KiB", before, after);
+  g_test_message ("RSS before %zu KiB, after reading 80 MiB: %zu KiB", before, after);
   g_assert_cmpuint (sum, ==, 0);
   g_assert_cmpuint (after, <, before + 16 * 1024);
   remove_tree (dir);
