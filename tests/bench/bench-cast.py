@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import struct
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,20 +88,38 @@ def main():
         run(["cp", "--reflink=never", big, copy])
         os.unlink(copy)
 
-        cp_wall, cp_rss = run(["cp", "--reflink=never", big, copy])
-        os.unlink(copy)
-        lp_wall, lp_rss = run([lpipe, "launch",
-                               "safetensors-source", "location=" + big, "!",
-                               "cast", "dtype=f16", "!",
-                               "safetensors-sink", "location=" + out])
+        # Interleaved rounds, medians: this machine is shared and noisy. lpipe
+        # fsyncs its output before the rename (the file is durable when it
+        # says done); cp does not, so cp followed by an fsync of the copy is
+        # shown too, for information. The requirement is against plain cp.
+        rounds = int(os.environ.get("LPIPE_BENCH_RUNS", "3"))
+        cps, cp_syncs, lps, rsss = [], [], [], []
+        for _ in range(rounds):
+            wall, cp_rss = run(["cp", "--reflink=never", big, copy])
+            cps.append(wall)
+            os.unlink(copy)
+            wall, _ = run(["sh", "-c", 'cp --reflink=never "$0" "$1" && sync "$1"', big, copy])
+            cp_syncs.append(wall)
+            os.unlink(copy)
+            wall, rss = run([lpipe, "-q", "launch",
+                             "safetensors-source", "location=" + big, "!",
+                             "cast", "dtype=f16", "!",
+                             "safetensors-sink", "location=" + out])
+            lps.append(wall)
+            rsss.append(rss)
         n_tensors = check_sample(big, out)
 
-        rss_mib = lp_rss / 1024
+        cp_wall = statistics.median(cps)
+        cp_sync_wall = statistics.median(cp_syncs)
+        lp_wall = statistics.median(lps)
+        rss_mib = max(rsss) / 1024
         ratio = lp_wall / cp_wall
-        print("checkpoint: %.1f MiB, %d bf16 tensors" % (size / 2**20, n_tensors))
+        print("checkpoint: %.1f MiB, %d bf16 tensors; median of %d interleaved rounds" % (size / 2**20, n_tensors, rounds))
         print("cp:         %.2f s (%.0f MiB/s), peak RSS %.1f MiB" % (cp_wall, size / 2**20 / cp_wall, cp_rss / 1024))
-        print("lpipe cast: %.2f s (%.0f MiB/s), peak RSS %.1f MiB" % (lp_wall, size / 2**20 / lp_wall, rss_mib))
-        print("ratio:      %.2f x cp (limit %.1f); peak RSS limit %d MiB" % (ratio, MAX_RATIO, MAX_RSS_MIB))
+        print("cp + fsync: %.2f s" % cp_sync_wall)
+        print("lpipe cast: %.2f s (%.0f MiB/s), peak RSS %.1f MiB (max over rounds)" % (lp_wall, size / 2**20 / lp_wall, rss_mib))
+        print("ratio:      %.2f x cp (limit %.1f), %.2f x cp + fsync; peak RSS limit %d MiB"
+              % (ratio, MAX_RATIO, lp_wall / cp_sync_wall, MAX_RSS_MIB))
         ok = rss_mib < MAX_RSS_MIB and ratio <= MAX_RATIO
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
