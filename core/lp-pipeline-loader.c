@@ -1397,8 +1397,6 @@ parse_launch (Loader             *ld,
   StageSpec *spec = NULL;
   gboolean expect_stage = TRUE;
   guint i;
-  /* the current stage's properties: a second `rank=` is a mistake, not an override */
-  g_autoptr(GHashTable) seen = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
 
   if (argv == NULL || argv[0] == NULL)
     return loader_error (ld, error, LP_PIPELINE_ERROR_EMPTY,
@@ -1431,7 +1429,6 @@ parse_launch (Loader             *ld,
           spec->name = g_strdup (token);
           if (!create_stage (ld, spec, error))
             return FALSE;
-          g_hash_table_remove_all (seen);
           expect_stage = FALSE;
           continue;
         }
@@ -1447,13 +1444,8 @@ parse_launch (Loader             *ld,
           return spec_error (ld, spec, error, LP_PIPELINE_ERROR_INVALID,
                              "'%s' has no property name before '='", token);
         key = g_strndup (token, eq - token);
-        g_strdelimit (key, "_", '-');   /* GObject's canonical spelling */
-        if (g_hash_table_contains (seen, key))
-          return spec_error (ld, spec, error, LP_PIPELINE_ERROR_INVALID,
-                             "property '%s' is given twice", key);
         if (!set_property_text (ld, spec, key, eq + 1, error))
           return FALSE;
-        g_hash_table_add (seen, g_steal_pointer (&key));
       }
     }
 

@@ -790,8 +790,6 @@ static const LaunchCase launch_cases[] = {
     "launch: stage 2 'test-source': a source takes no input, but it is given 1" },
   { { "test-source", "!", "test-merge", NULL }, LP_PIPELINE_ERROR_ARITY,
     "launch: stage 2 'test-merge': takes at least 2 inputs, but it has 1" },
-  { { "test-source", "!", "test-transform", "rank=4", "rank=8", NULL }, LP_PIPELINE_ERROR_INVALID,
-    "launch: stage 2 'test-transform': property 'rank' is given twice" },
 };
 
 static void
