@@ -128,6 +128,18 @@ lp_lora_check_overflow (gsize          overflow,
   return FALSE;
 }
 
+GParamSpec *
+lp_lora_pattern_pspec (gboolean up)
+{
+  if (up)
+    return g_param_spec_string ("up-pattern", "Up pattern",
+                                "Names of the up factors, with one * for the module (e.g. w_b_*)",
+                                NULL, G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+  return g_param_spec_string ("down-pattern", "Down pattern",
+                              "Names of the down factors, with one * for the module (e.g. w_a_*)",
+                              NULL, G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+}
+
 void
 lp_lora_prefix_error (GError      **error,
                       LpLoraModule *module)

@@ -58,6 +58,10 @@ LpCheckpoint *lp_lora_assemble       (LpCheckpoint  *input,
                                       const guint   *new_ranks,
                                       GError       **error);
 
+/* The `down-pattern` / `up-pattern` properties every LoRA rank stage takes,
+ * handed to lp_lora_find_modules() for custom key conventions. */
+GParamSpec   *lp_lora_pattern_pspec  (gboolean      up);
+
 /* Prefixes an error with the module's name. */
 void          lp_lora_prefix_error   (GError      **error,
                                       LpLoraModule *module);

@@ -261,12 +261,8 @@ lp_lora_project_class_init (LpLoraProjectClass *klass)
   properties[PROP_SEED] =
     g_param_spec_uint64 ("seed", "Seed", "Seed of the projections (each module draws from (seed, name))",
                          0, G_MAXUINT64, 0, flags);
-  properties[PROP_DOWN_PATTERN] =
-    g_param_spec_string ("down-pattern", "Down pattern", "Names of the down factors, with one * for the module (e.g. w_a_*)",
-                         NULL, flags);
-  properties[PROP_UP_PATTERN] =
-    g_param_spec_string ("up-pattern", "Up pattern", "Names of the up factors, with one * for the module (e.g. w_b_*)",
-                         NULL, flags);
+  properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
+  properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
   lp_stage_class_set_property_required (stage_class, "rank");

@@ -816,12 +816,8 @@ lp_lora_svd_class_init (LpLoraSvdClass *klass)
   properties[PROP_COMPUTE_DTYPE] =
     g_param_spec_enum ("compute-dtype", "Compute dtype", "Precision of the large products: f64 or f32",
                        LP_TYPE_LORA_COMPUTE_DTYPE, LP_LORA_COMPUTE_DTYPE_F64, flags);
-  properties[PROP_DOWN_PATTERN] =
-    g_param_spec_string ("down-pattern", "Down pattern", "Names of the down factors, with one * for the module (e.g. w_a_*)",
-                         NULL, flags);
-  properties[PROP_UP_PATTERN] =
-    g_param_spec_string ("up-pattern", "Up pattern", "Names of the up factors, with one * for the module (e.g. w_b_*)",
-                         NULL, flags);
+  properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
+  properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
   lp_stage_class_set_metadata (stage_class, "lora-svd", "LoRA",

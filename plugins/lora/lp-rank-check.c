@@ -500,12 +500,8 @@ lp_rank_check_class_init (LpRankCheckClass *klass)
   properties[PROP_TOLERANCE] =
     g_param_spec_double ("tolerance", "Tolerance", "Singular values below this times the largest do not count to the numerical rank (0: the factors' dtype epsilon)",
                          0.0, 1.0, 0.0, flags);
-  properties[PROP_DOWN_PATTERN] =
-    g_param_spec_string ("down-pattern", "Down pattern", "Names of the down factors, with one * for the module (e.g. w_a_*)",
-                         NULL, flags);
-  properties[PROP_UP_PATTERN] =
-    g_param_spec_string ("up-pattern", "Up pattern", "Names of the up factors, with one * for the module (e.g. w_b_*)",
-                         NULL, flags);
+  properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
+  properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
   lp_stage_class_set_n_inputs (stage_class, 1, 2);
