@@ -857,6 +857,12 @@ lp_pipeline_emit_progress (gpointer pipeline,
 {
   LpPipeline *self = pipeline;
 
+  /* During an async run each report is a main-loop wakeup; with nobody
+   * listening (lpipe -q, or no progress bar) it would cost a context switch
+   * per tensor for nothing. */
+  if (!g_signal_has_handler_pending (self, signals[SIGNAL_PROGRESS], 0, TRUE))
+    return;
+
   if (self->progress_context)
     {
       ProgressIdle *p = g_new0 (ProgressIdle, 1);

@@ -1761,11 +1761,14 @@ typedef struct {
   /* For writing in parallel: where each tensor goes in the file. */
   GHashTable *offsets;      /* LpTensor* -> guint64* (absolute offset) */
   gint written;
+  guint64 bytes_written;
 } WriteContext;
 
-/* Writes a tensor at its place from a worker thread. Each write also starts
- * the kernel's writeback of those pages, so the final fsync does not have to
- * push the whole file to disk at once. */
+#define WRITEBACK_KICK (8 << 20)
+
+/* Writes a tensor at its place from a worker thread. The writes also start
+ * the kernel's writeback as they go, so that the disk works while the
+ * stages compute and the final fsync has little left to wait for. */
 static gboolean
 write_tensor_at (LpTensor  *tensor,
                  GBytes    *data,
@@ -1802,8 +1805,14 @@ write_tensor_at (LpTensor  *tensor,
       size -= n;
     }
 #ifdef SYNC_FILE_RANGE_WRITE
-  if (lp_tensor_get_n_bytes (tensor) >= (1 << 20))
-    (void) sync_file_range (ctx->file->fd, *offset, lp_tensor_get_n_bytes (tensor), SYNC_FILE_RANGE_WRITE);
+  {
+    /* Every WRITEBACK_KICK bytes, start writeback of everything written so
+     * far (whichever worker crosses the mark does it); a LoRA has hundreds
+     * of small tensors, so counting per tensor would never start it. */
+    guint64 before = __atomic_fetch_add (&ctx->bytes_written, lp_tensor_get_n_bytes (tensor), __ATOMIC_RELAXED);
+    if ((before + lp_tensor_get_n_bytes (tensor)) / WRITEBACK_KICK != before / WRITEBACK_KICK)
+      (void) sync_file_range (ctx->file->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+  }
 #endif
   g_atomic_int_inc (&ctx->written);
   return TRUE;
@@ -1891,6 +1900,7 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
   ctx.checkpoint = checkpoint;
   ctx.next = 0;
   ctx.written = 0;
+  ctx.bytes_written = 0;
   ctx.offsets = NULL;
   if (stage != NULL)
     {

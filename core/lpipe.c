@@ -622,6 +622,12 @@ main (int argc, char **argv)
   /* A full disk under `ulimit -f` must be an error we can report and clean
    * up after, not a signal that kills us with a half-written temp file. */
   signal (SIGXFSZ, SIG_IGN);
+  /* lpipe computes tensors in parallel itself. A BLAS library that a plugin
+   * links starts its own threads when it is loaded, and OpenBLAS's spin on
+   * sched_yield for a while: on 2 cores that takes one away from the work.
+   * Only a process can set this, before its plugins are loaded; a user's
+   * own setting wins. */
+  g_setenv ("OPENBLAS_NUM_THREADS", "1", FALSE);
 
   context = g_option_context_new (NULL);
   g_option_context_set_help_enabled (context, FALSE);
