@@ -3,6 +3,7 @@
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
 #include "lp-lora-math.h"
+#include "lp-lora-kernels.h"
 
 #include <math.h>
 #include <string.h>
@@ -321,6 +322,52 @@ syrk_add (gboolean      f32,
       g[i * r + j] += gf[i * r + j];
 }
 
+/* Columns of A (rows of B) per block of the f32 Gram kernels: a block of
+ * a rank-64 factor stays within L2, and each tile of it within L1. */
+#define GRAM_ROWS_BLOCK 512
+#define GRAM_COLS_BLOCK 128
+
+/* The f32 Gram matrix (see lp-lora-kernels.c), a block at a time. */
+static void
+gram_f32 (const LpLoraFactors *f,
+          gboolean             up,
+          double              *g)
+{
+  guint r = f->r;
+  guint64 n = up ? f->out : f->in;
+  const guchar *data = up ? f->b : f->a;
+  LpDtype src = stored_dtype (f, up);
+  gsize ssize = dtype_size (src);
+
+  memset (g, 0, sizeof (double) * r * r);
+  if (up)
+    {
+      float *buf = scratch_get (sizeof (float) * ((gsize) r * GRAM_COLS_BLOCK + LP_LORA_KERNEL_SLACK));
+      memset (buf + (gsize) r * GRAM_COLS_BLOCK, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
+      for (guint64 i0 = 0; i0 < n; i0 += GRAM_COLS_BLOCK)
+        {
+          gsize h = MIN (GRAM_COLS_BLOCK, n - i0);
+          lp_dtype_to_f32 (src, data + i0 * r * ssize, buf, h * r);
+          lp_lora_gram_cols_f32 (buf, r, h, g);
+        }
+      return;
+    }
+
+  float *buf = scratch_get (sizeof (float) * r * GRAM_ROWS_BLOCK);
+  for (guint64 j0 = 0; j0 < n; j0 += GRAM_ROWS_BLOCK)
+    {
+      gsize w = MIN (GRAM_ROWS_BLOCK, n - j0);
+      gsize padded = (w + 15) / 16 * 16;
+      for (guint t = 0; t < r; t++)
+        {
+          float *row = buf + (gsize) t * padded;
+          lp_dtype_to_f32 (src, data + (t * n + j0) * ssize, row, w);
+          memset (row + w, 0, sizeof (float) * (padded - w));
+        }
+      lp_lora_gram_rows_f32 (buf, padded, r, padded, g);
+    }
+}
+
 /* G = A Aᵀ (r × r, upper triangle) of the down factor, or G = Bᵀ B of the up
  * factor when @up, read a block at a time. */
 static void
@@ -328,6 +375,12 @@ gram (const LpLoraFactors *f,
       gboolean             up,
       double              *g)
 {
+  if (f->f32)
+    {
+      gram_f32 (f, up, g);
+      return;
+    }
+
   guint r = f->r;
   guint64 n = up ? f->out : f->in;
   gconstpointer data = up ? f->b : f->a;
@@ -376,6 +429,14 @@ gram (const LpLoraFactors *f,
     }
 }
 
+/* Relative size below which an eigenvalue of a Gram matrix is rounding:
+ * about r·1e-14 of the largest for f64 sums, r·1e-6 for f32 ones. */
+static double
+gram_floor (guint r, gboolean f32)
+{
+  return r * (f32 ? 1e-6 : 1e-14);
+}
+
 /* Eigen-decomposes the Gram matrix in place (eigenvectors in columns,
  * ascending) and returns how many eigenvalues count as non-zero: those above
  * a relative floor set by rounding in the Gram product (f64: about
@@ -398,7 +459,7 @@ eigen (double   *g,
     }
 
   double top = w[r - 1];
-  double floor = top * r * (f32 ? 1e-6 : 1e-14);
+  double floor = top * gram_floor (r, f32);
   guint kept = 0;
   if (top > 0)
     for (guint i = 0; i < r; i++)
@@ -408,8 +469,152 @@ eigen (double   *g,
   return TRUE;
 }
 
+/* G = Uᵀ U in place (U upper, the strict lower triangle zeroed). FALSE when
+ * G is not positive definite or so close to singular (by its pivots) that
+ * rounding would decide directions: the eigen route drops those. */
+static gboolean
+cholesky (double   *g,
+          guint     r,
+          gboolean  f32)
+{
+  if (LAPACKE_dpotrf (LAPACK_ROW_MAJOR, 'U', r, g, r) != 0)
+    return FALSE;
+
+  double lo = G_MAXDOUBLE, hi = 0;
+  for (guint i = 0; i < r; i++)
+    {
+      double d = g[i * r + i] * g[i * r + i];
+      lo = MIN (lo, d);
+      hi = MAX (hi, d);
+      for (guint j = 0; j < i; j++)
+        g[i * r + j] = 0;
+    }
+  return hi > 0 && lo > gram_floor (r, f32) * hi;
+}
+
+/* The Cholesky route, when both Gram matrices are well conditioned: with
+ * G_A = U_Aᵀ U_A and G_B = U_Bᵀ U_B, A = U_Aᵀ Q_A and B = Q_B U_B for
+ * orthonormal Q, so B A = Q_B C Q_A with the r × r core C = U_B U_Aᵀ. Two
+ * Cholesky factorizations cost a thirtieth of two eigendecompositions; for
+ * the @top largest singular values alone, the eigenvectors of Cᵀ C are
+ * asked for only those. Returns FALSE, with @s untouched, to leave the
+ * module to the eigen route. */
+static gboolean
+spectrum_by_cholesky (LpLoraSpectrum *s,
+                      const double   *ga,
+                      const double   *gb,
+                      guint           r,
+                      gboolean        f32,
+                      guint           top,
+                      gboolean        want_maps,
+                      GError        **error)
+{
+  gsize rr = (gsize) r * r;
+  g_autofree double *ua = g_memdup2 (ga, sizeof (double) * rr);
+  g_autofree double *ub = g_memdup2 (gb, sizeof (double) * rr);
+
+  if (!cholesky (ua, r, f32) || !cholesky (ub, r, f32))
+    return FALSE;
+
+  g_autofree double *c = g_new (double, rr);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasTrans, r, r, r, 1.0, ub, r, ua, r, 0.0, c, r);
+
+  /* u (r × r): columns are the left singular vectors of C; vt: rows are
+   * the right ones; only the first `n_vec` are filled. */
+  g_autofree double *u = g_new0 (double, rr);
+  g_autofree double *vt = g_new0 (double, rr);
+  guint n_vec;
+  double total = 0;
+  for (gsize i = 0; i < rr; i++)
+    total += c[i] * c[i];
+
+  if (top > 0 && top < r)
+    {
+      /* the top eigenpairs of H = Cᵀ C (column-major is its transpose,
+       * and H is symmetric) */
+      g_autofree double *h = g_new (double, rr);
+      g_autofree double *w = g_new (double, r);
+      g_autofree double *z = g_new (double, (gsize) r * top);
+      g_autofree lapack_int *support = g_new (lapack_int, 2 * top);
+      lapack_int found = 0;
+
+      cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, r, r, r, 1.0, c, r, c, r, 0.0, h, r);
+      lapack_int info = LAPACKE_dsyevr (LAPACK_COL_MAJOR, 'V', 'I', 'U', r, h, r, 0, 0, r - top + 1, r,
+                                        0, &found, w, z, r, support);
+      if (info != 0 || found != (lapack_int) top)
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                       "eigendecomposition of the %u × %u core failed (LAPACK info %d)", r, r, (int) info);
+          return FALSE;
+        }
+      /* ascending: the largest is the last; σ² at rounding level (of the
+       * largest) is a zero singular value */
+      double w_max = MAX (w[top - 1], 0);
+      for (guint i = 0; i < top; i++)
+        {
+          guint col = top - 1 - i;
+          double sigma2 = w[col];
+          if (!(sigma2 > r * 1e-15 * w_max))
+            break;
+          s->sigma[i] = sqrt (sigma2);
+          for (guint t = 0; t < r; t++)
+            vt[i * r + t] = z[(gsize) col * r + t];
+        }
+      n_vec = 0;
+      while (n_vec < top && s->sigma[n_vec] > 0)
+        n_vec++;
+      /* u_i = C v_i / σ_i */
+      for (guint i = 0; i < n_vec; i++)
+        for (guint t = 0; t < r; t++)
+          {
+            double acc = 0;
+            for (guint j = 0; j < r; j++)
+              acc += c[t * r + j] * vt[i * r + j];
+            u[t * r + i] = acc / s->sigma[i];
+          }
+    }
+  else
+    {
+      g_autofree double *sv = g_new (double, r);
+      lapack_int info = LAPACKE_dgesdd (LAPACK_ROW_MAJOR, 'A', r, r, c, r, sv, u, r, vt, r);
+      if (info != 0)
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                       "SVD of the %u × %u core did not converge (LAPACK info %d)", r, r, (int) info);
+          return FALSE;
+        }
+      n_vec = 0;
+      for (guint i = 0; i < r; i++)
+        {
+          s->sigma[i] = sv[i];
+          if (sv[i] > 0)
+            n_vec = i + 1;
+        }
+    }
+
+  s->n = n_vec;
+  s->total = total;
+  if (want_maps)
+    {
+      /* map_b = U_B⁻¹ u (columns), map_a = vt U_A⁻ᵀ (rows); unused columns
+       * and rows stay zero */
+      memcpy (s->map_b, u, sizeof (double) * rr);
+      memcpy (s->map_a, vt, sizeof (double) * rr);
+      cblas_dtrsm (CblasRowMajor, CblasLeft, CblasUpper, CblasNoTrans, CblasNonUnit, r, r, 1.0, ub, r, s->map_b, r);
+      cblas_dtrsm (CblasRowMajor, CblasRight, CblasUpper, CblasTrans, CblasNonUnit, r, r, 1.0, ua, r, s->map_a, r);
+      for (guint t = 0; t < r; t++)
+        for (guint i = n_vec; i < r; i++)
+          {
+            s->map_b[t * r + i] = 0;
+            s->map_a[i * r + t] = 0;
+          }
+    }
+  return TRUE;
+}
+
 LpLoraSpectrum *
 lp_lora_spectrum_compute (const LpLoraFactors *f,
+                          guint                top,
                           gboolean             want_maps,
                           GError             **error)
 {
@@ -444,8 +649,43 @@ lp_lora_spectrum_compute (const LpLoraFactors *f,
         return NULL;
       }
 
+  /* ‖B A‖² = trace (G_A G_B), over the upper triangles; the eigen route
+   * below may drop directions at rounding level, but the total is whole. */
+  double total = 0;
+  for (guint i = 0; i < r; i++)
+    for (guint j = i; j < r; j++)
+      total += (j == i ? 1 : 2) * ga[i * r + j] * gb[i * r + j];
+  total = MAX (total, 0);
+
+  GError *local_error = NULL;
+  gboolean f32 = f->f32;
+  if (spectrum_by_cholesky (s, ga, gb, r, f32, top, want_maps, &local_error))
+    return g_steal_pointer (&s);
+
+  if (local_error == NULL && f32 && f->f64_fallback)
+    {
+      /* The same factors, read as stored, summed in f64. */
+      LpLoraFactors wide = *f;
+      wide.f32 = FALSE;
+      if (!wide.stored)
+        {
+          wide.stored = TRUE;
+          wide.a_dtype = wide.b_dtype = LP_DTYPE_F32;
+        }
+      f32 = FALSE;
+      gram (&wide, FALSE, ga);
+      gram (&wide, TRUE, gb);
+      if (spectrum_by_cholesky (s, ga, gb, r, f32, top, want_maps, &local_error))
+        return g_steal_pointer (&s);
+    }
+  if (local_error)
+    {
+      g_propagate_error (error, local_error);
+      return NULL;
+    }
+
   guint pa, pb;
-  if (!eigen (ga, r, wa, f->f32, &pa, error) || !eigen (gb, r, wb, f->f32, &pb, error))
+  if (!eigen (ga, r, wa, f32, &pa, error) || !eigen (gb, r, wb, f32, &pb, error))
     return NULL;
   if (pa == 0 || pb == 0)
     return g_steal_pointer (&s);   /* a zero factor: zero update, zero spectrum */
@@ -496,10 +736,12 @@ lp_lora_spectrum_compute (const LpLoraFactors *f,
     }
 
   s->n = 0;
+  s->total = total;
+  if (top > 0)
+    n = MIN (n, top);   /* as the Cholesky route would give */
   for (guint i = 0; i < n; i++)
     {
       s->sigma[i] = sv[i];
-      s->total += sv[i] * sv[i];
       if (sv[i] > 0)
         s->n = i + 1;
     }

@@ -79,6 +79,10 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC (LpLoraSpectrum, lp_lora_spectrum_free)
  * factor is never copied whole. */
 typedef struct {
   gboolean f32;
+  /* With @f32: a module whose Gram matrices are too ill-conditioned for f32
+   * sums has them summed again in f64, instead of losing the directions
+   * that f32 rounding cannot tell from zero. */
+  gboolean f64_fallback;
   gconstpointer b;   /* out × r */
   gconstpointer a;   /* r × in */
   guint64 out;
@@ -89,7 +93,12 @@ typedef struct {
   LpDtype a_dtype;
 } LpLoraFactors;
 
+/* The exact SVD of B @ A from the factors' Gram matrices. With @top > 0
+ * only the @top largest singular values (and their maps) are computed, the
+ * rest of @sigma is zero and @total is still the whole Σσ²; 0 asks for all
+ * of them. */
 LpLoraSpectrum *lp_lora_spectrum_compute (const LpLoraFactors *factors,
+                                          guint                top,
                                           gboolean             want_maps,
                                           GError             **error);
 

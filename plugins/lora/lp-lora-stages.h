@@ -22,14 +22,19 @@ typedef enum {
 
 /**
  * LpLoraComputeDtype:
- * @LP_LORA_COMPUTE_DTYPE_F64: double precision (Gram matrices need it for accuracy)
- * @LP_LORA_COMPUTE_DTYPE_F32: single precision, faster, singular values down to ~1e-3 σ₁
+ * @LP_LORA_COMPUTE_DTYPE_F64: double precision
+ * @LP_LORA_COMPUTE_DTYPE_F32: single precision sums, about twice as fast;
+ *   singular values below ~1e-3 σ₁ lose accuracy
+ * @LP_LORA_COMPUTE_DTYPE_AUTO: f32 for factors stored in 16 bits or fewer
+ *   (bf16, f16: their products are exact in f32, and the sums round far
+ *   below what the 16-bit output rounds anyway), f64 for f32 and f64 factors
  *
  * The precision of the large products.
  */
 typedef enum {
   LP_LORA_COMPUTE_DTYPE_F64,
   LP_LORA_COMPUTE_DTYPE_F32,
+  LP_LORA_COMPUTE_DTYPE_AUTO,
 } LpLoraComputeDtype;
 
 /**

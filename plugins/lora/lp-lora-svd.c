@@ -78,7 +78,19 @@ G_DEFINE_ENUM_TYPE (LpLoraSvdMethod, lp_lora_svd_method,
 
 G_DEFINE_ENUM_TYPE (LpLoraComputeDtype, lp_lora_compute_dtype,
   G_DEFINE_ENUM_VALUE (LP_LORA_COMPUTE_DTYPE_F64, "f64"),
-  G_DEFINE_ENUM_VALUE (LP_LORA_COMPUTE_DTYPE_F32, "f32"))
+  G_DEFINE_ENUM_VALUE (LP_LORA_COMPUTE_DTYPE_F32, "f32"),
+  G_DEFINE_ENUM_VALUE (LP_LORA_COMPUTE_DTYPE_AUTO, "auto"))
+
+/* Whether @module's products are summed in f32 (see LpLoraComputeDtype). */
+static gboolean
+module_uses_f32 (LpLoraComputeDtype  compute_dtype,
+                 LpLoraModule       *module)
+{
+  if (compute_dtype != LP_LORA_COMPUTE_DTYPE_AUTO)
+    return compute_dtype == LP_LORA_COMPUTE_DTYPE_F32;
+  return lp_dtype_get_bits (lp_tensor_get_dtype (lp_lora_module_get_down (module))) <= 16 &&
+         lp_dtype_get_bits (lp_tensor_get_dtype (lp_lora_module_get_up (module))) <= 16;
+}
 
 /* ---- one module's computation, shared by its two lazy factors ----------- */
 
@@ -91,7 +103,7 @@ typedef struct {
   gboolean copy;        /* k ≥ r: the factors themselves, folded and padded */
   double fold;
   LpLoraSvdMethod method;
-  gboolean f32;
+  LpLoraComputeDtype compute_dtype;
   guint niter;
   guint oversample;
   guint64 seed;
@@ -169,16 +181,17 @@ free_factors (LpLoraFactors *f)
 /* The module's factors as stored (mapped pages, usually): the math converts
  * them a block at a time. @data[0] and @data[1] hold down's and up's bytes. */
 static gboolean
-load_stored (LpLoraModule  *module,
-             gboolean       f32,
-             LpLoraFactors *f,
-             GBytes       **data,
-             GError       **error)
+load_stored (LpLoraModule        *module,
+             LpLoraComputeDtype   compute_dtype,
+             LpLoraFactors       *f,
+             GBytes             **data,
+             GError             **error)
 {
   LpTensor *down = lp_lora_module_get_down (module);
   LpTensor *up = lp_lora_module_get_up (module);
 
-  f->f32 = f32;
+  f->f32 = module_uses_f32 (compute_dtype, module);
+  f->f64_fallback = compute_dtype == LP_LORA_COMPUTE_DTYPE_AUTO;
   f->stored = TRUE;
   f->r = lp_lora_module_get_rank (module);
   f->in = lp_lora_module_get_in_features (module);
@@ -278,7 +291,7 @@ job_compute (Job     *job,
   if (job->copy)
     return job_compute_copy (job, error);
 
-  if (!load_stored (module, job->f32, &f, data, error))
+  if (!load_stored (module, job->compute_dtype, &f, data, error))
     return FALSE;
 
   if (spectrum == NULL && job->method == LP_LORA_SVD_METHOD_RANDOMIZED)
@@ -289,7 +302,7 @@ job_compute (Job     *job,
                                                     job->niter, &rng, error);
     }
   else if (spectrum == NULL)
-    spectrum = own = lp_lora_spectrum_compute (&f, TRUE, error);
+    spectrum = own = lp_lora_spectrum_compute (&f, job->k, TRUE, error);
 
   if (spectrum != NULL)
     {
@@ -367,9 +380,9 @@ spectrum_task (gpointer data,
   LpLoraFactors f = { 0, };
   GBytes *bytes[2];
 
-  if (load_stored (module, work->self->compute_dtype == LP_LORA_COMPUTE_DTYPE_F32, &f, bytes, &work->errors[i]))
+  if (load_stored (module, work->self->compute_dtype, &f, bytes, &work->errors[i]))
     {
-      work->spectra[i] = lp_lora_spectrum_compute (&f, TRUE, &work->errors[i]);
+      work->spectra[i] = lp_lora_spectrum_compute (&f, 0, TRUE, &work->errors[i]);
       g_bytes_unref (bytes[0]);
       g_bytes_unref (bytes[1]);
     }
@@ -610,7 +623,7 @@ lp_lora_svd_transform (LpTransform   *transform,
       job->copy = k == r;
       job->fold = lp_lora_module_get_fold_scale (module);
       job->method = self->method;
-      job->f32 = self->compute_dtype == LP_LORA_COMPUTE_DTYPE_F32;
+      job->compute_dtype = self->compute_dtype;
       job->niter = self->niter;
       job->oversample = self->oversample;
       job->seed = self->seed;
@@ -814,8 +827,9 @@ lp_lora_svd_class_init (LpLoraSvdClass *klass)
     g_param_spec_boolean ("pad", "Pad", "Zero-pad modules below the rank (or max-rank) up to it, so that every module has one rank",
                           FALSE, flags);
   properties[PROP_COMPUTE_DTYPE] =
-    g_param_spec_enum ("compute-dtype", "Compute dtype", "Precision of the large products: f64 or f32",
-                       LP_TYPE_LORA_COMPUTE_DTYPE, LP_LORA_COMPUTE_DTYPE_F64, flags);
+    g_param_spec_enum ("compute-dtype", "Compute dtype",
+                       "Precision of the large products: f64, f32, or auto (f32 for factors stored in 16 bits, f64 for wider ones)",
+                       LP_TYPE_LORA_COMPUTE_DTYPE, LP_LORA_COMPUTE_DTYPE_AUTO, flags);
   properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
   properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
   g_object_class_install_properties (object_class, N_PROPS, properties);
@@ -831,5 +845,5 @@ lp_lora_svd_init (LpLoraSvd *self)
   self->niter = 2;
   self->oversample = 8;
   self->min_rank = 1;
-  self->compute_dtype = LP_LORA_COMPUTE_DTYPE_F64;
+  self->compute_dtype = LP_LORA_COMPUTE_DTYPE_AUTO;
 }

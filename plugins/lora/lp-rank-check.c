@@ -155,7 +155,7 @@ module_row (LpRankCheck   *self,
   f.a = a;
   f.b = b;
 
-  g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, FALSE, error);
+  g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, 0, FALSE, error);
   if (spectrum == NULL)
     return FALSE;
   double tol = self->tolerance;

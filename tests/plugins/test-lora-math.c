@@ -11,6 +11,7 @@
 #include <cblas.h>
 #include <lapacke.h>
 
+#include "lp-lora-kernels.h"
 #include "lp-lora-math.h"
 
 static double *
@@ -61,6 +62,8 @@ typedef struct {
   guint deficient;   /* make the factors of this true rank (0: full) */
   gboolean zero_b;
   gboolean f32;
+  guint top;         /* ask for only this many singular values (0: all) */
+  gboolean fallback; /* f32 sums, redone in f64 where too ill-conditioned */
 } SvdCase;
 
 static void
@@ -87,7 +90,8 @@ check_exact (const SvdCase *c, guint64 seed)
   guint64 nd = MIN (c->out, c->in);
 
   g_autofree float *bf = NULL, *af = NULL;
-  LpLoraFactors f = { .f32 = c->f32, .b = b, .a = a, .out = c->out, .in = c->in, .r = c->r };
+  LpLoraFactors f = { .f32 = c->f32, .f64_fallback = c->fallback, .b = b, .a = a,
+                      .out = c->out, .in = c->in, .r = c->r };
   if (c->f32)
     {
       bf = g_new (float, c->out * c->r);
@@ -101,16 +105,26 @@ check_exact (const SvdCase *c, guint64 seed)
     }
 
   g_autoptr (GError) error = NULL;
-  g_autoptr (LpLoraSpectrum) s = lp_lora_spectrum_compute (&f, TRUE, &error);
+  g_autoptr (LpLoraSpectrum) s = lp_lora_spectrum_compute (&f, c->top, TRUE, &error);
   g_assert_no_error (error);
   g_assert_nonnull (s);
 
-  double tol = c->f32 ? 1e-3 : 1e-9;
+  /* f32 sums without the fallback lose singular values below about
+   * √(r·1e-6) σ₁ when a factor is that ill-conditioned */
+  double tol = !c->f32 ? 1e-9 : c->fallback ? 1e-3 : 1e-2;
   double s0 = sd[0] > 0 ? sd[0] : 1;
+  double total = 0;
+  for (guint64 i = 0; i < nd; i++)
+    total += sd[i] * sd[i];
+  g_assert_cmpfloat (fabs (s->total - total), <=, (c->f32 ? 1e-5 : 1e-10) * MAX (total, 1e-300));
+  if (c->top)
+    g_assert_cmpuint (s->n, <=, c->top);
   for (guint i = 0; i < c->r; i++)
     {
-      double expected = i < nd ? sd[i] : 0;
-      g_assert_cmpfloat (fabs (s->sigma[i] - expected), <=, tol * s0);
+      double expected = i < nd && (c->top == 0 || i < c->top) ? sd[i] : 0;
+      if (fabs (s->sigma[i] - expected) > tol * s0)
+        g_error ("case %u×%u r %u top %u f32 %d: sigma[%u] = %g, expected %g",
+                 (guint) c->out, (guint) c->in, c->r, c->top, c->f32, i, s->sigma[i], expected);
     }
 
   guint k_out = c->k + 2;   /* two padded zero columns */
@@ -175,9 +189,73 @@ test_exact (void)
     { 40, 30, 8, 3, 0, TRUE, FALSE },       /* zero B */
     { 64, 48, 16, 4, 0, FALSE, TRUE },      /* f32 compute */
     { 1, 1, 1, 1, 0, FALSE, FALSE },
+    /* the Cholesky route with the top singular values only, and its
+     * fallback to the eigen route on rank-deficient factors */
+    { 40, 30, 8, 3, 0, FALSE, FALSE, 3 },
+    { 300, 200, 42, 4, 0, FALSE, TRUE, 4 },
+    { 300, 200, 42, 4, 0, FALSE, TRUE, 4, TRUE },
+    { 300, 200, 42, 4, 0, FALSE, TRUE },
+    { 300, 200, 42, 4, 0, FALSE, TRUE, 0, TRUE },
+    { 40, 30, 8, 2, 3, FALSE, FALSE, 2 },
+    { 40, 30, 8, 2, 3, FALSE, TRUE, 2, TRUE },
+    { 40, 30, 8, 3, 0, TRUE, TRUE, 3, TRUE },
+    { 33, 70, 17, 5, 0, FALSE, TRUE, 5, TRUE },
   };
   for (guint i = 0; i < G_N_ELEMENTS (cases); i++)
     check_exact (&cases[i], 1000 + i);
+}
+
+/* The f32 Gram kernels on small integers, whose products and sums are
+ * exact in f32: the upper triangle must be exactly the f64 Gram matrix and
+ * the lower one untouched, for ranks around every tile and vector width. */
+static void
+test_gram_kernels (void)
+{
+  static const guint ranks[] = { 1, 2, 3, 4, 5, 6, 7, 12, 15, 16, 17, 31, 32, 33, 42, 64, 70 };
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, 11, "kernels");
+
+  for (guint c = 0; c < G_N_ELEMENTS (ranks); c++)
+    {
+      guint r = ranks[c];
+      gsize n = 48 + c;   /* rows of Y, and columns of X padded to 16 below */
+      gsize w = (n + 15) / 16 * 16;
+      g_autofree float *y = g_new0 (float, n * r + LP_LORA_KERNEL_SLACK);
+      g_autofree float *x = g_new0 (float, r * w);
+      g_autofree double *expect = g_new0 (double, (gsize) r * r);
+      g_autofree double *g_rows = g_new0 (double, (gsize) r * r);
+      g_autofree double *g_cols = g_new0 (double, (gsize) r * r);
+
+      for (gsize t = 0; t < n; t++)
+        for (guint i = 0; i < r; i++)
+          {
+            float v = (float) (lp_lora_rng_next (&rng) % 17) - 8.f;
+            y[t * r + i] = v;    /* Y [n, r] */
+            x[i * w + t] = v;    /* X = Yᵀ [r, w], zero padded */
+          }
+      /* the slack is read but must not count */
+      for (guint i = 0; i < LP_LORA_KERNEL_SLACK; i++)
+        y[n * r + i] = 1e30f;
+      for (guint i = 0; i < r; i++)
+        for (guint j = i; j < r; j++)
+          for (gsize t = 0; t < n; t++)
+            expect[i * r + j] += (double) y[t * r + i] * y[t * r + j];
+
+      /* twice: the kernels add to what is there */
+      for (int pass = 0; pass < 2; pass++)
+        {
+          lp_lora_gram_rows_f32 (x, w, r, w, g_rows);
+          lp_lora_gram_cols_f32 (y, r, n, g_cols);
+        }
+      for (guint i = 0; i < r; i++)
+        for (guint j = 0; j < r; j++)
+          {
+            double e = j >= i ? 2 * expect[i * r + j] : 0;
+            if (g_rows[i * r + j] != e || g_cols[i * r + j] != e)
+              g_error ("r = %u, G[%u][%u]: rows kernel %g, cols kernel %g, expected %g",
+                       r, i, j, g_rows[i * r + j], g_cols[i * r + j], e);
+          }
+    }
 }
 
 static void
@@ -260,7 +338,7 @@ test_nan (void)
   double b[6] = { 1, 2, 3, 4, 5, 6 }, a[6] = { 1, 0, INFINITY, 0, 1, 0 };
   LpLoraFactors f = { .b = b, .a = a, .out = 3, .in = 3, .r = 2 };
   g_autoptr (GError) error = NULL;
-  g_assert_null (lp_lora_spectrum_compute (&f, TRUE, &error));
+  g_assert_null (lp_lora_spectrum_compute (&f, 0, TRUE, &error));
   g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC);
 }
 
@@ -354,6 +432,7 @@ int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
+  g_test_add_func ("/lora-math/gram-kernels", test_gram_kernels);
   g_test_add_func ("/lora-math/exact", test_exact);
   g_test_add_func ("/lora-math/randomized", test_randomized);
   g_test_add_func ("/lora-math/nan", test_nan);

@@ -1,0 +1,37 @@
+/* lp-lora-kernels.h: the inner loops that carry a rank stage's time
+ *
+ * Gram matrices of a block of factor values in f32 vectors, the sums moved
+ * into an f64 matrix after every block. A BLAS call per cache-sized block
+ * spends more on packing the block again than on the products when r is a
+ * few dozen; these read the block where it lies.
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#pragma once
+
+#include <glib.h>
+
+G_BEGIN_DECLS
+
+/* Values a Gram kernel reads past what it was given: buffers handed to
+ * lp_lora_gram_cols_f32() need this many floats of slack at their end. */
+#define LP_LORA_KERNEL_SLACK 32
+
+/* G += X Xᵀ into the upper triangle of @g (r × r, row-major, f64), for X the
+ * @r rows of @x, each @w floats at a stride of @ld. @w must be a multiple
+ * of 16 (pad the rows with zeros). */
+void lp_lora_gram_rows_f32 (const float *x,
+                            gsize        ld,
+                            guint        r,
+                            gsize        w,
+                            double      *g);
+
+/* G += Yᵀ Y into the upper triangle of @g, for Y the @h rows of @y, each of
+ * @r floats, one after the other (stride @r). @y must be followed by
+ * LP_LORA_KERNEL_SLACK readable floats. */
+void lp_lora_gram_cols_f32 (const float *y,
+                            guint        r,
+                            gsize        h,
+                            double      *g);
+
+G_END_DECLS
