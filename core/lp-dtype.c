@@ -681,6 +681,43 @@ bf16_to_f32 (const guint16 *src,
     out[i] = (guint32) src[i] << 16;
 }
 
+#ifdef LP_HAVE_F16C_PATH
+/* bf16_from_f32() below, eight at a time. */
+__attribute__((target ("avx2")))
+static gsize
+bf16_from_f32_avx2 (const float *src,
+                    guint16     *dst,
+                    gsize        n)
+{
+  const __m256i abs_mask = _mm256_set1_epi32 (0x7fffffff);
+  const __m256i exp_mask = _mm256_set1_epi32 (0x7f800000);
+  const __m256i half = _mm256_set1_epi32 (0x7fff);
+  const __m256i one = _mm256_set1_epi32 (1);
+  const __m256i quiet = _mm256_set1_epi32 (0x40);
+  const __m256i inf16 = _mm256_set1_epi32 (0x7f80);
+  gsize overflow = 0;
+  gsize i = 0;
+
+  for (; i + 8 <= n; i += 8)
+    {
+      __m256i u = _mm256_loadu_si256 ((const __m256i *) (src + i));
+      __m256i top = _mm256_srli_epi32 (u, 16);
+      __m256i nan = _mm256_cmpgt_epi32 (_mm256_and_si256 (u, abs_mask), exp_mask);
+      __m256i rounded = _mm256_srli_epi32 (_mm256_add_epi32 (_mm256_add_epi32 (u, half),
+                                                             _mm256_and_si256 (top, one)), 16);
+      __m256i r = _mm256_blendv_epi8 (rounded, _mm256_or_si256 (top, quiet), nan);
+      __m256i to_inf = _mm256_cmpeq_epi32 (_mm256_and_si256 (rounded, half), inf16);
+      __m256i was_special = _mm256_cmpeq_epi32 (_mm256_and_si256 (u, exp_mask), exp_mask);
+      __m256i over = _mm256_andnot_si256 (_mm256_or_si256 (nan, was_special), to_inf);
+      __m256i packed = _mm256_permute4x64_epi64 (_mm256_packus_epi32 (r, r), 0xd8);
+
+      _mm_storeu_si128 ((__m128i *) (dst + i), _mm256_castsi256_si128 (packed));
+      overflow += (gsize) __builtin_popcount ((unsigned) _mm256_movemask_ps (_mm256_castsi256_ps (over)));
+    }
+  return overflow;
+}
+#endif
+
 static gsize
 bf16_from_f32 (const float *src,
                guint16     *dst,
@@ -688,8 +725,16 @@ bf16_from_f32 (const float *src,
 {
   const guint32 *in = (const guint32 *) src;
   gsize overflow = 0;
+  gsize start = 0;
 
-  for (gsize i = 0; i < n; i++)
+#ifdef LP_HAVE_F16C_PATH
+  if (have_avx2 ())
+    {
+      start = n / 8 * 8;
+      overflow = bf16_from_f32_avx2 (src, dst, start);
+    }
+#endif
+  for (gsize i = start; i < n; i++)
     {
       guint32 u = in[i];
       guint32 r;

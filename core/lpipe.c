@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <locale.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -628,6 +629,12 @@ main (int argc, char **argv)
    * Only a process can set this, before its plugins are loaded; a user's
    * own setting wins. */
   g_setenv ("OPENBLAS_NUM_THREADS", "1", FALSE);
+  /* Tensors are read into buffers of up to 16 MiB that come and go by the
+   * hundred. glibc would map each big one afresh, or trim the heap under
+   * them, and every page is then faulted in again (costly on virtual
+   * machines); keep up to the pull budget (64 MiB) of freed memory instead. */
+  mallopt (M_MMAP_THRESHOLD, 32 << 20);
+  mallopt (M_TRIM_THRESHOLD, 64 << 20);
 
   context = g_option_context_new (NULL);
   g_option_context_set_help_enabled (context, FALSE);

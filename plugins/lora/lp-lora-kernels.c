@@ -1,9 +1,7 @@
 /* lp-lora-kernels.c: Gram matrices of factor blocks in f32 vectors
  *
- * Written with GCC vector extensions over 16 floats. On x86-64 each kernel is
- * compiled three times, for AVX-512, for AVX2 with FMA and for the baseline,
- * and the loader picks the one the machine runs (target_clones); elsewhere
- * the compiler lowers the vectors to what the target has.
+ * Written with GCC vector extensions over 16 floats, which the compiler
+ * lowers to what each target has (see LP_DEFINE_KERNEL).
  *
  * The products of 16-bit factors are exact in f32; what rounds is the
  * accumulation, over at most one block (a few hundred terms) before the sums
@@ -12,86 +10,122 @@
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
 #include "lp-lora-kernels.h"
+#include "lp-lora-math.h"
 
 #include <string.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__)
-# define LP_KERNEL __attribute__ ((target_clones ("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+/* Each kernel is a body, inlined into one function per x86-64 level (v4:
+ * AVX-512, v3: AVX2 and FMA, and the baseline); the first call picks the
+ * level the machine runs, or the one LPIPE_KERNELS names ("avx512", "avx2",
+ * "baseline"), so the tests can run every variant on one machine. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+# define LP_X86_LEVELS 1
+#endif
+
+static int
+kernel_level (void)
+{
+#ifdef LP_X86_LEVELS
+  static gsize level = 0;
+
+  if (g_once_init_enter (&level))
+    {
+      int found = __builtin_cpu_supports ("x86-64-v4") ? 4 : __builtin_cpu_supports ("x86-64-v3") ? 3 : 2;
+      const char *wanted = g_getenv ("LPIPE_KERNELS");
+
+      if (g_strcmp0 (wanted, "avx2") == 0)
+        found = MIN (found, 3);
+      else if (g_strcmp0 (wanted, "baseline") == 0)
+        found = 2;
+      g_once_init_leave (&level, found);
+    }
+  return level;
 #else
-# define LP_KERNEL
+  return 2;
+#endif
+}
+
+#ifdef LP_X86_LEVELS
+# define LP_DEFINE_KERNEL(type, name, params, args) \
+  __attribute__ ((target ("arch=x86-64-v4"))) static type name##_v4 params { return name##_body args; } \
+  __attribute__ ((target ("arch=x86-64-v3"))) static type name##_v3 params { return name##_body args; } \
+  static type name##_base params { return name##_body args; } \
+  type name params \
+  { \
+    switch (kernel_level ()) \
+      { \
+      case 4: return name##_v4 args; \
+      case 3: return name##_v3 args; \
+      default: return name##_base args; \
+      } \
+  }
+# define LP_DEFINE_VOID_KERNEL(name, params, args) \
+  __attribute__ ((target ("arch=x86-64-v4"))) static void name##_v4 params { name##_body args; } \
+  __attribute__ ((target ("arch=x86-64-v3"))) static void name##_v3 params { name##_body args; } \
+  static void name##_base params { name##_body args; } \
+  void name params \
+  { \
+    switch (kernel_level ()) \
+      { \
+      case 4: name##_v4 args; break; \
+      case 3: name##_v3 args; break; \
+      default: name##_base args; break; \
+      } \
+  }
+#else
+# define LP_DEFINE_KERNEL(type, name, params, args) type name params { return name##_body args; }
+# define LP_DEFINE_VOID_KERNEL(name, params, args) void name params { name##_body args; }
 #endif
 
 #define LP_INLINE static inline __attribute__ ((always_inline))
 
-/* The helpers below take and return 64-byte vectors; they are always inlined
- * into the kernels, so the ABI GCC warns about is never used. */
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 typedef float LpV16 __attribute__ ((vector_size (64)));
 
-LP_INLINE LpV16
-load16 (const float *p)
-{
-  LpV16 v;
-  memcpy (&v, p, sizeof v);
-  return v;
-}
+#define LOAD16(v, p) memcpy (&(v), (p), sizeof (LpV16))
 
-/* Halving steps of a transposing sum: fold8 (x, y) holds 8 partial sums of
- * x then 8 of y; fold4 of two such vectors holds 4 partials of each of their
- * four sources, and so on, until lane i holds the whole sum of source i. */
-LP_INLINE LpV16
-fold8 (LpV16 x, LpV16 y)
-{
-  return __builtin_shufflevector (x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23)
-       + __builtin_shufflevector (x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-}
-
-LP_INLINE LpV16
-fold4 (LpV16 x, LpV16 y)
-{
-  return __builtin_shufflevector (x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27)
-       + __builtin_shufflevector (x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-}
-
-LP_INLINE LpV16
-fold2 (LpV16 x, LpV16 y)
-{
-  return __builtin_shufflevector (x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29)
-       + __builtin_shufflevector (x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-}
-
-LP_INLINE LpV16
-fold1 (LpV16 x, LpV16 y)
-{
-  return __builtin_shufflevector (x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30)
-       + __builtin_shufflevector (x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
+/* Halving steps of a transposing sum: FOLD8 (x, y) holds 8 partial sums of
+ * x then 8 of y; FOLD4 of two such vectors holds 4 partials of each of their
+ * four sources, and so on, until lane i holds the whole sum of source i.
+ * (Macros: GCC notes an ABI change for 64-byte vector arguments otherwise.) */
+#define FOLD8(x, y) \
+  (__builtin_shufflevector (x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) \
+   + __builtin_shufflevector (x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31))
+#define FOLD4(x, y) \
+  (__builtin_shufflevector (x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) \
+   + __builtin_shufflevector (x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31))
+#define FOLD2(x, y) \
+  (__builtin_shufflevector (x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) \
+   + __builtin_shufflevector (x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31))
+#define FOLD1(x, y) \
+  (__builtin_shufflevector (x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) \
+   + __builtin_shufflevector (x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31))
 
 /* Lane i of the result is the sum of the lanes of v[i]. */
-LP_INLINE LpV16
-sum16 (const LpV16 v[16])
+LP_INLINE void
+sum16 (const LpV16 v[16],
+       LpV16      *out)
 {
   LpV16 a[8], b[4], c[2];
 
   for (int i = 0; i < 8; i++)
-    a[i] = fold8 (v[2 * i], v[2 * i + 1]);
+    a[i] = FOLD8 (v[2 * i], v[2 * i + 1]);
   for (int i = 0; i < 4; i++)
-    b[i] = fold4 (a[2 * i], a[2 * i + 1]);
+    b[i] = FOLD4 (a[2 * i], a[2 * i + 1]);
   for (int i = 0; i < 2; i++)
-    c[i] = fold2 (b[2 * i], b[2 * i + 1]);
-  return fold1 (c[0], c[1]);
+    c[i] = FOLD2 (b[2 * i], b[2 * i + 1]);
+  *out = FOLD1 (c[0], c[1]);
 }
 
 /* Dot products of 4 rows with 4 rows, 16 columns at a time: 8 loads feed
  * 16 multiply-adds. Rows past @r repeat the last one; their sums are
  * dropped. */
-LP_KERNEL void
-lp_lora_gram_rows_f32 (const float *x,
-                       gsize        ld,
-                       guint        r,
-                       gsize        w,
-                       double      *g)
+LP_INLINE void
+lp_lora_gram_rows_f32_body (const float *x,
+                            gsize        ld,
+                            guint        r,
+                            gsize        w,
+                            double      *g)
 {
   for (guint i0 = 0; i0 < r; i0 += 4)
     for (guint j0 = i0; j0 < r; j0 += 4)
@@ -109,10 +143,9 @@ lp_lora_gram_rows_f32 (const float *x,
 
         for (gsize t = 0; t < w; t += 16)
           {
-            LpV16 u0 = load16 (xi[0] + t), u1 = load16 (xi[1] + t);
-            LpV16 u2 = load16 (xi[2] + t), u3 = load16 (xi[3] + t);
-            LpV16 v0 = load16 (xj[0] + t), v1 = load16 (xj[1] + t);
-            LpV16 v2 = load16 (xj[2] + t), v3 = load16 (xj[3] + t);
+            LpV16 u0, u1, u2, u3, v0, v1, v2, v3;
+            LOAD16 (u0, xi[0] + t); LOAD16 (u1, xi[1] + t); LOAD16 (u2, xi[2] + t); LOAD16 (u3, xi[3] + t);
+            LOAD16 (v0, xj[0] + t); LOAD16 (v1, xj[1] + t); LOAD16 (v2, xj[2] + t); LOAD16 (v3, xj[3] + t);
 
             acc[0] += u0 * v0;  acc[1] += u0 * v1;  acc[2] += u0 * v2;  acc[3] += u0 * v3;
             acc[4] += u1 * v0;  acc[5] += u1 * v1;  acc[6] += u1 * v2;  acc[7] += u1 * v3;
@@ -120,7 +153,8 @@ lp_lora_gram_rows_f32 (const float *x,
             acc[12] += u3 * v0; acc[13] += u3 * v1; acc[14] += u3 * v2; acc[15] += u3 * v3;
           }
 
-        LpV16 sums = sum16 (acc);
+        LpV16 sums;
+        sum16 (acc, &sums);
         for (guint a = 0; a < 4; a++)
           for (guint b = 0; b < 4; b++)
             {
@@ -155,8 +189,10 @@ cols_tile (const float *y,
   for (gsize t = 0; t < h; t++)
     {
       const float *row = y + t * r;
-      LpV16 c0 = load16 (row + j0);
-      LpV16 c1 = nv > 1 ? load16 (row + j0 + 16) : (LpV16) { 0 };
+      LpV16 c0, c1 = { 0 };
+      LOAD16 (c0, row + j0);
+      if (nv > 1)
+        LOAD16 (c1, row + j0 + 16);
 
 #pragma GCC unroll 6
       for (guint a = 0; a < 6; a++)
@@ -178,11 +214,11 @@ cols_tile (const float *y,
         }
 }
 
-LP_KERNEL void
-lp_lora_gram_cols_f32 (const float *y,
-                       guint        r,
-                       gsize        h,
-                       double      *g)
+LP_INLINE void
+lp_lora_gram_cols_f32_body (const float *y,
+                            guint        r,
+                            gsize        h,
+                            double      *g)
 {
   for (guint i0 = 0; i0 < r; i0 += 6)
     {
@@ -194,3 +230,322 @@ lp_lora_gram_cols_f32 (const float *y,
         cols_tile (y, r, h, i0, j0, 1, g);
     }
 }
+
+LP_DEFINE_VOID_KERNEL (lp_lora_gram_rows_f32,
+                       (const float *x, gsize ld, guint r, gsize w, double *g),
+                       (x, ld, r, w, g))
+LP_DEFINE_VOID_KERNEL (lp_lora_gram_cols_f32,
+                       (const float *y, guint r, gsize h, double *g),
+                       (y, r, h, g))
+
+/* ---- bf16 straight from the file (AVX512-BF16) --------------------------- */
+
+/* VDPBF16PS multiplies pairs of bf16 and adds both products to an f32 lane:
+ * the factor is read as stored, with no conversion, at twice the products
+ * per instruction of f32. Its products are exact and its sums round like
+ * the f32 kernels' (it flushes subnormals, which bf16 factors of a LoRA,
+ * at 1e-38, do not have). */
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+# define LP_HAVE_BF16_DOT 1
+# include <immintrin.h>
+#endif
+
+/* Columns of A per pass over a tile: a chunk of a rank-64 factor stays in L2,
+ * and its f32 sums go to f64 after at most 64 products per lane. */
+#define BF16_ROWS_CHUNK 2048
+/* Rows of B per panel. */
+#define BF16_COLS_BLOCK 128
+
+#ifdef LP_HAVE_BF16_DOT
+#define LP_BF16_TARGET __attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+LP_BF16_TARGET static inline __m512
+dot_bf16 (__m512 acc, __m512i x, __m512i y)
+{
+  return _mm512_dpbf16_ps (acc, (__m512bh) x, (__m512bh) y);
+}
+
+LP_BF16_TARGET static void
+gram_rows_bf16_avx512 (const guint16 *a,
+                       gsize          ld,
+                       guint          r,
+                       gsize          n,
+                       double        *g)
+{
+  for (gsize t0 = 0; t0 < n; t0 += BF16_ROWS_CHUNK)
+    {
+      gsize t1 = MIN (t0 + BF16_ROWS_CHUNK, n);
+
+      for (guint i0 = 0; i0 < r; i0 += 4)
+        for (guint j0 = i0; j0 < r; j0 += 4)
+          {
+            const guint16 *xi[4], *xj[4];
+            __m512 acc[16];
+
+            for (guint q = 0; q < 4; q++)
+              {
+                xi[q] = a + MIN (i0 + q, r - 1) * ld;
+                xj[q] = a + MIN (j0 + q, r - 1) * ld;
+              }
+#pragma GCC unroll 16
+            for (int q = 0; q < 16; q++)
+              acc[q] = _mm512_setzero_ps ();
+
+            for (gsize t = t0; t < t1; t += 32)
+              {
+                /* the last step of a row reads only what is left of it */
+                __mmask32 m = t + 32 <= t1 ? (__mmask32) ~0u : (__mmask32) ((1u << (t1 - t)) - 1);
+                __m512i u0 = _mm512_maskz_loadu_epi16 (m, xi[0] + t);
+                __m512i u1 = _mm512_maskz_loadu_epi16 (m, xi[1] + t);
+                __m512i u2 = _mm512_maskz_loadu_epi16 (m, xi[2] + t);
+                __m512i u3 = _mm512_maskz_loadu_epi16 (m, xi[3] + t);
+                __m512i v0 = _mm512_maskz_loadu_epi16 (m, xj[0] + t);
+                __m512i v1 = _mm512_maskz_loadu_epi16 (m, xj[1] + t);
+                __m512i v2 = _mm512_maskz_loadu_epi16 (m, xj[2] + t);
+                __m512i v3 = _mm512_maskz_loadu_epi16 (m, xj[3] + t);
+
+                acc[0] = dot_bf16 (acc[0], u0, v0);   acc[1] = dot_bf16 (acc[1], u0, v1);
+                acc[2] = dot_bf16 (acc[2], u0, v2);   acc[3] = dot_bf16 (acc[3], u0, v3);
+                acc[4] = dot_bf16 (acc[4], u1, v0);   acc[5] = dot_bf16 (acc[5], u1, v1);
+                acc[6] = dot_bf16 (acc[6], u1, v2);   acc[7] = dot_bf16 (acc[7], u1, v3);
+                acc[8] = dot_bf16 (acc[8], u2, v0);   acc[9] = dot_bf16 (acc[9], u2, v1);
+                acc[10] = dot_bf16 (acc[10], u2, v2); acc[11] = dot_bf16 (acc[11], u2, v3);
+                acc[12] = dot_bf16 (acc[12], u3, v0); acc[13] = dot_bf16 (acc[13], u3, v1);
+                acc[14] = dot_bf16 (acc[14], u3, v2); acc[15] = dot_bf16 (acc[15], u3, v3);
+              }
+
+            LpV16 lanes[16];
+            memcpy (lanes, acc, sizeof lanes);
+            LpV16 sums;
+            sum16 (lanes, &sums);
+            for (guint p = 0; p < 4; p++)
+              for (guint q = 0; q < 4; q++)
+                {
+                  guint i = i0 + p, j = j0 + q;
+                  if (i < r && j < r && j >= i)
+                    g[i * r + j] += sums[4 * p + q];
+                }
+          }
+    }
+}
+
+/* Pairs of rows interleaved: the panel's element c of pair p holds
+ * B[2p][c] in its low half and B[2p + 1][c] in its high half, so one
+ * VDPBF16PS adds the products of two rows. Rows are @stride elements apart
+ * in the panel, zero past @r. */
+LP_BF16_TARGET static void
+pair_rows_bf16 (const guint16 *b,
+                guint          r,
+                gsize          h,
+                gsize          stride,
+                guint32       *panel)
+{
+  for (gsize p = 0; p < (h + 1) / 2; p++)
+    {
+      const guint16 *row0 = b + 2 * p * r;
+      gboolean odd = 2 * p + 1 < h;
+
+      for (gsize c = 0; c < stride; c += 16)
+        {
+          __mmask16 m = c + 16 <= r ? (__mmask16) 0xffff : c < r ? (__mmask16) ((1u << (r - c)) - 1) : 0;
+          __m512i lo = _mm512_cvtepu16_epi32 (_mm256_maskz_loadu_epi16 (m, row0 + c));
+          __m512i hi = _mm512_cvtepu16_epi32 (_mm256_maskz_loadu_epi16 (odd ? m : 0, row0 + r + c));
+          _mm512_storeu_si512 (panel + p * stride + c, _mm512_or_si512 (lo, _mm512_slli_epi32 (hi, 16)));
+        }
+    }
+}
+
+LP_BF16_TARGET static inline void
+cols_tile_bf16 (const guint32 *panel,
+                gsize          stride,
+                gsize          pairs,
+                guint          r,
+                guint          i0,
+                guint          j0,
+                const int      nv,
+                double        *g)
+{
+  guint idx[6];
+  __m512 acc[6][2];
+
+  for (guint q = 0; q < 6; q++)
+    {
+      idx[q] = MIN (i0 + q, r - 1);
+      acc[q][0] = acc[q][1] = _mm512_setzero_ps ();
+    }
+  for (gsize p = 0; p < pairs; p++)
+    {
+      const guint32 *row = panel + p * stride;
+      __m512i c0 = _mm512_loadu_si512 (row + j0);
+      __m512i c1 = nv > 1 ? _mm512_loadu_si512 (row + j0 + 16) : _mm512_setzero_si512 ();
+#pragma GCC unroll 6
+      for (guint q = 0; q < 6; q++)
+        {
+          __m512i s = _mm512_set1_epi32 ((int) row[idx[q]]);
+          acc[q][0] = dot_bf16 (acc[q][0], s, c0);
+          if (nv > 1)
+            acc[q][1] = dot_bf16 (acc[q][1], s, c1);
+        }
+    }
+  for (guint q = 0; q < 6; q++)
+    for (int v = 0; v < nv; v++)
+      {
+        float lanes[16];
+        _mm512_storeu_ps (lanes, acc[q][v]);
+        for (guint lane = 0; lane < 16; lane++)
+          {
+            guint i = i0 + q, j = j0 + 16 * v + lane;
+            if (i < r && j < r && j >= i)
+              g[i * r + j] += lanes[lane];
+          }
+      }
+}
+
+LP_BF16_TARGET static void
+gram_cols_bf16_avx512 (const guint16 *b,
+                       guint          r,
+                       gsize          n,
+                       double        *g,
+                       guint32       *panel)
+{
+  /* a row of the panel, with a spare vector for the second load of a tile */
+  gsize stride = (r + 15) / 16 * 16 + 16;
+
+  for (gsize t0 = 0; t0 < n; t0 += BF16_COLS_BLOCK)
+    {
+      gsize h = MIN (BF16_COLS_BLOCK, n - t0);
+      gsize pairs = (h + 1) / 2;
+
+      pair_rows_bf16 (b + t0 * r, r, h, stride, panel);
+      for (guint i0 = 0; i0 < r; i0 += 6)
+        {
+          guint j0 = i0 / 16 * 16;
+          for (; j0 + 16 < r; j0 += 32)
+            cols_tile_bf16 (panel, stride, pairs, r, i0, j0, 2, g);
+          if (j0 < r)
+            cols_tile_bf16 (panel, stride, pairs, r, i0, j0, 1, g);
+        }
+    }
+}
+#endif
+
+gboolean
+lp_lora_have_bf16_dot (void)
+{
+#ifdef LP_HAVE_BF16_DOT
+  static gsize result = 0;
+
+  if (g_once_init_enter (&result))
+    {
+      /* LPIPE_NO_BF16_DOT lets the tests run the f32 kernels on bf16 too */
+      gboolean ok = g_getenv ("LPIPE_NO_BF16_DOT") == NULL &&
+                    __builtin_cpu_supports ("avx512bw") && __builtin_cpu_supports ("avx512vl") &&
+                    __builtin_cpu_supports ("avx512bf16");
+      g_once_init_leave (&result, ok ? 2 : 1);
+    }
+  return result == 2;
+#else
+  return FALSE;
+#endif
+}
+
+gsize
+lp_lora_gram_bf16_scratch_size (guint r)
+{
+  return sizeof (guint32) * ((gsize) r + 32) * ((BF16_COLS_BLOCK + 1) / 2);
+}
+
+void
+lp_lora_gram_rows_bf16 (const guint16 *a,
+                        guint          r,
+                        gsize          n,
+                        double        *g)
+{
+#ifdef LP_HAVE_BF16_DOT
+  g_return_if_fail (lp_lora_have_bf16_dot ());
+  gram_rows_bf16_avx512 (a, n, r, n, g);
+#else
+  g_return_if_reached ();
+#endif
+}
+
+void
+lp_lora_gram_cols_bf16 (const guint16 *b,
+                        guint          r,
+                        gsize          n,
+                        double        *g,
+                        gpointer       scratch)
+{
+#ifdef LP_HAVE_BF16_DOT
+  g_return_if_fail (lp_lora_have_bf16_dot ());
+  gram_cols_bf16_avx512 (b, r, n, g, scratch);
+#else
+  g_return_if_reached ();
+#endif
+}
+
+/* ---- NaN and infinity --------------------------------------------------- */
+
+typedef gint32 LpI32x16 __attribute__ ((vector_size (64)));
+typedef gint64 LpI64x8 __attribute__ ((vector_size (64)));
+
+/* Tests the exponent bits (all ones: NaN or infinity) 64 bytes at a time:
+ * the projection checks every value it reads, and a scalar or floating-point
+ * test would cost as much as the projection itself. */
+LP_INLINE gboolean
+lp_lora_all_finite_f32_body (const float *values,
+                             gsize        n)
+{
+  const gint32 exp = 0x7f800000;
+  LpI32x16 acc = { 0 };
+  gsize i = 0;
+
+  for (; i + 16 <= n; i += 16)
+    {
+      LpI32x16 u;
+      memcpy (&u, values + i, sizeof u);
+      acc |= (u & exp) == exp;
+    }
+  for (int j = 0; j < 16; j++)
+    if (acc[j])
+      return FALSE;
+  for (; i < n; i++)
+    {
+      guint32 u;
+      memcpy (&u, values + i, sizeof u);
+      if ((u & exp) == (guint32) exp)
+        return FALSE;
+    }
+  return TRUE;
+}
+
+LP_INLINE gboolean
+lp_lora_all_finite_f64_body (const double *values,
+                             gsize         n)
+{
+  const gint64 exp = G_GINT64_CONSTANT (0x7ff0000000000000);
+  LpI64x8 acc = { 0 };
+  gsize i = 0;
+
+  for (; i + 8 <= n; i += 8)
+    {
+      LpI64x8 u;
+      memcpy (&u, values + i, sizeof u);
+      acc |= (u & exp) == exp;
+    }
+  for (int j = 0; j < 8; j++)
+    if (acc[j])
+      return FALSE;
+  for (; i < n; i++)
+    {
+      guint64 u;
+      memcpy (&u, values + i, sizeof u);
+      if ((u & exp) == (guint64) exp)
+        return FALSE;
+    }
+  return TRUE;
+}
+
+LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f32, (const float *values, gsize n), (values, n))
+LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f64, (const double *values, gsize n), (values, n))

@@ -34,4 +34,19 @@ void lp_lora_gram_cols_f32 (const float *y,
                             gsize        h,
                             double      *g);
 
+/* The same straight from bf16 factors, on machines with AVX512-BF16
+ * (lp_lora_have_bf16_dot()): A [r, n] row-major, or B [n, r] with a
+ * scratch buffer of lp_lora_gram_bf16_scratch_size() bytes. */
+gboolean lp_lora_have_bf16_dot          (void);
+gsize    lp_lora_gram_bf16_scratch_size (guint          r);
+void     lp_lora_gram_rows_bf16         (const guint16 *a,
+                                         guint          r,
+                                         gsize          n,
+                                         double        *g);
+void     lp_lora_gram_cols_bf16         (const guint16 *b,
+                                         guint          r,
+                                         gsize          n,
+                                         double        *g,
+                                         gpointer       scratch);
+
 G_END_DECLS

@@ -126,64 +126,6 @@ lp_lora_dtype_eps (LpDtype dtype)
     }
 }
 
-/* Tests the exponent bits (all ones: NaN or infinity) with GCC vector
- * extensions: the projection checks every value it reads, and a scalar or
- * floating-point reduction would cost as much as the projection itself. */
-typedef gint32 LpI32x4 __attribute__ ((vector_size (16)));
-typedef gint64 LpI64x2 __attribute__ ((vector_size (16)));
-
-gboolean
-lp_lora_all_finite_f64 (const double *values,
-                        gsize         n)
-{
-  const gint64 exp = G_GINT64_CONSTANT (0x7ff0000000000000);
-  LpI64x2 acc = { 0, };
-  guint64 bad = 0;
-  gsize i = 0;
-
-  for (; i + 2 <= n; i += 2)
-    {
-      LpI64x2 u;
-      memcpy (&u, values + i, sizeof u);
-      acc |= (u & exp) == exp;
-    }
-  for (guint j = 0; j < 2; j++)
-    bad |= acc[j] != 0;
-  for (; i < n; i++)
-    {
-      guint64 u;
-      memcpy (&u, values + i, sizeof u);
-      bad |= (u & exp) == exp;
-    }
-  return bad == 0;
-}
-
-gboolean
-lp_lora_all_finite_f32 (const float *values,
-                        gsize        n)
-{
-  const gint32 exp = 0x7f800000;
-  LpI32x4 acc = { 0, };
-  guint32 bad = 0;
-  gsize i = 0;
-
-  for (; i + 4 <= n; i += 4)
-    {
-      LpI32x4 u;
-      memcpy (&u, values + i, sizeof u);
-      acc |= (u & exp) == exp;
-    }
-  for (guint j = 0; j < 4; j++)
-    bad |= acc[j] != 0;
-  for (; i < n; i++)
-    {
-      guint32 u;
-      memcpy (&u, values + i, sizeof u);
-      bad |= (u & exp) == exp;
-    }
-  return bad == 0;
-}
-
 void
 lp_lora_spectrum_free (LpLoraSpectrum *spectrum)
 {
@@ -340,6 +282,15 @@ gram_f32 (const LpLoraFactors *f,
   gsize ssize = dtype_size (src);
 
   memset (g, 0, sizeof (double) * r * r);
+  if (src == LP_DTYPE_BF16 && lp_lora_have_bf16_dot ())
+    {
+      if (up)
+        lp_lora_gram_cols_bf16 ((const guint16 *) data, r, n, g,
+                                scratch_get (lp_lora_gram_bf16_scratch_size (r)));
+      else
+        lp_lora_gram_rows_bf16 ((const guint16 *) data, r, n, g);
+      return;
+    }
   if (up)
     {
       float *buf = scratch_get (sizeof (float) * ((gsize) r * GRAM_COLS_BLOCK + LP_LORA_KERNEL_SLACK));

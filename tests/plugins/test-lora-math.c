@@ -218,7 +218,9 @@ test_gram_kernels (void)
   for (guint c = 0; c < G_N_ELEMENTS (ranks); c++)
     {
       guint r = ranks[c];
-      gsize n = 48 + c;   /* rows of Y, and columns of X padded to 16 below */
+      /* rows of Y, and columns of X padded to 16 below; every third case
+       * spans several blocks of the kernels */
+      gsize n = 48 + c + (c % 3 == 0 ? 2100 : 0);
       gsize w = (n + 15) / 16 * 16;
       g_autofree float *y = g_new0 (float, n * r + LP_LORA_KERNEL_SLACK);
       g_autofree float *x = g_new0 (float, r * w);
@@ -253,6 +255,34 @@ test_gram_kernels (void)
             double e = j >= i ? 2 * expect[i * r + j] : 0;
             if (g_rows[i * r + j] != e || g_cols[i * r + j] != e)
               g_error ("r = %u, G[%u][%u]: rows kernel %g, cols kernel %g, expected %g",
+                       r, i, j, g_rows[i * r + j], g_cols[i * r + j], e);
+          }
+
+      /* the bf16 kernels, on the same values stored as bf16 (exactly), in
+       * buffers of exactly their size so that reading past them shows
+       * under ASan */
+      if (!lp_lora_have_bf16_dot ())
+        continue;
+      g_autofree guint16 *yb = g_new (guint16, n * r);
+      g_autofree guint16 *xb = g_new (guint16, r * n);
+      g_autofree gpointer scratch = g_malloc (lp_lora_gram_bf16_scratch_size (r));
+      for (gsize t = 0; t < n; t++)
+        for (guint i = 0; i < r; i++)
+          {
+            guint32 bits;
+            memcpy (&bits, &y[t * r + i], 4);
+            yb[t * r + i] = xb[i * n + t] = bits >> 16;
+          }
+      memset (g_rows, 0, sizeof (double) * r * r);
+      memset (g_cols, 0, sizeof (double) * r * r);
+      lp_lora_gram_rows_bf16 (xb, r, n, g_rows);
+      lp_lora_gram_cols_bf16 (yb, r, n, g_cols, scratch);
+      for (guint i = 0; i < r; i++)
+        for (guint j = 0; j < r; j++)
+          {
+            double e = j >= i ? expect[i * r + j] : 0;
+            if (g_rows[i * r + j] != e || g_cols[i * r + j] != e)
+              g_error ("bf16, r = %u, G[%u][%u]: rows kernel %g, cols kernel %g, expected %g",
                        r, i, j, g_rows[i * r + j], g_cols[i * r + j], e);
           }
     }
