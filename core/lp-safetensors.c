@@ -2,7 +2,7 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
-#define _GNU_SOURCE   /* sync_file_range */
+#define _GNU_SOURCE   /* madvise, O_CLOEXEC, fdatasync */
 #include "lp-private.h"
 
 #include <errno.h>
@@ -1754,6 +1754,90 @@ build_header (LpCheckpoint  *checkpoint,
   return g_steal_pointer (&out);
 }
 
+/* Durability as the file is written. fsync() of a freshly written file on a
+ * virtual disk costs about a millisecond per MB, most of it the host
+ * flushing its own cache, and at the end it is all waiting. A thread of the
+ * sink syncs the data every SYNC_EVERY bytes instead, while the stages
+ * compute, so the final fsync() has little left. Its errors are kept for
+ * the commit: the kernel reports a write-back error to one sync only. */
+#define SYNC_EVERY (8 << 20)
+
+typedef struct {
+  int fd;
+  GThread *thread;
+  GMutex lock;
+  GCond cond;
+  guint requested;
+  guint done;
+  gboolean stop;
+  int error;        /* the first errno of a sync, or 0 */
+} Syncer;
+
+static gpointer
+syncer_thread (gpointer data)
+{
+  Syncer *syncer = data;
+
+  g_mutex_lock (&syncer->lock);
+  for (;;)
+    {
+      while (!syncer->stop && syncer->done == syncer->requested)
+        g_cond_wait (&syncer->cond, &syncer->lock);
+      if (syncer->done == syncer->requested)
+        break;
+      syncer->done = syncer->requested;
+      g_mutex_unlock (&syncer->lock);
+
+      int rc = fdatasync (syncer->fd);
+      int saved_errno = errno;
+
+      g_mutex_lock (&syncer->lock);
+      if (rc != 0 && syncer->error == 0)
+        syncer->error = saved_errno;
+    }
+  g_mutex_unlock (&syncer->lock);
+  return NULL;
+}
+
+static Syncer *
+syncer_start (int fd)
+{
+  Syncer *syncer = g_new0 (Syncer, 1);
+
+  syncer->fd = fd;
+  g_mutex_init (&syncer->lock);
+  g_cond_init (&syncer->cond);
+  syncer->thread = g_thread_new ("lpipe-sync", syncer_thread, syncer);
+  return syncer;
+}
+
+static void
+syncer_request (Syncer *syncer)
+{
+  g_mutex_lock (&syncer->lock);
+  syncer->requested++;
+  g_cond_signal (&syncer->cond);
+  g_mutex_unlock (&syncer->lock);
+}
+
+/* Waits for the thread; returns the errno of a failed sync, or 0. */
+static int
+syncer_finish (Syncer *syncer)
+{
+  int error;
+
+  g_mutex_lock (&syncer->lock);
+  syncer->stop = TRUE;
+  g_cond_signal (&syncer->cond);
+  g_mutex_unlock (&syncer->lock);
+  g_thread_join (syncer->thread);
+  error = syncer->error;
+  g_mutex_clear (&syncer->lock);
+  g_cond_clear (&syncer->cond);
+  g_free (syncer);
+  return error;
+}
+
 typedef struct {
   AtomicFile *file;
   LpCheckpoint *checkpoint;
@@ -1762,13 +1846,11 @@ typedef struct {
   GHashTable *offsets;      /* LpTensor* -> guint64* (absolute offset) */
   gint written;
   guint64 bytes_written;
+  Syncer *syncer;
 } WriteContext;
 
-#define WRITEBACK_KICK (8 << 20)
-
-/* Writes a tensor at its place from a worker thread. The writes also start
- * the kernel's writeback as they go, so that the disk works while the
- * stages compute and the final fsync has little left to wait for. */
+/* Writes a tensor at its place from a worker thread, and asks for the data
+ * to be synced as it goes (see Syncer). */
 static gboolean
 write_tensor_at (LpTensor  *tensor,
                  GBytes    *data,
@@ -1804,16 +1886,13 @@ write_tensor_at (LpTensor  *tensor,
       at += n;
       size -= n;
     }
-#ifdef SYNC_FILE_RANGE_WRITE
   {
-    /* Every WRITEBACK_KICK bytes, start writeback of everything written so
-     * far (whichever worker crosses the mark does it); a LoRA has hundreds
-     * of small tensors, so counting per tensor would never start it. */
+    /* Whichever worker crosses a multiple of SYNC_EVERY asks for a sync;
+     * a LoRA has hundreds of small tensors, so it is counted in bytes. */
     guint64 before = __atomic_fetch_add (&ctx->bytes_written, lp_tensor_get_n_bytes (tensor), __ATOMIC_RELAXED);
-    if ((before + lp_tensor_get_n_bytes (tensor)) / WRITEBACK_KICK != before / WRITEBACK_KICK)
-      (void) sync_file_range (ctx->file->fd, 0, 0, SYNC_FILE_RANGE_WRITE);
+    if ((before + lp_tensor_get_n_bytes (tensor)) / SYNC_EVERY != before / SYNC_EVERY)
+      syncer_request (ctx->syncer);
   }
-#endif
   g_atomic_int_inc (&ctx->written);
   return TRUE;
 }
@@ -1901,12 +1980,14 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
   ctx.next = 0;
   ctx.written = 0;
   ctx.bytes_written = 0;
+  ctx.syncer = NULL;
   ctx.offsets = NULL;
   if (stage != NULL)
     {
       g_autofree guint64 *offsets = g_new (guint64, MAX (lp_checkpoint_get_n_tensors (checkpoint), 1));
       guint64 at = 8 + header->len;
       gboolean ok;
+      int sync_error;
 
       /* The header fixed every tensor's place, so the workers write them in
        * parallel and the file is the same for any number of threads. */
@@ -1920,10 +2001,17 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
           at += lp_tensor_get_n_bytes (tensor);
           g_hash_table_insert (ctx.offsets, tensor, &offsets[i]);
         }
+      ctx.syncer = syncer_start (file->fd);
       ok = lp_stage_pull_tensors_unordered (stage, checkpoint, write_tensor_at, &ctx, error);
+      sync_error = syncer_finish (ctx.syncer);
       g_hash_table_unref (ctx.offsets);
       if (!ok)
         return FALSE;
+      if (sync_error != 0)
+        {
+          set_io_error (error, sync_error, "Could not write", file->display);
+          return FALSE;
+        }
       ctx.next = g_atomic_int_get (&ctx.written);
     }
   else
