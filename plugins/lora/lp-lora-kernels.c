@@ -238,6 +238,115 @@ LP_DEFINE_VOID_KERNEL (lp_lora_gram_cols_f32,
                        (const float *y, guint r, gsize h, double *g),
                        (y, r, h, g))
 
+/* ---- applying a small map to a factor ------------------------------------ */
+
+/* Y = M X, 4 rows of M at a time against 16 columns of X: k × r small, X a
+ * block of a factor's rows. Rows of M past @k repeat its last one and are
+ * not stored. */
+LP_INLINE void
+lp_lora_map_rows_f32_body (const float *m,
+                           guint        k,
+                           guint        r,
+                           const float *x,
+                           gsize        ldx,
+                           gsize        w,
+                           float       *y,
+                           gsize        ldy)
+{
+  gsize w16 = w / 16 * 16;
+
+  for (guint i0 = 0; i0 < k; i0 += 4)
+    {
+      const float *mi[4];
+      guint rows = MIN (4, k - i0);
+
+      for (guint a = 0; a < 4; a++)
+        mi[a] = m + MIN (i0 + a, k - 1) * r;
+
+      for (gsize t = 0; t < w16; t += 16)
+        {
+          LpV16 acc0 = { 0 }, acc1 = { 0 }, acc2 = { 0 }, acc3 = { 0 };
+          for (guint s = 0; s < r; s++)
+            {
+              LpV16 xs;
+              LOAD16 (xs, x + s * ldx + t);
+              acc0 += mi[0][s] * xs;
+              acc1 += mi[1][s] * xs;
+              acc2 += mi[2][s] * xs;
+              acc3 += mi[3][s] * xs;
+            }
+          LpV16 accs[4] = { acc0, acc1, acc2, acc3 };
+          for (guint a = 0; a < rows; a++)
+            memcpy (y + (i0 + a) * ldy + t, &accs[a], sizeof (LpV16));
+        }
+      for (gsize t = w16; t < w; t++)
+        for (guint a = 0; a < rows; a++)
+          {
+            float acc = 0;
+            for (guint s = 0; s < r; s++)
+              acc += mi[a][s] * x[s * ldx + t];
+            y[(i0 + a) * ldy + t] = acc;
+          }
+    }
+}
+
+/* Y = X M for the @h rows of X (r floats each, one after the other), with
+ * @mt = Mᵀ stored as LP_LORA_MAP_COLS_STRIDE (r) floats a row, zero past
+ * @r, and round_up (k, 4) rows, zero past @k: 4 rows of X against 4
+ * columns of M at a time, their 16 dot products summed across lanes at
+ * once. Columns of X past @r read the next row or the slack, times zero. */
+LP_INLINE void
+lp_lora_map_cols_f32_body (const float *mt,
+                           guint        k,
+                           guint        r,
+                           const float *x,
+                           gsize        h,
+                           float       *y)
+{
+  gsize stride = LP_LORA_MAP_COLS_STRIDE (r);
+
+  for (gsize t0 = 0; t0 < h; t0 += 4)
+    {
+      const float *xt[4];
+      guint rows = MIN (4, h - t0);
+
+      for (guint a = 0; a < 4; a++)
+        xt[a] = x + MIN (t0 + a, h - 1) * r;
+
+      for (guint i0 = 0; i0 < k; i0 += 4)
+        {
+          LpV16 acc[16];
+          for (int q = 0; q < 16; q++)
+            acc[q] = (LpV16) { 0 };
+
+          for (gsize c = 0; c < stride; c += 16)
+            {
+              LpV16 x0, x1, x2, x3, m0, m1, m2, m3;
+              LOAD16 (x0, xt[0] + c); LOAD16 (x1, xt[1] + c); LOAD16 (x2, xt[2] + c); LOAD16 (x3, xt[3] + c);
+              LOAD16 (m0, mt + (i0 + 0) * stride + c); LOAD16 (m1, mt + (i0 + 1) * stride + c);
+              LOAD16 (m2, mt + (i0 + 2) * stride + c); LOAD16 (m3, mt + (i0 + 3) * stride + c);
+              acc[0] += x0 * m0;  acc[1] += x0 * m1;  acc[2] += x0 * m2;  acc[3] += x0 * m3;
+              acc[4] += x1 * m0;  acc[5] += x1 * m1;  acc[6] += x1 * m2;  acc[7] += x1 * m3;
+              acc[8] += x2 * m0;  acc[9] += x2 * m1;  acc[10] += x2 * m2; acc[11] += x2 * m3;
+              acc[12] += x3 * m0; acc[13] += x3 * m1; acc[14] += x3 * m2; acc[15] += x3 * m3;
+            }
+
+          LpV16 sums;
+          sum16 (acc, &sums);
+          for (guint a = 0; a < rows; a++)
+            for (guint b = 0; b < 4 && i0 + b < k; b++)
+              y[(t0 + a) * k + i0 + b] = sums[4 * a + b];
+        }
+    }
+}
+
+LP_DEFINE_VOID_KERNEL (lp_lora_map_rows_f32,
+                       (const float *m, guint k, guint r, const float *x, gsize ldx, gsize w, float *y, gsize ldy),
+                       (m, k, r, x, ldx, w, y, ldy))
+LP_DEFINE_VOID_KERNEL (lp_lora_map_cols_f32,
+                       (const float *mt, guint k, guint r, const float *x, gsize h, float *y),
+                       (mt, k, r, x, h, y))
+
 /* ---- bf16 straight from the file (AVX512-BF16) --------------------------- */
 
 /* VDPBF16PS multiplies pairs of bf16 and adds both products to an f32 lane:

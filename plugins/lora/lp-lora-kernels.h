@@ -34,6 +34,31 @@ void lp_lora_gram_cols_f32 (const float *y,
                             gsize        h,
                             double      *g);
 
+/* Y [k, w] (row stride @ldy) = M X for M [k, r] row-major and X the @r rows
+ * of @w floats at stride @ldx: the down factor's new rows. */
+void lp_lora_map_rows_f32 (const float *m,
+                           guint        k,
+                           guint        r,
+                           const float *x,
+                           gsize        ldx,
+                           gsize        w,
+                           float       *y,
+                           gsize        ldy);
+
+/* Floats a row of the transposed map lp_lora_map_cols_f32() takes. */
+#define LP_LORA_MAP_COLS_STRIDE(r) (((gsize) (r) + 15) / 16 * 16)
+
+/* Y [h, k] (row-major) = X M for X the @h rows of @r floats at @x (one after
+ * the other, followed by LP_LORA_KERNEL_SLACK readable floats) and M [r, k]
+ * given as @mt = Mᵀ: round_up (k, 4) rows of LP_LORA_MAP_COLS_STRIDE (r)
+ * floats, zero past @k and @r: the up factor's new rows. */
+void lp_lora_map_cols_f32 (const float *mt,
+                           guint        k,
+                           guint        r,
+                           const float *x,
+                           gsize        h,
+                           float       *y);
+
 /* The same straight from bf16 factors, on machines with AVX512-BF16
  * (lp_lora_have_bf16_dot()): A [r, n] row-major, or B [n, r] with a
  * scratch buffer of lp_lora_gram_bf16_scratch_size() bytes. */

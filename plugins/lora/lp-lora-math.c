@@ -749,8 +749,7 @@ map_down (const LpLoraFactors *f,
           ldy = w;
         }
       if (f->f32)
-        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
-                     1.f, m, r, x, ld, 0.f, y, ldy);
+        lp_lora_map_rows_f32 (m, k, r, x, ld, w, y, ldy);
       else
         cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
                      1.0, m, r, x, ld, 0.0, y, ldy);
@@ -758,6 +757,59 @@ map_down (const LpLoraFactors *f,
         for (guint i = 0; i < k; i++)
           overflow += narrow (f->f32, obuf + i * w * csize, out_dtype,
                               (guchar *) result + (i * n + j0) * osize, w);
+    }
+  return overflow;
+}
+
+/* Mᵀ for lp_lora_map_cols_f32(), times @alpha, from M [r, k] (or, with
+ * @transposed, from Mᵀ [k, r] itself). */
+static float *
+map_cols_matrix (const float *m,
+                 guint        r,
+                 guint        k,
+                 gboolean     transposed,
+                 float        alpha)
+{
+  gsize stride = LP_LORA_MAP_COLS_STRIDE (r);
+  float *mt = g_new0 (float, stride * ((k + 3) / 4 * 4));
+
+  for (guint i = 0; i < k; i++)
+    for (guint s = 0; s < r; s++)
+      mt[i * stride + s] = alpha * (transposed ? m[i * r + s] : m[s * k + i]);
+  return mt;
+}
+
+/* B' = B M in f32, rows of B converted a block at a time into a buffer
+ * with the slack the kernel reads. */
+static gsize
+map_up_f32 (const LpLoraFactors *f,
+            const float         *m,
+            guint                k,
+            LpDtype              out_dtype,
+            gpointer             result)
+{
+  guint r = f->r;
+  guint64 n = f->out;
+  LpDtype src = stored_dtype (f, TRUE);
+  gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
+  gsize bl = block_len (r);
+  g_autofree float *mt = map_cols_matrix (m, r, k, FALSE, 1.f);
+  float *buf = scratch_get (sizeof (float) * (ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK) + k * bl));
+  float *obuf = buf + ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
+  gsize overflow = 0;
+
+  memset (buf + r * bl, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
+  for (guint64 i0 = 0; i0 < n; i0 += bl)
+    {
+      gsize h = MIN (bl, n - i0);
+      float *y = out_dtype == LP_DTYPE_F32 ? (float *) result + i0 * k : obuf;
+
+      lp_dtype_to_f32 (src, (const guchar *) f->b + i0 * r * ssize, buf, h * r);
+      if (h < bl)
+        memset (buf + h * r, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
+      lp_lora_map_cols_f32 (mt, k, r, buf, h, y);
+      if (out_dtype != LP_DTYPE_F32)
+        overflow += lp_dtype_from_f32 (out_dtype, obuf, (guchar *) result + i0 * k * osize, h * k);
     }
   return overflow;
 }
@@ -775,6 +827,10 @@ map_up (const LpLoraFactors *f,
   LpDtype src = stored_dtype (f, TRUE), cdt = compute_dtype (f);
   gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
   gsize csize = f->f32 ? sizeof (float) : sizeof (double);
+
+  if (f->f32)
+    return map_up_f32 (f, m, k, out_dtype, result);
+
   gsize bl = src == cdt && out_dtype == cdt ? n : block_len (r);
   guchar *buf = src == cdt && out_dtype == cdt ? NULL
               : scratch_get (ALIGN_UP (csize * r * bl) + csize * k * bl);
@@ -879,9 +935,15 @@ lp_lora_project_factor (gboolean       up,
   guint64 n = up ? out : in;
   gsize ssize = dtype_size (dtype), osize = dtype_size (out_dtype);
   gsize bl = block_len (r);
-  float *buf = scratch_get (ALIGN_UP (sizeof (float) * r * bl) + sizeof (float) * k * bl);
-  float *obuf = (float *) ((guchar *) buf + ALIGN_UP (sizeof (float) * r * bl));
+  float *buf = scratch_get (sizeof (float) * (ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK) + k * bl));
+  float *obuf = buf + ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
+  /* alpha goes into the small matrix: R Aα for A, (α R)ᵀ-padded for B */
+  g_autofree float *mt = up ? map_cols_matrix (proj, r, k, TRUE, alpha) : NULL;
+  g_autofree float *scaled = up ? NULL : g_new (float, (gsize) k * r);
 
+  if (!up)
+    for (gsize i = 0; i < (gsize) k * r; i++)
+      scaled[i] = alpha * proj[i];
   *overflow = 0;
   for (guint64 j0 = 0; j0 < n; j0 += bl)
     {
@@ -893,8 +955,8 @@ lp_lora_project_factor (gboolean       up,
           lp_dtype_to_f32 (dtype, (const guchar *) data + j0 * r * ssize, buf, w * r);
           if (!lp_lora_all_finite_f32 (buf, w * r))
             return FALSE;
-          cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, w, k, r,
-                       alpha, buf, r, proj, r, 0.f, obuf, k);
+          memset (buf + w * r, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
+          lp_lora_map_cols_f32 (mt, k, r, buf, w, obuf);
           *overflow += lp_dtype_from_f32 (out_dtype, obuf, (guchar *) result + j0 * k * osize, w * k);
         }
       else
@@ -903,8 +965,7 @@ lp_lora_project_factor (gboolean       up,
             lp_dtype_to_f32 (dtype, (const guchar *) data + (t * n + j0) * ssize, buf + t * w, w);
           if (!lp_lora_all_finite_f32 (buf, (gsize) r * w))
             return FALSE;
-          cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
-                       alpha, proj, r, buf, w, 0.f, obuf, w);
+          lp_lora_map_rows_f32 (scaled, k, r, buf, w, w, obuf, w);
           for (guint i = 0; i < k; i++)
             *overflow += lp_dtype_from_f32 (out_dtype, obuf + i * w,
                                             (guchar *) result + (i * n + j0) * osize, w);

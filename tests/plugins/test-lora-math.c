@@ -288,6 +288,58 @@ test_gram_kernels (void)
     }
 }
 
+/* The map kernels (A' = M A, B' = B M) on small integers, exact in f32,
+ * for ranks and widths around the tile and vector sizes. */
+static void
+test_map_kernels (void)
+{
+  static const guint ranks[] = { 1, 3, 4, 5, 15, 16, 17, 42, 64 };
+  static const guint ks[] = { 1, 2, 3, 4, 5, 8, 9 };
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, 12, "map kernels");
+
+  for (guint c = 0; c < G_N_ELEMENTS (ranks); c++)
+    for (guint d = 0; d < G_N_ELEMENTS (ks); d++)
+      {
+        guint r = ranks[c], k = ks[d];
+        gsize n = 37 + 8 * c + d;   /* columns of A, rows of B */
+        gsize stride = LP_LORA_MAP_COLS_STRIDE (r);
+        g_autofree float *m = g_new (float, (gsize) k * r);          /* M [k, r] for A */
+        g_autofree float *mt = g_new0 (float, stride * ((k + 3) / 4 * 4));   /* Mᵀ for B */
+        g_autofree float *x = g_new (float, (gsize) r * n + LP_LORA_KERNEL_SLACK);
+        g_autofree float *ya = g_new (float, (gsize) k * n);
+        g_autofree float *yb = g_new (float, n * k);
+
+        for (gsize i = 0; i < (gsize) k * r; i++)
+          m[i] = (float) (lp_lora_rng_next (&rng) % 9) - 4.f;
+        for (guint i = 0; i < k; i++)
+          for (guint s = 0; s < r; s++)
+            mt[i * stride + s] = m[i * r + s];
+        for (gsize i = 0; i < (gsize) r * n; i++)
+          x[i] = (float) (lp_lora_rng_next (&rng) % 17) - 8.f;
+        for (gsize i = 0; i < LP_LORA_KERNEL_SLACK; i++)
+          x[r * n + i] = 0.f;
+
+        /* A = x as [r, n]: A' = M A */
+        lp_lora_map_rows_f32 (m, k, r, x, n, n, ya, n);
+        /* B = x as [n, r]: B' = B Mᵀ... with the map [r, k] = mᵀ */
+        lp_lora_map_cols_f32 (mt, k, r, x, n, yb);
+        for (guint i = 0; i < k; i++)
+          for (gsize t = 0; t < n; t++)
+            {
+              double ea = 0, eb = 0;
+              for (guint s = 0; s < r; s++)
+                {
+                  ea += (double) m[i * r + s] * x[s * n + t];
+                  eb += (double) x[t * r + s] * m[i * r + s];
+                }
+              if (ya[i * n + t] != ea || yb[t * k + i] != eb)
+                g_error ("r %u k %u: (%u, %u): rows %g (expected %g), cols %g (expected %g)",
+                         r, k, i, (guint) t, ya[i * n + t], ea, yb[t * k + i], eb);
+            }
+      }
+}
+
 static void
 test_randomized (void)
 {
@@ -463,6 +515,7 @@ main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
   g_test_add_func ("/lora-math/gram-kernels", test_gram_kernels);
+  g_test_add_func ("/lora-math/map-kernels", test_map_kernels);
   g_test_add_func ("/lora-math/exact", test_exact);
   g_test_add_func ("/lora-math/randomized", test_randomized);
   g_test_add_func ("/lora-math/nan", test_nan);
