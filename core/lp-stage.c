@@ -714,9 +714,6 @@ typedef struct {
   GMutex lock;
   GCond cond;
   PullSlot *slots;
-  /* Set for lp_stage_pull_tensors_unordered(): called by the workers. */
-  LpTensorDataCallback worker_callback;
-  gpointer worker_data;
 } PullState;
 
 static void
@@ -734,13 +731,6 @@ pull_worker (gpointer data,
       GError *local_error = NULL;
       GBytes *bytes = lp_tensor_dup_data (slot->tensor, &local_error);
 
-      if (bytes && state->worker_callback)
-        {
-          if (!state->worker_callback (slot->tensor, bytes, state->worker_data, &local_error))
-            g_assert (local_error != NULL);
-          g_clear_pointer (&bytes, g_bytes_unref);
-        }
-
       g_mutex_lock (&state->lock);
       slot->bytes = bytes;
       slot->error = local_error;
@@ -755,7 +745,6 @@ pull_tensors (LpStage              *self,
               LpCheckpoint         *checkpoint,
               LpTensorDataCallback  callback,
               gpointer              user_data,
-              gboolean              in_workers,
               GError              **error)
 {
   LpStagePrivate *priv;
@@ -777,8 +766,6 @@ pull_tensors (LpStage              *self,
 
   g_mutex_init (&state.lock);
   g_cond_init (&state.cond);
-  state.worker_callback = in_workers ? callback : NULL;
-  state.worker_data = user_data;
   state.slots = g_new0 (PullSlot, MAX (n, 1));
   for (guint i = 0; i < n; i++)
     state.slots[i].tensor = lp_checkpoint_get_tensor (checkpoint, i);
@@ -836,7 +823,7 @@ pull_tensors (LpStage              *self,
         }
       else
         {
-          ok = in_workers ? TRUE : callback (slot->tensor, slot->bytes, user_data, &local_error);
+          ok = callback (slot->tensor, slot->bytes, user_data, &local_error);
           bytes_done += lp_tensor_get_n_bytes (slot->tensor);
           if (ok)
             lp_stage_report_progress (self, i + 1, n, bytes_done, bytes_total);
@@ -868,6 +855,159 @@ pull_tensors (LpStage              *self,
   return TRUE;
 }
 
+/* lp_stage_pull_tensors_unordered(): the workers claim compute groups in
+ * checkpoint order themselves and hand each tensor to the callback, so no
+ * thread wakes another per tensor (on a virtual machine every wakeup is an
+ * interrupt between cores). The calling thread only waits, and reports
+ * progress every PROGRESS_PERIOD. Memory stays bounded by one group per
+ * worker. */
+
+#define PROGRESS_PERIOD (50 * G_TIME_SPAN_MILLISECOND)
+
+typedef struct {
+  GMutex lock;
+  GCond cond;
+  LpCheckpoint *checkpoint;
+  guint n;
+  guint next;              /* the first tensor not claimed yet */
+  guint64 tensors_done;
+  guint64 bytes_done;
+  guint running;           /* workers not finished */
+  gboolean stop;
+  guint error_index;       /* of @error: the earliest failed tensor */
+  GError *error;
+  GCancellable *cancellable;
+  LpTensorDataCallback callback;
+  gpointer user_data;
+  LpStage *inline_stage;   /* set when the calling thread is the worker */
+  guint64 bytes_total;
+} UnorderedPull;
+
+static void
+unordered_worker (gpointer data,
+                  gpointer user_data)
+{
+  UnorderedPull *u = user_data;
+
+  g_mutex_lock (&u->lock);
+  while (!u->stop && u->next < u->n && !g_cancellable_is_cancelled (u->cancellable))
+    {
+      guint first = u->next;
+      gpointer group = lp_tensor_get_compute_group (lp_checkpoint_get_tensor (u->checkpoint, first));
+
+      /* a whole compute group: its first tensor does the shared work */
+      do
+        u->next++;
+      while (group != NULL && u->next < u->n &&
+             lp_tensor_get_compute_group (lp_checkpoint_get_tensor (u->checkpoint, u->next)) == group);
+      guint last = u->next;
+      g_mutex_unlock (&u->lock);
+
+      for (guint i = first; i < last; i++)
+        {
+          LpTensor *tensor = lp_checkpoint_get_tensor (u->checkpoint, i);
+          GError *local_error = NULL;
+          GBytes *bytes = lp_tensor_dup_data (tensor, &local_error);
+          gboolean ok = bytes != NULL && u->callback (tensor, bytes, u->user_data, &local_error);
+
+          g_clear_pointer (&bytes, g_bytes_unref);
+          g_mutex_lock (&u->lock);
+          if (ok)
+            {
+              u->tensors_done++;
+              u->bytes_done += lp_tensor_get_n_bytes (tensor);
+              g_mutex_unlock (&u->lock);
+              if (u->inline_stage)
+                lp_stage_report_progress (u->inline_stage, u->tensors_done, u->n, u->bytes_done, u->bytes_total);
+              continue;
+            }
+          g_assert (local_error != NULL);
+          u->stop = TRUE;
+          if (u->error == NULL || i < u->error_index)
+            {
+              g_clear_error (&u->error);
+              u->error = local_error;
+              u->error_index = i;
+            }
+          else
+            g_error_free (local_error);
+          g_mutex_unlock (&u->lock);
+          break;
+        }
+      g_mutex_lock (&u->lock);
+    }
+  u->running--;
+  g_cond_signal (&u->cond);
+  g_mutex_unlock (&u->lock);
+}
+
+static gboolean
+pull_tensors_unordered (LpStage              *self,
+                        LpCheckpoint         *checkpoint,
+                        LpTensorDataCallback  callback,
+                        gpointer              user_data,
+                        GError              **error)
+{
+  LpStagePrivate *priv = lp_stage_get_instance_private (self);
+  UnorderedPull u = { 0, };
+  guint threads = MAX (priv->threads, 1);
+  guint64 bytes_total = lp_checkpoint_get_n_bytes (checkpoint);
+  guint64 reported = 0;
+
+  g_mutex_init (&u.lock);
+  g_cond_init (&u.cond);
+  u.checkpoint = checkpoint;
+  u.n = lp_checkpoint_get_n_tensors (checkpoint);
+  u.cancellable = priv->cancellable;
+  u.callback = callback;
+  u.user_data = user_data;
+
+  lp_stage_report_progress (self, 0, u.n, 0, bytes_total);
+  u.bytes_total = bytes_total;
+  if (threads == 1 || u.n <= 1)
+    {
+      u.running = 1;
+      u.inline_stage = self;
+      unordered_worker (NULL, &u);
+    }
+  else
+    {
+      GThreadPool *pool = g_thread_pool_new (unordered_worker, &u, (gint) threads, FALSE, NULL);
+
+      u.running = threads;
+      for (guint i = 0; i < threads; i++)
+        g_thread_pool_push (pool, GUINT_TO_POINTER (i + 1), NULL);
+
+      g_mutex_lock (&u.lock);
+      while (u.running > 0)
+        {
+          gint64 until = g_get_monotonic_time () + PROGRESS_PERIOD;
+          if (g_cond_wait_until (&u.cond, &u.lock, until) || u.tensors_done == reported)
+            continue;
+          guint64 done = reported = u.tensors_done, bytes = u.bytes_done;
+          g_mutex_unlock (&u.lock);
+          lp_stage_report_progress (self, done, u.n, bytes, bytes_total);
+          g_mutex_lock (&u.lock);
+        }
+      g_mutex_unlock (&u.lock);
+      g_thread_pool_free (pool, FALSE, TRUE);
+    }
+
+  g_mutex_clear (&u.lock);
+  g_cond_clear (&u.cond);
+  if (u.error == NULL && u.tensors_done < u.n)
+    g_cancellable_set_error_if_cancelled (u.cancellable, &u.error);
+  if (u.error != NULL)
+    {
+      g_propagate_error (error, u.error);
+      return FALSE;
+    }
+  g_assert (u.tensors_done == u.n);
+  if (u.inline_stage == NULL || u.n == 0)
+    lp_stage_report_progress (self, u.n, u.n, u.bytes_done, bytes_total);
+  return TRUE;
+}
+
 /**
  * lp_stage_pull_tensors:
  * @self: the stage that consumes the data (its threads, cancellable and
@@ -892,7 +1032,7 @@ lp_stage_pull_tensors (LpStage              *self,
                        gpointer              user_data,
                        GError              **error)
 {
-  return pull_tensors (self, checkpoint, callback, user_data, FALSE, error);
+  return pull_tensors (self, checkpoint, callback, user_data, error);
 }
 
 /**
@@ -908,8 +1048,10 @@ lp_stage_pull_tensors (LpStage              *self,
  * computed the tensor, as soon as it is done, in no particular order and
  * concurrently with itself: for sinks that know where each tensor goes (a
  * safetensors file, whose header gives every offset) and can write them in
- * parallel. @callback must be thread-safe. Progress is still reported in
- * checkpoint order from the calling thread.
+ * parallel. @callback must be thread-safe. Tensors are started in
+ * checkpoint order, and when one fails the others still running finish and
+ * the error of the earliest failed tensor is returned. Progress is reported
+ * from the calling thread, at the start, every 50 ms and at the end.
  *
  * Returns: %TRUE if every tensor was handed over
  */
@@ -920,7 +1062,11 @@ lp_stage_pull_tensors_unordered (LpStage              *self,
                                  gpointer              user_data,
                                  GError              **error)
 {
-  return pull_tensors (self, checkpoint, callback, user_data, TRUE, error);
+  g_return_val_if_fail (LP_IS_STAGE (self), FALSE);
+  g_return_val_if_fail (LP_IS_CHECKPOINT (checkpoint), FALSE);
+  g_return_val_if_fail (callback != NULL, FALSE);
+
+  return pull_tensors_unordered (self, checkpoint, callback, user_data, error);
 }
 
 /**

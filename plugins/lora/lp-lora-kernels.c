@@ -108,10 +108,14 @@ sum16 (const LpV16 v[16],
 {
   LpV16 a[8], b[4], c[2];
 
+  /* unrolled, so that the arrays live in registers */
+#pragma GCC unroll 8
   for (int i = 0; i < 8; i++)
     a[i] = FOLD8 (v[2 * i], v[2 * i + 1]);
+#pragma GCC unroll 4
   for (int i = 0; i < 4; i++)
     b[i] = FOLD4 (a[2 * i], a[2 * i + 1]);
+#pragma GCC unroll 2
   for (int i = 0; i < 2; i++)
     c[i] = FOLD2 (b[2 * i], b[2 * i + 1]);
   *out = FOLD1 (c[0], c[1]);
@@ -138,6 +142,7 @@ lp_lora_gram_rows_f32_body (const float *x,
             xi[a] = x + MIN (i0 + a, r - 1) * ld;
             xj[a] = x + MIN (j0 + a, r - 1) * ld;
           }
+#pragma GCC unroll 16
         for (int k = 0; k < 16; k++)
           acc[k] = (LpV16) { 0 };
 
@@ -316,6 +321,7 @@ lp_lora_map_cols_f32_body (const float *mt,
       for (guint i0 = 0; i0 < k; i0 += 4)
         {
           LpV16 acc[16];
+#pragma GCC unroll 16
           for (int q = 0; q < 16; q++)
             acc[q] = (LpV16) { 0 };
 
