@@ -300,7 +300,10 @@ lp_registry_load_plugin (LpRegistry  *self,
   g_return_val_if_fail (LP_IS_REGISTRY (self), NULL);
   g_return_val_if_fail (filename != NULL, NULL);
 
-  module = g_module_open (filename, G_MODULE_BIND_LOCAL);
+  /* Lazy, as GStreamer loads its plugins: binding every function of a
+   * plugin's libraries up front (OpenBLAS and LAPACK export thousands) is
+   * half of lpipe's start-up, for functions a run mostly never calls. */
+  module = g_module_open (filename, G_MODULE_BIND_LAZY | G_MODULE_BIND_LOCAL);
   if (module == NULL)
     {
       g_set_error (error, LP_PLUGIN_ERROR, LP_PLUGIN_ERROR_LOAD,
