@@ -369,8 +369,8 @@ LP_DEFINE_VOID_KERNEL (lp_lora_map_cols_f32,
 /* Columns of A per pass over a tile: a chunk of a rank-64 factor stays in L2,
  * and its f32 sums go to f64 after at most 64 products per lane. */
 #define BF16_ROWS_CHUNK 2048
-/* Rows of B per panel. */
-#define BF16_COLS_BLOCK 128
+/* Rows of B per panel: 128 products per lane before the sums go to f64. */
+#define BF16_COLS_BLOCK 256
 
 #ifdef LP_HAVE_BF16_DOT
 #define LP_BF16_TARGET __attribute__ ((target ("avx512f,avx512bw,avx512vl,avx512bf16")))
@@ -503,17 +503,23 @@ cols_tile_bf16 (const guint32 *panel,
             acc[q][1] = dot_bf16 (acc[q][1], s, c1);
         }
     }
-  for (guint q = 0; q < 6; q++)
+  /* into G's row i, columns j … j + 15, where i ≤ j < r: widened to f64 and
+   * added under a mask, eight at a time */
+  for (guint q = 0; q < 6 && i0 + q < r; q++)
     for (int v = 0; v < nv; v++)
       {
-        float lanes[16];
-        _mm512_storeu_ps (lanes, acc[q][v]);
-        for (guint lane = 0; lane < 16; lane++)
-          {
-            guint i = i0 + q, j = j0 + 16 * v + lane;
-            if (i < r && j < r && j >= i)
-              g[i * r + j] += lanes[lane];
-          }
+        guint i = i0 + q, j = j0 + 16 * v;
+        guint lo = i > j ? i - j : 0, hi = MIN (16, r - j);
+        __mmask16 m = (__mmask16) (((1u << hi) - 1) & ~((1u << lo) - 1));
+        __m512 a = acc[q][v];
+        __m512d a_lo = _mm512_cvtps_pd (_mm512_castps512_ps256 (a));
+        __m512d a_hi = _mm512_cvtps_pd (_mm256_castsi256_ps (_mm512_extracti64x4_epi64 (_mm512_castps_si512 (a), 1)));
+        double *row = g + (gsize) i * r + j;
+
+        _mm512_mask_storeu_pd (row, (__mmask8) m,
+                               _mm512_add_pd (_mm512_maskz_loadu_pd ((__mmask8) m, row), a_lo));
+        _mm512_mask_storeu_pd (row + 8, (__mmask8) (m >> 8),
+                               _mm512_add_pd (_mm512_maskz_loadu_pd ((__mmask8) (m >> 8), row + 8), a_hi));
       }
 }
 
