@@ -456,17 +456,29 @@ pair_rows_bf16 (const guint16 *b,
                 gsize          stride,
                 guint32       *panel)
 {
+  /* word k of the result: row 0's column k/2 (k even) or row 1's (k odd),
+   * for the first 16 columns of the two rows, then for the next 16 */
+  static const guint16 order[2][32] = {
+    { 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47 },
+    { 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 },
+  };
+  const __m512i first = _mm512_loadu_si512 (order[0]);
+  const __m512i second = _mm512_loadu_si512 (order[1]);
+
   for (gsize p = 0; p < (h + 1) / 2; p++)
     {
       const guint16 *row0 = b + 2 * p * r;
       gboolean odd = 2 * p + 1 < h;
 
-      for (gsize c = 0; c < stride; c += 16)
+      for (gsize c = 0; c < stride; c += 32)
         {
-          __mmask16 m = c + 16 <= r ? (__mmask16) 0xffff : c < r ? (__mmask16) ((1u << (r - c)) - 1) : 0;
-          __m512i lo = _mm512_cvtepu16_epi32 (_mm256_maskz_loadu_epi16 (m, row0 + c));
-          __m512i hi = _mm512_cvtepu16_epi32 (_mm256_maskz_loadu_epi16 (odd ? m : 0, row0 + r + c));
-          _mm512_storeu_si512 (panel + p * stride + c, _mm512_or_si512 (lo, _mm512_slli_epi32 (hi, 16)));
+          __mmask32 m = c + 32 <= r ? (__mmask32) ~0u : c < r ? (__mmask32) ((1u << (r - c)) - 1) : 0;
+          __m512i x0 = _mm512_maskz_loadu_epi16 (m, row0 + c);
+          __m512i x1 = _mm512_maskz_loadu_epi16 (odd ? m : 0, row0 + r + c);
+          _mm512_storeu_si512 (panel + p * stride + c, _mm512_permutex2var_epi16 (x0, first, x1));
+          _mm512_storeu_si512 (panel + p * stride + c + 16, _mm512_permutex2var_epi16 (x0, second, x1));
         }
     }
 }
@@ -530,8 +542,9 @@ gram_cols_bf16_avx512 (const guint16 *b,
                        double        *g,
                        guint32       *panel)
 {
-  /* a row of the panel, with a spare vector for the second load of a tile */
-  gsize stride = (r + 15) / 16 * 16 + 16;
+  /* a row of the panel, with a spare vector for the second load of a tile,
+   * in steps of 32 columns for pair_rows_bf16() */
+  gsize stride = (r + 16 + 31) / 32 * 32;
 
   for (gsize t0 = 0; t0 < n; t0 += BF16_COLS_BLOCK)
     {
@@ -574,7 +587,7 @@ lp_lora_have_bf16_dot (void)
 gsize
 lp_lora_gram_bf16_scratch_size (guint r)
 {
-  return sizeof (guint32) * ((gsize) r + 32) * ((BF16_COLS_BLOCK + 1) / 2);
+  return sizeof (guint32) * ((r + 16 + 31) / 32 * 32) * ((BF16_COLS_BLOCK + 1) / 2);
 }
 
 void
