@@ -248,15 +248,53 @@ LP_DEFINE_VOID_KERNEL (lp_lora_gram_cols_f32,
 /* Y = M X, 4 rows of M at a time against 16 columns of X: k × r small, X a
  * block of a factor's rows. Rows of M past @k repeat its last one and are
  * not stored. */
+typedef guint16 LpU16x16 __attribute__ ((vector_size (32)));
+typedef guint32 LpU32x16 __attribute__ ((vector_size (64)));
+
+/* 16 values from @p: floats, or bf16 widened (exactly) on the way. (Not
+ * returned: GCC notes an ABI change for 64-byte vector results.) */
 LP_INLINE void
-lp_lora_map_rows_f32_body (const float *m,
-                           guint        k,
-                           guint        r,
-                           const float *x,
-                           gsize        ldx,
-                           gsize        w,
-                           float       *y,
-                           gsize        ldy)
+load_values (LpV16         *v,
+             gconstpointer  p,
+             gsize          index,
+             gboolean       bf16)
+{
+  if (bf16)
+    {
+      LpU16x16 h;
+      memcpy (&h, (const guint16 *) p + index, sizeof h);
+      LpU32x16 wide = __builtin_convertvector (h, LpU32x16) << 16;
+      memcpy (v, &wide, sizeof *v);
+    }
+  else
+    memcpy (v, (const float *) p + index, sizeof *v);
+}
+
+LP_INLINE float
+load_value (gconstpointer p,
+            gsize         index,
+            gboolean      bf16)
+{
+  if (bf16)
+    {
+      guint32 u = (guint32) ((const guint16 *) p)[index] << 16;
+      float f;
+      memcpy (&f, &u, sizeof f);
+      return f;
+    }
+  return ((const float *) p)[index];
+}
+
+LP_INLINE void
+map_rows_body (const float   *m,
+               guint          k,
+               guint          r,
+               gconstpointer  x,
+               gsize          ldx,
+               gsize          w,
+               float         *y,
+               gsize          ldy,
+               const gboolean bf16)
 {
   gsize w16 = w / 16 * 16;
 
@@ -274,7 +312,7 @@ lp_lora_map_rows_f32_body (const float *m,
           for (guint s = 0; s < r; s++)
             {
               LpV16 xs;
-              LOAD16 (xs, x + s * ldx + t);
+              load_values (&xs, x, s * ldx + t, bf16);
               acc0 += mi[0][s] * xs;
               acc1 += mi[1][s] * xs;
               acc2 += mi[2][s] * xs;
@@ -289,7 +327,7 @@ lp_lora_map_rows_f32_body (const float *m,
           {
             float acc = 0;
             for (guint s = 0; s < r; s++)
-              acc += mi[a][s] * x[s * ldx + t];
+              acc += mi[a][s] * load_value (x, s * ldx + t, bf16);
             y[(i0 + a) * ldy + t] = acc;
           }
     }
@@ -301,22 +339,23 @@ lp_lora_map_rows_f32_body (const float *m,
  * columns of M at a time, their 16 dot products summed across lanes at
  * once. Columns of X past @r read the next row or the slack, times zero. */
 LP_INLINE void
-lp_lora_map_cols_f32_body (const float *mt,
-                           guint        k,
-                           guint        r,
-                           const float *x,
-                           gsize        h,
-                           float       *y)
+map_cols_body (const float    *mt,
+               guint           k,
+               guint           r,
+               gconstpointer   x,
+               gsize           h,
+               float          *y,
+               const gboolean  bf16)
 {
   gsize stride = LP_LORA_MAP_COLS_STRIDE (r);
 
   for (gsize t0 = 0; t0 < h; t0 += 4)
     {
-      const float *xt[4];
+      gsize xt[4];
       guint rows = MIN (4, h - t0);
 
       for (guint a = 0; a < 4; a++)
-        xt[a] = x + MIN (t0 + a, h - 1) * r;
+        xt[a] = MIN (t0 + a, h - 1) * r;
 
       for (guint i0 = 0; i0 < k; i0 += 4)
         {
@@ -328,7 +367,10 @@ lp_lora_map_cols_f32_body (const float *mt,
           for (gsize c = 0; c < stride; c += 16)
             {
               LpV16 x0, x1, x2, x3, m0, m1, m2, m3;
-              LOAD16 (x0, xt[0] + c); LOAD16 (x1, xt[1] + c); LOAD16 (x2, xt[2] + c); LOAD16 (x3, xt[3] + c);
+              load_values (&x0, x, xt[0] + c, bf16);
+              load_values (&x1, x, xt[1] + c, bf16);
+              load_values (&x2, x, xt[2] + c, bf16);
+              load_values (&x3, x, xt[3] + c, bf16);
               LOAD16 (m0, mt + (i0 + 0) * stride + c); LOAD16 (m1, mt + (i0 + 1) * stride + c);
               LOAD16 (m2, mt + (i0 + 2) * stride + c); LOAD16 (m3, mt + (i0 + 3) * stride + c);
               acc[0] += x0 * m0;  acc[1] += x0 * m1;  acc[2] += x0 * m2;  acc[3] += x0 * m3;
@@ -346,11 +388,22 @@ lp_lora_map_cols_f32_body (const float *mt,
     }
 }
 
+#define lp_lora_map_rows_f32_body(m, k, r, x, ldx, w, y, ldy) map_rows_body (m, k, r, x, ldx, w, y, ldy, FALSE)
+#define lp_lora_map_rows_bf16_body(m, k, r, x, ldx, w, y, ldy) map_rows_body (m, k, r, x, ldx, w, y, ldy, TRUE)
+#define lp_lora_map_cols_f32_body(mt, k, r, x, h, y) map_cols_body (mt, k, r, x, h, y, FALSE)
+#define lp_lora_map_cols_bf16_body(mt, k, r, x, h, y) map_cols_body (mt, k, r, x, h, y, TRUE)
+
 LP_DEFINE_VOID_KERNEL (lp_lora_map_rows_f32,
                        (const float *m, guint k, guint r, const float *x, gsize ldx, gsize w, float *y, gsize ldy),
                        (m, k, r, x, ldx, w, y, ldy))
+LP_DEFINE_VOID_KERNEL (lp_lora_map_rows_bf16,
+                       (const float *m, guint k, guint r, const guint16 *x, gsize ldx, gsize w, float *y, gsize ldy),
+                       (m, k, r, x, ldx, w, y, ldy))
 LP_DEFINE_VOID_KERNEL (lp_lora_map_cols_f32,
                        (const float *mt, guint k, guint r, const float *x, gsize h, float *y),
+                       (mt, k, r, x, h, y))
+LP_DEFINE_VOID_KERNEL (lp_lora_map_cols_bf16,
+                       (const float *mt, guint k, guint r, const guint16 *x, gsize h, float *y),
                        (mt, k, r, x, h, y))
 
 /* ---- bf16 straight from the file (AVX512-BF16) --------------------------- */
@@ -683,3 +736,29 @@ lp_lora_all_finite_f64_body (const double *values,
 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f32, (const float *values, gsize n), (values, n))
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f64, (const double *values, gsize n), (values, n))
+
+LP_INLINE gboolean
+lp_lora_all_finite_bf16_body (const guint16 *values,
+                              gsize          n)
+{
+  typedef guint16 LpU16x32 __attribute__ ((vector_size (64)));
+  const guint16 exp = 0x7f80;
+  LpU16x32 acc = { 0 };
+  gsize i = 0;
+
+  for (; i + 32 <= n; i += 32)
+    {
+      LpU16x32 u;
+      memcpy (&u, values + i, sizeof u);
+      acc |= (LpU16x32) ((u & exp) == exp);
+    }
+  for (int j = 0; j < 32; j++)
+    if (acc[j])
+      return FALSE;
+  for (; i < n; i++)
+    if ((values[i] & exp) == exp)
+      return FALSE;
+  return TRUE;
+}
+
+LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_bf16, (const guint16 *values, gsize n), (values, n))

@@ -45,6 +45,16 @@ void lp_lora_map_rows_f32 (const float *m,
                            float       *y,
                            gsize        ldy);
 
+/* The same, X in bf16 (read as stored). */
+void lp_lora_map_rows_bf16 (const float   *m,
+                            guint          k,
+                            guint          r,
+                            const guint16 *x,
+                            gsize          ldx,
+                            gsize          w,
+                            float         *y,
+                            gsize          ldy);
+
 /* Floats a row of the transposed map lp_lora_map_cols_f32() takes. */
 #define LP_LORA_MAP_COLS_STRIDE(r) (((gsize) (r) + 15) / 16 * 16)
 
@@ -58,6 +68,19 @@ void lp_lora_map_cols_f32 (const float *mt,
                            const float *x,
                            gsize        h,
                            float       *y);
+
+/* The same, X in bf16: it reads up to LP_LORA_MAP_COLS_STRIDE (r) - r
+ * values past the last row, which must be readable. */
+void lp_lora_map_cols_bf16 (const float   *mt,
+                            guint          k,
+                            guint          r,
+                            const guint16 *x,
+                            gsize          h,
+                            float         *y);
+
+/* TRUE iff no bf16 value is a NaN or an infinity. */
+gboolean lp_lora_all_finite_bf16 (const guint16 *values,
+                                  gsize          n);
 
 /* The same straight from bf16 factors, on machines with AVX512-BF16
  * (lp_lora_have_bf16_dot()): A [r, n] row-major, or B [n, r] with a

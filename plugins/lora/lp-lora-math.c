@@ -707,6 +707,130 @@ lp_lora_spectrum_compute (const LpLoraFactors *f,
   return g_steal_pointer (&s);
 }
 
+/* ---- small maps applied to a factor, in f32 ----------------------------- */
+
+/* Rows of an up factor [n, r] that lp_lora_map_cols_bf16() may read in
+ * place: its reads past a row's end stay inside the factor. */
+static guint64
+rows_readable_in_place (guint   r,
+                        guint64 n)
+{
+  guint64 stride = LP_LORA_MAP_COLS_STRIDE (r), total = n * r;
+  return total >= stride ? (total - stride) / r + 1 : 0;
+}
+
+/* Y [k, w] (row stride @ldy) = M X for columns j0 … j0 + w of the down
+ * factor [r, n] stored as @src at @data; bf16 and f32 are read in place,
+ * other dtypes widened into @buf (r·w floats) first. */
+static void
+apply_rows (const float   *m,
+            guint          k,
+            guint          r,
+            LpDtype        src,
+            gconstpointer  data,
+            guint64        n,
+            guint64        j0,
+            gsize          w,
+            float         *buf,
+            float         *y,
+            gsize          ldy)
+{
+  if (src == LP_DTYPE_BF16)
+    lp_lora_map_rows_bf16 (m, k, r, (const guint16 *) data + j0, n, w, y, ldy);
+  else if (src == LP_DTYPE_F32)
+    lp_lora_map_rows_f32 (m, k, r, (const float *) data + j0, n, w, y, ldy);
+  else
+    {
+      for (guint t = 0; t < r; t++)
+        lp_dtype_to_f32 (src, (const guchar *) data + (t * n + j0) * dtype_size (src), buf + t * w, w);
+      lp_lora_map_rows_f32 (m, k, r, buf, w, w, y, ldy);
+    }
+}
+
+/* Y [h, k] = X M for rows i0 … i0 + h of the up factor [n, r] stored as
+ * @src at @data, with @mt from map_cols_matrix(); bf16 is read in place
+ * where the kernel may, the rest widened into @buf (r·h floats and the
+ * kernel's slack). */
+static void
+apply_cols (const float   *mt,
+            guint          k,
+            guint          r,
+            LpDtype        src,
+            gconstpointer  data,
+            guint64        n,
+            guint64        i0,
+            gsize          h,
+            float         *buf,
+            float         *y)
+{
+  if (src == LP_DTYPE_BF16 && i0 + h <= rows_readable_in_place (r, n))
+    {
+      lp_lora_map_cols_bf16 (mt, k, r, (const guint16 *) data + i0 * r, h, y);
+      return;
+    }
+  lp_dtype_to_f32 (src, (const guchar *) data + i0 * r * dtype_size (src), buf, h * r);
+  memset (buf + h * r, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
+  lp_lora_map_cols_f32 (mt, k, r, buf, h, y);
+}
+
+/* Mᵀ for lp_lora_map_cols_f32(), times @alpha, from M [r, k] (or, with
+ * @transposed, from Mᵀ [k, r] itself). */
+static float *
+map_cols_matrix (const float *m,
+                 guint        r,
+                 guint        k,
+                 gboolean     transposed,
+                 float        alpha)
+{
+  gsize stride = LP_LORA_MAP_COLS_STRIDE (r);
+  float *mt = g_new0 (float, stride * ((k + 3) / 4 * 4));
+
+  for (guint i = 0; i < k; i++)
+    for (guint s = 0; s < r; s++)
+      mt[i * stride + s] = alpha * (transposed ? m[i * r + s] : m[s * k + i]);
+  return mt;
+}
+
+/* Floats of scratch the apply_*() calls of one block need: the widened
+ * block with the kernel's slack, then the block's result. */
+static gsize
+apply_scratch (guint r,
+               guint k,
+               gsize bl)
+{
+  return ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK) + k * bl;
+}
+
+/* A' = M A in f32 a block of columns at a time, written in @out_dtype. */
+static gsize
+map_down_f32 (const LpLoraFactors *f,
+              const float         *m,
+              guint                k,
+              LpDtype              out_dtype,
+              gpointer             result)
+{
+  guint r = f->r;
+  guint64 n = f->in;
+  gsize osize = dtype_size (out_dtype);
+  gsize bl = block_len (r);
+  float *buf = scratch_get (sizeof (float) * apply_scratch (r, k, bl));
+  float *obuf = buf + ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
+  gsize overflow = 0;
+
+  for (guint64 j0 = 0; j0 < n; j0 += bl)
+    {
+      gsize w = MIN (bl, n - j0);
+      gboolean direct = out_dtype == LP_DTYPE_F32;
+
+      apply_rows (m, k, r, stored_dtype (f, FALSE), f->a, n, j0, w, buf,
+                  direct ? (float *) result + j0 : obuf, direct ? n : w);
+      if (!direct)
+        for (guint i = 0; i < k; i++)
+          overflow += lp_dtype_from_f32 (out_dtype, obuf + i * w, (guchar *) result + (i * n + j0) * osize, w);
+    }
+  return overflow;
+}
+
 /* A' = M A for M [k, r] (compute dtype), a block of columns at a time,
  * written in @out_dtype. */
 static gsize
@@ -721,6 +845,10 @@ map_down (const LpLoraFactors *f,
   LpDtype src = stored_dtype (f, FALSE), cdt = compute_dtype (f);
   gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
   gsize csize = f->f32 ? sizeof (float) : sizeof (double);
+
+  if (f->f32)
+    return map_down_f32 (f, m, k, out_dtype, result);
+
   gsize bl = src == cdt && out_dtype == cdt ? n : block_len (r);
   guchar *buf = src == cdt && out_dtype == cdt ? NULL
               : scratch_get (ALIGN_UP (csize * r * bl) + csize * k * bl);
@@ -748,11 +876,8 @@ map_down (const LpLoraFactors *f,
           y = obuf;
           ldy = w;
         }
-      if (f->f32)
-        lp_lora_map_rows_f32 (m, k, r, x, ld, w, y, ldy);
-      else
-        cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
-                     1.0, m, r, x, ld, 0.0, y, ldy);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
+                   1.0, m, r, x, ld, 0.0, y, ldy);
       if (out_dtype != cdt)
         for (guint i = 0; i < k; i++)
           overflow += narrow (f->f32, obuf + i * w * csize, out_dtype,
@@ -761,26 +886,7 @@ map_down (const LpLoraFactors *f,
   return overflow;
 }
 
-/* Mᵀ for lp_lora_map_cols_f32(), times @alpha, from M [r, k] (or, with
- * @transposed, from Mᵀ [k, r] itself). */
-static float *
-map_cols_matrix (const float *m,
-                 guint        r,
-                 guint        k,
-                 gboolean     transposed,
-                 float        alpha)
-{
-  gsize stride = LP_LORA_MAP_COLS_STRIDE (r);
-  float *mt = g_new0 (float, stride * ((k + 3) / 4 * 4));
-
-  for (guint i = 0; i < k; i++)
-    for (guint s = 0; s < r; s++)
-      mt[i * stride + s] = alpha * (transposed ? m[i * r + s] : m[s * k + i]);
-  return mt;
-}
-
-/* B' = B M in f32, rows of B converted a block at a time into a buffer
- * with the slack the kernel reads. */
+/* B' = B M in f32 a block of rows at a time, written in @out_dtype. */
 static gsize
 map_up_f32 (const LpLoraFactors *f,
             const float         *m,
@@ -790,24 +896,19 @@ map_up_f32 (const LpLoraFactors *f,
 {
   guint r = f->r;
   guint64 n = f->out;
-  LpDtype src = stored_dtype (f, TRUE);
-  gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
+  gsize osize = dtype_size (out_dtype);
   gsize bl = block_len (r);
   g_autofree float *mt = map_cols_matrix (m, r, k, FALSE, 1.f);
-  float *buf = scratch_get (sizeof (float) * (ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK) + k * bl));
+  float *buf = scratch_get (sizeof (float) * apply_scratch (r, k, bl));
   float *obuf = buf + ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
   gsize overflow = 0;
 
-  memset (buf + r * bl, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
   for (guint64 i0 = 0; i0 < n; i0 += bl)
     {
       gsize h = MIN (bl, n - i0);
       float *y = out_dtype == LP_DTYPE_F32 ? (float *) result + i0 * k : obuf;
 
-      lp_dtype_to_f32 (src, (const guchar *) f->b + i0 * r * ssize, buf, h * r);
-      if (h < bl)
-        memset (buf + h * r, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
-      lp_lora_map_cols_f32 (mt, k, r, buf, h, y);
+      apply_cols (mt, k, r, stored_dtype (f, TRUE), f->b, n, i0, h, buf, y);
       if (out_dtype != LP_DTYPE_F32)
         overflow += lp_dtype_from_f32 (out_dtype, obuf, (guchar *) result + i0 * k * osize, h * k);
     }
@@ -933,11 +1034,11 @@ lp_lora_project_factor (gboolean       up,
                         gsize         *overflow)
 {
   guint64 n = up ? out : in;
-  gsize ssize = dtype_size (dtype), osize = dtype_size (out_dtype);
+  gsize osize = dtype_size (out_dtype);
   gsize bl = block_len (r);
-  float *buf = scratch_get (sizeof (float) * (ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK) + k * bl));
+  float *buf = scratch_get (sizeof (float) * apply_scratch (r, k, bl));
   float *obuf = buf + ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
-  /* alpha goes into the small matrix: R Aα for A, (α R)ᵀ-padded for B */
+  /* alpha goes into the small matrix: (α R) A for A, B (α R)ᵀ for B */
   g_autofree float *mt = up ? map_cols_matrix (proj, r, k, TRUE, alpha) : NULL;
   g_autofree float *scaled = up ? NULL : g_new (float, (gsize) k * r);
 
@@ -950,26 +1051,35 @@ lp_lora_project_factor (gboolean       up,
       gsize w = MIN (bl, n - j0);
 
       if (up)
-        {
-          /* rows j0 … j0 + w of B: B' rows = alpha · B rows Rᵀ */
-          lp_dtype_to_f32 (dtype, (const guchar *) data + j0 * r * ssize, buf, w * r);
-          if (!lp_lora_all_finite_f32 (buf, w * r))
-            return FALSE;
-          memset (buf + w * r, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
-          lp_lora_map_cols_f32 (mt, k, r, buf, w, obuf);
-          *overflow += lp_dtype_from_f32 (out_dtype, obuf, (guchar *) result + j0 * k * osize, w * k);
-        }
+        apply_cols (mt, k, r, dtype, data, n, j0, w, buf, obuf);   /* B' rows j0 … j0 + w */
       else
+        apply_rows (scaled, k, r, dtype, data, n, j0, w, buf, obuf, w);
+
+      /* Every output of a block takes in every value of its rows (or
+       * columns), times a weight that may be zero: a NaN or an infinity
+       * there makes a NaN here. Checking the k/r times smaller output
+       * finds it; the input tells it apart from f32 overflow. */
+      if (!lp_lora_all_finite_f32 (obuf, (gsize) k * w))
         {
-          for (guint t = 0; t < r; t++)
-            lp_dtype_to_f32 (dtype, (const guchar *) data + (t * n + j0) * ssize, buf + t * w, w);
-          if (!lp_lora_all_finite_f32 (buf, (gsize) r * w))
-            return FALSE;
-          lp_lora_map_rows_f32 (scaled, k, r, buf, w, w, obuf, w);
-          for (guint i = 0; i < k; i++)
-            *overflow += lp_dtype_from_f32 (out_dtype, obuf + i * w,
-                                            (guchar *) result + (i * n + j0) * osize, w);
+          gsize size = dtype_size (dtype);
+          for (gsize t = 0; t < (up ? w : r); t++)
+            {
+              gsize count = up ? r : w;
+              gsize at = up ? (j0 + t) * r : t * n + j0;
+              lp_dtype_to_f32 (dtype, (const guchar *) data + at * size, buf, count);
+              if (!lp_lora_all_finite_f32 (buf, count))
+                return FALSE;
+            }
+          for (gsize i = 0; i < (gsize) k * w; i++)
+            *overflow += !isfinite (obuf[i]);
         }
+
+      if (up)
+        *overflow += lp_dtype_from_f32 (out_dtype, obuf, (guchar *) result + j0 * k * osize, w * k);
+      else
+        for (guint i = 0; i < k; i++)
+          *overflow += lp_dtype_from_f32 (out_dtype, obuf + i * w,
+                                          (guchar *) result + (i * n + j0) * osize, w);
     }
   return TRUE;
 }

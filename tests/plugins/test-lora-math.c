@@ -320,23 +320,52 @@ test_map_kernels (void)
         for (gsize i = 0; i < LP_LORA_KERNEL_SLACK; i++)
           x[r * n + i] = 0.f;
 
-        /* A = x as [r, n]: A' = M A */
-        lp_lora_map_rows_f32 (m, k, r, x, n, n, ya, n);
-        /* B = x as [n, r]: B' = B Mᵀ... with the map [r, k] = mᵀ */
-        lp_lora_map_cols_f32 (mt, k, r, x, n, yb);
-        for (guint i = 0; i < k; i++)
-          for (gsize t = 0; t < n; t++)
-            {
-              double ea = 0, eb = 0;
-              for (guint s = 0; s < r; s++)
+        /* the same values as bf16 (exact), with the slack the kernels read */
+        g_autofree guint16 *xb = g_new0 (guint16, (gsize) r * n + LP_LORA_KERNEL_SLACK);
+        for (gsize i = 0; i < (gsize) r * n; i++)
+          {
+            guint32 bits;
+            memcpy (&bits, &x[i], 4);
+            xb[i] = bits >> 16;
+          }
+
+        for (int bf16 = 0; bf16 < 2; bf16++)
+          {
+            /* A = x as [r, n]: A' = M A; B = x as [n, r]: B' = B Mᵀ */
+            if (bf16)
+              {
+                lp_lora_map_rows_bf16 (m, k, r, xb, n, n, ya, n);
+                lp_lora_map_cols_bf16 (mt, k, r, xb, n, yb);
+              }
+            else
+              {
+                lp_lora_map_rows_f32 (m, k, r, x, n, n, ya, n);
+                lp_lora_map_cols_f32 (mt, k, r, x, n, yb);
+              }
+            for (guint i = 0; i < k; i++)
+              for (gsize t = 0; t < n; t++)
                 {
-                  ea += (double) m[i * r + s] * x[s * n + t];
-                  eb += (double) x[t * r + s] * m[i * r + s];
+                  double ea = 0, eb = 0;
+                  for (guint s = 0; s < r; s++)
+                    {
+                      ea += (double) m[i * r + s] * x[s * n + t];
+                      eb += (double) x[t * r + s] * m[i * r + s];
+                    }
+                  if (ya[i * n + t] != ea || yb[t * k + i] != eb)
+                    g_error ("%s, r %u k %u: (%u, %u): rows %g (expected %g), cols %g (expected %g)",
+                             bf16 ? "bf16" : "f32", r, k, i, (guint) t, ya[i * n + t], ea, yb[t * k + i], eb);
                 }
-              if (ya[i * n + t] != ea || yb[t * k + i] != eb)
-                g_error ("r %u k %u: (%u, %u): rows %g (expected %g), cols %g (expected %g)",
-                         r, k, i, (guint) t, ya[i * n + t], ea, yb[t * k + i], eb);
-            }
+          }
+
+        /* the NaN scan of bf16, at every position of a vector and its tail */
+        g_assert_true (lp_lora_all_finite_bf16 (xb, (gsize) r * n));
+        for (gsize at = 0; at < MIN ((gsize) r * n, 70); at++)
+          {
+            guint16 keep = xb[at];
+            xb[at] = (at & 1) ? 0x7fc0 : 0xff80;   /* NaN, -inf */
+            g_assert_false (lp_lora_all_finite_bf16 (xb, (gsize) r * n));
+            xb[at] = keep;
+          }
       }
 }
 
