@@ -225,6 +225,19 @@ def main():
                 alphas = [float(v[1].reshape(())) for n, v in t.items() if n.endswith(".alpha")]
                 check(alphas and all(x == 3.0 for x in alphas), "kohya alpha becomes the new rank")
 
+    # 16-bit factors take f32 sums (compute-dtype=auto): still the optimum,
+    # at a rank that spans several kernel tiles and blocks; and the same with
+    # f64 sums, for comparison
+    for dtype in ("bf16", "f16"):
+        src = os.path.join(tmp, "synth-%s.safetensors" % dtype)
+        run("launch", "lora-synth", "preset=sd15-unet", "rank=24", "dtype=" + dtype, "decay=0.85",
+            "seed=5", "!", "safetensors-sink", "location=" + src)
+        for compute in ("auto", "f64"):
+            dst = os.path.join(tmp, "synth-%s-%s.safetensors" % (dtype, compute))
+            run("launch", "safetensors-source", "location=" + src, "!", "lora-svd", "rank=5",
+                "compute-dtype=" + compute, "!", "safetensors-sink", "location=" + dst)
+            compare(src, dst, 5, 4, "synth %s, compute-dtype=%s" % (dtype, compute))
+
     # a sketch much narrower than the rank: close to the optimum, not at it
     src = os.path.join(tmp, "synth-r16.safetensors")
     run("launch", "lora-synth", "preset=sd15-unet", "rank=16", "dtype=f32", "decay=0.7", "seed=4",
