@@ -859,8 +859,9 @@ pull_tensors (LpStage              *self,
  * checkpoint order themselves and hand each tensor to the callback, so no
  * thread wakes another per tensor (on a virtual machine every wakeup is an
  * interrupt between cores). The calling thread only waits, and reports
- * progress every PROGRESS_PERIOD. Memory stays bounded by one group per
- * worker. */
+ * progress every PROGRESS_PERIOD. A worker starts a group only while the
+ * bytes being computed stay within PULL_BYTES_BUDGET (or nothing else is
+ * in flight), so big tensors wait for room instead of piling up. */
 
 #define PROGRESS_PERIOD (50 * G_TIME_SPAN_MILLISECOND)
 
@@ -872,6 +873,8 @@ typedef struct {
   guint next;              /* the first tensor not claimed yet */
   guint64 tensors_done;
   guint64 bytes_done;
+  guint64 in_flight;       /* bytes of the groups being computed */
+  guint waiting;           /* workers waiting for room in the budget */
   guint running;           /* workers not finished */
   gboolean stop;
   guint error_index;       /* of @error: the earliest failed tensor */
@@ -892,15 +895,26 @@ unordered_worker (gpointer data,
   g_mutex_lock (&u->lock);
   while (!u->stop && u->next < u->n && !g_cancellable_is_cancelled (u->cancellable))
     {
-      guint first = u->next;
+      guint first = u->next, last = first;
       gpointer group = lp_tensor_get_compute_group (lp_checkpoint_get_tensor (u->checkpoint, first));
+      guint64 group_bytes = 0;
 
       /* a whole compute group: its first tensor does the shared work */
       do
-        u->next++;
-      while (group != NULL && u->next < u->n &&
-             lp_tensor_get_compute_group (lp_checkpoint_get_tensor (u->checkpoint, u->next)) == group);
-      guint last = u->next;
+        group_bytes += lp_tensor_get_n_bytes (lp_checkpoint_get_tensor (u->checkpoint, last++));
+      while (group != NULL && last < u->n &&
+             lp_tensor_get_compute_group (lp_checkpoint_get_tensor (u->checkpoint, last)) == group);
+
+      /* within the byte budget, unless nothing else is in flight */
+      if (u->in_flight > 0 && u->in_flight + group_bytes > PULL_BYTES_BUDGET)
+        {
+          u->waiting++;
+          g_cond_wait (&u->cond, &u->lock);
+          u->waiting--;
+          continue;
+        }
+      u->next = last;
+      u->in_flight += group_bytes;
       g_mutex_unlock (&u->lock);
 
       for (guint i = first; i < last; i++)
@@ -912,6 +926,9 @@ unordered_worker (gpointer data,
 
           g_clear_pointer (&bytes, g_bytes_unref);
           g_mutex_lock (&u->lock);
+          u->in_flight -= lp_tensor_get_n_bytes (tensor);
+          if (u->waiting > 0)
+            g_cond_broadcast (&u->cond);   /* room for the next group, maybe */
           if (ok)
             {
               u->tensors_done++;
@@ -923,6 +940,9 @@ unordered_worker (gpointer data,
             }
           g_assert (local_error != NULL);
           u->stop = TRUE;
+          for (guint j = i + 1; j < last; j++)
+            u->in_flight -= lp_tensor_get_n_bytes (lp_checkpoint_get_tensor (u->checkpoint, j));
+          g_cond_broadcast (&u->cond);
           if (u->error == NULL || i < u->error_index)
             {
               g_clear_error (&u->error);
@@ -937,7 +957,7 @@ unordered_worker (gpointer data,
       g_mutex_lock (&u->lock);
     }
   u->running--;
-  g_cond_signal (&u->cond);
+  g_cond_broadcast (&u->cond);
   g_mutex_unlock (&u->lock);
 }
 
