@@ -296,7 +296,7 @@ map_rows_body (const float   *m,
                gsize          ldy,
                const gboolean bf16)
 {
-  gsize w16 = w / 16 * 16;
+  gsize w16 = w / 16 * 16, w32 = w / 32 * 32;
 
   for (guint i0 = 0; i0 < k; i0 += 4)
     {
@@ -306,7 +306,27 @@ map_rows_body (const float   *m,
       for (guint a = 0; a < 4; a++)
         mi[a] = m + MIN (i0 + a, k - 1) * r;
 
-      for (gsize t = 0; t < w16; t += 16)
+      /* 32 columns at a time: each broadcast of M feeds two products */
+      for (gsize t = 0; t < w32; t += 32)
+        {
+          LpV16 acc[8] = { { 0 } };
+          for (guint s = 0; s < r; s++)
+            {
+              LpV16 x0, x1;
+              load_values (&x0, x, s * ldx + t, bf16);
+              load_values (&x1, x, s * ldx + t + 16, bf16);
+#pragma GCC unroll 4
+              for (guint a = 0; a < 4; a++)
+                {
+                  LpV16 b = (LpV16) { 0 } + mi[a][s];
+                  acc[2 * a] += b * x0;
+                  acc[2 * a + 1] += b * x1;
+                }
+            }
+          for (guint a = 0; a < rows; a++)
+            memcpy (y + (i0 + a) * ldy + t, &acc[2 * a], 2 * sizeof (LpV16));
+        }
+      for (gsize t = w32; t < w16; t += 16)
         {
           LpV16 acc0 = { 0 }, acc1 = { 0 }, acc2 = { 0 }, acc3 = { 0 };
           for (guint s = 0; s < r; s++)
