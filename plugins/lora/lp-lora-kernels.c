@@ -694,91 +694,44 @@ lp_lora_gram_cols_bf16 (const guint16 *b,
 
 /* ---- NaN and infinity --------------------------------------------------- */
 
-typedef gint32 LpI32x16 __attribute__ ((vector_size (64)));
-typedef gint64 LpI64x8 __attribute__ ((vector_size (64)));
-
 /* Tests the exponent bits (all ones: NaN or infinity) 64 bytes at a time:
  * the projection checks every value it reads, and a scalar or floating-point
- * test would cost as much as the projection itself. */
-LP_INLINE gboolean
-lp_lora_all_finite_f32_body (const float *values,
-                             gsize        n)
-{
-  const gint32 exp = 0x7f800000;
-  LpI32x16 acc = { 0 };
-  gsize i = 0;
-
-  for (; i + 16 <= n; i += 16)
-    {
-      LpI32x16 u;
-      memcpy (&u, values + i, sizeof u);
-      acc |= (u & exp) == exp;
-    }
-  for (int j = 0; j < 16; j++)
-    if (acc[j])
-      return FALSE;
-  for (; i < n; i++)
-    {
-      guint32 u;
-      memcpy (&u, values + i, sizeof u);
-      if ((u & exp) == (guint32) exp)
-        return FALSE;
-    }
-  return TRUE;
+ * test would cost as much as the projection itself. One body per width. */
+#define ALL_FINITE_BODY(name, value_type, bits_type, exp_bits)                  \
+LP_INLINE gboolean                                                              \
+name##_body (const value_type *values,                                           \
+             gsize             n)                                                \
+{                                                                               \
+  typedef bits_type Bits __attribute__ ((vector_size (64)));                    \
+  const bits_type exp = (bits_type) (exp_bits);                                 \
+  const gsize lanes = 64 / sizeof (bits_type);                                  \
+  Bits acc = { 0 };                                                             \
+  gsize i = 0;                                                                  \
+                                                                                \
+  for (; i + lanes <= n; i += lanes)                                            \
+    {                                                                           \
+      Bits u;                                                                   \
+      memcpy (&u, values + i, sizeof u);                                        \
+      acc |= (Bits) ((u & exp) == exp);                                         \
+    }                                                                           \
+  for (gsize j = 0; j < lanes; j++)                                             \
+    if (acc[j])                                                                 \
+      return FALSE;                                                             \
+  for (; i < n; i++)                                                            \
+    {                                                                           \
+      bits_type u;                                                              \
+      memcpy (&u, values + i, sizeof u);                                        \
+      if ((u & exp) == exp)                                                     \
+        return FALSE;                                                           \
+    }                                                                           \
+  return TRUE;                                                                  \
 }
 
-LP_INLINE gboolean
-lp_lora_all_finite_f64_body (const double *values,
-                             gsize         n)
-{
-  const gint64 exp = G_GINT64_CONSTANT (0x7ff0000000000000);
-  LpI64x8 acc = { 0 };
-  gsize i = 0;
-
-  for (; i + 8 <= n; i += 8)
-    {
-      LpI64x8 u;
-      memcpy (&u, values + i, sizeof u);
-      acc |= (u & exp) == exp;
-    }
-  for (int j = 0; j < 8; j++)
-    if (acc[j])
-      return FALSE;
-  for (; i < n; i++)
-    {
-      guint64 u;
-      memcpy (&u, values + i, sizeof u);
-      if ((u & exp) == (guint64) exp)
-        return FALSE;
-    }
-  return TRUE;
-}
+ALL_FINITE_BODY (lp_lora_all_finite_f32, float, guint32, 0x7f800000u)
+ALL_FINITE_BODY (lp_lora_all_finite_f64, double, guint64, G_GUINT64_CONSTANT (0x7ff0000000000000))
+ALL_FINITE_BODY (lp_lora_all_finite_bf16, guint16, guint16, 0x7f80u)
 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f32, (const float *values, gsize n), (values, n))
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f64, (const double *values, gsize n), (values, n))
-
-LP_INLINE gboolean
-lp_lora_all_finite_bf16_body (const guint16 *values,
-                              gsize          n)
-{
-  typedef guint16 LpU16x32 __attribute__ ((vector_size (64)));
-  const guint16 exp = 0x7f80;
-  LpU16x32 acc = { 0 };
-  gsize i = 0;
-
-  for (; i + 32 <= n; i += 32)
-    {
-      LpU16x32 u;
-      memcpy (&u, values + i, sizeof u);
-      acc |= (LpU16x32) ((u & exp) == exp);
-    }
-  for (int j = 0; j < 32; j++)
-    if (acc[j])
-      return FALSE;
-  for (; i < n; i++)
-    if ((values[i] & exp) == exp)
-      return FALSE;
-  return TRUE;
-}
 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_bf16, (const guint16 *values, gsize n), (values, n))

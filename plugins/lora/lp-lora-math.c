@@ -791,14 +791,20 @@ map_cols_matrix (const float *m,
   return mt;
 }
 
-/* Floats of scratch the apply_*() calls of one block need: the widened
- * block with the kernel's slack, then the block's result. */
-static gsize
-apply_scratch (guint r,
-               guint k,
-               gsize bl)
+/* The thread's scratch for the apply_*() calls on blocks of @bl columns
+ * (or rows): the widened block with the kernel's slack, and in *@result
+ * room for the block's k × bl results. */
+static float *
+apply_scratch (guint   r,
+               guint   k,
+               gsize   bl,
+               float **result)
 {
-  return ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK) + k * bl;
+  gsize block = ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
+  float *buf = scratch_get (sizeof (float) * (block + k * bl));
+
+  *result = buf + block;
+  return buf;
 }
 
 /* A' = M A in f32 a block of columns at a time, written in @out_dtype. */
@@ -813,8 +819,8 @@ map_down_f32 (const LpLoraFactors *f,
   guint64 n = f->in;
   gsize osize = dtype_size (out_dtype);
   gsize bl = block_len (r);
-  float *buf = scratch_get (sizeof (float) * apply_scratch (r, k, bl));
-  float *obuf = buf + ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
+  float *obuf;
+  float *buf = apply_scratch (r, k, bl, &obuf);
   gsize overflow = 0;
 
   for (guint64 j0 = 0; j0 < n; j0 += bl)
@@ -899,8 +905,8 @@ map_up_f32 (const LpLoraFactors *f,
   gsize osize = dtype_size (out_dtype);
   gsize bl = block_len (r);
   g_autofree float *mt = map_cols_matrix (m, r, k, FALSE, 1.f);
-  float *buf = scratch_get (sizeof (float) * apply_scratch (r, k, bl));
-  float *obuf = buf + ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
+  float *obuf;
+  float *buf = apply_scratch (r, k, bl, &obuf);
   gsize overflow = 0;
 
   for (guint64 i0 = 0; i0 < n; i0 += bl)
@@ -1036,8 +1042,8 @@ lp_lora_project_factor (gboolean       up,
   guint64 n = up ? out : in;
   gsize osize = dtype_size (out_dtype);
   gsize bl = block_len (r);
-  float *buf = scratch_get (sizeof (float) * apply_scratch (r, k, bl));
-  float *obuf = buf + ALIGN_UP (r * bl + LP_LORA_KERNEL_SLACK);
+  float *obuf;
+  float *buf = apply_scratch (r, k, bl, &obuf);
   /* alpha goes into the small matrix: (α R) A for A, B (α R)ᵀ for B */
   g_autofree float *mt = up ? map_cols_matrix (proj, r, k, TRUE, alpha) : NULL;
   g_autofree float *scaled = up ? NULL : g_new (float, (gsize) k * r);
