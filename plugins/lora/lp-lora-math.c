@@ -5,6 +5,7 @@
 #include "lp-lora-math.h"
 #include "lp-lora-kernels.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 #include <cblas.h>
@@ -443,6 +444,129 @@ cholesky (double   *g,
   return hi > 0 && lo > gram_floor (r, f32) * hi;
 }
 
+typedef struct {
+  double value;
+  lapack_int block;   /* 1-based, as dstein() numbers them */
+} BlockEigenvalue;
+
+static int
+block_eigenvalue_compare (gconstpointer a,
+                          gconstpointer b)
+{
+  const BlockEigenvalue *x = a, *y = b;
+  if (x->block != y->block)
+    return x->block < y->block ? -1 : 1;
+  return x->value < y->value ? -1 : x->value > y->value;
+}
+
+static int
+double_compare (gconstpointer a,
+                gconstpointer b)
+{
+  double x = *(const double *) a, y = *(const double *) b;
+  return x < y ? -1 : x > y;
+}
+
+/* The @top largest eigenpairs of the symmetric @h (n × n, column-major,
+ * overwritten): eigenvalues ascending in @w, their vectors in the columns
+ * of @z (n × top, column-major). The route of dsyevr() for a few
+ * eigenpairs, except that the eigenvalues come from the root-free QR
+ * iteration (dsterf) on each unreduced block of the tridiagonal form: for n
+ * of a few dozen that is several times cheaper than bisection for even a
+ * few of them, and dsyevr()'s bisection was most of a module's time. Then
+ * inverse iteration (dstein) and the back-transformation (dormtr). FALSE
+ * when LAPACK reports a failure. */
+gboolean
+lp_lora_top_eigenpairs (double *h,
+                        guint   n,
+                        guint   top,
+                        double *w,
+                        double *z)
+{
+  g_autofree double *d = g_new (double, n);
+  g_autofree double *e = g_new0 (double, n);
+  g_autofree double *tau = g_new0 (double, n);
+  g_autofree double *dd = g_new (double, n);
+  g_autofree double *ee = g_new0 (double, n);
+  g_autofree lapack_int *split = g_new (lapack_int, n);
+  g_autofree BlockEigenvalue *all = g_new (BlockEigenvalue, n);
+  g_autofree lapack_int *block = g_new (lapack_int, top);
+  g_autofree lapack_int *fail = g_new (lapack_int, top);
+  g_autofree double *chosen = g_new (double, top);
+  const double ulp = DBL_EPSILON, safe_min = DBL_MIN;
+  guint n_split = 0;
+
+  if (LAPACKE_dsytrd (LAPACK_COL_MAJOR, 'U', n, h, n, d, e, tau) != 0)
+    return FALSE;
+
+  /* unreduced blocks, split as dstebz() splits them */
+  for (guint j = 1; j < n; j++)
+    if (fabs (d[j] * d[j - 1]) * ulp * ulp + safe_min > e[j - 1] * e[j - 1])
+      split[n_split++] = j;   /* a block ends at j (1-based: rows … j) */
+  split[n_split++] = n;
+
+  for (guint b = 0, start = 0; b < n_split; start = split[b++])
+    {
+      guint len = split[b] - start;
+      memcpy (dd, d + start, sizeof (double) * len);
+      if (len > 1)
+        memcpy (ee, e + start, sizeof (double) * (len - 1));
+      if (LAPACKE_dsterf (len, dd, ee) != 0)
+        return FALSE;
+      for (guint i = 0; i < len; i++)
+        all[start + i] = (BlockEigenvalue) { dd[i], b + 1 };
+    }
+
+  /* the largest @top, grouped by block and ascending within one, as
+   * dstein() wants them */
+  g_autofree double *values = g_new (double, n);
+  for (guint i = 0; i < n; i++)
+    values[i] = all[i].value;
+  qsort (values, n, sizeof (double), double_compare);
+  double threshold = values[n - top];
+  g_autofree BlockEigenvalue *picked = g_new (BlockEigenvalue, top);
+  guint m = 0;
+  for (guint i = 0; i < n && m < top; i++)
+    if (all[i].value > threshold)
+      picked[m++] = all[i];
+  for (guint i = 0; i < n && m < top; i++)
+    if (all[i].value == threshold)
+      picked[m++] = all[i];
+  qsort (picked, top, sizeof (BlockEigenvalue), block_eigenvalue_compare);
+  for (guint i = 0; i < top; i++)
+    {
+      chosen[i] = picked[i].value;
+      block[i] = picked[i].block;
+    }
+
+  if (LAPACKE_dstein (LAPACK_COL_MAJOR, n, d, e, top, chosen, block, split, z, n, fail) != 0 ||
+      LAPACKE_dormtr (LAPACK_COL_MAJOR, 'L', 'U', 'N', n, top, h, n, tau, z, n) != 0)
+    return FALSE;
+
+  /* ascending overall: a selection sort of the columns (top is small) */
+  for (guint i = 0; i < top; i++)
+    {
+      guint best = i;
+      for (guint j = i + 1; j < top; j++)
+        if (chosen[j] < chosen[best])
+          best = j;
+      if (best != i)
+        {
+          double tmp = chosen[i];
+          chosen[i] = chosen[best];
+          chosen[best] = tmp;
+          for (guint t = 0; t < n; t++)
+            {
+              tmp = z[(gsize) i * n + t];
+              z[(gsize) i * n + t] = z[(gsize) best * n + t];
+              z[(gsize) best * n + t] = tmp;
+            }
+        }
+      w[i] = chosen[i];
+    }
+  return TRUE;
+}
+
 /* The Cholesky route, when both Gram matrices are well conditioned: with
  * G_A = U_Aᵀ U_A and G_B = U_Bᵀ U_B, A = U_Aᵀ Q_A and B = Q_B U_B for
  * orthonormal Q, so B A = Q_B C Q_A with the r × r core C = U_B U_Aᵀ. Two
@@ -490,8 +614,13 @@ spectrum_by_cholesky (LpLoraSpectrum *s,
       lapack_int found = 0;
 
       cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, r, r, r, 1.0, c, r, c, r, 0.0, h, r);
-      lapack_int info = LAPACKE_dsyevr (LAPACK_COL_MAJOR, 'V', 'I', 'U', r, h, r, 0, 0, r - top + 1, r,
-                                        0, &found, w, z, r, support);
+      g_autofree double *h_copy = g_memdup2 (h, sizeof (double) * rr);
+      lapack_int info = 0;
+      if (lp_lora_top_eigenpairs (h_copy, r, top, w, z))
+        found = top;
+      else
+        info = LAPACKE_dsyevr (LAPACK_COL_MAJOR, 'V', 'I', 'U', r, h, r, 0, 0, r - top + 1, r,
+                               0, &found, w, z, r, support);
       if (info != 0 || found != (lapack_int) top)
         {
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,

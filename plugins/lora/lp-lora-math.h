@@ -102,6 +102,16 @@ LpLoraSpectrum *lp_lora_spectrum_compute (const LpLoraFactors *factors,
                                           gboolean             want_maps,
                                           GError             **error);
 
+/* The @top (1 ≤ top ≤ n) largest eigenpairs of the symmetric n × n @h
+ * (column-major, overwritten): eigenvalues ascending in @w, vectors in the
+ * columns of @z (n × top, column-major). FALSE if LAPACK fails; the exact
+ * SVD then asks dsyevr() instead. */
+gboolean  lp_lora_top_eigenpairs    (double        *h,
+                                     guint          n,
+                                     guint          top,
+                                     double        *w,
+                                     double        *z);
+
 /* Writes the best rank-k approximation, scaled by @fold, split as √σ into
  * both factors: b_new [out, k_out] and a_new [k_out, in] in the compute dtype
  * of @factors; columns/rows from min(k, n) on are zero (padding). */

@@ -369,6 +369,80 @@ test_map_kernels (void)
       }
 }
 
+/* The top eigenpairs against LAPACK's full eigendecomposition, on matrices
+ * whose tridiagonal form splits into blocks (block diagonal), with repeated
+ * eigenvalues, and on a plain dense one. */
+static void
+test_top_eigenpairs (void)
+{
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, 13, "eigen");
+
+  for (guint shape = 0; shape < 4; shape++)
+    {
+      guint n = shape == 3 ? 42 : 17;
+      g_autofree double *h = g_new0 (double, n * n);
+
+      if (shape == 0)   /* dense */
+        {
+          g_autofree double *x = random_matrix (&rng, n, n);
+          cblas_dgemm (CblasColMajor, CblasTrans, CblasNoTrans, n, n, n, 1.0, x, n, x, n, 0.0, h, n);
+        }
+      else if (shape == 1 || shape == 3)   /* blocks of 6, 5, 4 … and a zero tail */
+        {
+          guint start = 0;
+          for (guint size = 6; size > 0 && start + size <= n; start += size, size--)
+            {
+              g_autofree double *x = random_matrix (&rng, size, size);
+              for (guint i = 0; i < size; i++)
+                for (guint j = 0; j < size; j++)
+                  {
+                    double acc = 0;
+                    for (guint t = 0; t < size; t++)
+                      acc += x[t * size + i] * x[t * size + j];
+                    h[(start + j) * n + start + i] = acc * (1 + size);
+                  }
+            }
+        }
+      else   /* repeated eigenvalues: 3·I on the first 5, 1·I on the rest */
+        for (guint i = 0; i < n; i++)
+          h[i * n + i] = i < 5 ? 3.0 : 1.0;
+
+      g_autofree double *full = g_memdup2 (h, sizeof (double) * n * n);
+      g_autofree double *all = g_new (double, n);
+      g_assert_cmpint (LAPACKE_dsyevd (LAPACK_COL_MAJOR, 'N', 'U', n, full, n, all), ==, 0);
+
+      for (guint top = 1; top <= 5; top++)
+        {
+          g_autofree double *work = g_memdup2 (h, sizeof (double) * n * n);
+          g_autofree double *w = g_new (double, top);
+          g_autofree double *z = g_new (double, n * top);
+          g_assert_true (lp_lora_top_eigenpairs (work, n, top, w, z));
+
+          double scale = MAX (fabs (all[n - 1]), 1e-300);
+          for (guint i = 0; i < top; i++)
+            {
+              g_assert_cmpfloat (fabs (w[i] - all[n - top + i]), <=, 1e-12 * scale);
+              /* residual ‖H z − λ z‖ and orthonormality */
+              for (guint t = 0; t < n; t++)
+                {
+                  double acc = -w[i] * z[i * n + t];
+                  for (guint j = 0; j < n; j++)
+                    acc += h[j * n + t] * z[i * n + j];
+                  g_assert_cmpfloat (fabs (acc), <=, 1e-10 * scale);
+                }
+              for (guint j = 0; j <= i; j++)
+                {
+                  double dot = 0;
+                  for (guint t = 0; t < n; t++)
+                    dot += z[i * n + t] * z[j * n + t];
+                  g_assert_cmpfloat (fabs (dot - (i == j)), <=, 1e-10);
+                }
+            }
+        }
+    }
+}
+
 static void
 test_randomized (void)
 {
@@ -545,6 +619,7 @@ main (int argc, char **argv)
   g_test_init (&argc, &argv, NULL);
   g_test_add_func ("/lora-math/gram-kernels", test_gram_kernels);
   g_test_add_func ("/lora-math/map-kernels", test_map_kernels);
+  g_test_add_func ("/lora-math/top-eigenpairs", test_top_eigenpairs);
   g_test_add_func ("/lora-math/exact", test_exact);
   g_test_add_func ("/lora-math/randomized", test_randomized);
   g_test_add_func ("/lora-math/nan", test_nan);
