@@ -357,6 +357,130 @@ test_save_any_threads (void)
     }
 }
 
+/* lp_stage_pull_tensors_unordered(): tensors of 33 MiB, so that two do not
+ * fit in the 64 MiB budget, are never computed two at a time however many
+ * threads there are; small ones are all handed over, and when two fail the
+ * earlier one's error is returned. */
+typedef struct {
+  gint live;        /* tensors computed and not yet freed */
+  gint max_live;
+  gint fail_from;   /* tensors at this index and after fail (or -1) */
+} PullWatch;
+
+typedef struct {
+  PullWatch *watch;
+  guint index;
+} PullItem;
+
+static void
+pull_item_bytes_free (gpointer data)
+{
+  PullWatch *watch = data;
+  g_atomic_int_add (&watch->live, -1);
+}
+
+static GBytes *
+pull_item_data (LpTensor  *tensor,
+                gpointer   user_data,
+                GError   **error)
+{
+  PullItem *item = user_data;
+  PullWatch *watch = item->watch;
+  gint live;
+
+  if (watch->fail_from >= 0 && item->index >= (guint) watch->fail_from && item->index % 2 == 1)
+    {
+      g_usleep ((20 - item->index) * 1000);   /* later failures finish first */
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED, "tensor %u failed", item->index);
+      return NULL;
+    }
+  live = g_atomic_int_add (&watch->live, 1) + 1;
+  for (gint max = g_atomic_int_get (&watch->max_live);
+       live > max && !g_atomic_int_compare_and_exchange (&watch->max_live, max, live);
+       max = g_atomic_int_get (&watch->max_live))
+    ;
+  g_usleep (2000);   /* long enough for other workers to try */
+  return g_bytes_new_with_free_func (g_malloc0 (lp_tensor_get_n_bytes (tensor)),
+                                     lp_tensor_get_n_bytes (tensor), pull_item_bytes_free, watch);
+}
+
+static gboolean
+pull_count (LpTensor *tensor, GBytes *bytes, gpointer user_data, GError **error)
+{
+  g_assert_cmpuint (g_bytes_get_size (bytes), ==, lp_tensor_get_n_bytes (tensor));
+  g_atomic_int_inc ((gint *) user_data);
+  return TRUE;
+}
+
+static LpCheckpoint *
+pull_checkpoint (PullWatch *watch, guint n, guint64 elements)
+{
+  LpCheckpoint *ckpt = lp_checkpoint_new ();
+
+  for (guint i = 0; i < n; i++)
+    {
+      g_autoptr(GError) error = NULL;
+      g_autofree char *name = g_strdup_printf ("t%02u", i);
+      PullItem *item = g_new0 (PullItem, 1);
+      g_autoptr(LpTensor) t = NULL;
+
+      item->watch = watch;
+      item->index = i;
+      t = lp_tensor_new_lazy (name, LP_DTYPE_F32, &elements, 1, pull_item_data, item, g_free, &error);
+      g_assert_no_error (error);
+      g_assert_true (lp_checkpoint_add_tensor (ckpt, t, &error));
+      g_assert_no_error (error);
+    }
+  return ckpt;
+}
+
+static void
+test_pull_unordered (void)
+{
+  g_autoptr(LpStage) sink = lp_registry_create_stage (test_registry (), "test-collect", NULL);
+  g_autoptr(GError) error = NULL;
+
+  lp_stage_set_threads (sink, 4);
+
+  /* big tensors: one at a time */
+  {
+    PullWatch watch = { 0, 0, -1 };
+    g_autoptr(LpCheckpoint) ckpt = pull_checkpoint (&watch, 5, 33 * 1024 * 1024 / 4);
+    gint handed = 0;
+
+    g_assert_true (lp_stage_pull_tensors_unordered (sink, ckpt, pull_count, &handed, &error));
+    g_assert_no_error (error);
+    g_assert_cmpint (handed, ==, 5);
+    g_assert_cmpint (watch.max_live, ==, 1);
+    g_assert_cmpint (watch.live, ==, 0);
+  }
+
+  /* small tensors: all of them, several at once */
+  {
+    PullWatch watch = { 0, 0, -1 };
+    g_autoptr(LpCheckpoint) ckpt = pull_checkpoint (&watch, 40, 1000);
+    gint handed = 0;
+
+    g_assert_true (lp_stage_pull_tensors_unordered (sink, ckpt, pull_count, &handed, &error));
+    g_assert_no_error (error);
+    g_assert_cmpint (handed, ==, 40);
+    g_assert_cmpint (watch.max_live, >, 1);
+    g_assert_cmpint (watch.live, ==, 0);
+  }
+
+  /* failures at 5, 7, 9 …: the error is tensor 5's, and nothing leaks */
+  {
+    PullWatch watch = { 0, 0, 5 };
+    g_autoptr(LpCheckpoint) ckpt = pull_checkpoint (&watch, 20, 1000);
+    gint handed = 0;
+
+    g_assert_false (lp_stage_pull_tensors_unordered (sink, ckpt, pull_count, &handed, &error));
+    g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED);
+    g_assert_cmpstr (error->message, ==, "tensor 5 failed");
+    g_assert_cmpint (watch.live, ==, 0);
+  }
+}
+
 int
 main (int argc, char **argv)
 {
@@ -373,6 +497,7 @@ main (int argc, char **argv)
   g_test_add_func ("/pipeline/run/async", test_async);
   g_test_add_func ("/stage/property/never-clamped", test_property_checked);
   g_test_add_func ("/pipeline/save/same-file-any-threads", test_save_any_threads);
+  g_test_add_func ("/stage/pull-unordered", test_pull_unordered);
 
   return g_test_run ();
 }
