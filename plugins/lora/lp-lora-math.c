@@ -213,58 +213,6 @@ block_len (guint r)
   return CLAMP (BLOCK_VALUES / MAX (r, 1), 16, 4096);
 }
 
-/* Widens @n values of @src to the compute dtype. */
-static void
-widen (gboolean      f32,
-       LpDtype       src_dtype,
-       gconstpointer src,
-       gpointer      dst,
-       gsize         n)
-{
-  if (f32)
-    lp_dtype_to_f32 (src_dtype, src, dst, n);
-  else
-    lp_dtype_to_f64 (src_dtype, src, dst, n);
-}
-
-/* Rounds @n values in the compute dtype to @dst_dtype. */
-static gsize
-narrow (gboolean      f32,
-        gconstpointer src,
-        LpDtype       dst_dtype,
-        gpointer      dst,
-        gsize         n)
-{
-  return f32 ? lp_dtype_from_f32 (dst_dtype, src, dst, n)
-             : lp_dtype_from_f64 (dst_dtype, src, dst, n);
-}
-
-/* G += Xᵀ X (@transposed, X [n, r] with row stride @ld) or X Xᵀ (X [r, n])
- * into the upper triangle of the f64 G. f32 products are summed per block
- * in f64, which keeps the f32 rounding to one block's worth. */
-static void
-syrk_add (gboolean      f32,
-          gboolean      transposed,
-          guint         r,
-          gsize         n,
-          gconstpointer x,
-          gsize         ld,
-          float        *gf,
-          double       *g)
-{
-  CBLAS_TRANSPOSE trans = transposed ? CblasTrans : CblasNoTrans;
-
-  if (!f32)
-    {
-      cblas_dsyrk (CblasRowMajor, CblasUpper, trans, r, n, 1.0, x, ld, 1.0, g, r);
-      return;
-    }
-  cblas_ssyrk (CblasRowMajor, CblasUpper, trans, r, n, 1.f, x, ld, 0.f, gf, r);
-  for (guint i = 0; i < r; i++)
-    for (guint j = i; j < r; j++)
-      g[i * r + j] += gf[i * r + j];
-}
-
 /* Columns of A (rows of B) per block of the f32 Gram kernels: a block of
  * a rank-64 factor stays within L2, and each tile of it within L1. */
 #define GRAM_ROWS_BLOCK 512
@@ -321,7 +269,8 @@ gram_f32 (const LpLoraFactors *f,
 }
 
 /* G = A Aᵀ (r × r, upper triangle) of the down factor, or G = Bᵀ B of the up
- * factor when @up, read a block at a time. */
+ * factor when @up: in f32 blocks (gram_f32), or in f64 with dsyrk, widened a
+ * block at a time unless the factor is f64 already. */
 static void
 gram (const LpLoraFactors *f,
       gboolean             up,
@@ -335,49 +284,31 @@ gram (const LpLoraFactors *f,
 
   guint r = f->r;
   guint64 n = up ? f->out : f->in;
-  gconstpointer data = up ? f->b : f->a;
+  const guchar *data = up ? f->b : f->a;
   LpDtype src = stored_dtype (f, up);
   gsize ssize = dtype_size (src);
-  gsize csize = f->f32 ? sizeof (float) : sizeof (double);
-  gsize bl = block_len (r);
-  guchar *buf = scratch_get (ALIGN_UP (csize * r * bl) + sizeof (float) * r * r);
-  float *gf = (float *) (buf + ALIGN_UP (csize * r * bl));
+  CBLAS_TRANSPOSE trans = up ? CblasTrans : CblasNoTrans;
 
   memset (g, 0, sizeof (double) * r * r);
-  if (src == compute_dtype (f) && !f->f32)
+  if (src == LP_DTYPE_F64)
     {
-      /* already f64: one call over the whole factor */
-      syrk_add (FALSE, up, r, n, data, up ? r : n, NULL, g);
+      /* one call over the whole factor */
+      cblas_dsyrk (CblasRowMajor, CblasUpper, trans, r, n, 1.0, (const double *) data, up ? r : n, 0.0, g, r);
       return;
     }
 
+  gsize bl = block_len (r);
+  double *buf = scratch_get (sizeof (double) * r * bl);
   for (guint64 j0 = 0; j0 < n; j0 += bl)
     {
       gsize w = MIN (bl, n - j0);
-      gconstpointer x;
-      gsize ld;
 
-      if (src == compute_dtype (f))
-        {
-          x = (const guchar *) data + (up ? j0 * r : j0) * ssize;
-          ld = up ? r : n;
-        }
-      else if (up)
-        {
-          /* rows j0 … j0 + w of B are contiguous */
-          widen (f->f32, src, (const guchar *) data + j0 * r * ssize, buf, w * r);
-          x = buf;
-          ld = r;
-        }
+      if (up)   /* rows j0 … j0 + w of B are contiguous */
+        lp_dtype_to_f64 (src, data + j0 * r * ssize, buf, w * r);
       else
-        {
-          for (guint t = 0; t < r; t++)
-            widen (f->f32, src, (const guchar *) data + (t * n + j0) * ssize,
-                   buf + t * w * csize, w);
-          x = buf;
-          ld = w;
-        }
-      syrk_add (f->f32, up, r, w, x, ld, gf, g);
+        for (guint t = 0; t < r; t++)
+          lp_dtype_to_f64 (src, data + (t * n + j0) * ssize, buf + t * w, w);
+      cblas_dsyrk (CblasRowMajor, CblasUpper, trans, r, w, 1.0, buf, up ? r : w, 1.0, g, r);
     }
 }
 
@@ -966,57 +897,48 @@ map_down_f32 (const LpLoraFactors *f,
   return overflow;
 }
 
-/* A' = M A for M [k, r] (compute dtype), a block of columns at a time,
- * written in @out_dtype. */
+/* A' = M A in f64, for M [k, r]: in place when A is f64, else widened a
+ * block of columns at a time; written in @out_dtype. */
 static gsize
-map_down (const LpLoraFactors *f,
-          gconstpointer        m,
-          guint                k,
-          LpDtype              out_dtype,
-          gpointer             result)
+map_down_f64 (const LpLoraFactors *f,
+              const double        *m,
+              guint                k,
+              LpDtype              out_dtype,
+              gpointer             result)
 {
   guint r = f->r;
   guint64 n = f->in;
-  LpDtype src = stored_dtype (f, FALSE), cdt = compute_dtype (f);
+  LpDtype src = stored_dtype (f, FALSE);
   gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
-  gsize csize = f->f32 ? sizeof (float) : sizeof (double);
-
-  if (f->f32)
-    return map_down_f32 (f, m, k, out_dtype, result);
-
-  gsize bl = src == cdt && out_dtype == cdt ? n : block_len (r);
-  guchar *buf = src == cdt && out_dtype == cdt ? NULL
-              : scratch_get (ALIGN_UP (csize * r * bl) + csize * k * bl);
-  guchar *obuf = buf ? buf + ALIGN_UP (csize * r * bl) : NULL;
+  gboolean direct = src == LP_DTYPE_F64 && out_dtype == LP_DTYPE_F64;
+  gsize bl = direct ? n : block_len (r);
+  double *buf = direct ? NULL : scratch_get (sizeof (double) * (r + k) * bl);
+  double *obuf = direct ? NULL : buf + r * bl;
   gsize overflow = 0;
 
   for (guint64 j0 = 0; j0 < n; j0 += bl)
     {
       gsize w = MIN (bl, n - j0);
-      gconstpointer x = (const guchar *) f->a + j0 * ssize;
+      const double *x = (const double *) f->a + j0;
       gsize ld = n;
-      gpointer y = (guchar *) result + j0 * osize;
-      gsize ldy = n;
 
-      if (src != cdt)
+      if (src != LP_DTYPE_F64)
         {
           for (guint t = 0; t < r; t++)
-            widen (f->f32, src, (const guchar *) f->a + (t * n + j0) * ssize,
-                   buf + t * w * csize, w);
+            lp_dtype_to_f64 (src, (const guchar *) f->a + (t * n + j0) * ssize, buf + t * w, w);
           x = buf;
           ld = w;
         }
-      if (out_dtype != cdt)
+      if (out_dtype == LP_DTYPE_F64)
+        cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
+                     1.0, m, r, x, ld, 0.0, (double *) result + j0, n);
+      else
         {
-          y = obuf;
-          ldy = w;
+          cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
+                       1.0, m, r, x, ld, 0.0, obuf, w);
+          for (guint i = 0; i < k; i++)
+            overflow += lp_dtype_from_f64 (out_dtype, obuf + i * w, (guchar *) result + (i * n + j0) * osize, w);
         }
-      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, k, w, r,
-                   1.0, m, r, x, ld, 0.0, y, ldy);
-      if (out_dtype != cdt)
-        for (guint i = 0; i < k; i++)
-          overflow += narrow (f->f32, obuf + i * w * csize, out_dtype,
-                              (guchar *) result + (i * n + j0) * osize, w);
     }
   return overflow;
 }
@@ -1050,48 +972,39 @@ map_up_f32 (const LpLoraFactors *f,
   return overflow;
 }
 
-/* B' = B M for M [r, k] (compute dtype), a block of rows at a time. */
+/* B' = B M in f64, for M [r, k]: in place when B is f64, else widened a
+ * block of rows at a time; written in @out_dtype. */
 static gsize
-map_up (const LpLoraFactors *f,
-        gconstpointer        m,
-        guint                k,
-        LpDtype              out_dtype,
-        gpointer             result)
+map_up_f64 (const LpLoraFactors *f,
+            const double        *m,
+            guint                k,
+            LpDtype              out_dtype,
+            gpointer             result)
 {
   guint r = f->r;
   guint64 n = f->out;
-  LpDtype src = stored_dtype (f, TRUE), cdt = compute_dtype (f);
+  LpDtype src = stored_dtype (f, TRUE);
   gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
-  gsize csize = f->f32 ? sizeof (float) : sizeof (double);
-
-  if (f->f32)
-    return map_up_f32 (f, m, k, out_dtype, result);
-
-  gsize bl = src == cdt && out_dtype == cdt ? n : block_len (r);
-  guchar *buf = src == cdt && out_dtype == cdt ? NULL
-              : scratch_get (ALIGN_UP (csize * r * bl) + csize * k * bl);
-  guchar *obuf = buf ? buf + ALIGN_UP (csize * r * bl) : NULL;
+  gboolean direct = src == LP_DTYPE_F64 && out_dtype == LP_DTYPE_F64;
+  gsize bl = direct ? n : block_len (r);
+  double *buf = direct ? NULL : scratch_get (sizeof (double) * (r + k) * bl);
+  double *obuf = direct ? NULL : buf + r * bl;
   gsize overflow = 0;
 
   for (guint64 i0 = 0; i0 < n; i0 += bl)
     {
       gsize h = MIN (bl, n - i0);
-      gconstpointer x = (const guchar *) f->b + i0 * r * ssize;
-      gpointer y = out_dtype == cdt ? (guchar *) result + i0 * k * osize : obuf;
+      const double *x = (const double *) f->b + i0 * r;
+      double *y = out_dtype == LP_DTYPE_F64 ? (double *) result + i0 * k : obuf;
 
-      if (src != cdt)
+      if (src != LP_DTYPE_F64)
         {
-          widen (f->f32, src, x, buf, h * r);
+          lp_dtype_to_f64 (src, (const guchar *) f->b + i0 * r * ssize, buf, h * r);
           x = buf;
         }
-      if (f->f32)
-        cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, h, k, r,
-                     1.f, x, r, m, k, 0.f, y, k);
-      else
-        cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, h, k, r,
-                     1.0, x, r, m, k, 0.0, y, k);
-      if (out_dtype != cdt)
-        overflow += narrow (f->f32, obuf, out_dtype, (guchar *) result + i0 * k * osize, h * k);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, h, k, r, 1.0, x, r, m, k, 0.0, y, k);
+      if (out_dtype != LP_DTYPE_F64)
+        overflow += lp_dtype_from_f64 (out_dtype, obuf, (guchar *) result + i0 * k * osize, h * k);
     }
   return overflow;
 }
@@ -1136,9 +1049,9 @@ lp_lora_spectrum_apply_to (const LpLoraSpectrum *s,
           mbf[i] = mb[i];
           maf[i] = ma[i];
         }
-      return map_up (f, mbf, k_out, b_dtype, b_new) + map_down (f, maf, k_out, a_dtype, a_new);
+      return map_up_f32 (f, mbf, k_out, b_dtype, b_new) + map_down_f32 (f, maf, k_out, a_dtype, a_new);
     }
-  return map_up (f, mb, k_out, b_dtype, b_new) + map_down (f, ma, k_out, a_dtype, a_new);
+  return map_up_f64 (f, mb, k_out, b_dtype, b_new) + map_down_f64 (f, ma, k_out, a_dtype, a_new);
 }
 
 void
