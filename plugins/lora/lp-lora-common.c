@@ -121,10 +121,12 @@ lp_lora_check_overflow (gsize          overflow,
 {
   if (overflow == 0)
     return TRUE;
+  /* Casting helps where a wider float holds the values; f32 and wider
+   * factors this large are beyond what the stages compute in. */
   g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
-               "%" G_GSIZE_FORMAT " values of the reduced factors overflow %s; "
-               "cast the LoRA to f32 before reducing it",
-               overflow, lp_dtype_to_string (dtype));
+               "%" G_GSIZE_FORMAT " values of the reduced factors overflow %s%s",
+               overflow, lp_dtype_to_string (dtype),
+               lp_dtype_get_bits (dtype) < 32 ? "; cast the LoRA to f32 before reducing it" : "");
   return FALSE;
 }
 

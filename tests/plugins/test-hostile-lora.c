@@ -11,6 +11,7 @@
  */
 #include "lp-test-util.h"
 
+#include <float.h>
 #include <math.h>
 #include <string.h>
 
@@ -395,21 +396,21 @@ test_largest_f16 (void)
   assert_all_well_defined (ckpt, TRUE);
 }
 
-/* Factors at the top of f16's range whose reduced factors cannot be written
- * back in f16 (balanced, each would be near 2^17): an error naming the
+/* Every factor value at the top of @dtype's range: an error naming the
  * module, or finite factors; never infinity written silently. */
 static void
-test_f16_overflow_on_write (void)
+assert_no_silent_overflow (LpDtype dtype,
+                           float   top)
 {
   g_auto(Module) m;
   g_autoptr(LpCheckpoint) ckpt = NULL;
   g_autoptr(GString) overflowing = g_string_new (NULL);
 
-  module_init (&m, 4, 16, 8, 4, LP_DTYPE_F16);
+  module_init (&m, 4, 16, 8, 4, dtype);
   for (guint i = 0; i < 4 * 16; i++)
-    m.a[i] = 65504.0f;
+    m.a[i] = top;
   for (guint i = 0; i < 8 * 4; i++)
-    m.b[i] = 65504.0f;
+    m.b[i] = top;
   ckpt = module_build (&m);
   for (guint s = 0; s < G_N_ELEMENTS (stage_runs); s++)
     {
@@ -427,6 +428,22 @@ test_f16_overflow_on_write (void)
         g_string_append_printf (overflowing, "%s%s", overflowing->len ? ", " : "", what);
     }
   g_assert_cmpstr (overflowing->str, ==, "");
+}
+
+/* Reduced factors that cannot be written back in f16 (balanced, each would
+ * be near 2^17). */
+static void
+test_f16_overflow_on_write (void)
+{
+  assert_no_silent_overflow (LP_DTYPE_F16, 65504.0f);
+}
+
+/* f32 factors whose f32 sums overflow (the projection sums in f32) even
+ * though every value read is finite. */
+static void
+test_f32_overflow_in_sums (void)
+{
+  assert_no_silent_overflow (LP_DTYPE_F32, FLT_MAX);
 }
 
 static void
@@ -651,6 +668,7 @@ main (int argc, char **argv)
   g_test_add_func ("/hostile-lora/inf-in-up", test_inf_up);
   g_test_add_func ("/hostile-lora/largest-f16", test_largest_f16);
   g_test_add_func ("/hostile-lora/f16-overflow-on-write", test_f16_overflow_on_write);
+  g_test_add_func ("/hostile-lora/f32-overflow-in-sums", test_f32_overflow_in_sums);
   g_test_add_func ("/hostile-lora/all-zero-module", test_zero_module);
   g_test_add_func ("/hostile-lora/zero-up", test_zero_up);
   g_test_add_func ("/hostile-lora/rank-1-module", test_rank_one);
