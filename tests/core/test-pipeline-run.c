@@ -372,11 +372,18 @@ typedef struct {
   guint index;
 } PullItem;
 
+typedef struct {
+  PullWatch *watch;
+  gpointer data;
+} PullBytes;
+
 static void
-pull_item_bytes_free (gpointer data)
+pull_item_bytes_free (gpointer user_data)
 {
-  PullWatch *watch = data;
-  g_atomic_int_add (&watch->live, -1);
+  PullBytes *b = user_data;
+  g_atomic_int_add (&b->watch->live, -1);
+  g_free (b->data);
+  g_free (b);
 }
 
 static GBytes *
@@ -400,8 +407,10 @@ pull_item_data (LpTensor  *tensor,
        max = g_atomic_int_get (&watch->max_live))
     ;
   g_usleep (2000);   /* long enough for other workers to try */
-  return g_bytes_new_with_free_func (g_malloc0 (lp_tensor_get_n_bytes (tensor)),
-                                     lp_tensor_get_n_bytes (tensor), pull_item_bytes_free, watch);
+  PullBytes *b = g_new (PullBytes, 1);
+  b->watch = watch;
+  b->data = g_malloc0 (lp_tensor_get_n_bytes (tensor));
+  return g_bytes_new_with_free_func (b->data, lp_tensor_get_n_bytes (tensor), pull_item_bytes_free, b);
 }
 
 static gboolean
