@@ -194,7 +194,8 @@ def check_rank_check(tmp, lora):
     report = os.path.join(tmp, "rank-check.json")
     out = os.path.join(tmp, "r2.safetensors")
     # the original alone: singular values, and a word instead of '-' columns
-    p = subprocess.run([LPIPE, "launch", "safetensors-source", "location=" + lora, "!",
+    # (the per-module table is printed with --verbose only)
+    p = subprocess.run([LPIPE, "--verbose", "launch", "safetensors-source", "location=" + lora, "!",
                         "rank-check", "report=" + report, "!", "safetensors-sink",
                         "location=" + os.path.join(tmp, "same.safetensors")],
                        capture_output=True, text=True)
