@@ -115,10 +115,13 @@ lp_safetensors_source_class_init (LpSafetensorsSourceClass *klass)
   /**
    * LpSafetensorsSource:location: (type filename)
    *
-   * The safetensors file to read.
+   * The safetensors file to read: a regular file (a symbolic link to one is
+   * followed). A FIFO, a device or a directory is refused before it is
+   * opened for reading, so that nothing blocks.
    */
   properties[PROP_LOCATION] =
-    g_param_spec_string ("location", "Location", "The safetensors file to read", NULL,
+    g_param_spec_string ("location", "Location",
+                         "The safetensors file to read (a regular file; FIFOs and devices are refused)", NULL,
                          G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
