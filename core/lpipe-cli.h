@@ -61,8 +61,8 @@ typedef struct {
   gboolean have_error;  /* a rank-check measured the error */
   double mean_error, max_error;
   GPtrArray *worst;     /* char *: "module (error)", worst first */
-  char *report;         /* the rank-check report, when the CLI made it */
-  gboolean own_report;
+  char *report;         /* where the pipeline's rank-check writes its report */
+  GObject *check;       /* the pipeline's last rank-check */
   char *failure;        /* the error message, when the run failed */
   double seconds;
 } LpCliResult;

@@ -658,6 +658,8 @@ job_words (Job  *job,
     add_word (w, "%s", (char *) g_ptr_array_index (plan->stage_words, i));
   add_word (w, "!");
   add_word (w, "rank-check");
+  if (!lp_cli.verbose)
+    add_word (w, "quiet=true");   /* what lp_cli_prepare_run() sets: shown as run */
   if (job->report)
     add_word (w, "report=%s", job->report);
   add_word (w, "!");
@@ -911,7 +913,7 @@ cmd_reduce (int argc, char **argv)
 failed:
   lp_cli_error ("%s", error->message);
   plan_clear (&plan);
-  return EXIT_FAILED;
+  return error->domain == G_OPTION_ERROR ? EXIT_USAGE : EXIT_FAILED;
 }
 
 const LpCliCommand lp_cli_reduce_command = {

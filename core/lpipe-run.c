@@ -17,8 +17,7 @@
 void
 lp_cli_result_clear (LpCliResult *result)
 {
-  if (result->own_report && result->report)
-    g_unlink (result->report);
+  g_clear_object (&result->check);
   g_free (result->input);
   g_free (result->output);
   g_free (result->report);
@@ -89,8 +88,8 @@ stage_location (LpStage *stage)
  * lp_cli_prepare_run:
  *
  * Notes what the pipeline reads and writes, and sets up its `rank-check`
- * for the summary: the per-module table only with --verbose, and a report
- * file (a temporary one if the pipeline names none) to read the errors from.
+ * for the summary: the per-module table only with --verbose; its errors are
+ * read from its `result` after the run.
  */
 void
 lp_cli_prepare_run (LpPipeline  *pipeline,
@@ -130,15 +129,7 @@ lp_cli_prepare_run (LpPipeline  *pipeline,
   if (!lp_cli.verbose)
     g_object_set (check, "quiet", TRUE, NULL);
   g_object_get (check, "report", &result->report, NULL);
-  if (result->report == NULL)
-    {
-      int fd = g_file_open_tmp ("lpipe-report-XXXXXX.json", &result->report, NULL);
-      if (fd < 0)
-        return;   /* no errors in the summary, nothing worse */
-      close (fd);
-      result->own_report = TRUE;
-      g_object_set (check, "report", result->report, NULL);
-    }
+  result->check = g_object_ref (G_OBJECT (check));
 }
 
 static int
@@ -158,7 +149,12 @@ read_report (LpCliResult *result)
   JsonObject *root, *summary;
   JsonArray *modules;
 
-  if (result->report == NULL || !json_parser_load_from_file (parser, result->report, NULL))
+  g_autofree char *text = NULL;
+
+  if (result->check == NULL)
+    return;
+  g_object_get (result->check, "result", &text, NULL);
+  if (text == NULL || !json_parser_load_from_data (parser, text, -1, NULL))
     return;
   root = json_node_get_object (json_parser_get_root (parser));
   if (root == NULL || !json_object_has_member (root, "summary") || !json_object_has_member (root, "modules"))
@@ -259,10 +255,10 @@ lp_cli_print_summary (LpCliResult *result)
         }
       g_string_append_c (out, '\n');
     }
-  else if (result->report)
+  else if (result->check)
     g_string_append (out, "error  not measured: rank-check has no original to compare with (give it the "
                           "original as a second input, or put it after lora-svd)\n");
-  if (result->report && !result->own_report)
+  if (result->report)
     {
       g_autofree char *escaped = lp_cli_escape (result->report, FALSE);
       g_string_append_printf (out, "report %s (every module)\n", escaped);
