@@ -1389,6 +1389,39 @@ launch_error (Loader     *ld,
   return FALSE;
 }
 
+/* A word without '=' after a stage: a word shaped like a stage name
+ * (lowercase, digits, dashes) means a missing '!'; any other word, a file
+ * name most likely, is the value of the stage's one required property
+ * (`safetensors-source lora.safetensors`), so name that fix. */
+static gboolean
+bare_word_error (Loader      *ld,
+                 StageSpec   *spec,
+                 const char  *token,
+                 GError     **error)
+{
+  GObjectClass *klass = G_OBJECT_GET_CLASS (spec->stage);
+  g_autofree GParamSpec **pspecs = NULL;
+  const char *required = NULL;
+  guint n = 0, n_required = 0;
+
+  if (token[strspn (token, "abcdefghijklmnopqrstuvwxyz0123456789-")] == '\0')
+    return spec_error (ld, spec, error, LP_PIPELINE_ERROR_INVALID,
+                       "'%s' is not key=value (put '!' between stages)", token);
+  pspecs = g_object_class_list_properties (klass, &n);
+  for (guint i = 0; i < n; i++)
+    if (lp_stage_class_is_property_required (LP_STAGE_CLASS (klass), pspecs[i]->name))
+      {
+        required = pspecs[i]->name;
+        n_required++;
+      }
+  if (n_required == 1 && !g_hash_table_contains (spec->set, required))
+    return spec_error (ld, spec, error, LP_PIPELINE_ERROR_INVALID,
+                       "'%s' is not key=value; did you mean %s=%s?", token, required, token);
+  return spec_error (ld, spec, error, LP_PIPELINE_ERROR_INVALID,
+                     "'%s' is not key=value (write PROPERTY=VALUE; `lpipe inspect %s` lists them)",
+                     token, spec->name);
+}
+
 static gboolean
 parse_launch (Loader             *ld,
               const char * const *argv,
@@ -1438,8 +1471,7 @@ parse_launch (Loader             *ld,
         g_autofree char *key = NULL;
 
         if (eq == NULL)
-          return spec_error (ld, spec, error, LP_PIPELINE_ERROR_INVALID,
-                             "'%s' is not key=value (put '!' between stages)", token);
+          return bare_word_error (ld, spec, token, error);
         if (eq == token)
           return spec_error (ld, spec, error, LP_PIPELINE_ERROR_INVALID,
                              "'%s' has no property name before '='", token);

@@ -1,4 +1,4 @@
-/* lp-lora-stages.h: the LoRA rank stages: lora-svd, lora-project, rank-check
+/* lp-lora-stages.h: the LoRA rank stages: lora-svd, lora-project, rank-check, lora-spectrum
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
@@ -64,5 +64,14 @@ G_DECLARE_FINAL_TYPE (LpLoraProject, lp_lora_project, LP, LORA_PROJECT, LpTransf
 
 #define LP_TYPE_RANK_CHECK (lp_rank_check_get_type ())
 G_DECLARE_FINAL_TYPE (LpRankCheck, lp_rank_check, LP, RANK_CHECK, LpTransform)
+
+#define LP_TYPE_LORA_SPECTRUM_STAGE (lp_lora_spectrum_stage_get_type ())
+G_DECLARE_FINAL_TYPE (LpLoraSpectrumStage, lp_lora_spectrum_stage, LP, LORA_SPECTRUM_STAGE, LpSink)
+
+#define LP_TYPE_LORA_EXTRACT (lp_lora_extract_get_type ())
+G_DECLARE_FINAL_TYPE (LpLoraExtract, lp_lora_extract, LP, LORA_EXTRACT, LpAggregator)
+
+#define LP_TYPE_LORA_FUSE (lp_lora_fuse_get_type ())
+G_DECLARE_FINAL_TYPE (LpLoraFuse, lp_lora_fuse, LP, LORA_FUSE, LpAggregator)
 
 G_END_DECLS

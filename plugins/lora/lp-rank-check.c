@@ -5,6 +5,7 @@
 #include "lp-lora-stages.h"
 #include "lp-lora-common.h"
 #include "lp-lora-math.h"
+#include "lp-lora-report.h"
 
 #include <math.h>
 #include <string.h>
@@ -30,6 +31,7 @@ struct _LpRankCheck
   guint expect_rank;
   gboolean require_uniform;
   char *report;
+  char *result;        /* the report of the last run, as JSON */
   gboolean quiet;
   double tolerance;
   char *down_pattern;
@@ -45,6 +47,7 @@ enum {
   PROP_TOLERANCE,
   PROP_DOWN_PATTERN,
   PROP_UP_PATTERN,
+  PROP_RESULT,
   N_PROPS
 };
 
@@ -59,6 +62,7 @@ typedef struct {
   guint64 out, in;
   double energy;      /* NAN when unknown */
   double rel_error;   /* NAN when unknown */
+  double *sigma;      /* rank singular values of scale · B @ A */
 } Row;
 
 /* ---- materializing the input -------------------------------------------- */
@@ -84,43 +88,6 @@ collect_tensor (LpTensor  *tensor,
   g_autoptr (LpTensor) held = lp_tensor_new (lp_tensor_get_name (tensor), lp_tensor_get_dtype (tensor),
                                              shape, n_dims, data, error);
   return held != NULL && lp_checkpoint_add_tensor (collect->output, held, error);
-}
-
-/* ---- JSON, by hand (plugins do not link json-glib) ---------------------- */
-
-static void
-json_string (GString *out, const char *s)
-{
-  g_string_append_c (out, '"');
-  for (const guchar *p = (const guchar *) s; *p; p++)
-    {
-      switch (*p)
-        {
-        case '"': g_string_append (out, "\\\""); break;
-        case '\\': g_string_append (out, "\\\\"); break;
-        case '\n': g_string_append (out, "\\n"); break;
-        case '\r': g_string_append (out, "\\r"); break;
-        case '\t': g_string_append (out, "\\t"); break;
-        case '\b': g_string_append (out, "\\b"); break;
-        case '\f': g_string_append (out, "\\f"); break;
-        default:
-          if (*p < 0x20)
-            g_string_append_printf (out, "\\u%04x", *p);
-          else
-            g_string_append_c (out, *p);   /* UTF-8 passes through */
-        }
-    }
-  g_string_append_c (out, '"');
-}
-
-static void
-json_number (GString *out, double value)
-{
-  char buf[G_ASCII_DTOSTR_BUF_SIZE];
-  if (!isfinite (value))
-    g_string_append (out, "null");
-  else
-    g_string_append (out, g_ascii_formatd (buf, sizeof buf, "%.17g", value));
 }
 
 /* ---- the transform ------------------------------------------------------ */
@@ -190,6 +157,10 @@ module_row (LpRankCheck   *self,
       row->energy = total > 0 ? MIN (kept / total, 1.0) : 1;
       row->rel_error = sqrt (MAX (0.0, 1 - row->energy));
     }
+
+  row->sigma = g_new (double, f.r);
+  for (guint i = 0; i < f.r; i++)
+    row->sigma[i] = spectrum->sigma[i] * fabs (lp_lora_module_get_scale (module));
   return TRUE;
 }
 
@@ -202,10 +173,29 @@ format_value (double value, const char *format)
 static void
 print_table (Row *rows, guint n, GString *summary)
 {
+  gboolean compared = FALSE;
   gsize width = strlen ("module");
+
   for (guint i = 0; i < n; i++)
-    width = MAX (width, strlen (rows[i].name));
+    {
+      width = MAX (width, strlen (rows[i].name));
+      compared = compared || isfinite (rows[i].energy);
+    }
   width = MIN (width, 72);
+
+  if (!compared)
+    {
+      /* Nothing to measure an error against: the spectrum is what helps. */
+      g_print ("%-*s %6s %8s %12s\n", (int) width, "module", "rank", "num-rank", "sigma-1");
+      for (guint i = 0; i < n; i++)
+        g_print ("%-*s %6u %8u %12.4e\n", (int) width, rows[i].name, rows[i].rank,
+                 rows[i].numerical_rank, rows[i].rank > 0 ? rows[i].sigma[0] : 0.0);
+      g_print ("%s", summary->str);
+      g_print ("no original to measure an error against: give rank-check the original as a second "
+               "input, or run it after a reduction; lora-spectrum (lpipe info --spectrum) shows "
+               "the error each rank would leave\n");
+      return;
+    }
 
   g_print ("%-*s %6s %8s %10s %10s\n", (int) width, "module", "rank", "num-rank", "energy", "rel-error");
   for (guint i = 0; i < n; i++)
@@ -218,9 +208,8 @@ print_table (Row *rows, guint n, GString *summary)
   g_print ("%s", summary->str);
 }
 
-static gboolean
-write_report (const char  *path,
-              Row         *rows,
+static GString *
+format_report (Row         *rows,
               guint        n,
               guint        min_rank,
               guint        max_rank,
@@ -228,43 +217,41 @@ write_report (const char  *path,
               double       max_error,
               double       min_energy,
               guint64      n_bytes,
-              GPtrArray   *failures,
-              GError     **error)
+              GPtrArray   *failures)
 {
-  g_autoptr (GString) json = g_string_new ("{\n  \"modules\": [\n");
+  GString *json = g_string_new ("{\n  \"modules\": [\n");
   for (guint i = 0; i < n; i++)
     {
       g_string_append (json, "    {\"name\": ");
-      json_string (json, rows[i].name);
+      lp_lora_json_string (json, rows[i].name);
       g_string_append_printf (json, ", \"rank\": %u, \"numerical_rank\": %u, \"out_features\": %"
                               G_GUINT64_FORMAT ", \"in_features\": %" G_GUINT64_FORMAT ", \"energy\": ",
                               rows[i].rank, rows[i].numerical_rank, rows[i].out, rows[i].in);
-      json_number (json, rows[i].energy);
+      lp_lora_json_number (json, rows[i].energy);
       g_string_append (json, ", \"rel_error\": ");
-      json_number (json, rows[i].rel_error);
+      lp_lora_json_number (json, rows[i].rel_error);
+      g_string_append (json, ", \"singular_values\": ");
+      lp_lora_json_numbers (json, rows[i].sigma, rows[i].sigma ? rows[i].rank : 0);
       g_string_append (json, i + 1 < n ? "},\n" : "}\n");
     }
   g_string_append_printf (json, "  ],\n  \"summary\": {\"n_modules\": %u, \"min_rank\": %u, "
                           "\"max_rank\": %u, \"uniform\": %s, \"n_bytes\": %" G_GUINT64_FORMAT
                           ", \"mean_rel_error\": ",
                           n, min_rank, max_rank, min_rank == max_rank ? "true" : "false", n_bytes);
-  json_number (json, mean_error);
+  lp_lora_json_number (json, mean_error);
   g_string_append (json, ", \"max_rel_error\": ");
-  json_number (json, max_error);
+  lp_lora_json_number (json, max_error);
   g_string_append (json, ", \"min_energy\": ");
-  json_number (json, min_energy);
+  lp_lora_json_number (json, min_energy);
   g_string_append (json, "},\n  \"failures\": [");
   for (guint i = 0; i < failures->len; i++)
     {
       if (i > 0)
         g_string_append (json, ", ");
-      json_string (json, g_ptr_array_index (failures, i));
+      lp_lora_json_string (json, g_ptr_array_index (failures, i));
     }
   g_string_append (json, "]\n}\n");
-
-  /* written to a temporary file and renamed over the target */
-  return g_file_set_contents_full (path, json->str, json->len,
-                                   G_FILE_SET_CONTENTS_CONSISTENT, 0666, error);
+  return json;
 }
 
 static LpCheckpoint *
@@ -305,6 +292,7 @@ lp_rank_check_transform (LpTransform   *transform,
 
   guint n = modules->len;
   g_autofree Row *rows = g_new0 (Row, n);
+  g_autoptr (GPtrArray) sigmas = g_ptr_array_new_with_free_func (g_free);
   g_autoptr (GHashTable) rank_count = g_hash_table_new (NULL, NULL);
   guint min_rank = G_MAXUINT, max_rank = 0, common_rank = 0, common_count = 0;
   double sum_error = 0, max_error = NAN, min_energy = NAN;
@@ -336,6 +324,7 @@ lp_rank_check_transform (LpTransform   *transform,
           lp_lora_prefix_error (error, module);
           return NULL;
         }
+      g_ptr_array_add (sigmas, rows[i].sigma);
 
       guint rank = rows[i].rank;
       guint count = GPOINTER_TO_UINT (g_hash_table_lookup (rank_count, GUINT_TO_POINTER (rank))) + 1;
@@ -376,17 +365,23 @@ lp_rank_check_transform (LpTransform   *transform,
   g_autofree char *mean_text = format_value (mean_error, "%.3e");
   g_autofree char *max_text = format_value (max_error, "%.3e");
   g_autofree char *energy_text = format_value (min_energy, "%.6f");
-  g_string_append_printf (summary, "%u modules, rank %u..%u%s, %" G_GUINT64_FORMAT
-                          " bytes of tensors; rel-error mean %s max %s; energy min %s\n",
-                          n, min_rank, max_rank, min_rank == max_rank ? " (uniform)" : "",
-                          n_bytes, mean_text, max_text, energy_text);
+  g_string_append_printf (summary, "%u modules, rank %u..%u%s, %" G_GUINT64_FORMAT " bytes of tensors",
+                          n, min_rank, max_rank, min_rank == max_rank ? " (uniform)" : "", n_bytes);
+  if (n_error > 0)
+    g_string_append_printf (summary, "; rel-error mean %s max %s; energy min %s",
+                            mean_text, max_text, energy_text);
+  g_string_append_c (summary, '\n');
 
   if (!self->quiet)
     print_table (rows, n, summary);
 
-  if (self->report != NULL
-      && !write_report (self->report, rows, n, min_rank, max_rank, mean_error, max_error,
-                        min_energy, n_bytes, failures, error))
+  /* kept for the `result` property (what lpipe's summary reads), and
+   * written where `report` says */
+  g_autoptr (GString) json = format_report (rows, n, min_rank, max_rank, mean_error, max_error,
+                                            min_energy, n_bytes, failures);
+  g_free (self->result);
+  self->result = g_strdup (json->str);
+  if (self->report != NULL && !lp_lora_report_write (self->report, json, error))
     return NULL;
 
   if (failures->len > 0)
@@ -456,6 +451,7 @@ lp_rank_check_get_property (GObject    *object,
     case PROP_TOLERANCE: g_value_set_double (value, self->tolerance); break;
     case PROP_DOWN_PATTERN: g_value_set_string (value, self->down_pattern); break;
     case PROP_UP_PATTERN: g_value_set_string (value, self->up_pattern); break;
+    case PROP_RESULT: g_value_set_string (value, self->result); break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
     }
@@ -467,6 +463,7 @@ lp_rank_check_finalize (GObject *object)
   LpRankCheck *self = LP_RANK_CHECK (object);
 
   g_free (self->report);
+  g_free (self->result);
   g_free (self->down_pattern);
   g_free (self->up_pattern);
   G_OBJECT_CLASS (lp_rank_check_parent_class)->finalize (object);
@@ -497,6 +494,10 @@ lp_rank_check_class_init (LpRankCheckClass *klass)
   properties[PROP_QUIET] =
     g_param_spec_boolean ("quiet", "Quiet", "Print no table",
                           FALSE, flags);
+  properties[PROP_RESULT] =
+    g_param_spec_string ("result", "Result",
+                         "After a run, the report as JSON (read only: what `report` writes)",
+                         NULL, G_PARAM_READABLE | G_PARAM_STATIC_STRINGS);
   properties[PROP_TOLERANCE] =
     g_param_spec_double ("tolerance", "Tolerance", "Singular values below this times the largest do not count to the numerical rank (0: the factors' dtype epsilon)",
                          0.0, 1.0, 0.0, flags);
