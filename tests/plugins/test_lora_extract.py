@@ -309,6 +309,36 @@ def check_errors(tmp):
     check(p.returncode != 0 and "method=exact" in p.stderr, "errors: dynamic ranks need method=exact")
 
 
+def check_chain(tmp):
+    """pipelines/extract-reduce-check.pipeline: extract at rank 64, keep 0.99
+    of each module's energy, report"""
+    base, tuned, diffs = make_pair(tmp, LLAMA, "F32", 6)
+    out, report = os.path.join(tmp, "chain.safetensors"), os.path.join(tmp, "chain.json")
+    run("run", os.path.join(os.path.dirname(PIPELINE), "extract-reduce-check.pipeline"),
+        "base=" + base, "tuned=" + tuned, "output=" + out, "report=" + report)
+    tensors, _ = read_st(out)
+    rep = json.load(open(report))
+    check(rep["summary"]["n_modules"] == len(diffs), "chain: every changed weight reported")
+    for name, d in diffs.items():
+        stem = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+        down = tensors[stem + ".lora_down.weight"][1]
+        up = tensors[stem + ".lora_up.weight"][1]
+        alpha = float(tensors[stem + ".alpha"][1])
+        r = down.shape[0]
+        s2 = np.linalg.svd(d, compute_uv=False) ** 2
+        want = int(np.searchsorted(np.cumsum(s2) / s2.sum(), 0.99) + 1)
+        check(r == want, "chain: %s keeps rank %d for 0.99 of its energy (%d)" % (stem, want, r))
+        delta = alpha / r * up @ down
+        err = np.linalg.norm(d - delta) / np.linalg.norm(d)
+        check(err <= optimum(d, r) * (1 + 1e-3), "chain: %s at its rank's optimum" % stem)
+        # rank-check measures the reduction against its input, the rank-64 extraction
+        row = [m for m in rep["modules"] if m["name"] == stem][0]
+        want_err = np.sqrt(s2[r:64].sum() / s2[:64].sum())
+        check(abs(row["rel_error"] - want_err) <= 0.01 * want_err + 1e-6,
+              "chain: rank-check reports %s's error %.4e against the extraction (%.4e)"
+              % (stem, row["rel_error"], want_err))
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-extract-")
     try:
@@ -317,6 +347,7 @@ def main():
         check_kohya_bf16(tmp)
         check_dynamic(tmp)
         check_errors(tmp)
+        check_chain(tmp)
     finally:
         shutil.rmtree(tmp)
     if FAILURES:
