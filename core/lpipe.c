@@ -656,9 +656,9 @@ main (int argc, char **argv)
       fputs (usage_text, opt_help ? stdout : stderr);
       return opt_help ? EXIT_OK : EXIT_USAGE;
     }
-  if (opt_threads == 0 || opt_threads < -1)
+  if (opt_threads == 0 || opt_threads < -1 || opt_threads > LP_PIPELINE_MAX_THREADS)
     {
-      print_error ("--threads must be at least 1");
+      print_error ("--threads must be from 1 to %d, not %d", LP_PIPELINE_MAX_THREADS, opt_threads);
       return EXIT_USAGE;
     }
 
