@@ -1,4 +1,6 @@
-/* lpipe.c: the command line: run, validate, launch, inspect, info
+/* lpipe.c: the command line: the commands, their help, and the ones that
+ * run pipelines as they are written (run, validate, launch, inspect);
+ * reduce and info have files of their own
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
@@ -10,245 +12,150 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <glib-unix.h>
-#include <json-glib/json-glib.h>
-#include <lpipe/lpipe.h>
+#include "lpipe-cli.h"
 
-/* Exit codes: 0 success, 1 failure (bad input, failed run), 2 misuse. */
-enum {
-  EXIT_OK = 0,
-  EXIT_FAILED = 1,
-  EXIT_USAGE = 2,
-  EXIT_SIGINT = 130,
-  EXIT_SIGTERM = 143,
-};
+/* --- finding a pipeline by name ------------------------------------------ */
 
-static gboolean opt_quiet;
-static gboolean opt_json;
-static gint opt_threads = -1;   /* -1: not given, all cores */
-
-static const char usage_text[] =
-  "Usage:\n"
-  "  lpipe run FILE.pipeline [NAME=VALUE ...]   run a pipeline file\n"
-  "  lpipe validate FILE.pipeline [NAME=VALUE ...]\n"
-  "                                             check a pipeline file without running it\n"
-  "  lpipe launch STAGE [PROP=VALUE ...] ! STAGE ...\n"
-  "                                             run an inline chain of stages\n"
-  "  lpipe inspect [STAGE] [--json]            list stages, or describe one\n"
-  "  lpipe info FILE.safetensors [--json]      show a checkpoint's tensors and metadata\n"
-  "\n"
-  "Options:\n"
-  "  -h, --help       show help (also after a command)\n"
-  "  --version        print the version\n"
-  "  -q, --quiet      print nothing but errors\n"
-  "  -j, --threads N  compute N tensors at once (default: all cores)\n"
-  "  --json           machine-readable output (inspect, info)\n"
-  "\n"
-  "Plugins are found in $LPIPE_PLUGIN_PATH, then in the installed plugin directory.\n";
-
-static void
-print_error (const char *fmt, ...) G_GNUC_PRINTF (1, 2);
-
-static void
-print_error (const char *fmt,
-             ...)
+/* The folders a pipeline name is looked up in: $LPIPE_PIPELINE_PATH, then
+ * the installed ready pipelines. */
+static GPtrArray *
+pipeline_dirs (void)
 {
-  va_list args;
-  g_autofree char *msg = NULL;
+  GPtrArray *dirs = g_ptr_array_new_with_free_func (g_free);
+  const char *env = g_getenv ("LPIPE_PIPELINE_PATH");
 
-  va_start (args, fmt);
-  msg = g_strdup_vprintf (fmt, args);
-  va_end (args);
-  g_printerr ("lpipe: error: %s\n", msg);
-}
-
-/* --- progress --------------------------------------------------------- */
-
-typedef struct {
-  gint64 start;
-  gint64 last_draw;
-  gboolean drawn;
-} Progress;
-
-static void
-format_bytes (char *buf, gsize len, double bytes)
-{
-  if (bytes >= 1e9)
-    g_snprintf (buf, len, "%.2f GB", bytes / 1e9);
-  else if (bytes >= 1e6)
-    g_snprintf (buf, len, "%.1f MB", bytes / 1e6);
-  else if (bytes >= 1e3)
-    g_snprintf (buf, len, "%.1f kB", bytes / 1e3);
-  else
-    g_snprintf (buf, len, "%.0f B", bytes);
-}
-
-static void
-on_progress (LpPipeline *pipeline,
-             guint64     tensors_done,
-             guint64     tensors_total,
-             guint64     bytes_done,
-             guint64     bytes_total,
-             gpointer    user_data)
-{
-  Progress *p = user_data;
-  gint64 now = g_get_monotonic_time ();
-  double elapsed, rate, frac;
-  char done_s[32], total_s[32], rate_s[32], eta_s[32] = "";
-  int width = 24, filled;
-  GString *bar;
-
-  if (p->start == 0 || tensors_done == 0)
-    p->start = now;
-  /* Redraw at most ten times a second, and always at the end. */
-  if (now - p->last_draw < 100000 && tensors_done < tensors_total)
-    return;
-  p->last_draw = now;
-
-  elapsed = (now - p->start) / 1e6;
-  frac = bytes_total ? (double) bytes_done / bytes_total : (tensors_total ? (double) tensors_done / tensors_total : 1.0);
-  rate = elapsed > 0 ? bytes_done / elapsed : 0;
-  format_bytes (done_s, sizeof done_s, bytes_done);
-  format_bytes (total_s, sizeof total_s, bytes_total);
-  format_bytes (rate_s, sizeof rate_s, rate);
-  if (rate > 0 && bytes_done < bytes_total)
-    g_snprintf (eta_s, sizeof eta_s, ", %.0f s left", (bytes_total - bytes_done) / rate);
-
-  filled = (int) (frac * width + 0.5);
-  bar = g_string_new ("\r[");
-  for (int i = 0; i < width; i++)
-    g_string_append_c (bar, i < filled ? '#' : '.');
-  g_string_append_printf (bar, "] %" G_GUINT64_FORMAT "/%" G_GUINT64_FORMAT " tensors, %s/%s, %s/s%s\033[K",
-                          tensors_done, tensors_total, done_s, total_s, rate_s, eta_s);
-  fputs (bar->str, stderr);
-  fflush (stderr);
-  g_string_free (bar, TRUE);
-  p->drawn = TRUE;
-}
-
-/* --- running ---------------------------------------------------------- */
-
-typedef struct {
-  GMainLoop *loop;
-  GCancellable *cancellable;
-  GError *error;
-  gboolean ok;
-  int signal_number;
-} RunState;
-
-static gboolean
-on_signal (gpointer user_data)
-{
-  RunState *state = user_data;
-  g_cancellable_cancel (state->cancellable);
-  return G_SOURCE_CONTINUE;
-}
-
-static gboolean
-on_sigint (gpointer user_data)
-{
-  ((RunState *) user_data)->signal_number = SIGINT;
-  return on_signal (user_data);
-}
-
-static gboolean
-on_sigterm (gpointer user_data)
-{
-  ((RunState *) user_data)->signal_number = SIGTERM;
-  return on_signal (user_data);
-}
-
-static void
-on_run_done (GObject      *source,
-             GAsyncResult *result,
-             gpointer      user_data)
-{
-  RunState *state = user_data;
-
-  state->ok = lp_pipeline_run_finish (LP_PIPELINE (source), result, &state->error);
-  g_main_loop_quit (state->loop);
-}
-
-static int
-run_pipeline (LpPipeline *pipeline)
-{
-  RunState state = { 0, };
-  Progress progress = { 0, };
-  guint sigint_id, sigterm_id;
-  gint64 start = g_get_monotonic_time ();
-  gulong handler = 0;
-
-  if (opt_threads > 0)
-    lp_pipeline_set_threads (pipeline, opt_threads);
-  if (!opt_quiet && isatty (STDERR_FILENO))
-    handler = g_signal_connect (pipeline, "progress", G_CALLBACK (on_progress), &progress);
-
-  state.loop = g_main_loop_new (NULL, FALSE);
-  state.cancellable = g_cancellable_new ();
-  sigint_id = g_unix_signal_add (SIGINT, on_sigint, &state);
-  sigterm_id = g_unix_signal_add (SIGTERM, on_sigterm, &state);
-
-  lp_pipeline_run_async (pipeline, state.cancellable, on_run_done, &state);
-  g_main_loop_run (state.loop);
-
-  g_source_remove (sigint_id);
-  g_source_remove (sigterm_id);
-  if (handler)
-    g_signal_handler_disconnect (pipeline, handler);
-  if (progress.drawn)
-    fputs ("\n", stderr);
-  g_main_loop_unref (state.loop);
-  g_object_unref (state.cancellable);
-
-  if (!state.ok)
+  if (env != NULL)
     {
-      if (state.signal_number)
-        {
-          print_error ("interrupted; nothing was written");
-          g_clear_error (&state.error);
-          return state.signal_number == SIGINT ? EXIT_SIGINT : EXIT_SIGTERM;
-        }
-      print_error ("%s", state.error->message);
-      g_clear_error (&state.error);
-      return EXIT_FAILED;
+      g_auto(GStrv) parts = g_strsplit (env, G_SEARCHPATH_SEPARATOR_S, -1);
+      for (guint i = 0; parts[i]; i++)
+        if (*parts[i])
+          g_ptr_array_add (dirs, g_strdup (parts[i]));
     }
-  if (!opt_quiet)
-    g_printerr ("lpipe: done in %.2f s\n", (g_get_monotonic_time () - start) / 1e6);
-  return EXIT_OK;
+  g_ptr_array_add (dirs, g_strdup (LPIPE_PIPELINE_DIR));
+  return dirs;
 }
 
+/* The names of the ready pipelines, sorted, without ".pipeline". */
+static GStrv
+list_pipelines (void)
+{
+  g_autoptr(GPtrArray) dirs = pipeline_dirs ();
+  g_autoptr(GHashTable) seen = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+  GPtrArray *names = g_ptr_array_new ();
+
+  for (guint i = 0; i < dirs->len; i++)
+    {
+      g_autoptr(GDir) dir = g_dir_open (g_ptr_array_index (dirs, i), 0, NULL);
+      const char *entry;
+
+      while (dir && (entry = g_dir_read_name (dir)))
+        if (g_str_has_suffix (entry, ".pipeline"))
+          {
+            char *name = g_strndup (entry, strlen (entry) - strlen (".pipeline"));
+            if (g_hash_table_add (seen, name))
+              g_ptr_array_add (names, name);
+          }
+    }
+  lp_cli_sort_strings (names);
+  g_ptr_array_add (names, NULL);
+  {
+    GStrv out = g_strdupv ((char **) names->pdata);
+    g_ptr_array_unref (names);
+    return out;
+  }
+}
+
+/* A path (it has a '/', or names a file here) is used as it is; a bare name
+ * is looked up as NAME.pipeline (or NAME) in pipeline_dirs(). */
+static char *
+find_pipeline (const char  *name,
+               GError     **error)
+{
+  g_autoptr(GPtrArray) dirs = NULL;
+  g_auto(GStrv) known = NULL;
+  g_autofree char *close = NULL;
+  g_autofree char *shown = NULL;
+
+  if (strchr (name, G_DIR_SEPARATOR) != NULL || g_file_test (name, G_FILE_TEST_EXISTS))
+    return g_strdup (name);
+
+  dirs = pipeline_dirs ();
+  for (guint i = 0; i < dirs->len; i++)
+    {
+      g_autofree char *file = g_strconcat (name, g_str_has_suffix (name, ".pipeline") ? "" : ".pipeline", NULL);
+      g_autofree char *path = g_build_filename (g_ptr_array_index (dirs, i), file, NULL);
+      if (g_file_test (path, G_FILE_TEST_IS_REGULAR))
+        return g_steal_pointer (&path);
+    }
+
+  known = list_pipelines ();
+  close = lp_suggest_closest (name, (const char * const *) known);
+  shown = lp_cli_escape (name, FALSE);
+  if (close)
+    g_set_error (error, G_FILE_ERROR, G_FILE_ERROR_NOENT,
+                 "no pipeline file or ready pipeline '%s'; did you mean '%s'?", shown, close);
+  else
+    {
+      g_autofree char *list = g_strjoinv (", ", known);
+      g_set_error (error, G_FILE_ERROR, G_FILE_ERROR_NOENT,
+                   "no pipeline file or ready pipeline '%s' (the ready ones: %s)", shown,
+                   *list ? list : "none installed");
+    }
+  return NULL;
+}
+
+/* --- run, validate, launch ----------------------------------------------- */
+
 static int
-cmd_run (int argc, char **argv, gboolean validate_only)
+run_or_validate (int argc, char **argv, gboolean validate_only)
 {
   g_autoptr(LpPipeline) pipeline = NULL;
   g_autoptr(GError) error = NULL;
+  g_autofree char *path = NULL;
 
   if (argc < 2)
     {
-      print_error ("%s needs a pipeline file (lpipe %s FILE.pipeline [NAME=VALUE ...])", argv[0], argv[0]);
+      g_auto(GStrv) known = list_pipelines ();
+      g_autofree char *list = g_strjoinv (", ", known);
+      lp_cli_error ("%s needs a pipeline file or the name of a ready one (%s); see lpipe %s --help",
+                    argv[0], *list ? list : "none installed", argv[0]);
       return EXIT_USAGE;
     }
   for (int i = 2; i < argc; i++)
     if (strchr (argv[i], '=') == NULL)
       {
-        print_error ("'%s' is not a parameter; write NAME=VALUE", argv[i]);
+        lp_cli_error ("'%s' is not a parameter; write NAME=VALUE", argv[i]);
         return EXIT_USAGE;
       }
 
+  path = find_pipeline (argv[1], &error);
   pipeline = lp_pipeline_new (NULL);
-  if (!lp_pipeline_load_from_file (pipeline, argv[1], (const char * const *) argv + 2, &error) ||
+  if (path == NULL ||
+      !lp_pipeline_load_from_file (pipeline, path, (const char * const *) argv + 2, &error) ||
       !lp_pipeline_validate (pipeline, &error))
     {
-      print_error ("%s", error->message);
+      lp_cli_error ("%s", error->message);
       return EXIT_FAILED;
     }
   if (validate_only)
     {
-      if (!opt_quiet)
-        g_print ("%s: valid, %u stages\n", argv[1], lp_pipeline_get_n_stages (pipeline));
+      if (!lp_cli.quiet)
+        g_print ("%s: valid, %u stages\n", path, lp_pipeline_get_n_stages (pipeline));
       return EXIT_OK;
     }
-  return run_pipeline (pipeline);
+  return lp_cli_run_pipeline (pipeline);
+}
+
+static int
+cmd_run (int argc, char **argv)
+{
+  return run_or_validate (argc, argv, FALSE);
+}
+
+static int
+cmd_validate (int argc, char **argv)
+{
+  return run_or_validate (argc, argv, TRUE);
 }
 
 static int
@@ -259,17 +166,17 @@ cmd_launch (int argc, char **argv)
 
   if (argc < 2)
     {
-      print_error ("launch needs stages: lpipe launch STAGE [PROP=VALUE ...] ! STAGE ...");
+      lp_cli_error ("launch needs stages: lpipe launch STAGE [PROP=VALUE ...] ! STAGE ...");
       return EXIT_USAGE;
     }
   pipeline = lp_pipeline_new (NULL);
   if (!lp_pipeline_parse_launch (pipeline, (const char * const *) argv + 1, &error) ||
       !lp_pipeline_validate (pipeline, &error))
     {
-      print_error ("%s", error->message);
+      lp_cli_error ("%s", error->message);
       return EXIT_FAILED;
     }
-  return run_pipeline (pipeline);
+  return lp_cli_run_pipeline (pipeline);
 }
 
 /* --- inspect ---------------------------------------------------------- */
@@ -301,19 +208,6 @@ stage_properties (GType type, guint *n)
   *n = k;
   g_type_class_unref (klass);
   return all;
-}
-
-static void
-print_json (JsonBuilder *b)
-{
-  g_autoptr(JsonGenerator) gen = json_generator_new ();
-  g_autoptr(JsonNode) root = json_builder_get_root (b);
-  g_autofree char *text = NULL;
-
-  json_generator_set_pretty (gen, TRUE);
-  json_generator_set_root (gen, root);
-  text = json_generator_to_data (gen, NULL);
-  g_print ("%s\n", text);
 }
 
 static void
@@ -377,20 +271,20 @@ cmd_inspect (int argc, char **argv)
 
   if (argc > 2)
     {
-      print_error ("inspect takes at most one stage name");
+      lp_cli_error ("inspect takes at most one stage name (see lpipe inspect --help)");
       return EXIT_USAGE;
     }
 
   if (argc == 1)
     {
-      if (opt_json)
+      if (lp_cli.json)
         {
           g_autoptr(JsonBuilder) b = json_builder_new ();
           json_builder_begin_array (b);
           for (guint i = 0; names[i]; i++)
             build_stage_json (b, registry, names[i], TRUE);
           json_builder_end_array (b);
-          print_json (b);
+          lp_cli_print_json (b);
           return EXIT_OK;
         }
       for (guint i = 0; names[i]; i++)
@@ -400,7 +294,7 @@ cmd_inspect (int argc, char **argv)
                    lp_stage_class_get_category (klass), lp_stage_class_get_description (klass));
           g_type_class_unref (klass);
         }
-      if (!opt_quiet)
+      if (!lp_cli.quiet)
         g_print ("\n%u stages. `lpipe inspect STAGE` describes one.\n", g_strv_length (names));
       return EXIT_OK;
     }
@@ -418,16 +312,16 @@ cmd_inspect (int argc, char **argv)
       {
         g_autofree char *close = lp_suggest_closest (name, (const char * const *) names);
         if (close)
-          print_error ("unknown stage '%s'; did you mean '%s'?", name, close);
+          lp_cli_error ("unknown stage '%s'; did you mean '%s'?", name, close);
         else
-          print_error ("unknown stage '%s' (`lpipe inspect` lists the stages)", name);
+          lp_cli_error ("unknown stage '%s' (`lpipe inspect` lists the stages)", name);
         return EXIT_FAILED;
       }
-    if (opt_json)
+    if (lp_cli.json)
       {
         g_autoptr(JsonBuilder) b = json_builder_new ();
         build_stage_json (b, registry, name, TRUE);
-        print_json (b);
+        lp_cli_print_json (b);
         return EXIT_OK;
       }
 
@@ -464,143 +358,136 @@ cmd_inspect (int argc, char **argv)
   }
 }
 
-/* --- info ------------------------------------------------------------- */
+/* --- the commands and their help ------------------------------------------ */
 
-static int
-cmd_info (int argc, char **argv)
+static const LpCliCommand run_command = {
+  "run", "FILE.pipeline|NAME [NAME=VALUE ...]", "run a pipeline file, or a ready pipeline by name",
+  "Runs a pipeline file. A NAME without a '/' is a ready pipeline, looked up as\n"
+  "NAME.pipeline in $LPIPE_PIPELINE_PATH, then in the installed ones\n"
+  "(" LPIPE_PIPELINE_DIR ").\n"
+  "Each NAME=VALUE sets one of the file's params.\n"
+  "\n"
+  "Examples:\n"
+  "  lpipe run demo\n"
+  "  lpipe run reduce-svd input=lora.safetensors output=lora-r8.safetensors rank=8\n",
+  NULL, cmd_run,
+};
+
+static const LpCliCommand validate_command = {
+  "validate", "FILE.pipeline|NAME [NAME=VALUE ...]", "check a pipeline without running it",
+  "Loads and checks a pipeline file (stage names, properties, values, inputs)\n"
+  "without running it. NAME is looked up as for `lpipe run`.\n"
+  "\n"
+  "Example:\n"
+  "  lpipe validate reduce-svd rank=8\n",
+  NULL, cmd_validate,
+};
+
+static const LpCliCommand launch_command = {
+  "launch", "STAGE [PROP=VALUE ...] ! STAGE ...", "run an inline chain of stages",
+  "Runs an inline chain: a stage name, its properties as key=value words, and\n"
+  "'!' between stages; each stage takes the one before it as its input.\n"
+  "`lpipe inspect STAGE` lists a stage's properties.\n"
+  "\n"
+  "Example:\n"
+  "  lpipe launch safetensors-source location=lora.safetensors ! lora-svd rank=4 \\\n"
+  "      ! safetensors-sink location=lora-r4.safetensors\n",
+  NULL, cmd_launch,
+};
+
+static const LpCliCommand inspect_command = {
+  "inspect", "[STAGE] [--json]", "list the stages, or describe one",
+  "With no stage, lists every stage with its role, category and description.\n"
+  "With a stage, describes its inputs, plugin and every property.\n"
+  "\n"
+  "Examples:\n"
+  "  lpipe inspect\n"
+  "  lpipe inspect lora-svd --json\n",
+  NULL, cmd_inspect,
+};
+
+static const LpCliCommand *const commands[] = {
+  &lp_cli_reduce_command,
+  &run_command,
+  &validate_command,
+  &launch_command,
+  &inspect_command,
+  &lp_cli_info_command,
+  NULL,
+};
+
+static const char global_options_text[] =
+  "Options:\n"
+  "  -h, --help       show help (after a command: that command's usage)\n"
+  "  --version        print the version\n"
+  "  -q, --quiet      print nothing but errors\n"
+  "  -v, --verbose    print per-module tables too\n"
+  "  -j, --threads N  compute N tensors (or files) at once (default: all cores)\n"
+  "  --json           machine-readable output (inspect, info)\n";
+
+static void
+print_usage (FILE *out)
 {
-  g_autoptr(LpCheckpoint) ckpt = NULL;
-  g_autoptr(GError) error = NULL;
-  g_autoptr(GPtrArray) modules = NULL;
-  g_autoptr(GPtrArray) others = NULL;
-  g_auto(GStrv) keys = NULL;
-  guint n;
-  GHashTable *dtype_counts;
-
-  if (argc != 2)
+  fputs ("Usage:\n", out);
+  for (guint i = 0; commands[i]; i++)
     {
-      print_error ("info takes one safetensors file");
-      return EXIT_USAGE;
-    }
-  ckpt = lp_safetensors_load (argv[1], &error);
-  if (ckpt == NULL)
-    {
-      print_error ("%s", error->message);
-      return EXIT_FAILED;
-    }
-  n = lp_checkpoint_get_n_tensors (ckpt);
-  keys = lp_checkpoint_dup_metadata_keys (ckpt);
-  modules = lp_lora_find_modules (ckpt, NULL, NULL, &others, NULL);
-
-  if (opt_json)
-    {
-      g_autoptr(JsonBuilder) b = json_builder_new ();
-
-      json_builder_begin_object (b);
-      json_builder_set_member_name (b, "file");
-      json_builder_add_string_value (b, argv[1]);
-      json_builder_set_member_name (b, "n-bytes");
-      json_builder_add_int_value (b, lp_checkpoint_get_n_bytes (ckpt));
-      json_builder_set_member_name (b, "tensors");
-      json_builder_begin_array (b);
-      for (guint i = 0; i < n; i++)
-        {
-          LpTensor *t = lp_checkpoint_get_tensor (ckpt, i);
-          guint nd;
-          const guint64 *shape = lp_tensor_get_shape (t, &nd);
-
-          json_builder_begin_object (b);
-          json_builder_set_member_name (b, "name");
-          json_builder_add_string_value (b, lp_tensor_get_name (t));
-          json_builder_set_member_name (b, "dtype");
-          json_builder_add_string_value (b, lp_dtype_to_string (lp_tensor_get_dtype (t)));
-          json_builder_set_member_name (b, "shape");
-          json_builder_begin_array (b);
-          for (guint d = 0; d < nd; d++)
-            json_builder_add_int_value (b, shape[d]);
-          json_builder_end_array (b);
-          json_builder_set_member_name (b, "n-bytes");
-          json_builder_add_int_value (b, lp_tensor_get_n_bytes (t));
-          json_builder_end_object (b);
-        }
-      json_builder_end_array (b);
-      json_builder_set_member_name (b, "metadata");
-      json_builder_begin_object (b);
-      for (guint i = 0; keys[i]; i++)
-        {
-          json_builder_set_member_name (b, keys[i]);
-          json_builder_add_string_value (b, lp_checkpoint_get_metadata (ckpt, keys[i]));
-        }
-      json_builder_end_object (b);
-      json_builder_set_member_name (b, "lora-modules");
-      json_builder_add_int_value (b, modules ? modules->len : 0);
-      json_builder_end_object (b);
-      print_json (b);
-      return EXIT_OK;
-    }
-
-  {
-    char total[32];
-    format_bytes (total, sizeof total, lp_checkpoint_get_n_bytes (ckpt));
-    g_print ("%s: %u tensors, %s\n", argv[1], n, total);
-  }
-  dtype_counts = g_hash_table_new (g_str_hash, g_str_equal);
-  for (guint i = 0; i < n; i++)
-    {
-      LpTensor *t = lp_checkpoint_get_tensor (ckpt, i);
-      g_autofree char *shape = lp_tensor_describe_shape (t);
-      const char *dt = lp_dtype_to_string (lp_tensor_get_dtype (t));
-      char size[32];
-
-      format_bytes (size, sizeof size, lp_tensor_get_n_bytes (t));
-      if (!opt_quiet)
-        g_print ("  %-60s %-8s %-16s %s\n", lp_tensor_get_name (t), dt, shape, size);
-      g_hash_table_insert (dtype_counts, (gpointer) dt,
-                           GUINT_TO_POINTER (GPOINTER_TO_UINT (g_hash_table_lookup (dtype_counts, dt)) + 1));
-    }
-  {
-    GHashTableIter iter;
-    gpointer k, v;
-    g_print ("dtypes:");
-    g_hash_table_iter_init (&iter, dtype_counts);
-    while (g_hash_table_iter_next (&iter, &k, &v))
-      g_print (" %s x%u", (char *) k, GPOINTER_TO_UINT (v));
-    g_print ("\n");
-  }
-  g_hash_table_unref (dtype_counts);
-  if (modules && modules->len > 0)
-    {
-      guint min_r = G_MAXUINT, max_r = 0;
-      for (guint i = 0; i < modules->len; i++)
-        {
-          guint r = lp_lora_module_get_rank (g_ptr_array_index (modules, i));
-          min_r = MIN (min_r, r);
-          max_r = MAX (max_r, r);
-        }
-      if (min_r == max_r)
-        g_print ("LoRA: %u modules of rank %u, %u other tensors\n", modules->len, min_r, others ? others->len : 0);
+      g_autofree char *head = g_strdup_printf ("lpipe %s %s", commands[i]->name, commands[i]->synopsis);
+      if (strlen (head) <= 44)
+        fprintf (out, "  %-44s %s\n", head, commands[i]->summary);
       else
-        g_print ("LoRA: %u modules of rank %u to %u, %u other tensors\n", modules->len, min_r, max_r,
-                 others ? others->len : 0);
+        fprintf (out, "  %s\n  %-44s %s\n", head, "", commands[i]->summary);
     }
-  if (lp_checkpoint_get_adapter_config (ckpt))
-    g_print ("PEFT adapter config: present\n");
-  if (keys[0])
-    {
-      g_print ("metadata:\n");
-      for (guint i = 0; keys[i]; i++)
-        {
-          const char *value = lp_checkpoint_get_metadata (ckpt, keys[i]);
-          if (strlen (value) > 200)
-            g_print ("  %s: %.200s... (%zu bytes)\n", keys[i], value, strlen (value));
-          else
-            g_print ("  %s: %s\n", keys[i], value);
-        }
-    }
-  return EXIT_OK;
+  fprintf (out, "\n%s\n", global_options_text);
+  fputs ("`lpipe COMMAND --help` shows a command's usage and an example.\n"
+         "Plugins are found in $LPIPE_PLUGIN_PATH, then in the installed plugin directory.\n", out);
 }
 
-/* --- main ------------------------------------------------------------- */
+static void
+print_command_usage (const LpCliCommand *command)
+{
+  g_print ("Usage: lpipe %s %s\n\n%s", command->name, command->synopsis, command->usage);
+  if (command->options)
+    {
+      g_print ("\nOptions of %s:\n", command->name);
+      for (const GOptionEntry *e = command->options; e->long_name; e++)
+        {
+          g_autofree char *head = NULL;
+          if (e->flags & G_OPTION_FLAG_HIDDEN)
+            continue;
+          head = g_strdup_printf ("%s%c%s--%s%s%s", e->short_name ? "-" : "", e->short_name ? e->short_name : ' ',
+                                  e->short_name ? ", " : "", e->long_name, e->arg_description ? " " : "",
+                                  e->arg_description ? e->arg_description : "");
+          g_print ("  %-24s %s\n", e->short_name ? head : head + 1, e->description);
+        }
+    }
+  g_print ("\n%s", global_options_text);
+}
+
+static const LpCliCommand *
+find_command (const char *name)
+{
+  for (guint i = 0; commands[i]; i++)
+    if (g_str_equal (commands[i]->name, name))
+      return commands[i];
+  return NULL;
+}
+
+/* The command word: the first argument that is neither an option nor the
+ * value of -j. */
+static int
+command_index (int argc, char **argv)
+{
+  for (int i = 1; i < argc; i++)
+    {
+      if (g_str_equal (argv[i], "--"))
+        return i + 1 < argc ? i + 1 : -1;
+      if (g_str_equal (argv[i], "-j") || g_str_equal (argv[i], "--threads"))
+        i++;
+      else if (argv[i][0] != '-')
+        return i;
+    }
+  return -1;
+}
 
 int
 main (int argc, char **argv)
@@ -609,17 +496,20 @@ main (int argc, char **argv)
   g_autoptr(GError) error = NULL;
   gboolean opt_version = FALSE;
   gboolean opt_help = FALSE;
-  const char *command;
+  const LpCliCommand *command = NULL;
+  int index;
   GOptionEntry entries[] = {
-    { "quiet", 'q', 0, G_OPTION_ARG_NONE, &opt_quiet, "Print nothing but errors", NULL },
-    { "threads", 'j', 0, G_OPTION_ARG_INT, &opt_threads, "Compute N tensors at once (default: all cores)", "N" },
-    { "json", 0, 0, G_OPTION_ARG_NONE, &opt_json, "Machine-readable output", NULL },
+    { "quiet", 'q', 0, G_OPTION_ARG_NONE, &lp_cli.quiet, "Print nothing but errors", NULL },
+    { "verbose", 'v', 0, G_OPTION_ARG_NONE, &lp_cli.verbose, "Print per-module tables too", NULL },
+    { "threads", 'j', 0, G_OPTION_ARG_INT, &lp_cli.threads, "Compute N tensors at once (default: all cores)", "N" },
+    { "json", 0, 0, G_OPTION_ARG_NONE, &lp_cli.json, "Machine-readable output", NULL },
     { "version", 0, 0, G_OPTION_ARG_NONE, &opt_version, "Print the version", NULL },
     { "help", 'h', 0, G_OPTION_ARG_NONE, &opt_help, "Show help", NULL },
     { NULL }
   };
 
   setlocale (LC_ALL, "");
+  lp_cli_install_log_writer ();
   /* A full disk under `ulimit -f` must be an error we can report and clean
    * up after, not a signal that kills us with a half-written temp file. */
   signal (SIGXFSZ, SIG_IGN);
@@ -636,14 +526,23 @@ main (int argc, char **argv)
   mallopt (M_MMAP_THRESHOLD, 32 << 20);
   mallopt (M_TRIM_THRESHOLD, 64 << 20);
 
+  index = command_index (argc, argv);
+  if (index > 0)
+    command = find_command (argv[index]);
+
   context = g_option_context_new (NULL);
   g_option_context_set_help_enabled (context, FALSE);
   g_option_context_add_main_entries (context, entries, NULL);
+  if (command && command->options)
+    g_option_context_add_main_entries (context, command->options, NULL);
   /* Stage properties and parameters are NAME=VALUE words; options may stand
    * anywhere, but "--" ends them. */
   if (!g_option_context_parse (context, &argc, &argv, &error))
     {
-      print_error ("%s (see lpipe --help)", error->message);
+      if (command)
+        lp_cli_error ("%s (see lpipe %s --help)", error->message, command->name);
+      else
+        lp_cli_error ("%s (see lpipe --help)", error->message);
       return EXIT_USAGE;
     }
   if (opt_version)
@@ -651,36 +550,38 @@ main (int argc, char **argv)
       g_print ("lpipe %s\n", LPIPE_VERSION);
       return EXIT_OK;
     }
+  if (opt_help && command)
+    {
+      print_command_usage (command);
+      return EXIT_OK;
+    }
   if (opt_help || argc < 2)
     {
-      fputs (usage_text, opt_help ? stdout : stderr);
+      print_usage (opt_help ? stdout : stderr);
       return opt_help ? EXIT_OK : EXIT_USAGE;
     }
-  if (opt_threads == 0 || opt_threads < -1 || opt_threads > LP_PIPELINE_MAX_THREADS)
+  if (lp_cli.threads == 0 || lp_cli.threads < -1 || lp_cli.threads > LP_PIPELINE_MAX_THREADS)
     {
-      print_error ("--threads must be from 1 to %d, not %d", LP_PIPELINE_MAX_THREADS, opt_threads);
+      lp_cli_error ("--threads must be from 1 to %d, not %d", LP_PIPELINE_MAX_THREADS, lp_cli.threads);
       return EXIT_USAGE;
     }
+  if (lp_cli.quiet)
+    lp_cli.verbose = FALSE;
 
-  command = argv[1];
-  if (g_str_equal (command, "run"))
-    return cmd_run (argc - 1, argv + 1, FALSE);
-  if (g_str_equal (command, "validate"))
-    return cmd_run (argc - 1, argv + 1, TRUE);
-  if (g_str_equal (command, "launch"))
-    return cmd_launch (argc - 1, argv + 1);
-  if (g_str_equal (command, "inspect"))
-    return cmd_inspect (argc - 1, argv + 1);
-  if (g_str_equal (command, "info"))
-    return cmd_info (argc - 1, argv + 1);
+  if (command == NULL)
+    {
+      const char *names[G_N_ELEMENTS (commands)];
+      g_autofree char *close = NULL;
+      g_autofree char *shown = lp_cli_escape (argv[1], FALSE);
 
-  {
-    const char *commands[] = { "run", "validate", "launch", "inspect", "info", NULL };
-    g_autofree char *close = lp_suggest_closest (command, commands);
-    if (close)
-      print_error ("unknown command '%s'; did you mean '%s'?", command, close);
-    else
-      print_error ("unknown command '%s' (see lpipe --help)", command);
-  }
-  return EXIT_USAGE;
+      for (guint i = 0; i < G_N_ELEMENTS (commands); i++)
+        names[i] = commands[i] ? commands[i]->name : NULL;
+      close = lp_suggest_closest (argv[1], names);
+      if (close)
+        lp_cli_error ("unknown command '%s'; did you mean '%s'?", shown, close);
+      else
+        lp_cli_error ("unknown command '%s' (see lpipe --help)", shown);
+      return EXIT_USAGE;
+    }
+  return command->run (argc - 1, argv + 1);
 }

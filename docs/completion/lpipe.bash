@@ -41,7 +41,7 @@ _lpipe ()
   # the command, and for launch the stage being written
   for ((i = 1; i < ${#words[@]}; i++)); do
     case ${words[i]} in
-      -j|--threads) ((i++)) ;;
+      -j|--threads|-r|--rank|-m|--method|-o|--output|-d|--output-dir|--name|--report) ((i++)) ;;
       -*) ;;
       *)
         if [[ -z $command ]]; then
@@ -63,10 +63,27 @@ _lpipe ()
     return
   fi
 
+  if [[ $prev == -m || $prev == --method ]]; then
+    mapfile -t COMPREPLY < <(compgen -W "exact randomized projection sparse-projection" -- "$cur")
+    return
+  fi
+  if [[ $prev == -o || $prev == --output || $prev == -d || $prev == --output-dir || $prev == --report ]]; then
+    compopt -o filenames 2>/dev/null
+    mapfile -t COMPREPLY < <(compgen -f -- "$cur")
+    return
+  fi
+
   if [[ $cur == -* ]]; then
-    replies=(--help --version --quiet --threads --json)
+    replies=(--help --version --quiet --verbose --threads --json)
+    case $command in
+      reduce)
+        replies+=(--rank --method --energy --sv-fro --sv-ratio --sv-cumulative --budget --max-rank
+                  --min-rank --pad --seed --niter --oversample --compute-dtype --dtype --output
+                  --output-dir --name --report --force --dry-run) ;;
+      info) replies+=(--tensors) ;;
+    esac
   elif [[ -z $command ]]; then
-    replies=(run validate launch inspect info)
+    replies=(reduce run validate launch inspect info)
   else
     case $command in
       inspect)
@@ -102,9 +119,16 @@ _lpipe ()
       run|validate)
         if [[ $prev == run || $prev == validate ]]; then
           compopt -o filenames 2>/dev/null
-          mapfile -t COMPREPLY < <(compgen -f -X '!*.pipeline' -- "$cur"; compgen -d -- "$cur")
+          # pipeline files, folders, and the ready pipelines by name
+          mapfile -t COMPREPLY < <(compgen -f -X '!*.pipeline' -- "$cur"; compgen -d -- "$cur"
+                                   "$lpipe" run 2>&1 | sed -n 's/.*(\([a-z0-9, -]*\)); see lpipe.*/\1/p' |
+                                     tr -d ',' | tr ' ' '\n' | grep -- "^$cur")
           return
         fi ;;
+      reduce)
+        compopt -o filenames 2>/dev/null
+        mapfile -t COMPREPLY < <(compgen -f -X '!*.safetensors' -- "$cur"; compgen -d -- "$cur")
+        return ;;
       info)
         compopt -o filenames 2>/dev/null
         mapfile -t COMPREPLY < <(compgen -f -X '!*.safetensors' -- "$cur"; compgen -d -- "$cur")

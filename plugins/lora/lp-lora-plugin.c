@@ -25,7 +25,8 @@ register_stages (LpPlugin  *plugin,
       && lp_plugin_register_stage (plugin, LP_TYPE_LORA_PROJECT, error)
       && lp_plugin_register_stage (plugin, LP_TYPE_RANK_CHECK, error)
       && lp_plugin_register_stage (plugin, LP_TYPE_LORA_SPECTRUM_STAGE, error)
-      && lp_plugin_register_stage (plugin, LP_TYPE_LORA_EXTRACT, error);
+      && lp_plugin_register_stage (plugin, LP_TYPE_LORA_EXTRACT, error)
+      && lp_plugin_register_stage (plugin, LP_TYPE_LORA_FUSE, error);
 }
 
 LP_PLUGIN_DEFINE ("lora", "LoRA rank reduction, synthetic LoRAs and rank checks", register_stages)

@@ -71,4 +71,7 @@ G_DECLARE_FINAL_TYPE (LpLoraSpectrumStage, lp_lora_spectrum_stage, LP, LORA_SPEC
 #define LP_TYPE_LORA_EXTRACT (lp_lora_extract_get_type ())
 G_DECLARE_FINAL_TYPE (LpLoraExtract, lp_lora_extract, LP, LORA_EXTRACT, LpAggregator)
 
+#define LP_TYPE_LORA_FUSE (lp_lora_fuse_get_type ())
+G_DECLARE_FINAL_TYPE (LpLoraFuse, lp_lora_fuse, LP, LORA_FUSE, LpAggregator)
+
 G_END_DECLS

@@ -201,6 +201,44 @@ test_empty (void)
   g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
 }
 
+/* A pipeline whose result reaches no sink would compute nothing and write
+ * nothing, then report success: validation refuses it, and a branch that no
+ * stage reads, before any stage prepares or runs. */
+static void
+test_no_sink (void)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (test_registry ());
+  g_autoptr(GError) error = NULL;
+  LpStage *source, *add, *sink;
+
+  lp_pipeline_add_stage (pipeline, "test-source", NULL, &error);
+  lp_pipeline_add_stage (pipeline, "test-add", NULL, &error);
+  g_assert_no_error (error);
+  g_assert_false (lp_pipeline_validate (pipeline, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
+  g_assert_cmpstr (error->message, ==, "the pipeline has no sink, so nothing would be written: "
+                   "end it with one, e.g. '! safetensors-sink location=OUT.safetensors'");
+  g_clear_error (&error);
+  g_assert_false (lp_pipeline_run (pipeline, NULL, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
+  g_clear_error (&error);
+  g_clear_object (&pipeline);
+
+  /* a sink on one branch does not excuse the other */
+  pipeline = lp_pipeline_new (test_registry ());
+  source = lp_pipeline_add_stage (pipeline, "test-source", "src", &error);
+  add = lp_pipeline_add_stage (pipeline, "test-add", "lost", &error);
+  sink = lp_pipeline_add_stage (pipeline, "test-collect", NULL, &error);
+  g_assert_no_error (error);
+  g_assert_true (lp_pipeline_connect (pipeline, source, add, &error));
+  g_assert_true (lp_pipeline_connect (pipeline, source, sink, &error));
+  g_assert_false (lp_pipeline_validate (pipeline, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
+  g_assert_cmpstr (error->message, ==, "stage 2 'test-add' (id lost): its output reaches no sink: "
+                   "make it an input of a later stage, or remove it");
+  g_assert_cmpuint (collected_n (sink), ==, 0);
+}
+
 typedef struct {
   guint calls;
   guint64 last[4];
@@ -538,6 +576,7 @@ main (int argc, char **argv)
   g_test_add_func ("/pipeline/run/cycle", test_cycle);
   g_test_add_func ("/pipeline/run/arity", test_arity);
   g_test_add_func ("/pipeline/run/empty", test_empty);
+  g_test_add_func ("/pipeline/run/no-sink", test_no_sink);
   g_test_add_func ("/pipeline/run/progress", test_progress);
   g_test_add_func ("/pipeline/run/cancelled", test_cancelled);
   g_test_add_func ("/pipeline/run/async", test_async);

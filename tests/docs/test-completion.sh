@@ -55,8 +55,14 @@ expect "lpipe inspect " "${stages[@]}"
 expect "lpipe inspect lora-s" lora-svd lora-synth
 refuse "lpipe inspect lora-s" cast
 
-expect "lpipe " run validate launch inspect info
-expect "lpipe --" --help --version --quiet --threads
+expect "lpipe " reduce run validate launch inspect info
+expect "lpipe --" --help --version --quiet --verbose --threads
+expect "lpipe reduce --" --rank --sv-fro --max-rank --output-dir --dry-run --force
+refuse "lpipe info --" --rank
+expect "lpipe info --" --tensors
+expect "lpipe reduce a.safetensors --method " exact randomized projection
+expect "lpipe run de" demo
+expect "lpipe run reduce-" reduce-svd reduce-dynamic
 expect "lpipe -j 4 in" inspect info
 
 # property names after a stage in launch, and stage names after '!'

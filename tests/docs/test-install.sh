@@ -55,7 +55,9 @@ for f in "$prefix/bin/lpipe" \
          "$includedir/lpipe-1.0/lpipe/lpipe-plugin.h" \
          "$includedir/lpipe-1.0/lpipe/lp-version.h" \
          "$includedir/lpipe-1.0/lpipe/lp-enum-types.h" \
-         "$prefix/share/man/man1/lpipe.1"; do
+         "$prefix/share/man/man1/lpipe.1" \
+         "$prefix/share/lpipe-1.0/pipelines/demo.pipeline" \
+         "$prefix/share/lpipe-1.0/pipelines/reduce-svd.pipeline"; do
   [ -e "$f" ] || fail "not installed: ${f#$stage}"
 done
 ls "$pluginsdir"/*.so >/dev/null 2>&1 || fail "no plugins in ${pluginsdir#$stage}"

@@ -26,7 +26,7 @@ run run "$PIPELINES/convert-kohya-to-diffusers.pipeline" \
   input="$TMP/flux-kohya.safetensors" output="$TMP/flux-back.safetensors"
 $ORACLE same "$TMP/flux.safetensors" "$TMP/flux-kohya.safetensors"
 $ORACLE same "$TMP/flux.safetensors" "$TMP/flux-back.safetensors"
-"$LPIPE" info "$TMP/flux-kohya.safetensors" | grep -q 'lora_unet_single_blocks_0_linear1.lora_down.weight *F32 *\[8, 3072\]'
+"$LPIPE" info --tensors "$TMP/flux-kohya.safetensors" | grep -q 'lora_unet_single_blocks_0_linear1.lora_down.weight *F32 *\[8, 3072\]'
 
 # SD 1.5, kohya with alpha != rank -> diffusers (alpha folded) -> kohya
 run launch lora-synth preset=sd15-unet format=kohya rank=4 alpha=3 dtype=f32 \
@@ -48,8 +48,9 @@ $ORACLE svd "$TMP/merged.safetensors" 3 0.7 "$TMP/sd-kohya.safetensors" -0.3 "$T
 # convert -> select -> reduce -> cast -> check
 run run "$PIPELINES/convert-select-reduce.pipeline" input="$TMP/sd-kohya.safetensors" \
   rank=2 output="$TMP/attn.safetensors"
-"$LPIPE" info "$TMP/attn.safetensors" | grep -q '^LoRA: 128 modules of rank 2'
-"$LPIPE" info "$TMP/attn.safetensors" | grep -q 'dtypes: BF16 x256'
+"$LPIPE" info "$TMP/attn.safetensors" | grep -q '^  LoRA  *128 modules'
+"$LPIPE" info "$TMP/attn.safetensors" | grep -q '^  rank  *2 (128)$'
+"$LPIPE" info "$TMP/attn.safetensors" | grep -q '^  dtypes  *BF16 x256$'
 $ORACLE svd "$TMP/attn.safetensors" 2 1 "$TMP/sd-kohya.safetensors"
 
 echo "all transform pipelines pass"
