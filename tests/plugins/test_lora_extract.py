@@ -309,6 +309,28 @@ def check_errors(tmp):
     check(p.returncode != 0 and "method=exact" in p.stderr, "errors: dynamic ranks need method=exact")
 
 
+def check_mixed_dtypes(tmp):
+    """a bf16 base and an f32 tuned model (a fine-tune saved in full
+    precision): the difference of the stored values, factors in the tuned
+    model's dtype"""
+    rng = np.random.default_rng(7)
+    shape = (128, 96)
+    w = rng.normal(size=shape) / np.sqrt(96)
+    d = (rng.normal(size=(128, 3)) * [0.3, 0.2, 0.1]) @ rng.normal(size=(3, 96)) / 10
+    base, tuned = os.path.join(tmp, "mixed-base.safetensors"), os.path.join(tmp, "mixed-tuned.safetensors")
+    write_st(base, {"model.layers.0.mlp.gate_proj.weight": w}, "BF16")
+    write_st(tuned, {"model.layers.0.mlp.gate_proj.weight": w + d}, "F32")
+    diff = as_stored(w + d, "F32") - as_stored(w, "BF16")
+    out = os.path.join(tmp, "mixed.safetensors")
+    extract(base, tuned, out, "rank=3", "method=exact")
+    tensors, _ = read_st(out)
+    delta, r = peft_update(tensors, "model.layers.0.mlp.gate_proj")
+    check(tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"][0] == "F32",
+          "mixed: factors in the tuned model's f32")
+    err = np.linalg.norm(diff - delta) / np.linalg.norm(diff)
+    check(err <= optimum(diff, 3) * (1 + 1e-4), "mixed: the optimum of the stored difference")
+
+
 def check_chain(tmp):
     """pipelines/extract-reduce-check.pipeline: extract at rank 64, keep 0.99
     of each module's energy, report"""
@@ -348,6 +370,7 @@ def main():
         check_dynamic(tmp)
         check_errors(tmp)
         check_chain(tmp)
+        check_mixed_dtypes(tmp)
     finally:
         shutil.rmtree(tmp)
     if FAILURES:
