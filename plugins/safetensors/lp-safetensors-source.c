@@ -96,6 +96,9 @@ lp_safetensors_source_create (LpSource  *source,
 {
   LpSafetensorsSource *self = LP_SAFETENSORS_SOURCE (source);
 
+  /* a sharded checkpoint: its index, or the folder of it */
+  if (lp_safetensors_is_index (self->location))
+    return lp_safetensors_load_index (self->location, error);
   return lp_safetensors_load (self->location, error);
 }
 
@@ -116,12 +119,14 @@ lp_safetensors_source_class_init (LpSafetensorsSourceClass *klass)
    * LpSafetensorsSource:location: (type filename)
    *
    * The safetensors file to read: a regular file (a symbolic link to one is
-   * followed). A FIFO, a device or a directory is refused before it is
-   * opened for reading, so that nothing blocks.
+   * followed); a FIFO or a device is refused before it is opened for
+   * reading, so that nothing blocks. A folder or a
+   * `*.safetensors.index.json` is a sharded checkpoint.
    */
   properties[PROP_LOCATION] =
     g_param_spec_string ("location", "Location",
-                         "The safetensors file to read (a regular file; FIFOs and devices are refused)", NULL,
+                         "The safetensors file to read (a regular file: FIFOs and devices are refused), "
+                         "or a sharded checkpoint: its *.safetensors.index.json or its folder", NULL,
                          G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
