@@ -171,7 +171,7 @@ lp_pipeline_class_init (LpPipelineClass *klass)
    * number of processors.
    */
   properties[PROP_THREADS] =
-    g_param_spec_uint ("threads", NULL, NULL, 1, 1024, 1,
+    g_param_spec_uint ("threads", NULL, NULL, 1, LP_PIPELINE_MAX_THREADS, 1,
                        G_PARAM_READWRITE | G_PARAM_EXPLICIT_NOTIFY | G_PARAM_STATIC_STRINGS);
   /**
    * LpPipeline:description:
@@ -555,10 +555,11 @@ lp_pipeline_get_params (LpPipeline *self)
 /**
  * lp_pipeline_set_threads:
  * @self: a pipeline
- * @threads: how many tensors or modules to compute at once, at least 1
+ * @threads: how many tensors or modules to compute at once, from 1 to
+ *   %LP_PIPELINE_MAX_THREADS
  *
  * Sets the thread budget the stages share. The output is the same whatever
- * the number.
+ * the number. A number outside the range is taken as the nearest end.
  */
 void
 lp_pipeline_set_threads (LpPipeline *self,
@@ -566,7 +567,7 @@ lp_pipeline_set_threads (LpPipeline *self,
 {
   g_return_if_fail (LP_IS_PIPELINE (self));
 
-  threads = MAX (threads, 1);
+  threads = CLAMP (threads, 1, LP_PIPELINE_MAX_THREADS);
   if (threads != self->threads)
     {
       self->threads = threads;
@@ -681,6 +682,45 @@ resolve (LpPipeline  *self,
   return g_steal_pointer (&order);
 }
 
+/* A run whose result reaches no sink computes and writes nothing, yet would
+ * end as a success: refuse it, and a branch whose output nothing reads. */
+static gboolean
+check_consumed (LpPipeline  *self,
+                GError     **error)
+{
+  g_autoptr(GHashTable) read = g_hash_table_new (NULL, NULL);
+  gboolean has_sink = FALSE;
+
+  for (guint i = 0; i < self->nodes->len; i++)
+    {
+      Node *node = g_ptr_array_index (self->nodes, i);
+      has_sink |= LP_STAGE_GET_CLASS (node->stage)->role == LP_STAGE_ROLE_SINK;
+      for (guint j = 0; j < node->inputs->len; j++)
+        g_hash_table_add (read, g_ptr_array_index (node->inputs, j));
+    }
+  if (!has_sink)
+    {
+      g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY,
+                   "the pipeline has no sink, so nothing would be written: end it with one, "
+                   "e.g. '! safetensors-sink location=OUT.safetensors'");
+      prefix_error (self, NULL, error);
+      return FALSE;
+    }
+  for (guint i = 0; i < self->nodes->len; i++)
+    {
+      Node *node = g_ptr_array_index (self->nodes, i);
+      if (LP_STAGE_GET_CLASS (node->stage)->role != LP_STAGE_ROLE_SINK &&
+          !g_hash_table_contains (read, node))
+        {
+          g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY,
+                       "its output reaches no sink: make it an input of a later stage, or remove it");
+          prefix_error (self, node->stage, error);
+          return FALSE;
+        }
+    }
+  return TRUE;
+}
+
 /**
  * lp_pipeline_validate:
  * @self: a pipeline
@@ -708,6 +748,8 @@ lp_pipeline_validate (LpPipeline  *self,
     }
   order = resolve (self, error);
   if (order == NULL)
+    return FALSE;
+  if (!check_consumed (self, error))
     return FALSE;
   for (guint i = 0; i < order->len; i++)
     {

@@ -52,7 +52,8 @@ void      lp_cli_sort_strings      (GPtrArray  *strings);
 
 /* What one run read and wrote, for the summary. */
 typedef struct {
-  char *input;          /* location, or "lora-synth" for a generated input */
+  char *input;          /* location, or "(made by lora-synth)" */
+  gboolean input_is_file;
   guint64 in_bytes;
   guint in_modules, in_min_rank, in_max_rank;
   char *output;         /* the last sink's location, or NULL */
@@ -61,8 +62,8 @@ typedef struct {
   gboolean have_error;  /* a rank-check measured the error */
   double mean_error, max_error;
   GPtrArray *worst;     /* char *: "module (error)", worst first */
-  char *report;         /* the rank-check report, when the CLI made it */
-  gboolean own_report;
+  char *report;         /* where the pipeline's rank-check writes its report */
+  GObject *check;       /* the pipeline's last rank-check */
   char *failure;        /* the error message, when the run failed */
   double seconds;
 } LpCliResult;
@@ -81,6 +82,13 @@ gboolean  lp_cli_count_ranks       (const char  *filename,
                                     guint       *min_rank,
                                     guint       *max_rank);
 int       lp_cli_run_pipeline      (LpPipeline  *pipeline);
+typedef LpPipeline *(*LpCliBuildFunc) (guint        index,
+                                       LpCliResult *result,
+                                       gpointer     user_data);
+int       lp_cli_run_jobs          (guint           n,
+                                    LpCliBuildFunc  build,
+                                    gpointer        user_data,
+                                    LpCliResult    *results);
 int       lp_cli_run_pipelines     (LpPipeline **pipelines,
                                     LpCliResult *results,
                                     guint        n);

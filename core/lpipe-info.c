@@ -9,17 +9,84 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <unistd.h>
+
 #include <glib/gstdio.h>
 
 #include "lpipe-cli.h"
 
 static gboolean opt_tensors;
+static gboolean opt_spectrum;
+static char *opt_svg;
 
 static const GOptionEntry info_options[] = {
   { "tensors", 't', 0, G_OPTION_ARG_NONE, &opt_tensors, "List every tensor (name, dtype, shape, size)", NULL },
-  /* the spectrum helper adds --spectrum here */
+  { "spectrum", 's', 0, G_OPTION_ARG_NONE, &opt_spectrum,
+    "The error and energy kept at ranks 1, 2, 4, ... for the file and each block (the lora-spectrum stage)", NULL },
+  { "svg", 0, 0, G_OPTION_ARG_FILENAME, &opt_svg, "With --spectrum: draw it as an SVG chart", "FILE" },
   { NULL }
 };
+
+/* --- the spectrum: safetensors-source ! lora-spectrum ---------------------- */
+
+static int
+show_spectrum (const char *path)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (NULL);
+  g_autoptr(GError) error = NULL;
+  g_autoptr(GPtrArray) words = g_ptr_array_new_with_free_func (g_free);
+  g_autofree char *report = NULL;
+  LpCliResult result = { 0, };
+  int status;
+
+  if (lp_cli.json)
+    {
+      int fd = g_file_open_tmp ("lpipe-spectrum-XXXXXX.json", &report, &error);
+      if (fd < 0)
+        {
+          lp_cli_error ("%s", error->message);
+          return EXIT_FAILED;
+        }
+      close (fd);
+    }
+  g_ptr_array_add (words, g_strdup ("safetensors-source"));
+  g_ptr_array_add (words, g_strconcat ("location=", path, NULL));
+  g_ptr_array_add (words, g_strdup ("!"));
+  g_ptr_array_add (words, g_strdup ("lora-spectrum"));
+  if (opt_svg != NULL)
+    g_ptr_array_add (words, g_strconcat ("svg=", opt_svg, NULL));
+  if (report != NULL)
+    g_ptr_array_add (words, g_strconcat ("report=", report, NULL));
+  if (lp_cli.json || lp_cli.quiet)
+    g_ptr_array_add (words, g_strdup ("quiet=true"));
+  g_ptr_array_add (words, NULL);
+
+  if (!lp_pipeline_parse_launch (pipeline, (const char * const *) words->pdata, &error)
+      || !lp_pipeline_validate (pipeline, &error))
+    {
+      lp_cli_error ("%s", error->message);
+      return EXIT_FAILED;
+    }
+  lp_cli_prepare_run (pipeline, &result);
+  status = lp_cli_run_pipelines (&pipeline, &result, 1);
+  if (result.failure)
+    lp_cli_error ("%s", result.failure);
+  else if (report != NULL)
+    {
+      g_autofree char *text = NULL;
+      if (g_file_get_contents (report, &text, NULL, &error))
+        g_print ("%s", text);
+      else
+        {
+          lp_cli_error ("%s", error->message);
+          status = EXIT_FAILED;
+        }
+    }
+  if (report != NULL)
+    g_unlink (report);
+  lp_cli_result_clear (&result);
+  return status;
+}
 
 /* --- what a file is, when it is not safetensors -------------------------- */
 
@@ -531,6 +598,33 @@ cmd_info (int argc, char **argv)
       lp_cli_error ("info needs one or more safetensors files (see lpipe info --help)");
       return EXIT_USAGE;
     }
+  if (opt_svg != NULL && !opt_spectrum)
+    {
+      lp_cli_error ("--svg draws the spectrum: add --spectrum");
+      return EXIT_USAGE;
+    }
+  if (opt_spectrum)
+    {
+      if (argc > 2 && (opt_svg != NULL || lp_cli.json))
+        {
+          lp_cli_error ("--spectrum with --svg or --json takes one file");
+          return EXIT_USAGE;
+        }
+      for (int i = 1; i < argc; i++)
+        {
+          g_autoptr(GError) error = NULL;
+          g_autofree char *path = resolve_input (argv[i], &error);
+          if (path == NULL)
+            {
+              lp_cli_error ("%s", error->message);
+              status = MAX (status, EXIT_FAILED);
+              continue;
+            }
+          int shown = show_spectrum (path);   /* not inside MAX: it would run twice */
+          status = MAX (status, shown);
+        }
+      return status;
+    }
   if (b && argc > 2)
     json_builder_begin_array (b);
 
@@ -585,10 +679,14 @@ const LpCliCommand lp_cli_info_command = {
   "and a digest of its metadata. A PEFT folder stands for the\n"
   "adapter_model.safetensors in it. --tensors adds the listing of every tensor;\n"
   "--json prints everything, per module too (one object per file, an array\n"
-  "for several).\n"
+  "for several). --spectrum shows instead, from every module's singular\n"
+  "values, the error and energy a reduction to rank 1, 2, 4, ... would leave,\n"
+  "for the whole file and each block (kohya's \"fro retained\" is the square\n"
+  "root of the energy); --svg FILE draws it, --json gives every singular value.\n"
   "\n"
   "Examples:\n"
   "  lpipe info lora.safetensors\n"
-  "  lpipe info --json loras/*.safetensors\n",
+  "  lpipe info --json loras/*.safetensors\n"
+  "  lpipe info --spectrum --svg lora-spectrum.svg lora.safetensors\n",
   info_options, cmd_info,
 };

@@ -252,7 +252,21 @@ lp_cli_print_json (JsonBuilder *builder)
   json_generator_set_pretty (gen, TRUE);
   json_generator_set_root (gen, root);
   text = json_generator_to_data (gen, NULL);
-  g_print ("%s\n", text);
+  /* json-glib escapes C0 controls in strings but passes DEL and the C1
+   * controls through; those drive terminals too. Only strings hold them. */
+  {
+    GString *safe = g_string_sized_new (strlen (text));
+    for (const char *p = text; *p; p = g_utf8_next_char (p))
+      {
+        gunichar c = g_utf8_get_char (p);
+        if (c >= 0x7f && c < 0xa0)
+          g_string_append_printf (safe, "\\u%04x", c);
+        else
+          g_string_append_len (safe, p, g_utf8_next_char (p) - p);
+      }
+    g_print ("%s\n", safe->str);
+    g_string_free (safe, TRUE);
+  }
 }
 
 static int

@@ -644,7 +644,7 @@ name_outputs (GArray   *jobs,
   return TRUE;
 }
 
-/* source ! reducer ! rank-check ! [cast !] sink, as launch words */
+/* source ! reducer ! [rank-check !] [cast !] sink, as launch words */
 static GPtrArray *
 job_words (Job  *job,
            Plan *plan)
@@ -657,10 +657,17 @@ job_words (Job  *job,
   for (guint i = 0; i < plan->stage_words->len; i++)
     add_word (w, "%s", (char *) g_ptr_array_index (plan->stage_words, i));
   add_word (w, "!");
-  add_word (w, "rank-check");
-  if (job->report)
-    add_word (w, "report=%s", job->report);
-  add_word (w, "!");
+  /* lora-svd's own record gives the summary its errors; rank-check only
+   * for the per-module table or report */
+  if (lp_cli.verbose || job->report)
+    {
+      add_word (w, "rank-check");
+      if (!lp_cli.verbose)
+        add_word (w, "quiet=true");   /* what lp_cli_prepare_run() sets: shown as run */
+      if (job->report)
+        add_word (w, "report=%s", job->report);
+      add_word (w, "!");
+    }
   if (opt.dtype)
     {
       add_word (w, "cast");
@@ -754,6 +761,49 @@ print_table (GArray      *jobs,
   }
 }
 
+/* --- building each file's pipeline, as its turn comes ------------------------- */
+
+typedef struct {
+  GArray *jobs;
+  Plan *plan;
+} Build;
+
+static LpPipeline *
+build_job (guint        index,
+           LpCliResult *result,
+           gpointer     user_data)
+{
+  Build *build = user_data;
+  Job *job = &g_array_index (build->jobs, Job, index);
+  g_autoptr(GPtrArray) words = job_words (job, build->plan);
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (NULL);
+  g_autoptr(GError) local = NULL;
+  g_autofree char *origin = lp_cli_escape (job->input, FALSE);
+
+  /* the sink writes into the folder, so it must be there */
+  if (job->peft_dir && !g_file_test (job->output, G_FILE_TEST_IS_DIR))
+    {
+      if (g_mkdir_with_parents (job->output, 0777) != 0)
+        {
+          result->failure = g_strdup_printf ("cannot make the folder %s: %s", job->output, g_strerror (errno));
+          lp_cli_error ("%s: %s", origin, result->failure);
+          return NULL;
+        }
+      job->made_dir = TRUE;
+    }
+  if (!lp_pipeline_parse_launch (pipeline, (const char * const *) words->pdata, &local)
+      || !lp_pipeline_validate (pipeline, &local))
+    {
+      result->failure = g_strdup (local->message);
+      lp_cli_error ("%s: %s", origin, local->message);
+      return NULL;
+    }
+  lp_cli_prepare_run (pipeline, result);
+  g_free (result->input);
+  result->input = g_strdup (job->input);
+  return g_steal_pointer (&pipeline);
+}
+
 /* --- the command ---------------------------------------------------------------- */
 
 static int
@@ -762,14 +812,10 @@ cmd_reduce (int argc, char **argv)
   g_autoptr(GError) error = NULL;
   g_autoptr(GHashTable) seen = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
   g_autoptr(GArray) jobs = g_array_new (FALSE, TRUE, sizeof (Job));
-  g_autoptr(GPtrArray) pipelines = g_ptr_array_new_with_free_func (g_object_unref);
   g_autofree LpCliResult *results = NULL;
-  g_autofree LpCliResult **run_results = NULL;
-  g_autofree guint *run_index = NULL;
   Plan plan = { 0, };
   gint64 start = g_get_monotonic_time ();
   int status = EXIT_OK;
-  guint n_run = 0;
 
   g_array_set_clear_func (jobs, (GDestroyNotify) job_clear);
   if (!make_plan (&plan, &error))
@@ -803,8 +849,6 @@ cmd_reduce (int argc, char **argv)
       return EXIT_OK;
     }
 
-  /* Every pipeline built and checked before any runs: a file that cannot
-   * be read fails here, alone. */
   if (opt.output_dir && g_mkdir_with_parents (opt.output_dir, 0777) != 0)
     {
       g_autofree char *shown = lp_cli_escape (opt.output_dir, FALSE);
@@ -813,79 +857,26 @@ cmd_reduce (int argc, char **argv)
       return EXIT_FAILED;
     }
 
-  results = g_new0 (LpCliResult, jobs->len);
-  run_results = g_new0 (LpCliResult *, jobs->len);
-  run_index = g_new0 (guint, jobs->len);
-  for (guint i = 0; i < jobs->len; i++)
-    {
-      Job *job = &g_array_index (jobs, Job, i);
-      g_autoptr(GPtrArray) words = job_words (job, &plan);
-      g_autoptr(LpPipeline) pipeline = lp_pipeline_new (NULL);
-      g_autoptr(GError) local = NULL;
-      g_autofree char *origin = lp_cli_escape (job->input, FALSE);
+  {
+    Build build = { jobs, &plan };
 
-      /* the sink writes into the folder, so it must be there */
-      if (job->peft_dir && !g_file_test (job->output, G_FILE_TEST_IS_DIR))
-        {
-          if (g_mkdir_with_parents (job->output, 0777) != 0)
-            {
-              results[i].failure = g_strdup_printf ("cannot make the folder %s: %s", job->output,
-                                                    g_strerror (errno));
-              lp_cli_error ("%s: %s", origin, results[i].failure);
-              continue;
-            }
-          job->made_dir = TRUE;
-        }
-      if (!lp_pipeline_parse_launch (pipeline, (const char * const *) words->pdata, &local)
-          || !lp_pipeline_validate (pipeline, &local))
-        {
-          results[i].failure = g_strdup (local->message);
-          lp_cli_error ("%s: %s", origin, local->message);
-          continue;
-        }
-      lp_cli_prepare_run (pipeline, &results[i]);
-      g_free (results[i].input);
-      results[i].input = g_strdup (job->input);
-      run_index[n_run] = i;
-      g_ptr_array_add (pipelines, g_steal_pointer (&pipeline));
-      n_run++;
-    }
-
-  if (n_run > 0)
-    {
-      /* one file at a time with --verbose, so the tables do not mix */
-      g_autofree LpCliResult *batch = g_new0 (LpCliResult, n_run);
-      int run_status = EXIT_OK;
-
-      for (guint k = 0; k < n_run; k++)
-        batch[k] = results[run_index[k]];
-      if (lp_cli.verbose)
-        for (guint k = 0; k < n_run; k++)
+    results = g_new0 (LpCliResult, jobs->len);
+    status = lp_cli_run_jobs (jobs->len, build_job, &build, results);
+    for (guint i = 0; i < jobs->len; i++)
+      {
+        Job *job = &g_array_index (jobs, Job, i);
+        if (results[i].failure && results[i].seconds > 0 && status <= EXIT_FAILED)
           {
-            int s = lp_cli_run_pipelines ((LpPipeline **) &pipelines->pdata[k], &batch[k], 1);
-            run_status = MAX (run_status, s);
-            if (s > EXIT_FAILED)
-              break;
+            /* failed while running (a build failure is told when it happens) */
+            g_autofree char *origin = lp_cli_escape (job->input, FALSE);
+            lp_cli_error ("%s: %s", origin, results[i].failure);
           }
-      else
-        run_status = lp_cli_run_pipelines ((LpPipeline **) pipelines->pdata, batch, n_run);
-      for (guint k = 0; k < n_run; k++)
-        {
-          Job *job = &g_array_index (jobs, Job, run_index[k]);
-          results[run_index[k]] = batch[k];
-          if (batch[k].failure)
-            {
-              g_autofree char *origin = lp_cli_escape (job->input, FALSE);
-              if (run_status <= EXIT_FAILED)
-                lp_cli_error ("%s: %s", origin, batch[k].failure);
-              if (job->made_dir)
-                g_rmdir (job->output);   /* only if it is still empty */
-            }
-        }
-      status = run_status;
-      if (status > EXIT_FAILED)
-        lp_cli_error ("interrupted; the files not finished were not written");
-    }
+        if (results[i].failure && job->made_dir)
+          g_rmdir (job->output);   /* only if it is still empty */
+      }
+    if (status > EXIT_FAILED)
+      lp_cli_error ("interrupted; the files not finished were not written");
+  }
   for (guint i = 0; i < jobs->len; i++)
     if (results[i].failure && status == EXIT_OK)
       status = EXIT_FAILED;
@@ -911,7 +902,7 @@ cmd_reduce (int argc, char **argv)
 failed:
   lp_cli_error ("%s", error->message);
   plan_clear (&plan);
-  return EXIT_FAILED;
+  return error->domain == G_OPTION_ERROR ? EXIT_USAGE : EXIT_FAILED;
 }
 
 const LpCliCommand lp_cli_reduce_command = {
@@ -919,8 +910,9 @@ const LpCliCommand lp_cli_reduce_command = {
   "reduce LoRAs: files, folders, patterns",
   "Reduces the rank of LoRA files: each input (a .safetensors file, a folder\n"
   "of them, a PEFT folder, or a pattern) runs\n"
-  "  safetensors-source ! lora-svd ! rank-check ! safetensors-sink\n"
-  "(lora-project for the projection methods), several files side by side\n"
+  "  safetensors-source ! lora-svd ! safetensors-sink\n"
+  "(lora-project for the projection methods; rank-check too with --verbose\n"
+  "or --report), several files side by side\n"
   "within --threads. Outputs are named from --name, beside each input or in\n"
   "--output-dir; PEFT folders stay folders. Existing outputs are kept unless\n"
   "--force. One file's failure is reported and the others finish; the exit\n"

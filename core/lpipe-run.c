@@ -17,8 +17,7 @@
 void
 lp_cli_result_clear (LpCliResult *result)
 {
-  if (result->own_report && result->report)
-    g_unlink (result->report);
+  g_clear_object (&result->check);
   g_free (result->input);
   g_free (result->output);
   g_free (result->report);
@@ -88,9 +87,10 @@ stage_location (LpStage *stage)
 /**
  * lp_cli_prepare_run:
  *
- * Notes what the pipeline reads and writes, and sets up its `rank-check`
- * for the summary: the per-module table only with --verbose, and a report
- * file (a temporary one if the pipeline names none) to read the errors from.
+ * Notes what the pipeline reads and writes, and which stage's `result` (a
+ * read-only property: lora-svd's record of what it kept, rank-check's
+ * report) gives the errors after the run; rank-check prints its per-module
+ * table only with --verbose.
  */
 void
 lp_cli_prepare_run (LpPipeline  *pipeline,
@@ -110,35 +110,30 @@ lp_cli_prepare_run (LpPipeline  *pipeline,
           if (result->input == NULL)
             result->input = g_strdup_printf ("(made by %s)", lp_stage_get_stage_name (stage));
           else
-            {
-              result->in_bytes = file_size (result->input);
-              lp_cli_count_ranks (result->input, &result->in_modules,
-                                  &result->in_min_rank, &result->in_max_rank);
-            }
+            result->input_is_file = TRUE;
         }
       else if (role == LP_STAGE_ROLE_SINK)
         {
           g_free (result->output);
           result->output = stage_location (stage);
         }
+      /* a stage that keeps what it measured in a read-only `result`
+       * (lora-svd, rank-check): the last one has the final word */
+      {
+        GParamSpec *pspec = g_object_class_find_property (G_OBJECT_GET_CLASS (stage), "result");
+        if (pspec && G_PARAM_SPEC_VALUE_TYPE (pspec) == G_TYPE_STRING && !(pspec->flags & G_PARAM_WRITABLE))
+          check = stage;
+      }
       if (g_str_equal (lp_stage_get_stage_name (stage), "rank-check"))
-        check = stage;
+        {
+          if (!lp_cli.verbose)
+            g_object_set (stage, "quiet", TRUE, NULL);
+          g_clear_pointer (&result->report, g_free);
+          g_object_get (stage, "report", &result->report, NULL);
+        }
     }
-
-  if (check == NULL)
-    return;
-  if (!lp_cli.verbose)
-    g_object_set (check, "quiet", TRUE, NULL);
-  g_object_get (check, "report", &result->report, NULL);
-  if (result->report == NULL)
-    {
-      int fd = g_file_open_tmp ("lpipe-report-XXXXXX.json", &result->report, NULL);
-      if (fd < 0)
-        return;   /* no errors in the summary, nothing worse */
-      close (fd);
-      result->own_report = TRUE;
-      g_object_set (check, "report", result->report, NULL);
-    }
+  if (check)
+    result->check = g_object_ref (G_OBJECT (check));
 }
 
 static int
@@ -158,27 +153,41 @@ read_report (LpCliResult *result)
   JsonObject *root, *summary;
   JsonArray *modules;
 
-  if (result->report == NULL || !json_parser_load_from_file (parser, result->report, NULL))
+  g_autofree char *text = NULL;
+
+  if (result->check == NULL)
+    return;
+  g_object_get (result->check, "result", &text, NULL);
+  if (text == NULL || !json_parser_load_from_data (parser, text, -1, NULL))
     return;
   root = json_node_get_object (json_parser_get_root (parser));
-  if (root == NULL || !json_object_has_member (root, "summary") || !json_object_has_member (root, "modules"))
+  if (root == NULL || !json_object_has_member (root, "modules"))
     return;
-  summary = json_object_get_object_member (root, "summary");
   modules = json_object_get_array_member (root, "modules");
-  if (summary == NULL || modules == NULL
-      || JSON_NODE_HOLDS_NULL (json_object_get_member (summary, "max_rel_error")))
-    return;
-  result->have_error = TRUE;
-  result->mean_error = json_object_get_double_member (summary, "mean_rel_error");
-  result->max_error = json_object_get_double_member (summary, "max_rel_error");
-
-  for (guint i = 0; i < json_array_get_length (modules); i++)
+  if (json_object_has_member (root, "summary"))
+    {
+      /* rank-check counted the modules of what it passed on */
+      summary = json_object_get_object_member (root, "summary");
+      result->out_modules = json_object_get_int_member (summary, "n_modules");
+      result->out_min_rank = json_object_get_int_member (summary, "min_rank");
+      result->out_max_rank = json_object_get_int_member (summary, "max_rank");
+    }
+  for (guint i = 0; modules && i < json_array_get_length (modules); i++)
     {
       JsonObject *m = json_array_get_object_element (modules, i);
       if (m && json_object_has_member (m, "rel_error")
           && !JSON_NODE_HOLDS_NULL (json_object_get_member (m, "rel_error")))
-        g_ptr_array_add (measured, m);
+        {
+          double e = json_object_get_double_member (m, "rel_error");
+          g_ptr_array_add (measured, m);
+          result->mean_error += e;
+          result->max_error = MAX (result->max_error, e);
+        }
     }
+  if (measured->len == 0)
+    return;
+  result->have_error = TRUE;
+  result->mean_error /= measured->len;
   g_ptr_array_sort (measured, compare_error_desc);
   result->worst = g_ptr_array_new_with_free_func (g_free);
   for (guint i = 0; i < MIN (3, measured->len); i++)
@@ -189,19 +198,27 @@ read_report (LpCliResult *result)
     }
 }
 
-/* After a successful run: what was written, and the errors rank-check
- * measured. */
+/* After a successful run: what was read and written, and the errors
+ * rank-check measured. Runs in the worker thread of a batch. */
 void
 lp_cli_collect_result (LpPipeline  *pipeline,
                        LpCliResult *result)
 {
+  if (result->input_is_file)
+    {
+      result->in_bytes = file_size (result->input);
+      lp_cli_count_ranks (result->input, &result->in_modules,
+                          &result->in_min_rank, &result->in_max_rank);
+    }
+  read_report (result);
   if (result->output)
     {
       result->out_bytes = file_size (result->output);
-      lp_cli_count_ranks (result->output, &result->out_modules,
-                          &result->out_min_rank, &result->out_max_rank);
+      /* rank-check counted them already when the pipeline has one */
+      if (result->out_modules == 0)
+        lp_cli_count_ranks (result->output, &result->out_modules,
+                            &result->out_min_rank, &result->out_max_rank);
     }
-  read_report (result);
 }
 
 static void
@@ -259,10 +276,10 @@ lp_cli_print_summary (LpCliResult *result)
         }
       g_string_append_c (out, '\n');
     }
-  else if (result->report)
+  else if (result->check)
     g_string_append (out, "error  not measured: rank-check has no original to compare with (give it the "
                           "original as a second input, or put it after lora-svd)\n");
-  if (result->report && !result->own_report)
+  if (result->report)
     {
       g_autofree char *escaped = lp_cli_escape (result->report, FALSE);
       g_string_append_printf (out, "report %s (every module)\n", escaped);
@@ -278,12 +295,14 @@ typedef struct _Batch Batch;
 typedef struct {
   Batch *batch;
   guint index;
+  LpPipeline *pipeline;
   gint64 start;
   guint64 bytes_done, bytes_total, tensors_done, tensors_total;
 } Slot;
 
 struct _Batch {
-  LpPipeline **pipelines;
+  LpCliBuildFunc build;
+  gpointer build_data;
   LpCliResult *results;
   Slot *slots;
   guint n, next, running, finished, n_failed;
@@ -292,6 +311,7 @@ struct _Batch {
   GCancellable *cancellable;
   int signal_number;
   gint64 start, last_draw;
+  guint64 bytes_written;
   gboolean show_progress;
 };
 
@@ -331,6 +351,7 @@ draw_progress (Batch    *batch,
     }
   else
     {
+      lp_cli_format_bytes (done_s, sizeof done_s, batch->bytes_written);
       fraction = (double) batch->finished / batch->n;
       g_string_printf (text, "%u/%u files, %s written, %.1f s", batch->finished, batch->n, done_s, elapsed);
       if (batch->n_failed)
@@ -358,50 +379,112 @@ on_progress (LpPipeline *pipeline,
 }
 
 static void
-on_run_done (GObject      *source,
-             GAsyncResult *res,
-             gpointer      user_data)
+finish_slot (Slot    *slot,
+             GError  *error)
 {
-  Slot *slot = user_data;
   Batch *batch = slot->batch;
   LpCliResult *result = &batch->results[slot->index];
-  g_autoptr(GError) error = NULL;
 
   result->seconds = (g_get_monotonic_time () - slot->start) / 1e6;
-  g_signal_handlers_disconnect_by_data (source, slot);
-  if (lp_pipeline_run_finish (LP_PIPELINE (source), res, &error))
-    lp_cli_collect_result (LP_PIPELINE (source), result);
-  else
+  if (error != NULL)
     {
       result->failure = g_strdup (batch->signal_number ? "interrupted; nothing was written" : error->message);
       batch->n_failed++;
     }
+  g_clear_object (&slot->pipeline);   /* its file's mapping goes with it */
   batch->running--;
   batch->finished++;
+  batch->bytes_written += result->out_bytes;
   draw_progress (batch, TRUE);
   start_next (batch);
   if (batch->running == 0)
     g_main_loop_quit (batch->loop);
 }
 
+/* One pipeline: run asynchronously, its progress marshalled to this thread. */
+static void
+on_run_done (GObject      *source,
+             GAsyncResult *res,
+             gpointer      user_data)
+{
+  Slot *slot = user_data;
+  g_autoptr(GError) error = NULL;
+
+  g_signal_handlers_disconnect_by_data (source, slot);
+  if (lp_pipeline_run_finish (LP_PIPELINE (source), res, &error))
+    lp_cli_collect_result (LP_PIPELINE (source), &slot->batch->results[slot->index]);
+  finish_slot (slot, error);
+}
+
+/* Many: each run and its summary (reading the files' headers, parsing the
+ * report) in a worker thread, so the main thread only builds the next. */
+static void
+run_and_collect (GTask        *task,
+                 gpointer      source_object,
+                 gpointer      task_data,
+                 GCancellable *cancellable)
+{
+  Slot *slot = task_data;
+  GError *error = NULL;
+
+  if (!lp_pipeline_run (slot->pipeline, cancellable, &error))
+    {
+      g_task_return_error (task, error);
+      return;
+    }
+  lp_cli_collect_result (slot->pipeline, &slot->batch->results[slot->index]);
+  g_task_return_boolean (task, TRUE);
+}
+
+static void
+on_job_done (GObject      *source,
+             GAsyncResult *res,
+             gpointer      user_data)
+{
+  Slot *slot = user_data;
+  g_autoptr(GError) error = NULL;
+
+  g_task_propagate_boolean (G_TASK (res), &error);
+  finish_slot (slot, error);
+}
+
+/* Builds and starts pipelines until the threads are busy. Building one
+ * (reading its input's header) in the main thread overlaps the runs. */
 static void
 start_next (Batch *batch)
 {
   while (batch->running < batch->concurrency && batch->next < batch->n
          && !g_cancellable_is_cancelled (batch->cancellable))
     {
-      Slot *slot;
+      guint i = batch->next++;
+      Slot *slot = &batch->slots[i];
 
-      slot = &batch->slots[batch->next];
+      slot->pipeline = batch->build (i, &batch->results[i], batch->build_data);
+      if (slot->pipeline == NULL)
+        {
+          if (batch->results[i].failure == NULL)
+            batch->results[i].failure = g_strdup ("not built");
+          batch->n_failed++;
+          batch->finished++;
+          continue;
+        }
       slot->batch = batch;
-      slot->index = batch->next;
+      slot->index = i;
       slot->start = g_get_monotonic_time ();
-      lp_pipeline_set_threads (batch->pipelines[batch->next], batch->threads_each);
-      if (batch->show_progress)
-        g_signal_connect (batch->pipelines[batch->next], "progress", G_CALLBACK (on_progress), slot);
-      batch->next++;
+      lp_pipeline_set_threads (slot->pipeline, batch->threads_each);
       batch->running++;
-      lp_pipeline_run_async (slot->batch->pipelines[slot->index], batch->cancellable, on_run_done, slot);
+      if (batch->n == 1)
+        {
+          if (batch->show_progress)
+            g_signal_connect (slot->pipeline, "progress", G_CALLBACK (on_progress), slot);
+          lp_pipeline_run_async (slot->pipeline, batch->cancellable, on_run_done, slot);
+        }
+      else
+        {
+          g_autoptr(GTask) task = g_task_new (NULL, batch->cancellable, on_job_done, slot);
+          g_task_set_task_data (task, slot, NULL);
+          g_task_run_in_thread (task, run_and_collect);
+        }
     }
 }
 
@@ -424,33 +507,37 @@ on_sigterm (gpointer user_data)
 }
 
 /**
- * lp_cli_run_pipelines:
- * @pipelines: validated pipelines, prepared with lp_cli_prepare_run()
+ * lp_cli_run_jobs:
+ * @n: how many pipelines
+ * @build: makes pipeline @index (validated, prepared with
+ *   lp_cli_prepare_run()), or returns %NULL with the result's failure set
  * @results: one per pipeline, filled in
- * @n: how many
  *
  * Runs the pipelines side by side within --threads: with more files than
  * threads each pipeline computes one tensor at a time and as many pipelines
- * run at once as there are threads; one file's failure does not stop the
- * others. Ctrl-C or SIGTERM cancels them all (none leaves a partial file).
+ * run at once as there are threads (with --verbose one at a time, so their
+ * tables do not mix); one file's failure does not stop the others. Ctrl-C
+ * or SIGTERM cancels them all (none leaves a partial file).
  *
  * Returns: the exit status: 0 if all succeeded, 1 if any failed, 130/143
  *   when interrupted
  */
 int
-lp_cli_run_pipelines (LpPipeline  **pipelines,
-                      LpCliResult  *results,
-                      guint         n)
+lp_cli_run_jobs (guint           n,
+                 LpCliBuildFunc  build,
+                 gpointer        user_data,
+                 LpCliResult    *results)
 {
   Batch batch = { 0, };
   guint threads = lp_cli.threads > 0 ? (guint) lp_cli.threads : g_get_num_processors ();
   guint sigint_id, sigterm_id;
 
-  batch.pipelines = pipelines;
+  batch.build = build;
+  batch.build_data = user_data;
   batch.results = results;
   batch.n = n;
   batch.slots = g_new0 (Slot, n);
-  batch.concurrency = MAX (1u, MIN (n, threads));
+  batch.concurrency = lp_cli.verbose ? 1 : MAX (1u, MIN (n, threads));
   batch.threads_each = MAX (1u, threads / batch.concurrency);
   batch.loop = g_main_loop_new (NULL, FALSE);
   batch.cancellable = g_cancellable_new ();
@@ -478,6 +565,23 @@ lp_cli_run_pipelines (LpPipeline  **pipelines,
   if (batch.signal_number)
     return batch.signal_number == SIGINT ? EXIT_SIGINT : EXIT_SIGTERM;
   return batch.n_failed > 0 ? EXIT_FAILED : EXIT_OK;
+}
+
+static LpPipeline *
+build_from_array (guint        index,
+                  LpCliResult *result,
+                  gpointer     user_data)
+{
+  return g_object_ref (((LpPipeline **) user_data)[index]);
+}
+
+/* The same, for pipelines already built. */
+int
+lp_cli_run_pipelines (LpPipeline  **pipelines,
+                      LpCliResult  *results,
+                      guint         n)
+{
+  return lp_cli_run_jobs (n, build_from_array, pipelines, results);
 }
 
 /* One pipeline (run, launch): its error, or its summary. */

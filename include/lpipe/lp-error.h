@@ -76,6 +76,7 @@ typedef enum {
  * @LP_FORMAT_ERROR_DUPLICATE: two tensors share one name
  * @LP_FORMAT_ERROR_TOO_DEEP: the header nests deeper than the format allows
  * @LP_FORMAT_ERROR_UNSUPPORTED: a conversion that this dtype does not support
+ * @LP_FORMAT_ERROR_INDEX: a sharded checkpoint's index and its shards disagree
  *
  * Errors in a checkpoint file's contents.
  */
@@ -92,6 +93,7 @@ typedef enum {
   LP_FORMAT_ERROR_DUPLICATE,
   LP_FORMAT_ERROR_TOO_DEEP,
   LP_FORMAT_ERROR_UNSUPPORTED,
+  LP_FORMAT_ERROR_INDEX,
 } LpFormatError;
 
 /**

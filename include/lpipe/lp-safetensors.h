@@ -20,6 +20,9 @@ LpCheckpoint *lp_safetensors_load            (const char    *filename,
 LpCheckpoint *lp_safetensors_load_from_bytes (GBytes        *bytes,
                                               const char    *origin,
                                               GError       **error);
+gboolean      lp_safetensors_is_index        (const char    *path);
+LpCheckpoint *lp_safetensors_load_index      (const char    *path,
+                                              GError       **error);
 gboolean      lp_safetensors_save            (LpCheckpoint  *checkpoint,
                                               const char    *filename,
                                               LpStage       *stage,

@@ -3,6 +3,10 @@
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
 #include "lp-lora-common.h"
+#include "lp-lora-report.h"
+
+#include <math.h>
+#include <string.h>
 
 #define STATS_KEY "lp-lora-stats"
 
@@ -18,6 +22,13 @@ struct _LpLoraStats
   GMutex lock;
   GHashTable *entries;   /* module name -> Entry */
 };
+
+static int
+compare_names (gconstpointer a,
+               gconstpointer b)
+{
+  return strcmp (*(char * const *) a, *(char * const *) b);
+}
 
 LpLoraStats *
 lp_lora_stats_new (const char *method)
@@ -85,6 +96,42 @@ const char *
 lp_lora_stats_get_method (LpLoraStats *stats)
 {
   return stats->method;
+}
+
+/* What was kept of each module, as JSON for lpipe's summary: per module (by
+ * name) the energy kept and the relative error of its update, which for an
+ * SVD truncation is sqrt (1 - energy) (Eckart-Young). */
+char *
+lp_lora_stats_to_json (LpLoraStats *stats)
+{
+  g_autoptr (GString) json = g_string_new ("{\"method\": ");
+  g_autoptr (GPtrArray) names = g_ptr_array_new ();
+  GHashTableIter iter;
+  gpointer key;
+
+  lp_lora_json_string (json, stats->method);
+  g_string_append (json, ", \"modules\": [");
+  g_mutex_lock (&stats->lock);
+  g_hash_table_iter_init (&iter, stats->entries);
+  while (g_hash_table_iter_next (&iter, &key, NULL))
+    g_ptr_array_add (names, key);
+  g_ptr_array_sort (names, compare_names);
+  for (guint i = 0; i < names->len; i++)
+    {
+      Entry *entry = g_hash_table_lookup (stats->entries, g_ptr_array_index (names, i));
+      double energy = entry->total > 0 ? MIN (entry->kept / entry->total, 1.0) : 1.0;
+
+      g_string_append (json, i ? ", {\"name\": " : "{\"name\": ");
+      lp_lora_json_string (json, g_ptr_array_index (names, i));
+      g_string_append (json, ", \"energy\": ");
+      lp_lora_json_number (json, energy);
+      g_string_append (json, ", \"rel_error\": ");
+      lp_lora_json_number (json, sqrt (MAX (0.0, 1 - energy)));
+      g_string_append_c (json, '}');
+    }
+  g_mutex_unlock (&stats->lock);
+  g_string_append (json, "]}");
+  return g_string_free (g_steal_pointer (&json), FALSE);
 }
 
 void

@@ -29,6 +29,7 @@ gboolean      lp_lora_stats_lookup   (LpLoraStats  *stats,
                                       double       *kept,
                                       double       *total);
 const char   *lp_lora_stats_get_method (LpLoraStats *stats);
+char         *lp_lora_stats_to_json  (LpLoraStats  *stats);
 void          lp_lora_stats_attach   (LpLoraStats  *stats,
                                       LpCheckpoint *checkpoint);
 LpLoraStats  *lp_lora_stats_get      (LpCheckpoint *checkpoint);

@@ -45,6 +45,7 @@ struct _LpLoraSvd
   LpLoraComputeDtype compute_dtype;
   char *down_pattern;
   char *up_pattern;
+  LpLoraStats *last_stats;   /* what the last run kept, for `result` */
 };
 
 enum {
@@ -65,6 +66,7 @@ enum {
   PROP_COMPUTE_DTYPE,
   PROP_DOWN_PATTERN,
   PROP_UP_PATTERN,
+  PROP_RESULT,
   N_PROPS
 };
 
@@ -567,7 +569,7 @@ lp_lora_svd_transform (LpTransform   *transform,
   LpLoraSpectrum **spectra = NULL;
   LpCheckpoint *output = NULL;
 
-  modules = lp_lora_find_modules (input, self->down_pattern, self->up_pattern, NULL, error);
+  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
   if (modules == NULL)
     return NULL;
 
@@ -641,7 +643,11 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   output = lp_lora_assemble (input, modules, new_down, new_up, new_alpha, new_ranks, error);
   if (output)
-    lp_lora_stats_attach (stats, output);
+    {
+      lp_lora_stats_attach (stats, output);
+      g_clear_pointer (&self->last_stats, lp_lora_stats_unref);
+      self->last_stats = lp_lora_stats_ref (stats);
+    }
 
 out:
   for (guint m = 0; m < n; m++)
@@ -758,6 +764,9 @@ lp_lora_svd_get_property (GObject    *object,
     case PROP_COMPUTE_DTYPE: g_value_set_enum (value, self->compute_dtype); break;
     case PROP_DOWN_PATTERN: g_value_set_string (value, self->down_pattern); break;
     case PROP_UP_PATTERN: g_value_set_string (value, self->up_pattern); break;
+    case PROP_RESULT:
+      g_value_take_string (value, self->last_stats ? lp_lora_stats_to_json (self->last_stats) : NULL);
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
     }
@@ -770,6 +779,7 @@ lp_lora_svd_finalize (GObject *object)
 
   g_free (self->down_pattern);
   g_free (self->up_pattern);
+  g_clear_pointer (&self->last_stats, lp_lora_stats_unref);
   G_OBJECT_CLASS (lp_lora_svd_parent_class)->finalize (object);
 }
 
@@ -832,6 +842,10 @@ lp_lora_svd_class_init (LpLoraSvdClass *klass)
                        LP_TYPE_LORA_COMPUTE_DTYPE, LP_LORA_COMPUTE_DTYPE_AUTO, flags);
   properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
   properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
+  properties[PROP_RESULT] =
+    g_param_spec_string ("result", "Result",
+                         "After a run, per module the energy kept and the relative error, as JSON (read only)",
+                         NULL, G_PARAM_READABLE | G_PARAM_STATIC_STRINGS);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
   lp_stage_class_set_metadata (stage_class, "lora-svd", "LoRA",

@@ -31,6 +31,7 @@ struct _LpRankCheck
   guint expect_rank;
   gboolean require_uniform;
   char *report;
+  char *result;        /* the report of the last run, as JSON */
   gboolean quiet;
   double tolerance;
   char *down_pattern;
@@ -46,6 +47,7 @@ enum {
   PROP_TOLERANCE,
   PROP_DOWN_PATTERN,
   PROP_UP_PATTERN,
+  PROP_RESULT,
   N_PROPS
 };
 
@@ -206,9 +208,8 @@ print_table (Row *rows, guint n, GString *summary)
   g_print ("%s", summary->str);
 }
 
-static gboolean
-write_report (const char  *path,
-              Row         *rows,
+static GString *
+format_report (Row         *rows,
               guint        n,
               guint        min_rank,
               guint        max_rank,
@@ -216,10 +217,9 @@ write_report (const char  *path,
               double       max_error,
               double       min_energy,
               guint64      n_bytes,
-              GPtrArray   *failures,
-              GError     **error)
+              GPtrArray   *failures)
 {
-  g_autoptr (GString) json = g_string_new ("{\n  \"modules\": [\n");
+  GString *json = g_string_new ("{\n  \"modules\": [\n");
   for (guint i = 0; i < n; i++)
     {
       g_string_append (json, "    {\"name\": ");
@@ -251,8 +251,7 @@ write_report (const char  *path,
       lp_lora_json_string (json, g_ptr_array_index (failures, i));
     }
   g_string_append (json, "]\n}\n");
-
-  return lp_lora_report_write (path, json, error);
+  return json;
 }
 
 static LpCheckpoint *
@@ -267,12 +266,12 @@ lp_rank_check_transform (LpTransform   *transform,
   g_autoptr (GPtrArray) original_modules = NULL;
   g_autoptr (GHashTable) by_name = g_hash_table_new (g_str_hash, g_str_equal);
 
-  modules = lp_lora_find_modules (input, self->down_pattern, self->up_pattern, NULL, error);
+  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
   if (modules == NULL)
     return NULL;
   if (original != NULL)
     {
-      original_modules = lp_lora_find_modules (original, self->down_pattern, self->up_pattern, NULL, error);
+      original_modules = lp_lora_find_modules_required (original, self->down_pattern, self->up_pattern, NULL, error);
       if (original_modules == NULL)
         {
           g_prefix_error (error, "the original (second input): ");
@@ -376,9 +375,13 @@ lp_rank_check_transform (LpTransform   *transform,
   if (!self->quiet)
     print_table (rows, n, summary);
 
-  if (self->report != NULL
-      && !write_report (self->report, rows, n, min_rank, max_rank, mean_error, max_error,
-                        min_energy, n_bytes, failures, error))
+  /* kept for the `result` property (what lpipe's summary reads), and
+   * written where `report` says */
+  g_autoptr (GString) json = format_report (rows, n, min_rank, max_rank, mean_error, max_error,
+                                            min_energy, n_bytes, failures);
+  g_free (self->result);
+  self->result = g_strdup (json->str);
+  if (self->report != NULL && !lp_lora_report_write (self->report, json, error))
     return NULL;
 
   if (failures->len > 0)
@@ -448,6 +451,7 @@ lp_rank_check_get_property (GObject    *object,
     case PROP_TOLERANCE: g_value_set_double (value, self->tolerance); break;
     case PROP_DOWN_PATTERN: g_value_set_string (value, self->down_pattern); break;
     case PROP_UP_PATTERN: g_value_set_string (value, self->up_pattern); break;
+    case PROP_RESULT: g_value_set_string (value, self->result); break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
     }
@@ -459,6 +463,7 @@ lp_rank_check_finalize (GObject *object)
   LpRankCheck *self = LP_RANK_CHECK (object);
 
   g_free (self->report);
+  g_free (self->result);
   g_free (self->down_pattern);
   g_free (self->up_pattern);
   G_OBJECT_CLASS (lp_rank_check_parent_class)->finalize (object);
@@ -489,6 +494,10 @@ lp_rank_check_class_init (LpRankCheckClass *klass)
   properties[PROP_QUIET] =
     g_param_spec_boolean ("quiet", "Quiet", "Print no table",
                           FALSE, flags);
+  properties[PROP_RESULT] =
+    g_param_spec_string ("result", "Result",
+                         "After a run, the report as JSON (read only: what `report` writes)",
+                         NULL, G_PARAM_READABLE | G_PARAM_STATIC_STRINGS);
   properties[PROP_TOLERANCE] =
     g_param_spec_double ("tolerance", "Tolerance", "Singular values below this times the largest do not count to the numerical rank (0: the factors' dtype epsilon)",
                          0.0, 1.0, 0.0, flags);

@@ -96,6 +96,9 @@ lp_safetensors_source_create (LpSource  *source,
 {
   LpSafetensorsSource *self = LP_SAFETENSORS_SOURCE (source);
 
+  /* a sharded checkpoint: its index, or the folder of it */
+  if (lp_safetensors_is_index (self->location))
+    return lp_safetensors_load_index (self->location, error);
   return lp_safetensors_load (self->location, error);
 }
 
@@ -118,7 +121,7 @@ lp_safetensors_source_class_init (LpSafetensorsSourceClass *klass)
    * The safetensors file to read.
    */
   properties[PROP_LOCATION] =
-    g_param_spec_string ("location", "Location", "The safetensors file to read", NULL,
+    g_param_spec_string ("location", "Location", "The safetensors file to read, or a sharded checkpoint: its *.safetensors.index.json or its folder", NULL,
                          G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 

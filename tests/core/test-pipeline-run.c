@@ -5,6 +5,9 @@
  */
 #include "lp-test-util.h"
 
+#include <string.h>
+#include <sys/wait.h>
+
 /* The test stages live in a plugin; the sink is read through its properties. */
 static double
 collected_sum (LpStage *sink)
@@ -196,6 +199,44 @@ test_empty (void)
 
   g_assert_false (lp_pipeline_run (pipeline, NULL, &error));
   g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
+}
+
+/* A pipeline whose result reaches no sink would compute nothing and write
+ * nothing, then report success: validation refuses it, and a branch that no
+ * stage reads, before any stage prepares or runs. */
+static void
+test_no_sink (void)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (test_registry ());
+  g_autoptr(GError) error = NULL;
+  LpStage *source, *add, *sink;
+
+  lp_pipeline_add_stage (pipeline, "test-source", NULL, &error);
+  lp_pipeline_add_stage (pipeline, "test-add", NULL, &error);
+  g_assert_no_error (error);
+  g_assert_false (lp_pipeline_validate (pipeline, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
+  g_assert_cmpstr (error->message, ==, "the pipeline has no sink, so nothing would be written: "
+                   "end it with one, e.g. '! safetensors-sink location=OUT.safetensors'");
+  g_clear_error (&error);
+  g_assert_false (lp_pipeline_run (pipeline, NULL, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
+  g_clear_error (&error);
+  g_clear_object (&pipeline);
+
+  /* a sink on one branch does not excuse the other */
+  pipeline = lp_pipeline_new (test_registry ());
+  source = lp_pipeline_add_stage (pipeline, "test-source", "src", &error);
+  add = lp_pipeline_add_stage (pipeline, "test-add", "lost", &error);
+  sink = lp_pipeline_add_stage (pipeline, "test-collect", NULL, &error);
+  g_assert_no_error (error);
+  g_assert_true (lp_pipeline_connect (pipeline, source, add, &error));
+  g_assert_true (lp_pipeline_connect (pipeline, source, sink, &error));
+  g_assert_false (lp_pipeline_validate (pipeline, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_EMPTY);
+  g_assert_cmpstr (error->message, ==, "stage 2 'test-add' (id lost): its output reaches no sink: "
+                   "make it an input of a later stage, or remove it");
+  g_assert_cmpuint (collected_n (sink), ==, 0);
 }
 
 typedef struct {
@@ -490,17 +531,52 @@ test_pull_unordered (void)
   }
 }
 
+/* A thread budget is bounded: the API takes the nearest end of
+ * [1, LP_PIPELINE_MAX_THREADS], and `lpipe --threads` refuses anything else
+ * with a usage error (exit 2) instead of starting that many threads. */
+static void
+test_threads_bounded (void)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (test_registry ());
+  const char *values[] = { "1025", "100000000", "0", "-5" };
+
+  lp_pipeline_set_threads (pipeline, 100000000);
+  g_assert_cmpuint (lp_pipeline_get_threads (pipeline), ==, LP_PIPELINE_MAX_THREADS);
+  lp_pipeline_set_threads (pipeline, 0);
+  g_assert_cmpuint (lp_pipeline_get_threads (pipeline), ==, 1);
+
+  for (guint i = 0; i < G_N_ELEMENTS (values); i++)
+    {
+      const char *argv[] = { g_getenv ("LPIPE"), "--threads", values[i], "inspect", NULL };
+      g_autofree char *out = NULL;
+      g_autofree char *err = NULL;
+      g_autofree char *expected = g_strdup_printf ("--threads must be from 1 to %d, not %s",
+                                                   LP_PIPELINE_MAX_THREADS, values[i]);
+      g_autoptr(GError) error = NULL;
+      int status;
+
+      g_assert_true (g_spawn_sync (NULL, (char **) argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+                                   &out, &err, &status, &error));
+      g_assert_no_error (error);
+      g_assert_true (WIFEXITED (status));
+      g_assert_cmpint (WEXITSTATUS (status), ==, 2);
+      g_assert_nonnull (strstr (err, expected));
+    }
+}
+
 int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
 
   g_test_add_func ("/pipeline/run/chain-any-threads", test_chain_threads);
+  g_test_add_func ("/pipeline/run/threads-bounded", test_threads_bounded);
   g_test_add_func ("/pipeline/run/lazy-error-named", test_lazy_error);
   g_test_add_func ("/pipeline/run/dag", test_dag);
   g_test_add_func ("/pipeline/run/cycle", test_cycle);
   g_test_add_func ("/pipeline/run/arity", test_arity);
   g_test_add_func ("/pipeline/run/empty", test_empty);
+  g_test_add_func ("/pipeline/run/no-sink", test_no_sink);
   g_test_add_func ("/pipeline/run/progress", test_progress);
   g_test_add_func ("/pipeline/run/cancelled", test_cancelled);
   g_test_add_func ("/pipeline/run/async", test_async);

@@ -309,6 +309,58 @@ def check_errors(tmp):
     check(p.returncode != 0 and "method=exact" in p.stderr, "errors: dynamic ranks need method=exact")
 
 
+def check_mixed_dtypes(tmp):
+    """a bf16 base and an f32 tuned model (a fine-tune saved in full
+    precision): the difference of the stored values, factors in the tuned
+    model's dtype"""
+    rng = np.random.default_rng(7)
+    shape = (128, 96)
+    w = rng.normal(size=shape) / np.sqrt(96)
+    d = (rng.normal(size=(128, 3)) * [0.3, 0.2, 0.1]) @ rng.normal(size=(3, 96)) / 10
+    base, tuned = os.path.join(tmp, "mixed-base.safetensors"), os.path.join(tmp, "mixed-tuned.safetensors")
+    write_st(base, {"model.layers.0.mlp.gate_proj.weight": w}, "BF16")
+    write_st(tuned, {"model.layers.0.mlp.gate_proj.weight": w + d}, "F32")
+    diff = as_stored(w + d, "F32") - as_stored(w, "BF16")
+    out = os.path.join(tmp, "mixed.safetensors")
+    extract(base, tuned, out, "rank=3", "method=exact")
+    tensors, _ = read_st(out)
+    delta, r = peft_update(tensors, "model.layers.0.mlp.gate_proj")
+    check(tensors["base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight"][0] == "F32",
+          "mixed: factors in the tuned model's f32")
+    err = np.linalg.norm(diff - delta) / np.linalg.norm(diff)
+    check(err <= optimum(diff, 3) * (1 + 1e-4), "mixed: the optimum of the stored difference")
+
+
+def check_chain(tmp):
+    """pipelines/extract-reduce-check.pipeline: extract at rank 64, keep 0.99
+    of each module's energy, report"""
+    base, tuned, diffs = make_pair(tmp, LLAMA, "F32", 6)
+    out, report = os.path.join(tmp, "chain.safetensors"), os.path.join(tmp, "chain.json")
+    run("run", os.path.join(os.path.dirname(PIPELINE), "extract-reduce-check.pipeline"),
+        "base=" + base, "tuned=" + tuned, "output=" + out, "report=" + report)
+    tensors, _ = read_st(out)
+    rep = json.load(open(report))
+    check(rep["summary"]["n_modules"] == len(diffs), "chain: every changed weight reported")
+    for name, d in diffs.items():
+        stem = "lora_unet_" + name[: -len(".weight")].replace(".", "_")
+        down = tensors[stem + ".lora_down.weight"][1]
+        up = tensors[stem + ".lora_up.weight"][1]
+        alpha = float(tensors[stem + ".alpha"][1])
+        r = down.shape[0]
+        s2 = np.linalg.svd(d, compute_uv=False) ** 2
+        want = int(np.searchsorted(np.cumsum(s2) / s2.sum(), 0.99) + 1)
+        check(r == want, "chain: %s keeps rank %d for 0.99 of its energy (%d)" % (stem, want, r))
+        delta = alpha / r * up @ down
+        err = np.linalg.norm(d - delta) / np.linalg.norm(d)
+        check(err <= optimum(d, r) * (1 + 1e-3), "chain: %s at its rank's optimum" % stem)
+        # rank-check measures the reduction against its input, the rank-64 extraction
+        row = [m for m in rep["modules"] if m["name"] == stem][0]
+        want_err = np.sqrt(s2[r:64].sum() / s2[:64].sum())
+        check(abs(row["rel_error"] - want_err) <= 0.01 * want_err + 1e-6,
+              "chain: rank-check reports %s's error %.4e against the extraction (%.4e)"
+              % (stem, row["rel_error"], want_err))
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-extract-")
     try:
@@ -317,6 +369,8 @@ def main():
         check_kohya_bf16(tmp)
         check_dynamic(tmp)
         check_errors(tmp)
+        check_chain(tmp)
+        check_mixed_dtypes(tmp)
     finally:
         shutil.rmtree(tmp)
     if FAILURES:

@@ -200,6 +200,40 @@ def check_kohya_flux_and_two_loras(tmp):
     check_fused(out, model, updates, "kohya flux, two LoRAs")
 
 
+def check_diffusers_flux_onto_bfl(tmp):
+    """A diffusers Flux LoRA (separate to_q, to_k, to_v) onto a BFL checkpoint
+    (fused img_attn.qkv): rename preset=flux-diffusers-to-kohya fuses the
+    three modules into one kohya qkv module (diffusers'
+    _convert_bfl_flux_control_lora_to_diffusers / sd-scripts'
+    convert_flux_lora.py split and join them the same way), which lora-fuse
+    then matches to the BFL weight."""
+    rng = np.random.default_rng(5)
+    model = {"double_blocks.0.img_attn.qkv.weight": ("BF16", rng.normal(size=(96, 32))),
+             "double_blocks.0.img_attn.proj.weight": ("BF16", rng.normal(size=(32, 32)))}
+    mp = os.path.join(tmp, "flux-bfl.safetensors")
+    write_st(mp, model)
+    lora, parts = {}, []
+    for proj in ("to_q", "to_k", "to_v"):
+        a, b = lora_factors(rng, 32, 32, 4)
+        a, b = stored("F32", a), stored("F32", b)
+        lora["transformer.transformer_blocks.0.attn.%s.lora_A.weight" % proj] = ("F32", a)
+        lora["transformer.transformer_blocks.0.attn.%s.lora_B.weight" % proj] = ("F32", b)
+        parts.append(b @ a)
+    lp = os.path.join(tmp, "flux-diffusers-lora.safetensors")
+    write_st(lp, lora)
+    out = os.path.join(tmp, "flux-bfl-fused.safetensors")
+    pipeline = os.path.join(tmp, "flux-onto-bfl.pipeline")
+    json.dump({"lpipe": 1, "stages": [
+        {"id": "model", "stage": "safetensors-source", "location": mp},
+        {"id": "lora", "stage": "safetensors-source", "location": lp},
+        {"id": "kohya", "stage": "rename", "inputs": ["lora"], "preset": "flux-diffusers-to-kohya"},
+        {"stage": "lora-fuse", "inputs": ["model", "kohya"]},
+        {"stage": "safetensors-sink", "location": out}]}, open(pipeline, "w"))
+    run("run", pipeline)
+    check_fused(out, model, {"double_blocks.0.img_attn.qkv.weight": np.concatenate(parts)},
+                "diffusers Flux onto BFL")
+
+
 def check_diffusers_conv(tmp):
     rng = np.random.default_rng(3)
     model = {
@@ -284,6 +318,7 @@ def main():
         check_peft(tmp)
         check_kohya_flux_and_two_loras(tmp)
         check_diffusers_conv(tmp)
+        check_diffusers_flux_onto_bfl(tmp)
         check_errors(tmp)
     finally:
         shutil.rmtree(tmp)

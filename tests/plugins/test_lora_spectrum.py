@@ -256,11 +256,27 @@ def check_errors(tmp):
         check(False, "errors: hostile names break the SVG (%s)" % e)
 
 
+def check_info(tmp, lora):
+    """`lpipe info --spectrum` runs the stage on a file"""
+    svg = os.path.join(tmp, "info.svg")
+    p = subprocess.run([LPIPE, "info", "--spectrum", "--svg", svg, lora], capture_output=True, text=True)
+    check(p.returncode == 0 and "fro retained" in p.stdout and os.path.exists(svg),
+          "info --spectrum: the table and the chart (%r)" % p.stderr)
+    check(p.stdout.count("LoRA modules") == 1, "info --spectrum: one table a file")
+    p = subprocess.run([LPIPE, "info", "--spectrum", "--json", lora], capture_output=True, text=True)
+    rep = json.loads(p.stdout)
+    check(p.returncode == 0 and len(rep["modules"]) == 128 and rep["ranks"] == [1, 2, 4, 8],
+          "info --spectrum --json: the report")
+    p = subprocess.run([LPIPE, "info", "--svg", svg, lora], capture_output=True, text=True)
+    check(p.returncode == 2 and "--spectrum" in p.stderr, "info --svg alone is a usage error naming --spectrum")
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-spectrum-")
     try:
         lora = check_spectrum(tmp)
         check_rank_check(tmp, lora)
+        check_info(tmp, lora)
         check_errors(tmp)
     finally:
         shutil.rmtree(tmp)
