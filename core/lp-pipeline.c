@@ -152,7 +152,7 @@ lp_pipeline_class_init (LpPipelineClass *klass)
    * number of processors.
    */
   properties[PROP_THREADS] =
-    g_param_spec_uint ("threads", NULL, NULL, 1, 1024, 1,
+    g_param_spec_uint ("threads", NULL, NULL, 1, LP_PIPELINE_MAX_THREADS, 1,
                        G_PARAM_READWRITE | G_PARAM_EXPLICIT_NOTIFY | G_PARAM_STATIC_STRINGS);
   /**
    * LpPipeline:description:
@@ -496,10 +496,11 @@ lp_pipeline_get_params (LpPipeline *self)
 /**
  * lp_pipeline_set_threads:
  * @self: a pipeline
- * @threads: how many tensors or modules to compute at once, at least 1
+ * @threads: how many tensors or modules to compute at once, from 1 to
+ *   %LP_PIPELINE_MAX_THREADS
  *
  * Sets the thread budget the stages share. The output is the same whatever
- * the number.
+ * the number. A number outside the range is taken as the nearest end.
  */
 void
 lp_pipeline_set_threads (LpPipeline *self,
@@ -507,7 +508,7 @@ lp_pipeline_set_threads (LpPipeline *self,
 {
   g_return_if_fail (LP_IS_PIPELINE (self));
 
-  threads = MAX (threads, 1);
+  threads = CLAMP (threads, 1, LP_PIPELINE_MAX_THREADS);
   if (threads != self->threads)
     {
       self->threads = threads;

@@ -560,9 +560,9 @@ main (int argc, char **argv)
       print_usage (opt_help ? stdout : stderr);
       return opt_help ? EXIT_OK : EXIT_USAGE;
     }
-  if (lp_cli.threads == 0 || lp_cli.threads < -1)
+  if (lp_cli.threads == 0 || lp_cli.threads < -1 || lp_cli.threads > LP_PIPELINE_MAX_THREADS)
     {
-      lp_cli_error ("--threads must be at least 1");
+      lp_cli_error ("--threads must be from 1 to %d, not %d", LP_PIPELINE_MAX_THREADS, lp_cli.threads);
       return EXIT_USAGE;
     }
   if (lp_cli.quiet)

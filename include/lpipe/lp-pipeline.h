@@ -12,6 +12,15 @@
 
 G_BEGIN_DECLS
 
+/**
+ * LP_PIPELINE_MAX_THREADS:
+ *
+ * The largest thread budget a pipeline takes (lp_pipeline_set_threads(),
+ * `lpipe --threads`): far more than the cores of any machine, few enough
+ * that a typo cannot make a run start a million threads.
+ */
+#define LP_PIPELINE_MAX_THREADS 1024
+
 #define LP_TYPE_PIPELINE (lp_pipeline_get_type ())
 G_DECLARE_FINAL_TYPE (LpPipeline, lp_pipeline, LP, PIPELINE, GObject)
 

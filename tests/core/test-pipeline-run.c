@@ -5,6 +5,9 @@
  */
 #include "lp-test-util.h"
 
+#include <string.h>
+#include <sys/wait.h>
+
 /* The test stages live in a plugin; the sink is read through its properties. */
 static double
 collected_sum (LpStage *sink)
@@ -528,12 +531,46 @@ test_pull_unordered (void)
   }
 }
 
+/* A thread budget is bounded: the API takes the nearest end of
+ * [1, LP_PIPELINE_MAX_THREADS], and `lpipe --threads` refuses anything else
+ * with a usage error (exit 2) instead of starting that many threads. */
+static void
+test_threads_bounded (void)
+{
+  g_autoptr(LpPipeline) pipeline = lp_pipeline_new (test_registry ());
+  const char *values[] = { "1025", "100000000", "0", "-5" };
+
+  lp_pipeline_set_threads (pipeline, 100000000);
+  g_assert_cmpuint (lp_pipeline_get_threads (pipeline), ==, LP_PIPELINE_MAX_THREADS);
+  lp_pipeline_set_threads (pipeline, 0);
+  g_assert_cmpuint (lp_pipeline_get_threads (pipeline), ==, 1);
+
+  for (guint i = 0; i < G_N_ELEMENTS (values); i++)
+    {
+      const char *argv[] = { g_getenv ("LPIPE"), "--threads", values[i], "inspect", NULL };
+      g_autofree char *out = NULL;
+      g_autofree char *err = NULL;
+      g_autofree char *expected = g_strdup_printf ("--threads must be from 1 to %d, not %s",
+                                                   LP_PIPELINE_MAX_THREADS, values[i]);
+      g_autoptr(GError) error = NULL;
+      int status;
+
+      g_assert_true (g_spawn_sync (NULL, (char **) argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+                                   &out, &err, &status, &error));
+      g_assert_no_error (error);
+      g_assert_true (WIFEXITED (status));
+      g_assert_cmpint (WEXITSTATUS (status), ==, 2);
+      g_assert_nonnull (strstr (err, expected));
+    }
+}
+
 int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
 
   g_test_add_func ("/pipeline/run/chain-any-threads", test_chain_threads);
+  g_test_add_func ("/pipeline/run/threads-bounded", test_threads_bounded);
   g_test_add_func ("/pipeline/run/lazy-error-named", test_lazy_error);
   g_test_add_func ("/pipeline/run/dag", test_dag);
   g_test_add_func ("/pipeline/run/cycle", test_cycle);
