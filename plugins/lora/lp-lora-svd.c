@@ -569,7 +569,7 @@ lp_lora_svd_transform (LpTransform   *transform,
   LpLoraSpectrum **spectra = NULL;
   LpCheckpoint *output = NULL;
 
-  modules = lp_lora_find_modules (input, self->down_pattern, self->up_pattern, NULL, error);
+  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
   if (modules == NULL)
     return NULL;
 
