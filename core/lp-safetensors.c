@@ -1740,6 +1740,15 @@ atomic_file_new (const char    *path,
 
   dir = g_path_get_dirname (f->path);
   base = g_path_get_basename (f->path);
+  /* ".NAME.XXXXXX" must fit NAME_MAX (255 bytes) when NAME does: a long
+   * name is cut, at a character boundary. */
+  if (strlen (base) > 255 - 8)
+    {
+      gsize n = 255 - 8;
+      while (n > 0 && ((guchar) base[n] & 0xc0) == 0x80)
+        n--;
+      base[n] = '\0';
+    }
   tmpl_base = g_strconcat (".", base, ".XXXXXX", NULL);
   tmpl = g_build_filename (dir, tmpl_base, NULL);
   /* 0666 less the umask, as for any new file. */
@@ -1840,12 +1849,14 @@ atomic_file_write (AtomicFile     *f,
   return write_all (f, data, len, error);
 }
 
+/* Puts the data on disk and closes the file; atomic_file_rename() then puts
+ * it in place. Two files committed together (the weights and their PEFT
+ * config) are both finished before either is renamed. */
 static gboolean
-atomic_file_commit (AtomicFile  *f,
+atomic_file_finish (AtomicFile  *f,
                     GError     **error)
 {
-  g_autofree char *dir = NULL;
-  int fd, dir_fd;
+  int fd;
 
   if (!atomic_file_flush (f, error))
     return FALSE;
@@ -1862,6 +1873,16 @@ atomic_file_commit (AtomicFile  *f,
       set_io_error (error, errno, "Could not write", f->display);
       return FALSE;
     }
+  return TRUE;
+}
+
+static gboolean
+atomic_file_rename (AtomicFile  *f,
+                    GError     **error)
+{
+  g_autofree char *dir = NULL;
+  int dir_fd;
+
   if (f->stream)
     return TRUE;
   if (g_rename (f->tmp_path, f->path) != 0)
@@ -1887,6 +1908,13 @@ atomic_file_commit (AtomicFile  *f,
         }
     }
   return TRUE;
+}
+
+static gboolean
+atomic_file_commit (AtomicFile  *f,
+                    GError     **error)
+{
+  return atomic_file_finish (f, error) && atomic_file_rename (f, error);
 }
 
 /**
@@ -2229,6 +2257,7 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
                      GError       **error)
 {
   g_autoptr(AtomicFile) file = NULL;
+  g_autoptr(AtomicFile) config_file = NULL;
   g_autoptr(GString) header = NULL;
   g_autofree char *display = NULL;
   const char *config;
@@ -2318,16 +2347,23 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
                    lp_checkpoint_get_n_tensors (checkpoint));
       return FALSE;
     }
-  if (!atomic_file_commit (file, error))
-    return FALSE;
-
-  /* Nothing is written beside a FIFO or a device (that would be /dev). */
+  /* The PEFT config and the weights belong together: both are complete and
+   * on disk before either replaces its old file, so a config that cannot be
+   * written leaves the old weights in place. Nothing is written beside a
+   * FIFO or a device (that would be /dev). */
   config = lp_checkpoint_get_adapter_config (checkpoint);
   if (config != NULL && !file->stream)
     {
       g_autofree char *config_path = adapter_config_path (filename, TRUE);
-      if (!lp_atomic_write_contents (config_path, config, strlen (config), error))
+
+      config_file = atomic_file_new (config_path, stage ? lp_stage_get_cancellable (stage) : NULL,
+                                     error);
+      if (config_file == NULL || !write_all (config_file, (const guchar *) config, strlen (config), error))
+        return FALSE;
+      if (!atomic_file_finish (config_file, error))
         return FALSE;
     }
-  return TRUE;
+  if (!atomic_file_finish (file, error) || !atomic_file_rename (file, error))
+    return FALSE;
+  return config_file == NULL || atomic_file_rename (config_file, error);
 }

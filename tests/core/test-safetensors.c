@@ -1072,6 +1072,68 @@ test_atomic_write_contents (void)
   remove_tree (dir);
 }
 
+/* The PEFT config and the weights are committed together: when the config
+ * cannot be written (its name is taken by a folder), the old weights stay
+ * and no temporary file is left. */
+static void
+test_atomic_config_with_weights (void)
+{
+  g_autofree char *dir = make_tmpdir ();
+  g_autofree char *path = g_build_filename (dir, "lora.safetensors", NULL);
+  g_autofree char *config = g_build_filename (dir, "lora.adapter_config.json", NULL);
+  g_autoptr(LpCheckpoint) checkpoint = make_checkpoint ();
+  g_autoptr(GError) error = NULL;
+  g_autoptr(GBytes) old = NULL;
+  g_autoptr(GBytes) now = NULL;
+
+  write_old_output (path, &old);
+  g_assert_cmpint (g_mkdir (config, 0755), ==, 0);
+  lp_checkpoint_set_metadata (checkpoint, "new", "yes");
+  lp_checkpoint_set_adapter_config (checkpoint, "{\"r\": 4}");
+  g_assert_false (lp_safetensors_save (checkpoint, path, NULL, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_IS_DIRECTORY);
+  g_assert_nonnull (strstr (error->message, config));
+  now = read_file (path);
+  g_assert_true (g_bytes_equal (old, now));
+  g_assert_cmpuint (count_entries (dir), ==, 2);
+
+  /* With the folder gone both are written. */
+  g_clear_error (&error);
+  g_rmdir (config);
+  g_assert_true (lp_safetensors_save (checkpoint, path, NULL, &error));
+  g_assert_no_error (error);
+  g_assert_true (g_file_test (config, G_FILE_TEST_IS_REGULAR));
+  g_assert_cmpuint (count_entries (dir), ==, 2);
+  remove_tree (dir);
+}
+
+/* A valid name of 248 to 255 bytes: the temporary name beside it must fit
+ * NAME_MAX too. */
+static void
+test_atomic_long_name (void)
+{
+  g_autofree char *dir = make_tmpdir ();
+  g_autoptr(LpCheckpoint) checkpoint = make_checkpoint ();
+
+  for (guint len = 248; len <= 255; len++)
+    {
+      g_autoptr(GError) error = NULL;
+      g_autoptr(LpCheckpoint) back = NULL;
+      g_autofree char *name = g_strnfill (len - strlen (".safetensors"), 'x');
+      g_autofree char *base = g_strconcat (name, ".safetensors", NULL);
+      g_autofree char *path = g_build_filename (dir, base, NULL);
+
+      g_assert_cmpuint (strlen (base), ==, len);
+      g_assert_true (lp_safetensors_save (checkpoint, path, NULL, &error));
+      g_assert_no_error (error);
+      back = lp_safetensors_load (path, &error);
+      g_assert_no_error (error);
+      g_assert_cmpuint (count_entries (dir), ==, 1);
+      g_unlink (path);
+    }
+  remove_tree (dir);
+}
+
 /* ---- memory ------------------------------------------------------------ */
 
 static gsize
@@ -1282,6 +1344,8 @@ main (int   argc,
   g_test_add_func ("/safetensors/write/lora-samples", test_lora_samples);
   g_test_add_func ("/safetensors/atomic/full-disk", test_atomic_full_disk);
   g_test_add_func ("/safetensors/atomic/killed", test_atomic_killed);
+  g_test_add_func ("/safetensors/atomic/config-with-weights", test_atomic_config_with_weights);
+  g_test_add_func ("/safetensors/atomic/long-name", test_atomic_long_name);
   g_test_add_func ("/safetensors/atomic/over-input", test_atomic_over_input);
   g_test_add_func ("/safetensors/atomic/write-contents", test_atomic_write_contents);
   g_test_add_func ("/safetensors/memory/mapped-pages-released", test_mapped_pages_released);
