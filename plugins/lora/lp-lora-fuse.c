@@ -307,7 +307,9 @@ lp_lora_fuse_aggregate (LpAggregator  *aggregator,
 
   for (guint i = 1; i < n_inputs; i++)
     {
-      g_autoptr (GPtrArray) modules = lp_lora_find_modules (inputs[i], NULL, NULL, NULL, error);
+      g_autoptr (GPtrArray) modules = lp_lora_find_modules_full (inputs[i], NULL, NULL,
+                                                                  LP_LORA_FIND_PLAIN | LP_LORA_FIND_REFUSE_DORA,
+                                                                  NULL, error);
 
       if (modules == NULL)
         {
