@@ -132,6 +132,7 @@ gboolean          lp_lora_rewrite_for_new_ranks   (LpCheckpoint  *input,
                                                    GPtrArray     *modules,
                                                    const guint   *new_ranks,
                                                    GError       **error);
+char             *lp_lora_peft_pattern_key        (const char    *module_key);
 char             *lp_lora_update_adapter_config   (const char    *json,
                                                    GPtrArray     *modules,
                                                    const guint   *new_ranks,
