@@ -79,6 +79,14 @@ LpTensor         *lp_lora_module_new_alpha        (LpLoraModule *self,
                                                    guint         new_rank);
 const char       *lp_lora_module_get_peft_key     (LpLoraModule *self);
 
+/* The metadata that describes the ranks: kohya ss_*, cloneofsimo :rank */
+void              lp_lora_update_metadata         (LpCheckpoint     *output,
+                                                   GPtrArray        *modules,
+                                                   const guint      *new_ranks,
+                                                   const double     *new_alphas);
+void              lp_lora_metadata_converted      (LpCheckpoint     *output,
+                                                   LpLoraConvention  target);
+
 char             *lp_lora_peft_pattern_key        (const char    *module_key);
 char             *lp_lora_update_adapter_config   (const char    *json,
                                                    GPtrArray     *modules,

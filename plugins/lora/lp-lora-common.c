@@ -3,6 +3,8 @@
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
 #include "lp-lora-common.h"
+
+#include <math.h>
 #include "lp-lora-report.h"
 
 #include <math.h>
@@ -228,6 +230,16 @@ lp_lora_assemble (LpCheckpoint  *input,
       if (!lp_checkpoint_add_tensor (output, replacement ? replacement : tensor, error))
         return NULL;
     }
+
+  g_autofree double *alphas = g_new (double, MAX (modules->len, 1));
+  for (guint i = 0; i < modules->len; i++)
+    {
+      LpLoraModule *module = g_ptr_array_index (modules, i);
+      LpTensor *alpha = new_alpha[i] ? new_alpha[i] : lp_lora_module_get_alpha (module);
+      g_autofree double *value = alpha ? lp_tensor_dup_f64 (alpha, NULL, NULL) : NULL;
+      alphas[i] = value ? value[0] : NAN;
+    }
+  lp_lora_update_metadata (output, modules, new_ranks, alphas);
 
   const char *config = lp_checkpoint_get_adapter_config (input);
   if (any_peft && config != NULL)
