@@ -732,7 +732,8 @@ test_no_module (void)
 }
 
 /* Parts of adapters of families the finder does not pair (keys as LyCORIS's
- * LohaModule / DoRA and PEFT's LoraLayer write them): named in the error. */
+ * OFT and full modules and PEFT's DoRA layer write them): named in the
+ * error. */
 static void
 test_unknown_family (void)
 {
@@ -740,7 +741,7 @@ test_unknown_family (void)
   guint64 shape[] = { 4, 4 };
   g_autofree float *w = fill (16, 3);
   const char *const parts[] = {
-    "lora_unet_x.hada_w1_a", "lora_unet_x.oft_blocks",
+    "lora_unet_x.diff", "lora_unet_x.oft_blocks",
     "base_model.model.q.lora_magnitude_vector.weight", NULL,
   };
 
