@@ -15,6 +15,8 @@ import re
 import struct
 import subprocess
 import sys
+import atexit
+import shutil
 import tempfile
 
 import numpy as np
@@ -209,6 +211,7 @@ def sample_rank(path, custom):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-lora-rank-")
+    atexit.register(shutil.rmtree, tmp, True)   # also when a check fails
 
     # ---- synthetic kohya (alpha != r), peft and diffusers: scale preserved --
     for fmt, alpha in (("kohya", 3.0), ("peft", 12.0), ("diffusers", 0.0)):
@@ -471,6 +474,7 @@ def mlx_checks(tmp):
 def demo():
     """pipelines/demo.pipeline, the README's default: flux-dev rank 42 -> 4"""
     tmp = tempfile.mkdtemp(prefix="lpipe-lora-demo-")
+    atexit.register(shutil.rmtree, tmp, True)   # also when a check fails
     out, report = os.path.join(tmp, "demo.safetensors"), os.path.join(tmp, "demo.json")
     run("run", os.path.join(PIPELINES, "demo.pipeline"), "output=" + out, "report=" + report)
     rep = json.load(open(report))
