@@ -5,6 +5,7 @@
 #include "lp-lora-stages.h"
 #include "lp-lora-common.h"
 #include "lp-lora-math.h"
+#include "lp-lora-lycoris.h"
 
 #include <math.h>
 #include <string.h>
@@ -568,6 +569,28 @@ lp_lora_svd_transform (LpTransform   *transform,
   g_autoptr (LpLoraStats) stats = NULL;
   LpLoraSpectrum **spectra = NULL;
   LpCheckpoint *output = NULL;
+  g_autoptr (LpCheckpoint) plain = NULL;
+  g_autoptr (GHashTable) lycoris = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+
+  stats = lp_lora_stats_new (self->method == LP_LORA_SVD_METHOD_EXACT ? "svd" : "randomized-svd");
+
+  /* LyCORIS LoHa and LoKr modules become plain LoRAs of the rank first (exactly,
+   * see lp-lora-lycoris.c); the modules written pass through below. */
+  if (lp_lora_lycoris_present (input))
+    {
+      if (self->rank == 0 || self->method != LP_LORA_SVD_METHOD_EXACT)
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                       "LyCORIS LoHa and LoKr modules are reduced exactly to a fixed rank: "
+                       "set rank (and method=exact); energy, sv-*, budget and method=randomized "
+                       "are for plain LoRAs");
+          return NULL;
+        }
+      plain = lp_lora_lycoris_reduce (input, self->rank, stats, lycoris, error);
+      if (plain == NULL)
+        return NULL;
+      input = plain;
+    }
 
   modules = lp_lora_find_modules (input, self->down_pattern, self->up_pattern, NULL, error);
   if (modules == NULL)
@@ -598,8 +621,6 @@ lp_lora_svd_transform (LpTransform   *transform,
     for (guint m = 0; m < n; m++)
       ranks[m] = self->rank;
 
-  stats = lp_lora_stats_new (self->method == LP_LORA_SVD_METHOD_EXACT ? "svd" : "randomized-svd");
-
   for (guint m = 0; m < n; m++)
     {
       LpLoraModule *module = g_ptr_array_index (modules, m);
@@ -611,8 +632,10 @@ lp_lora_svd_transform (LpTransform   *transform,
       new_ranks[m] = k_out;
       if (k_out == r && k == r)
         {
-          /* nothing to reduce or pad: the module passes through unchanged */
-          lp_lora_stats_record (stats, lp_lora_module_get_name (module), 1, 1);
+          /* nothing to reduce or pad: the module passes through unchanged
+           * (a LyCORIS module's record comes when its factors are computed) */
+          if (!g_hash_table_contains (lycoris, lp_lora_module_get_name (module)))
+            lp_lora_stats_record (stats, lp_lora_module_get_name (module), 1, 1);
           continue;
         }
 
