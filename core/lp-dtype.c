@@ -106,6 +106,75 @@ lp_dtype_from_string (const char *name,
   return FALSE;
 }
 
+/* What people type for a dtype, beyond the safetensors names and the enum
+ * nicks: torch's names (`torch.float16`), and the spellings of kohya
+ * sd-scripts' str_to_dtype() (library/utils.py) and --save_precision, which
+ * ComfyUI's and diffusers' users share. */
+static const struct {
+  const char *spelling;
+  LpDtype dtype;
+} dtype_spellings[] = {
+  { "float64", LP_DTYPE_F64 }, { "double", LP_DTYPE_F64 }, { "fp64", LP_DTYPE_F64 },
+  { "float32", LP_DTYPE_F32 }, { "float", LP_DTYPE_F32 }, { "fp32", LP_DTYPE_F32 },
+  { "single", LP_DTYPE_F32 },
+  { "float16", LP_DTYPE_F16 }, { "half", LP_DTYPE_F16 }, { "fp16", LP_DTYPE_F16 },
+  { "bfloat16", LP_DTYPE_BF16 },
+  /* kohya: "fp8" alone means e4m3fn */
+  { "fp8", LP_DTYPE_F8_E4M3 }, { "float8", LP_DTYPE_F8_E4M3 },
+  { "fp8_e4m3fn", LP_DTYPE_F8_E4M3 }, { "e4m3fn", LP_DTYPE_F8_E4M3 }, { "float8_e4m3fn", LP_DTYPE_F8_E4M3 },
+  { "fp8_e5m2", LP_DTYPE_F8_E5M2 }, { "e5m2", LP_DTYPE_F8_E5M2 }, { "float8_e5m2", LP_DTYPE_F8_E5M2 },
+  { "fp8_e4m3fnuz", LP_DTYPE_F8_E4M3FNUZ }, { "e4m3fnuz", LP_DTYPE_F8_E4M3FNUZ },
+  { "float8_e4m3fnuz", LP_DTYPE_F8_E4M3FNUZ },
+  { "fp8_e5m2fnuz", LP_DTYPE_F8_E5M2FNUZ }, { "e5m2fnuz", LP_DTYPE_F8_E5M2FNUZ },
+  { "float8_e5m2fnuz", LP_DTYPE_F8_E5M2FNUZ },
+  { "float8_e8m0fnu", LP_DTYPE_F8_E8M0 },
+  { "bool", LP_DTYPE_BOOL },
+  { "uint8", LP_DTYPE_U8 }, { "int8", LP_DTYPE_I8 }, { "int16", LP_DTYPE_I16 }, { "uint16", LP_DTYPE_U16 },
+  { "short", LP_DTYPE_I16 }, { "int32", LP_DTYPE_I32 }, { "int", LP_DTYPE_I32 }, { "uint32", LP_DTYPE_U32 },
+  { "int64", LP_DTYPE_I64 }, { "long", LP_DTYPE_I64 }, { "uint64", LP_DTYPE_U64 },
+  { "complex64", LP_DTYPE_C64 }, { "cfloat", LP_DTYPE_C64 },
+};
+
+/**
+ * lp_dtype_parse:
+ * @text: a dtype as a person writes it
+ * @dtype: (out) (optional): return location for the dtype
+ *
+ * Reads a dtype the way users type it, in any case: the safetensors name
+ * (`BF16`), the #LpDtype nick (`bf16`, `f8-e4m3`, or with `_`), torch's
+ * name with or without `torch.` (`float16`, `half`, `bfloat16`, `float`,
+ * `double`, `float8_e4m3fn`) and kohya's spellings (`fp16`, `fp32`, `fp8`).
+ * Property values of dtype enums are read through it.
+ *
+ * Returns: %TRUE if @text names a dtype
+ */
+gboolean
+lp_dtype_parse (const char *text,
+                LpDtype    *dtype)
+{
+  g_autofree char *word = NULL;
+
+  g_return_val_if_fail (text != NULL, FALSE);
+
+  if (g_ascii_strncasecmp (text, "torch.", 6) == 0)
+    text += 6;
+  /* safetensors names and nicks differ only in case and '-' for '_' */
+  word = g_ascii_strup (text, -1);
+  g_strdelimit (word, "-", '_');
+  if (lp_dtype_from_string (word, dtype))
+    return TRUE;
+  for (guint i = 0; i < G_N_ELEMENTS (dtype_spellings); i++)
+    {
+      if (g_ascii_strcasecmp (word, dtype_spellings[i].spelling) == 0)
+        {
+          if (dtype != NULL)
+            *dtype = dtype_spellings[i].dtype;
+          return TRUE;
+        }
+    }
+  return FALSE;
+}
+
 /**
  * lp_dtype_to_string:
  * @dtype: a dtype

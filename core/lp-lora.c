@@ -400,6 +400,7 @@ lp_lora_module_new_factor_shape (LpLoraModule *self,
 /* Finding modules */
 
 typedef struct {
+  const char *family;
   const char *down_suffix;
   const char *up_suffix;
   LpLoraConvention convention;
@@ -408,11 +409,12 @@ typedef struct {
 /* Checked in order; no suffix of one ends another, so the order only matters
  * for readability. lora_A/lora_B turns PEFT when the checkpoint has a config. */
 static const Suffixes builtin_suffixes[] = {
-  { ".lora_A.weight", ".lora_B.weight", LP_LORA_CONVENTION_DIFFUSERS },
-  { ".lora.down.weight", ".lora.up.weight", LP_LORA_CONVENTION_DIFFUSERS_OLD },
-  { "_lora.down.weight", "_lora.up.weight", LP_LORA_CONVENTION_DIFFUSERS_PROCESSOR },
-  { ".lora_down.weight", ".lora_up.weight", LP_LORA_CONVENTION_KOHYA },
-  { ":down", ":up", LP_LORA_CONVENTION_CLONEOFSIMO },
+  { "PEFT or diffusers", ".lora_A.weight", ".lora_B.weight", LP_LORA_CONVENTION_DIFFUSERS },
+  { "old diffusers", ".lora.down.weight", ".lora.up.weight", LP_LORA_CONVENTION_DIFFUSERS_OLD },
+  { "diffusers attention processor", "_lora.down.weight", "_lora.up.weight",
+    LP_LORA_CONVENTION_DIFFUSERS_PROCESSOR },
+  { "kohya/LoCon", ".lora_down.weight", ".lora_up.weight", LP_LORA_CONVENTION_KOHYA },
+  { "cloneofsimo", ":down", ":up", LP_LORA_CONVENTION_CLONEOFSIMO },
 };
 
 typedef struct {
@@ -1054,6 +1056,94 @@ lp_lora_find_modules (LpCheckpoint  *checkpoint,
     }
 
   return g_steal_pointer (&modules);
+}
+
+/* Parts of adapters lpipe does not reduce, by a piece of their key: LyCORIS
+ * (LoHa `.hada_w1_a`, LoKr `.lokr_w1`, OFT/BOFT `.oft_blocks`, full `.diff`,
+ * norm `.w_norm`/`.b_norm`, GLoRA `.a1.weight`), DoRA (kohya `dora_scale`,
+ * PEFT `lora_magnitude_vector`), mlx-lm (`.lora_a`), PEFT's embedding LoRA,
+ * IA3 and VeRA. A file holding them and no module is an adapter lpipe would
+ * otherwise pass through untouched. */
+static const char *const foreign_adapter_parts[] = {
+  ".hada_", ".lokr_", ".oft_", ".diff", ".w_norm", ".b_norm", ".a1.weight",
+  "dora_scale", "lora_magnitude_vector", ".lora_a", ".lora_b", "lora_embedding_",
+  ".ia3_", "vera_lambda",
+};
+
+static gboolean
+looks_like_adapter_part (const char *name)
+{
+  for (guint i = 0; i < G_N_ELEMENTS (foreign_adapter_parts); i++)
+    if (strstr (name, foreign_adapter_parts[i]) != NULL)
+      return TRUE;
+  return FALSE;
+}
+
+/**
+ * lp_lora_find_modules_required:
+ * @checkpoint: a LoRA checkpoint
+ * @down_pattern: (nullable): a custom down factor key with one `*`
+ * @up_pattern: (nullable): the matching up factor key
+ * @others: (out) (optional) (transfer container) (element-type LpTensor): as
+ *   for lp_lora_find_modules()
+ * @error: return location for a #GError
+ *
+ * lp_lora_find_modules() for a stage that works on LoRA modules and has
+ * nothing to do without one: a checkpoint with no module is an error
+ * (%LP_STAGE_ERROR_INVALID_INPUT) that names the conventions looked for and,
+ * when some tensors look like parts of an adapter lpipe does not know
+ * (LyCORIS, DoRA, mlx-lm, ...), the first few of them, so that such a file
+ * is never passed through as if it had been worked on.
+ *
+ * Returns: (transfer container) (element-type LpLoraModule): the modules, at
+ *   least one, or %NULL with @error set
+ */
+GPtrArray *
+lp_lora_find_modules_required (LpCheckpoint  *checkpoint,
+                               const char    *down_pattern,
+                               const char    *up_pattern,
+                               GPtrArray    **others,
+                               GError       **error)
+{
+  g_autoptr(GPtrArray) modules = NULL;
+  g_autoptr(GString) message = NULL;
+  guint n_tensors, n_foreign = 0;
+
+  modules = lp_lora_find_modules (checkpoint, down_pattern, up_pattern, others, error);
+  if (modules == NULL || modules->len > 0)
+    return g_steal_pointer (&modules);
+
+  if (others != NULL)
+    g_clear_pointer (others, g_ptr_array_unref);
+
+  n_tensors = lp_checkpoint_get_n_tensors (checkpoint);
+  message = g_string_new (NULL);
+  g_string_append_printf (message, "no LoRA module among the %u tensors; looked for ", n_tensors);
+  if (down_pattern != NULL && up_pattern != NULL)
+    g_string_append_printf (message, "custom (%s / %s), ", down_pattern, up_pattern);
+  for (guint i = 0; i < G_N_ELEMENTS (builtin_suffixes); i++)
+    g_string_append_printf (message, "%s%s (*%s / *%s)",
+                            i == 0 ? "" : i + 1 == G_N_ELEMENTS (builtin_suffixes) ? " and " : ", ",
+                            builtin_suffixes[i].family, builtin_suffixes[i].down_suffix,
+                            builtin_suffixes[i].up_suffix);
+
+  for (guint i = 0; i < n_tensors; i++)
+    {
+      const char *name = lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, i));
+
+      if (!looks_like_adapter_part (name))
+        continue;
+      if (n_foreign < 3)
+        g_string_append_printf (message, "%s%s", n_foreign == 0
+                                ? "; these look like parts of an adapter family lpipe does not know: "
+                                : ", ", name);
+      n_foreign++;
+    }
+  if (n_foreign > 3)
+    g_string_append_printf (message, " (%u such tensors in all)", n_foreign);
+
+  g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT, message->str);
+  return NULL;
 }
 
 /* The adapter config of a reduced PEFT checkpoint */

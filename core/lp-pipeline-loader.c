@@ -28,6 +28,10 @@
  * whole tree recursively with no depth limit. */
 #define MAX_FILE_SIZE (16 * 1024 * 1024)
 #define MAX_DEPTH 64
+/* What parameter substitution may add to a pipeline in all: a 100 KB file
+ * that uses a long parameter thousands of times must not build gigabytes
+ * of text. Substitution is a single pass, so its depth is bounded already. */
+#define MAX_SUBSTITUTED_SIZE (16 * 1024 * 1024)
 
 static const char * const top_level_keys[] = {
   "lpipe", "description", "params", "stages", NULL
@@ -53,6 +57,7 @@ typedef struct {
   GPtrArray *specs;           /* StageSpec * */
   GHashTable *ids;            /* id -> StageSpec * */
   gboolean strict_chain;      /* launch: every stage takes the one before */
+  gsize substituted;          /* bytes that ${name} substitution added so far */
 } Loader;
 
 static void
@@ -302,6 +307,15 @@ expand (Loader      *ld,
                            name, hint, name);
               return FALSE;
             }
+          if (strlen (value) > MAX_SUBSTITUTED_SIZE - ld->substituted)
+            {
+              g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_INVALID,
+                           "substituting ${%s} (%" G_GSIZE_FORMAT " bytes) would take the "
+                           "text that parameters add past 16 MiB; use the parameter "
+                           "less often or make it shorter", name, strlen (value));
+              return FALSE;
+            }
+          ld->substituted += strlen (value);
           g_string_append (s, value);
         }
 
@@ -954,18 +968,123 @@ line_and_column (const char *data,
     }
 }
 
-/* What json-glib would accept but we must not hand it: more than 16 MiB,
- * nesting deeper than 64, NUL bytes, invalid UTF-8. */
+/* "reduce.pipeline:4:12", for messages about a place in the text. */
+static char *
+text_position (Loader     *ld,
+               const char *data,
+               const char *at)
+{
+  guint line, column;
+
+  line_and_column (data, at, &line, &column);
+  return g_strdup_printf ("%s:%u:%u", ld->origin, line, column);
+}
+
+/* The code point of the four hex digits at @p, or -1. */
+static int
+hex4 (const char *p)
+{
+  int c = 0;
+
+  for (int i = 0; i < 4; i++)
+    {
+      int d = g_ascii_xdigit_value (p[i]);
+      if (d < 0)
+        return -1;
+      c = c * 16 + d;
+    }
+  return c;
+}
+
+/* Decodes the JSON string whose text starts at @p (after the opening quote)
+ * into @out, as json-glib will; returns what follows the closing quote (or
+ * @end). Sets *@nul when it holds \u0000. An escape that is not JSON is
+ * kept as written: json-glib reports it. */
+static const char *
+scan_string (const char *p,
+             const char *end,
+             GString    *out,
+             gboolean   *nul)
+{
+  static const char escapes[] = "b\bf\fn\nr\rt\t\"\"\\\\//";
+
+  g_string_truncate (out, 0);
+  while (p < end && *p != '"')
+    {
+      const char *e;
+      int c, low;
+
+      if (*p != '\\' || p + 1 >= end)
+        {
+          g_string_append_c (out, *p++);
+          continue;
+        }
+      if (p[1] != 'u')
+        {
+          e = strchr (escapes, p[1]);
+          g_string_append_c (out, e && p[1] ? e[1] : p[1]);
+          p += 2;
+          continue;
+        }
+      if (end - p < 6 || (c = hex4 (p + 2)) < 0)
+        {
+          g_string_append_c (out, *p++);
+          continue;
+        }
+      p += 6;
+      if (c >= 0xd800 && c < 0xdc00 && end - p >= 6 && p[0] == '\\' && p[1] == 'u' &&
+          (low = hex4 (p + 2)) >= 0xdc00 && low < 0xe000)
+        {
+          c = 0x10000 + ((c - 0xd800) << 10) + (low - 0xdc00);
+          p += 6;
+        }
+      if (c == 0)
+        *nul = TRUE;
+      g_string_append_unichar (out, c);
+    }
+  return p < end ? p + 1 : end;
+}
+
+/* Keeps the first of the scanner's findings that wait for json-glib. */
+static void G_GNUC_PRINTF (3, 4)
+defer_error (GError    **deferred,
+             int         code,
+             const char *format,
+             ...)
+{
+  va_list args;
+
+  if (*deferred)
+    return;
+  va_start (args, format);
+  *deferred = g_error_new_valist (LP_PIPELINE_ERROR, code, format, args);
+  va_end (args);
+}
+
+/*
+ * What json-glib would accept but we must not hand it, in one pass over the
+ * text. At once: more than 16 MiB, nesting deeper than 64, NUL bytes,
+ * invalid UTF-8. Into @deferred, reported only if json-glib then finds the
+ * text well-formed (what a broken file holds is not worth judging): a key
+ * twice in one object (json-glib keeps the last without a word), a \u0000
+ * in a string (it would cut a stage name or a value short), and an integer
+ * outside 64 bits (json-glib makes it a wrong number).
+ */
 static gboolean
 check_text (Loader     *ld,
             const char *data,
             gsize       length,
-            GError    **error)
+            GError    **error,
+            GError    **deferred)
 {
+  const char *end = data + length;
   const char *bad = NULL;
-  guint line, column;
   guint depth = 0;
-  gboolean in_string = FALSE;
+  /* per level: an object's keys (name -> offset + 1), NULL for an array */
+  GHashTable *keys[MAX_DEPTH + 1] = { NULL };
+  gboolean expect_key[MAX_DEPTH + 1] = { FALSE };
+  g_autoptr(GString) text = g_string_new (NULL);
+  gboolean ok = TRUE;
 
   if (length > MAX_FILE_SIZE)
     return loader_error (ld, error, LP_PIPELINE_ERROR_INVALID,
@@ -974,39 +1093,95 @@ check_text (Loader     *ld,
 
   if (!g_utf8_validate_len (data, length, &bad))
     {
-      line_and_column (data, bad, &line, &column);
+      g_autofree char *at = text_position (ld, data, bad);
       g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_SYNTAX,
-                   "%s:%u:%u: invalid JSON: %s", ld->origin, line, column,
-                   *bad == '\0' && bad < data + length ? "NUL byte" : "invalid UTF-8");
+                   "%s: invalid JSON: %s", at,
+                   *bad == '\0' && bad < end ? "NUL byte" : "invalid UTF-8");
       return FALSE;
     }
 
-  for (const char *p = data; p < data + length; p++)
+  for (const char *p = data; p < end && ok; )
     {
-      if (in_string)
+      const char *start = p;
+
+      if (*p == '"')
         {
-          if (*p == '\\' && p + 1 < data + length)
-            p++;
-          else if (*p == '"')
-            in_string = FALSE;
+          gboolean nul = FALSE;
+
+          p = scan_string (p + 1, end, text, &nul);
+          if (nul)
+            {
+              g_autofree char *at = text_position (ld, data, start);
+              defer_error (deferred, LP_PIPELINE_ERROR_INVALID,
+                           "%s: the string holds \\u0000 (a NUL character), "
+                           "which no name or value may contain", at);
+            }
+          if (depth > 0 && keys[depth] && expect_key[depth])
+            {
+              gpointer first = g_hash_table_lookup (keys[depth], text->str);
+
+              expect_key[depth] = FALSE;
+              if (first)
+                {
+                  g_autofree char *at = text_position (ld, data, start);
+                  g_autofree char *shown = g_strescape (text->str, NULL);
+                  guint line, column;
+
+                  line_and_column (data, data + GPOINTER_TO_SIZE (first) - 1, &line, &column);
+                  defer_error (deferred, LP_PIPELINE_ERROR_INVALID,
+                               "%s: key \"%s\" is given twice in one object "
+                               "(first on line %u); keep one", at, shown, line);
+                }
+              else
+                g_hash_table_insert (keys[depth], g_strdup (text->str),
+                                     GSIZE_TO_POINTER (start - data + 1));
+            }
+          continue;
         }
-      else if (*p == '"')
-        in_string = TRUE;
-      else if (*p == '{' || *p == '[')
+      if (*p == '-' || g_ascii_isdigit (*p))
+        {
+          gboolean integer = TRUE;
+
+          for (; p < end && *p && (g_ascii_isdigit (*p) || strchr ("+-.eE", *p)); p++)
+            if (!g_ascii_isdigit (*p) && !(p == start && *p == '-'))
+              integer = FALSE;
+          if (integer)
+            {
+              g_autofree char *number = g_strndup (start, p - start);
+              if (!g_ascii_string_to_signed (number, 10, G_MININT64, G_MAXINT64, NULL, NULL))
+                {
+                  g_autofree char *at = text_position (ld, data, start);
+                  defer_error (deferred, LP_PIPELINE_ERROR_BAD_VALUE,
+                               "%s: the integer %s is out of range (integers are 64-bit)",
+                               at, number);
+                }
+            }
+          continue;
+        }
+      if (*p == '{' || *p == '[')
         {
           if (++depth > MAX_DEPTH)
             {
-              line_and_column (data, p, &line, &column);
+              g_autofree char *at = text_position (ld, data, p);
               g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_INVALID,
-                           "%s:%u:%u: nesting deeper than %d levels", ld->origin,
-                           line, column, MAX_DEPTH);
-              return FALSE;
+                           "%s: nesting deeper than %d levels", at, MAX_DEPTH);
+              ok = FALSE;
+              break;
             }
+          keys[depth] = *p == '{' ? g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL)
+                                  : NULL;
+          expect_key[depth] = *p == '{';
         }
       else if ((*p == '}' || *p == ']') && depth > 0)
-        depth--;
+        g_clear_pointer (&keys[depth--], g_hash_table_unref);
+      else if (*p == ',' && depth > 0 && keys[depth])
+        expect_key[depth] = TRUE;
+      p++;
     }
-  return TRUE;
+
+  for (guint i = 1; i <= MIN (depth, MAX_DEPTH); i++)
+    g_clear_pointer (&keys[i], g_hash_table_unref);
+  return ok;
 }
 
 /* json-glib says "<data>:2:7: Parse error: unexpected ..."; we say
@@ -1257,6 +1432,7 @@ lp_pipeline_load_from_data (LpPipeline          *self,
   Loader ld;
   g_autoptr(JsonParser) parser = NULL;
   g_autoptr(GError) parse_error = NULL;
+  g_autoptr(GError) deferred = NULL;
   gsize len;
   gboolean ok;
 
@@ -1268,13 +1444,18 @@ lp_pipeline_load_from_data (LpPipeline          *self,
   len = length < 0 ? strlen (data) : (gsize) length;
   loader_init (&ld, self, origin ? origin : "<data>");
 
-  ok = check_text (&ld, data, len, error);
+  ok = check_text (&ld, data, len, error, &deferred);
   if (ok)
     {
       parser = json_parser_new_immutable ();
       if (!json_parser_load_from_data (parser, data, len, &parse_error))
         {
           convert_parse_error (&ld, parse_error, error);
+          ok = FALSE;
+        }
+      else if (deferred)
+        {
+          g_propagate_error (error, g_steal_pointer (&deferred));
           ok = FALSE;
         }
     }

@@ -606,7 +606,22 @@ enum_from_text (GParamSpec  *pspec,
 {
   GEnumClass *klass = G_PARAM_SPEC_ENUM (pspec)->enum_class;
   GEnumValue *ev = find_enum_value (klass, text);
+  GType type = G_TYPE_FROM_CLASS (klass);
+  LpDtype dtype;
 
+  /* dtype enums also take the spellings of torch and kohya (float16, half, fp32) */
+  if (ev == NULL && (type == LP_TYPE_DTYPE || type == LP_TYPE_FLOAT_DTYPE) && lp_dtype_parse (text, &dtype))
+    {
+      ev = g_enum_get_value (klass, dtype);
+      if (ev == NULL)
+        {
+          g_autofree char *desc = lp_param_spec_describe_type (pspec);
+          g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE,
+                       "property '%s': '%s' is %s, which lpipe cannot convert to; expected %s",
+                       pspec->name, text, lp_dtype_to_string (dtype), desc);
+          return FALSE;
+        }
+    }
   if (ev == NULL)
     {
       g_autofree const char **nicks = g_new0 (const char *, klass->n_values + 1);

@@ -68,7 +68,31 @@ typedef enum {
 
 #define LP_DTYPE_N_TYPES (LP_DTYPE_F6_E3M2 + 1)
 
+/**
+ * LpFloatDtype:
+ * @LP_FLOAT_DTYPE_F64: IEEE double precision
+ * @LP_FLOAT_DTYPE_F32: IEEE single precision
+ * @LP_FLOAT_DTYPE_F16: IEEE half precision
+ * @LP_FLOAT_DTYPE_BF16: bfloat16
+ * @LP_FLOAT_DTYPE_F8_E4M3: 8-bit float, no infinities (OCP E4M3FN)
+ * @LP_FLOAT_DTYPE_F8_E5M2: 8-bit float with infinities
+ *
+ * The float dtypes lpipe converts to and from (lp_dtype_can_convert()):
+ * the type of properties that choose a dtype to write, so that they offer
+ * only those. Each value is the #LpDtype of the same name.
+ */
+typedef enum {
+  LP_FLOAT_DTYPE_F64 = LP_DTYPE_F64,
+  LP_FLOAT_DTYPE_F32 = LP_DTYPE_F32,
+  LP_FLOAT_DTYPE_F16 = LP_DTYPE_F16,
+  LP_FLOAT_DTYPE_BF16 = LP_DTYPE_BF16,
+  LP_FLOAT_DTYPE_F8_E4M3 = LP_DTYPE_F8_E4M3,
+  LP_FLOAT_DTYPE_F8_E5M2 = LP_DTYPE_F8_E5M2,
+} LpFloatDtype;
+
 gboolean     lp_dtype_from_string (const char *name,
+                                   LpDtype    *dtype);
+gboolean     lp_dtype_parse       (const char *text,
                                    LpDtype    *dtype);
 const char  *lp_dtype_to_string   (LpDtype     dtype);
 guint        lp_dtype_get_bits    (LpDtype     dtype);

@@ -55,6 +55,11 @@ GPtrArray        *lp_lora_find_modules            (LpCheckpoint  *checkpoint,
                                                    const char    *up_pattern,
                                                    GPtrArray    **others,
                                                    GError       **error);
+GPtrArray        *lp_lora_find_modules_required   (LpCheckpoint  *checkpoint,
+                                                   const char    *down_pattern,
+                                                   const char    *up_pattern,
+                                                   GPtrArray    **others,
+                                                   GError       **error);
 
 /* Layout of the factors, for stages that write factors of another rank */
 gboolean          lp_lora_module_is_conv          (LpLoraModule *self);

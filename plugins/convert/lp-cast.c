@@ -24,9 +24,12 @@
  * F8_E8M0, the FNUZ formats) is an error naming the tensor: exclude it to
  * carry it through.
  *
- * Finite values too large for the target become ±inf (NaN for F8_E4M3,
- * which has no infinity); each tensor where that happened is reported with a
- * message on the `Lpipe-convert` log domain, saying how many values did.
+ * A finite value too large for the target would become ±inf (NaN for
+ * F8_E4M3, which has no infinity): that is an error naming the tensor and
+ * how many values, since a LoRA or model with infinities in it is broken
+ * where it is loaded. With #LpCast:allow-overflow the values are written as
+ * torch writes them, and each tensor where it happened is reported by a
+ * warning on the `Lpipe-convert` log domain.
  */
 
 struct _LpCast
@@ -35,6 +38,7 @@ struct _LpCast
 
   LpDtype dtype;
   gboolean dtype_set;
+  gboolean allow_overflow;
   GStrv include;
   GStrv exclude;
 };
@@ -44,6 +48,7 @@ enum {
   PROP_DTYPE,
   PROP_INCLUDE,
   PROP_EXCLUDE,
+  PROP_ALLOW_OVERFLOW,
   N_PROPS
 };
 
@@ -55,6 +60,8 @@ G_DEFINE_FINAL_TYPE (LpCast, lp_cast, LP_TYPE_TRANSFORM)
 typedef struct {
   LpTensor *source;
   LpDtype dtype;
+  gboolean allow_overflow;
+  char *stage;   /* "stage 2 'cast'": the sink computes the data, errors name us */
 } CastData;
 
 static void
@@ -63,6 +70,7 @@ cast_data_free (gpointer data)
   CastData *cast = data;
 
   g_object_unref (cast->source);
+  g_free (cast->stage);
   g_free (cast);
 }
 
@@ -150,16 +158,30 @@ cast_tensor_data (LpTensor  *tensor,
   out = output_buffer_new (n_bytes, &free_func, &free_data);
   overflow = lp_dtype_convert (lp_tensor_get_dtype (cast->source), g_bytes_get_data (in, NULL),
                                cast->dtype, out, n);
-  if (overflow > 0)
+  if (overflow > 0 && !cast->allow_overflow)
     {
-      /* Not an error: the user asked for the narrower type, and torch
-       * does the same. But they should know. */
-      g_message ("cast: tensor '%s': %" G_GSIZE_FORMAT " of %" G_GUINT64_FORMAT
-                 " values overflowed to %s in %s",
-                 lp_tensor_get_name (tensor), overflow, n,
-                 cast->dtype == LP_DTYPE_F8_E4M3 ? "NaN" : "inf",
-                 lp_dtype_to_string (cast->dtype));
+      /* bf16 has f32's range: the way to narrow values too big for f16 or
+       * f8; past f32's range only f64 holds them. */
+      gboolean to_bf16 = cast->dtype == LP_DTYPE_F16 || cast->dtype == LP_DTYPE_F8_E4M3
+                         || cast->dtype == LP_DTYPE_F8_E5M2;
+
+      free_func (free_data ? free_data : out);
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                   "%s: tensor '%s': %" G_GSIZE_FORMAT " of %" G_GUINT64_FORMAT
+                   " values are too large for %s and would become %s; %s, "
+                   "or set allow-overflow=true to write them so",
+                   cast->stage, lp_tensor_get_name (tensor), overflow, n, lp_dtype_to_string (cast->dtype),
+                   cast->dtype == LP_DTYPE_F8_E4M3 ? "NaN" : "inf",
+                   to_bf16 ? "cast to bf16, which has f32's range"
+                           : "keep them in a wider dtype (exclude the tensor)");
+      return NULL;
     }
+  if (overflow > 0)
+    g_warning ("%s: tensor '%s': %" G_GSIZE_FORMAT " of %" G_GUINT64_FORMAT
+               " values overflowed to %s in %s",
+               cast->stage, lp_tensor_get_name (tensor), overflow, n,
+               cast->dtype == LP_DTYPE_F8_E4M3 ? "NaN" : "inf",
+               lp_dtype_to_string (cast->dtype));
   return g_bytes_new_with_free_func (out, n_bytes, free_func, free_data ? free_data : out);
 }
 
@@ -171,13 +193,6 @@ lp_cast_check (LpCast  *self,
     {
       g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_MISSING_PROPERTY,
                    "property 'dtype' is required");
-      return FALSE;
-    }
-  if (!lp_dtype_can_convert (self->dtype))
-    {
-      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
-                   "dtype %s is not a conversion target; use one of F64, F32, F16, BF16, F8_E4M3, F8_E5M2",
-                   lp_dtype_to_string (self->dtype));
       return FALSE;
     }
   return TRUE;
@@ -234,6 +249,8 @@ lp_cast_transform (LpTransform   *transform,
 
           cast->source = g_object_ref (tensor);
           cast->dtype = self->dtype;
+          cast->allow_overflow = self->allow_overflow;
+          cast->stage = lp_stage_describe (LP_STAGE (self));
           shape = lp_tensor_get_shape (tensor, &n_dims);
           out = lp_tensor_new_lazy (name, self->dtype, shape, n_dims,
                                     cast_tensor_data, cast, cast_data_free, error);
@@ -270,6 +287,9 @@ lp_cast_set_property (GObject      *object,
       g_strfreev (self->exclude);
       self->exclude = g_value_dup_boxed (value);
       break;
+    case PROP_ALLOW_OVERFLOW:
+      self->allow_overflow = g_value_get_boolean (value);
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
     }
@@ -293,6 +313,9 @@ lp_cast_get_property (GObject    *object,
       break;
     case PROP_EXCLUDE:
       g_value_set_boxed (value, self->exclude);
+      break;
+    case PROP_ALLOW_OVERFLOW:
+      g_value_set_boolean (value, self->allow_overflow);
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
@@ -326,12 +349,14 @@ lp_cast_class_init (LpCastClass *klass)
   /**
    * LpCast:dtype:
    *
-   * The dtype to convert floating point tensors to.
+   * The dtype to convert floating point tensors to: only those lpipe
+   * writes are offered. torch's and kohya's spellings (`float16`, `half`,
+   * `fp16`, `bfloat16`, `float`, `fp32`, `double`) are read too.
    */
   properties[PROP_DTYPE] =
     g_param_spec_enum ("dtype", "Dtype",
-                       "Target dtype: f64, f32, f16, bf16, f8-e4m3 or f8-e5m2",
-                       LP_TYPE_DTYPE, LP_DTYPE_F32,
+                       "Target dtype (torch and kohya spellings such as float16, half, fp16, float are read too)",
+                       LP_TYPE_FLOAT_DTYPE, LP_FLOAT_DTYPE_F32,
                        G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
 
   /**
@@ -355,6 +380,18 @@ lp_cast_class_init (LpCastClass *klass)
                         "Leave tensors whose names match one of these globs unchanged",
                         G_TYPE_STRV,
                         G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+
+  /**
+   * LpCast:allow-overflow:
+   *
+   * Write values too large for #LpCast:dtype as ±inf (NaN in f8-e4m3), as
+   * torch does, with a warning, instead of failing.
+   */
+  properties[PROP_ALLOW_OVERFLOW] =
+    g_param_spec_boolean ("allow-overflow", "Allow overflow",
+                          "Write values too large for the dtype as inf (NaN in f8-e4m3) with a warning, instead of failing",
+                          FALSE,
+                          G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
 
   g_object_class_install_properties (object_class, N_PROPS, properties);
 

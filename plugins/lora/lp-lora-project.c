@@ -143,7 +143,7 @@ lp_lora_project_transform (LpTransform   *transform,
   g_autoptr (GPtrArray) modules = NULL;
   LpCheckpoint *output = NULL;
 
-  modules = lp_lora_find_modules (input, self->down_pattern, self->up_pattern, NULL, error);
+  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
   if (modules == NULL)
     return NULL;
 

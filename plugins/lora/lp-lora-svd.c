@@ -592,7 +592,7 @@ lp_lora_svd_transform (LpTransform   *transform,
       input = plain;
     }
 
-  modules = lp_lora_find_modules (input, self->down_pattern, self->up_pattern, NULL, error);
+  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
   if (modules == NULL)
     return NULL;
 

@@ -602,7 +602,7 @@ lp_lora_synth_class_init (LpLoraSynthClass *klass)
    */
   properties[PROP_DTYPE] =
     g_param_spec_enum ("dtype", "Dtype", "The dtype of the tensors (a float dtype lpipe can convert)",
-                       LP_TYPE_DTYPE, LP_DTYPE_BF16,
+                       LP_TYPE_FLOAT_DTYPE, LP_FLOAT_DTYPE_BF16,
                        G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   /**
    * LpLoraSynth:alpha:

@@ -171,7 +171,7 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
   for (guint i = 0; i < n_inputs; i++)
     {
       GPtrArray *others = NULL;
-      GPtrArray *modules = lp_lora_find_modules (inputs[i], NULL, NULL, &others, error);
+      GPtrArray *modules = lp_lora_find_modules_required (inputs[i], NULL, NULL, &others, error);
 
       if (modules == NULL)
         {

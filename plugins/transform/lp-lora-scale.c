@@ -89,7 +89,7 @@ lp_lora_scale_transform (LpTransform   *transform,
   if (!lp_lora_scale_prepare (LP_STAGE (self), error))
     return NULL;
 
-  modules = lp_lora_find_modules (input, NULL, NULL, NULL, error);
+  modules = lp_lora_find_modules_required (input, NULL, NULL, NULL, error);
   if (modules == NULL)
     return NULL;
 

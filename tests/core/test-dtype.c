@@ -67,6 +67,39 @@ test_names (void)
   g_assert_false (lp_dtype_from_string ("F16 ", NULL));
 }
 
+/* What users type: torch's names, kohya sd-scripts' str_to_dtype()
+ * spellings (library/utils.py), the safetensors names and the nicks, in any
+ * case. */
+static void
+test_parse (void)
+{
+  static const struct { const char *text; LpDtype dtype; } cases[] = {
+    { "float16", LP_DTYPE_F16 }, { "half", LP_DTYPE_F16 }, { "fp16", LP_DTYPE_F16 },
+    { "torch.float16", LP_DTYPE_F16 }, { "Half", LP_DTYPE_F16 }, { "F16", LP_DTYPE_F16 },
+    { "float", LP_DTYPE_F32 }, { "float32", LP_DTYPE_F32 }, { "fp32", LP_DTYPE_F32 }, { "f32", LP_DTYPE_F32 },
+    { "bfloat16", LP_DTYPE_BF16 }, { "bf16", LP_DTYPE_BF16 }, { "BF16", LP_DTYPE_BF16 },
+    { "double", LP_DTYPE_F64 }, { "float64", LP_DTYPE_F64 }, { "fp64", LP_DTYPE_F64 },
+    { "fp8", LP_DTYPE_F8_E4M3 }, { "float8", LP_DTYPE_F8_E4M3 }, { "fp8_e4m3fn", LP_DTYPE_F8_E4M3 },
+    { "e4m3fn", LP_DTYPE_F8_E4M3 }, { "float8_e4m3fn", LP_DTYPE_F8_E4M3 }, { "f8-e4m3", LP_DTYPE_F8_E4M3 },
+    { "F8_E4M3", LP_DTYPE_F8_E4M3 },
+    { "fp8_e5m2", LP_DTYPE_F8_E5M2 }, { "e5m2", LP_DTYPE_F8_E5M2 }, { "float8_e5m2", LP_DTYPE_F8_E5M2 },
+    { "float8_e4m3fnuz", LP_DTYPE_F8_E4M3FNUZ }, { "fp8_e5m2fnuz", LP_DTYPE_F8_E5M2FNUZ },
+    { "int8", LP_DTYPE_I8 }, { "uint8", LP_DTYPE_U8 }, { "int64", LP_DTYPE_I64 }, { "bool", LP_DTYPE_BOOL },
+  };
+  static const char *bad[] = { "", "f17", "float17", "torch.", "fp", "half ", " fp16", "float16x" };
+
+  for (guint i = 0; i < G_N_ELEMENTS (cases); i++)
+    {
+      LpDtype dtype = LP_DTYPE_BOOL;
+      if (!lp_dtype_parse (cases[i].text, &dtype) || dtype != cases[i].dtype)
+        g_test_fail_printf ("'%s' read as %s, not %s", cases[i].text,
+                            lp_dtype_to_string (dtype), lp_dtype_to_string (cases[i].dtype));
+    }
+  for (guint i = 0; i < G_N_ELEMENTS (bad); i++)
+    if (lp_dtype_parse (bad[i], NULL))
+      g_test_fail_printf ("'%s' read as a dtype", bad[i]);
+}
+
 static void
 test_enum_nicks (void)
 {
@@ -467,6 +500,7 @@ main (int argc, char **argv)
 
   g_test_add_func ("/dtype/names", test_names);
   g_test_add_func ("/dtype/enum-nicks", test_enum_nicks);
+  g_test_add_func ("/dtype/parse", test_parse);
   g_test_add_func ("/dtype/f16/special", test_f16_special);
   g_test_add_func ("/dtype/bf16/special", test_bf16_special);
   g_test_add_func ("/dtype/f8-e4m3/special", test_e4m3_special);

@@ -429,6 +429,18 @@ static const BadCase bad_cases[] = {
   { "empty-id.pipeline", LP_PIPELINE_ERROR_INVALID, ": stage 1 'test-source': \"id\" must be a non-empty string" },
   { "deep-nesting.pipeline", LP_PIPELINE_ERROR_INVALID, "deep-nesting.pipeline:1:" },
   { "deep-nesting.pipeline", LP_PIPELINE_ERROR_INVALID, ": nesting deeper than 64 levels" },
+  /* json-glib keeps the last of two equal keys without a word; the escape
+   * spells the same key */
+  { "duplicate-key.pipeline", LP_PIPELINE_ERROR_INVALID,
+    "duplicate-key.pipeline:7:7: key \"rank\" is given twice in one object (first on line 6)" },
+  { "duplicate-top-key.pipeline", LP_PIPELINE_ERROR_INVALID,
+    "duplicate-top-key.pipeline:4:3: key \"stages\" is given twice in one object (first on line 3)" },
+  /* json-glib would hand over "test-source", cut at the NUL */
+  { "nul-in-stage-name.pipeline", LP_PIPELINE_ERROR_INVALID,
+    "nul-in-stage-name.pipeline:4:16: the string holds \\u0000 (a NUL character)" },
+  /* json-glib would make it -1 */
+  { "huge-integer.pipeline", LP_PIPELINE_ERROR_BAD_VALUE,
+    "huge-integer.pipeline:5:42: the integer 99999999999999999999 is out of range (integers are 64-bit)" },
 };
 
 static void
@@ -529,6 +541,93 @@ test_bad_bytes (void)
   g_assert_false (lp_pipeline_load_from_data (pipeline, latin1, -1, "latin1.pipeline", NULL, &error));
   g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_SYNTAX);
   g_assert_cmpstr (error->message, ==, "latin1.pipeline:1:21: invalid JSON: invalid UTF-8");
+}
+
+/* What the scanner must not take for a duplicate or a huge number: equal
+ * keys in different objects, a value equal to a key, the int64 extremes, a
+ * tiny number written out in full. */
+static void
+test_scanner_no_false_alarms (void)
+{
+  g_autoptr(LpPipeline) pipeline = new_pipeline ();
+  g_autoptr(GError) error = NULL;
+  const char *data =
+    "{\"description\": \"stages\", \"params\": {\"rank\": 2, \"stage\": \"rank\"},\n"
+    " \"stages\": [{\"stage\": \"test-source\"},\n"
+    "  {\"stage\": \"test-transform\", \"label\": \"rank\", \"rank\": \"${rank}\",\n"
+    "   \"offset\": -9223372036854775808, \"threshold\": 1e-30},\n"
+    "  {\"stage\": \"test-transform\", \"rank\": 3, \"offset\": 9223372036854775807,\n"
+    "   \"threshold\": 0.000000000000000000000000000001},\n"
+    "  {\"stage\": \"test-sink\", \"location\": \"x\"}]}";
+  gint64 offset;
+
+  lp_pipeline_load_from_data (pipeline, data, -1, "fine", NULL, &error);
+  g_assert_no_error (error);
+  g_object_get (lp_pipeline_get_stage (pipeline, 1), "offset", &offset, NULL);
+  g_assert_cmpint (offset, ==, G_MININT64);
+  g_object_get (lp_pipeline_get_stage (pipeline, 2), "offset", &offset, NULL);
+  g_assert_cmpint (offset, ==, G_MAXINT64);
+}
+
+/* A parameter used thousands of times in a small file: the text that
+ * substitution adds is bounded (16 MiB), and the error names the file, the
+ * stage, the property and the parameter. Unbounded, this 70 KB file made
+ * 64 KiB x 4096 = 256 MiB of one label. */
+static void
+test_substitution_bounded (void)
+{
+  g_autoptr(LpPipeline) pipeline = new_pipeline ();
+  g_autoptr(GError) error = NULL;
+  g_autofree char *value = g_strnfill (64 * 1024, 'x');
+  GString *refs = g_string_new (NULL);
+  g_autofree char *data = NULL;
+  g_autofree char *label = NULL;
+
+  for (guint i = 0; i < 4096; i++)
+    g_string_append (refs, "${big}");
+  data = g_strdup_printf ("{\"params\": {\"big\": \"%s\"}, \"stages\": [{\"stage\": \"test-source\"},"
+                          " {\"stage\": \"test-transform\", \"rank\": 2, \"label\": \"%s\"},"
+                          " {\"stage\": \"test-sink\", \"location\": \"x\"}]}", value, refs->str);
+  g_assert_false (lp_pipeline_load_from_data (pipeline, data, -1, "bomb.pipeline", NULL, &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_INVALID);
+  g_assert_true (g_str_has_prefix (error->message,
+                                   "bomb.pipeline: stage 2 'test-transform': property 'label': "
+                                   "substituting ${big} (65536 bytes) would take the text that "
+                                   "parameters add past 16 MiB"));
+  g_clear_error (&error);
+  g_assert_cmpuint (lp_pipeline_get_n_stages (pipeline), ==, 0);
+
+  /* the same from the command line, spread over many stages */
+  g_string_truncate (refs, 0);
+  g_string_append (refs, "{\"stages\": [{\"stage\": \"test-source\"}");
+  for (guint i = 0; i < 300; i++)
+    g_string_append (refs, ", {\"stage\": \"test-transform\", \"rank\": 2, \"label\": \"${big}\"}");
+  g_string_append (refs, ", {\"stage\": \"test-sink\", \"location\": \"x\"}]}");
+  {
+    g_autofree char *param = g_strdup_printf ("big=%s", value);
+    const char *params[] = { param, NULL };
+
+    g_assert_false (lp_pipeline_load_from_data (pipeline, refs->str, -1, "cli.pipeline", params, &error));
+    g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_INVALID);
+    /* 256 substitutions of 64 KiB fill the 16 MiB; stage 1 is the source */
+    g_assert_true (g_str_has_prefix (error->message,
+                                     "cli.pipeline: stage 258 'test-transform': property 'label': "
+                                     "substituting ${big} (65536 bytes)"));
+    g_clear_error (&error);
+  }
+  g_string_free (refs, TRUE);
+
+  /* under the bound, it is used as written */
+  g_clear_object (&pipeline);
+  pipeline = new_pipeline ();
+  g_free (data);
+  data = g_strdup_printf ("{\"params\": {\"big\": \"%s\"}, \"stages\": [{\"stage\": \"test-source\"},"
+                          " {\"stage\": \"test-transform\", \"rank\": 2, \"label\": \"${big}${big}\"},"
+                          " {\"stage\": \"test-sink\", \"location\": \"x\"}]}", value);
+  g_assert_true (lp_pipeline_load_from_data (pipeline, data, -1, "fine.pipeline", NULL, &error));
+  g_assert_no_error (error);
+  g_object_get (lp_pipeline_get_stage (pipeline, 1), "label", &label, NULL);
+  g_assert_cmpuint (strlen (label), ==, 2 * 64 * 1024);
 }
 
 /* Nesting that is deep inside a string is text, not nesting. */
@@ -1041,6 +1140,8 @@ main (int argc, char *argv[])
   g_test_add_func ("/pipeline-file/bad/huge", test_huge_file);
   g_test_add_func ("/pipeline-file/bad/missing-file", test_missing_file);
   g_test_add_func ("/pipeline-file/bad/bytes", test_bad_bytes);
+  g_test_add_func ("/pipeline-file/bad/substitution-bounded", test_substitution_bounded);
+  g_test_add_func ("/pipeline-file/good/scanner-no-false-alarms", test_scanner_no_false_alarms);
   g_test_add_func ("/pipeline-file/good/brackets-in-strings", test_brackets_in_strings);
   g_test_add_func ("/pipeline-file/good/chain", test_good_chain);
   g_test_add_func ("/pipeline-file/good/dag", test_good_dag);

@@ -17,6 +17,7 @@ static const char *oracle;
 /* Messages of the convert plugin, captured so tests can check them. */
 static GMutex messages_lock;
 static GPtrArray *messages;
+static GArray *levels;
 
 static GLogWriterOutput
 capture_writer (GLogLevelFlags   level,
@@ -38,6 +39,7 @@ capture_writer (GLogLevelFlags   level,
     {
       g_mutex_lock (&messages_lock);
       g_ptr_array_add (messages, g_strdup (message));
+      g_array_append_val (levels, level);
       g_mutex_unlock (&messages_lock);
       return G_LOG_WRITER_HANDLED;
     }
@@ -49,6 +51,7 @@ clear_messages (void)
 {
   g_mutex_lock (&messages_lock);
   g_ptr_array_set_size (messages, 0);
+  g_array_set_size (levels, 0);
   g_mutex_unlock (&messages_lock);
 }
 
@@ -56,7 +59,7 @@ clear_messages (void)
 static guint64
 reported_overflow (const char *name)
 {
-  g_autofree char *prefix = g_strdup_printf ("cast: tensor '%s': ", name);
+  g_autofree char *prefix = g_strdup_printf ("stage 'cast': tensor '%s': ", name);
   guint64 count = 0;
 
   g_mutex_lock (&messages_lock);
@@ -247,6 +250,8 @@ test_numpy (void)
       g_autoptr(LpCheckpoint) output = NULL;
       LpDtype target;
 
+      /* the oracle checks the values written where they overflow, too */
+      g_object_set (stage, "allow-overflow", TRUE, NULL);
       g_object_get (stage, "dtype", &target, NULL);
       clear_messages ();
       output = run_cast (stage, input, &error);
@@ -464,33 +469,79 @@ test_bad_properties (void)
 {
   g_autoptr(GError) error = NULL;
   g_autoptr(LpStage) unset = make_cast (NULL);
-  g_autoptr(LpStage) integer = make_cast ("i32");
   g_autoptr(LpStage) stage = make_cast (NULL);
 
   g_assert_false (lp_stage_prepare (unset, &error));
   g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_MISSING_PROPERTY);
   g_clear_error (&error);
 
-  g_assert_false (lp_stage_prepare (integer, &error));
-  g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY);
-  g_assert_nonnull (strstr (error->message, "I32"));
+  /* a dtype cast cannot write is refused when it is set, with the ones it can */
+  g_assert_false (lp_stage_set_property_from_string (stage, "dtype", "i32", &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE);
+  g_assert_cmpstr (error->message, ==, "property 'dtype': 'i32' is I32, which lpipe cannot convert to; "
+                   "expected enum: f64|f32|f16|bf16|f8-e4m3|f8-e5m2");
+  g_clear_error (&error);
+  g_assert_false (lp_stage_set_property_from_string (stage, "dtype", "float8_e4m3fnuz", &error));
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE);
+  g_assert_nonnull (strstr (error->message, "is F8_E4M3FNUZ, which lpipe cannot convert to"));
   g_clear_error (&error);
 
   g_assert_false (lp_stage_set_property_from_string (stage, "dtype", "f17", &error));
-  g_assert_nonnull (error);
+  g_assert_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_BAD_VALUE);
   g_clear_error (&error);
 
   g_assert_true (lp_stage_class_is_property_required (LP_STAGE_GET_CLASS (stage), "dtype"));
   g_assert_cmpstr (lp_stage_get_stage_name (stage), ==, "cast");
 }
 
-/* Overflow is not an error, but each tensor where it happened says so. */
+/* The dtype property offers exactly the dtypes cast writes, the ones
+ * lp_dtype_can_convert() accepts, and reads them as torch and kohya users
+ * type them (kohya sd-scripts' library/utils.py str_to_dtype(), torch's
+ * dtype names). */
 static void
-test_overflow_message (void)
+test_dtype_values (void)
+{
+  g_autoptr(LpStage) stage = make_cast (NULL);
+  GParamSpec *pspec = g_object_class_find_property (G_OBJECT_GET_CLASS (stage), "dtype");
+  GEnumClass *klass = G_PARAM_SPEC_ENUM (pspec)->enum_class;
+  guint n_convertible = 0;
+  static const struct { const char *text; LpDtype dtype; } spellings[] = {
+    { "float16", LP_DTYPE_F16 }, { "half", LP_DTYPE_F16 }, { "fp16", LP_DTYPE_F16 }, { "F16", LP_DTYPE_F16 },
+    { "torch.float16", LP_DTYPE_F16 }, { "FP16", LP_DTYPE_F16 },
+    { "float", LP_DTYPE_F32 }, { "float32", LP_DTYPE_F32 }, { "fp32", LP_DTYPE_F32 },
+    { "bfloat16", LP_DTYPE_BF16 }, { "bf16", LP_DTYPE_BF16 }, { "torch.bfloat16", LP_DTYPE_BF16 },
+    { "double", LP_DTYPE_F64 }, { "float64", LP_DTYPE_F64 },
+    { "fp8", LP_DTYPE_F8_E4M3 }, { "fp8_e4m3fn", LP_DTYPE_F8_E4M3 }, { "f8_e4m3", LP_DTYPE_F8_E4M3 },
+    { "float8_e5m2", LP_DTYPE_F8_E5M2 }, { "e5m2", LP_DTYPE_F8_E5M2 },
+  };
+
+  for (guint d = 0; d < LP_DTYPE_N_TYPES; d++)
+    {
+      g_assert_cmpint (g_enum_get_value (klass, d) != NULL, ==, lp_dtype_can_convert (d));
+      n_convertible += lp_dtype_can_convert (d);
+    }
+  g_assert_cmpuint (klass->n_values, ==, n_convertible);
+  g_assert_cmpuint (klass->n_values, ==, 6);
+
+  for (guint i = 0; i < G_N_ELEMENTS (spellings); i++)
+    {
+      g_autoptr(GError) error = NULL;
+      LpDtype got;
+
+      lp_stage_set_property_from_string (stage, "dtype", spellings[i].text, &error);
+      g_assert_no_error (error);
+      g_object_get (stage, "dtype", &got, NULL);
+      if (got != spellings[i].dtype)
+        g_test_fail_printf ("dtype=%s gives %s, not %s", spellings[i].text,
+                            lp_dtype_to_string (got), lp_dtype_to_string (spellings[i].dtype));
+    }
+}
+
+static LpCheckpoint *
+overflowing_input (void)
 {
   g_autoptr(GError) error = NULL;
-  g_autoptr(LpCheckpoint) input = lp_checkpoint_new ();
-  g_autoptr(LpCheckpoint) output = NULL;
+  LpCheckpoint *input = lp_checkpoint_new ();
   const float big[5] = { 70000.0f, -1e6f, 1.0f, INFINITY, 65519.0f };
   const float small[2] = { 1.0f, 2.0f };
   guint64 s5[1] = { 5 }, s2[1] = { 2 };
@@ -498,12 +549,59 @@ test_overflow_message (void)
   g_autoptr(LpTensor) b = lp_tensor_new_from_f32 ("small", LP_DTYPE_F32, s2, 1, small, 2, &error);
 
   g_assert_no_error (error);
-  lp_checkpoint_add_tensor (input, a, NULL);
   lp_checkpoint_add_tensor (input, b, NULL);
+  lp_checkpoint_add_tensor (input, a, NULL);
+  return input;
+}
+
+/* Values too large for the target fail by default, naming the tensor and the
+ * count, and pointing at bf16 (f32's range) or at allow-overflow. The
+ * infinity already in the input is not counted: it is not an overflow. */
+static void
+test_overflow_error (void)
+{
+  static const struct { const char *dtype; const char *message; } cases[] = {
+    { "f16", "stage 'cast': tensor 'big': 2 of 5 values are too large for F16 and would become inf; "
+             "cast to bf16, which has f32's range, or set allow-overflow=true to write them so" },
+    { "f8-e4m3", "stage 'cast': tensor 'big': 3 of 5 values are too large for F8_E4M3 and would become NaN; "
+                 "cast to bf16, which has f32's range, or set allow-overflow=true to write them so" },
+  };
+  g_autoptr(LpCheckpoint) input = overflowing_input ();
+
+  for (guint k = 0; k < G_N_ELEMENTS (cases); k++)
+    {
+      g_autoptr(GError) error = NULL;
+      g_autoptr(LpStage) stage = make_cast (cases[k].dtype);
+      g_autoptr(LpCheckpoint) output = run_cast (stage, input, &error);
+      g_autoptr(GBytes) fine = NULL, bytes = NULL;
+
+      g_assert_no_error (error);
+      clear_messages ();
+      fine = lp_tensor_dup_data (lp_checkpoint_get_tensor (output, 0), &error);
+      g_assert_no_error (error);
+      bytes = lp_tensor_dup_data (lp_checkpoint_get_tensor (output, 1), &error);
+      g_assert_null (bytes);
+      g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC);
+      g_assert_cmpstr (error->message, ==, cases[k].message);
+      g_assert_cmpuint (messages->len, ==, 0);
+    }
+}
+
+/* allow-overflow=true writes them as torch does, and each tensor where it
+ * happened gets one warning (level WARNING, so lpipe prints it as a
+ * warning and -q silences it). */
+static void
+test_overflow_allowed (void)
+{
+  g_autoptr(LpCheckpoint) input = overflowing_input ();
 
   for (guint k = 0; k < 2; k++)
     {
+      g_autoptr(GError) error = NULL;
       g_autoptr(LpStage) stage = make_cast (k == 0 ? "f16" : "f8-e4m3");
+      g_autoptr(LpCheckpoint) output = NULL;
+
+      g_object_set (stage, "allow-overflow", TRUE, NULL);
       clear_messages ();
       output = run_cast (stage, input, &error);
       g_assert_no_error (error);
@@ -515,11 +613,12 @@ test_overflow_message (void)
           g_assert_no_error (error);
         }
       g_assert_cmpuint (messages->len, ==, 1);
+      g_assert_cmpuint (levels->len, ==, 1);
+      g_assert_cmpint (g_array_index (levels, GLogLevelFlags, 0) & G_LOG_LEVEL_MASK, ==, G_LOG_LEVEL_WARNING);
       if (k == 0)
-        g_assert_cmpstr (messages->pdata[0], ==, "cast: tensor 'big': 2 of 5 values overflowed to inf in F16");
+        g_assert_cmpstr (messages->pdata[0], ==, "stage 'cast': tensor 'big': 2 of 5 values overflowed to inf in F16");
       else
-        g_assert_cmpstr (messages->pdata[0], ==, "cast: tensor 'big': 3 of 5 values overflowed to NaN in F8_E4M3");
-      g_clear_object (&output);
+        g_assert_cmpstr (messages->pdata[0], ==, "stage 'cast': tensor 'big': 3 of 5 values overflowed to NaN in F8_E4M3");
     }
 }
 
@@ -537,6 +636,9 @@ main (int argc, char **argv)
   oracle = argv[2];
 
   messages = g_ptr_array_new_with_free_func (g_free);
+  levels = g_array_new (FALSE, FALSE, sizeof (GLogLevelFlags));
+  /* the convert plugin's warnings are captured and checked, not fatal */
+  g_log_set_always_fatal (G_LOG_FATAL_MASK | G_LOG_LEVEL_CRITICAL);
   g_log_set_writer_func (capture_writer, NULL, NULL);
 
   g_test_add_func ("/stage/cast/numpy", test_numpy);
@@ -544,7 +646,9 @@ main (int argc, char **argv)
   g_test_add_func ("/stage/cast/include-exclude", test_include_exclude);
   g_test_add_func ("/stage/cast/unsupported", test_unsupported);
   g_test_add_func ("/stage/cast/bad-properties", test_bad_properties);
-  g_test_add_func ("/stage/cast/overflow-message", test_overflow_message);
+  g_test_add_func ("/stage/cast/dtype-values", test_dtype_values);
+  g_test_add_func ("/stage/cast/overflow-error", test_overflow_error);
+  g_test_add_func ("/stage/cast/overflow-allowed", test_overflow_allowed);
 
   return g_test_run ();
 }

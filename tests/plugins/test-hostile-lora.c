@@ -188,9 +188,24 @@ module_update (LpCheckpoint *ckpt,
 /* Runs @run on @input and pulls every output tensor's data, so errors of
  * lazy tensors surface here. */
 static LpCheckpoint *
+run_stage_n (const StageRun *run,
+             LpCheckpoint  **inputs,
+             guint           n_inputs,
+             GError        **error);
+
+static LpCheckpoint *
 run_stage (const StageRun *run,
            LpCheckpoint   *input,
            GError        **error)
+{
+  return run_stage_n (run, &input, 1, error);
+}
+
+static LpCheckpoint *
+run_stage_n (const StageRun *run,
+             LpCheckpoint  **inputs,
+             guint           n_inputs,
+             GError        **error)
 {
   g_autoptr(LpStage) stage = lp_registry_create_stage (lp_test_registry (), run->stage, error);
   LpCheckpoint *output = NULL;
@@ -201,7 +216,7 @@ run_stage (const StageRun *run,
     if (!lp_stage_set_property_from_string (stage, run->props[i], run->props[i + 1], error))
       return NULL;
   if (!lp_stage_prepare (stage, error) ||
-      !lp_stage_run (stage, &input, 1, &output, error))
+      !lp_stage_run (stage, inputs, n_inputs, &output, error))
     return NULL;
   for (guint i = 0; i < lp_checkpoint_get_n_tensors (output); i++)
     {
@@ -659,6 +674,81 @@ test_lone_factor (void)
     }
 }
 
+/* Every LoRA stage, with the criteria that once crashed on no module
+ * (lora-svd energy/budget: g_new0 (..., 0) returned NULL and the stage
+ * returned NULL with no error, issue 11 item 2). */
+static const StageRun no_module_runs[] = {
+  { "lora-svd", { "rank", "2", NULL } },
+  { "lora-svd", { "energy", "0.9", NULL } },
+  { "lora-svd", { "sv-ratio", "4", NULL } },
+  { "lora-svd", { "sv-fro", "0.9", NULL } },
+  { "lora-svd", { "sv-cumulative", "0.9", NULL } },
+  { "lora-svd", { "budget", "1000", NULL } },
+  { "lora-project", { "rank", "2", NULL } },
+  { "rank-check", { "quiet", "true", NULL } },
+  { "rank-check", { "expect-rank", "4", "quiet", "true", NULL } },
+  { "lora-scale", { "factor", "2", NULL } },
+  { "lora-merge", { NULL } },
+};
+
+/* Each stage of no_module_runs fails on @input, naming the families it
+ * looked for and each of @parts (NULL-terminated). */
+static void
+assert_no_module_error (LpCheckpoint       *input,
+                        const char * const *parts)
+{
+  for (guint s = 0; s < G_N_ELEMENTS (no_module_runs); s++)
+    {
+      g_autoptr(GError) error = NULL;
+      g_autofree char *what = describe (&no_module_runs[s]);
+      LpCheckpoint *inputs[] = { input, input };
+      /* lora-merge takes two inputs or more */
+      guint n_inputs = g_str_equal (no_module_runs[s].stage, "lora-merge") ? 2 : 1;
+      g_autoptr(LpCheckpoint) out = run_stage_n (&no_module_runs[s], inputs, n_inputs, &error);
+
+      g_test_message ("%s: %s", what, error ? error->message : "(no error)");
+      if (out != NULL)
+        g_error ("%s accepted a file with no LoRA module", what);
+      g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT);
+      g_assert_nonnull (strstr (error->message, "no LoRA module"));
+      g_assert_nonnull (strstr (error->message, "kohya"));
+      g_assert_nonnull (strstr (error->message, ".lora_down.weight"));
+      g_assert_nonnull (strstr (error->message, "PEFT"));
+      for (guint i = 0; parts != NULL && parts[i] != NULL; i++)
+        g_assert_nonnull (strstr (error->message, parts[i]));
+    }
+}
+
+/* A checkpoint that is no LoRA at all (a base model's weights). */
+static void
+test_no_module (void)
+{
+  g_autoptr(LpCheckpoint) ckpt = lp_checkpoint_new ();
+  guint64 shape[] = { 4, 4 };
+  g_autofree float *w = fill (16, 3);
+
+  add_tensor (ckpt, "model.layers.0.self_attn.q_proj.weight", LP_DTYPE_F32, shape, 2, w);
+  assert_no_module_error (ckpt, NULL);
+}
+
+/* Parts of adapters of families the finder does not pair (keys as LyCORIS's
+ * LohaModule / DoRA and PEFT's LoraLayer write them): named in the error. */
+static void
+test_unknown_family (void)
+{
+  g_autoptr(LpCheckpoint) ckpt = lp_checkpoint_new ();
+  guint64 shape[] = { 4, 4 };
+  g_autofree float *w = fill (16, 3);
+  const char *const parts[] = {
+    "lora_unet_x.hada_w1_a", "lora_unet_x.oft_blocks",
+    "base_model.model.q.lora_magnitude_vector.weight", NULL,
+  };
+
+  for (guint i = 0; parts[i]; i++)
+    add_tensor (ckpt, parts[i], LP_DTYPE_F32, shape, 2, w);
+  assert_no_module_error (ckpt, parts);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -682,5 +772,7 @@ main (int argc, char **argv)
   g_test_add_func ("/hostile-lora/alpha-inf", test_alpha_inf);
   g_test_add_func ("/hostile-lora/alpha-bool", test_alpha_bool);
   g_test_add_func ("/hostile-lora/alpha-zero", test_alpha_zero);
+  g_test_add_func ("/hostile-lora/no-module", test_no_module);
+  g_test_add_func ("/hostile-lora/unknown-family", test_unknown_family);
   return g_test_run ();
 }

@@ -43,7 +43,7 @@ class PipelineTest(TestCase):
         self.assertEqual(registry.lookup('no-such-stage'), GObject.TYPE_INVALID)
         props = {p.name: p for p in GObject.list_properties(gtype)}
         self.assertIn('dtype', props)
-        self.assertEqual(props['dtype'].value_type, Lpipe.Dtype.__gtype__)
+        self.assertEqual(props['dtype'].value_type, Lpipe.FloatDtype.__gtype__)
 
         stage = registry.create_stage('cast')
         klass = type(stage)
