@@ -39,6 +39,11 @@ struct _LpPipeline
   guint threads;
 
   GMainContext *progress_context;   /* set during an async run */
+
+  /* What the stage that is running last reported, for the run statistics */
+  guint64 progress_tensors;
+  guint64 progress_bytes;
+  LpRunStats *last_stats;           /* of the last successful run */
 };
 
 G_DEFINE_FINAL_TYPE (LpPipeline, lp_pipeline, G_TYPE_OBJECT)
@@ -76,6 +81,7 @@ lp_pipeline_dispose (GObject *object)
 
   g_clear_pointer (&self->nodes, g_ptr_array_unref);
   g_clear_object (&self->registry);
+  g_clear_object (&self->last_stats);
 
   G_OBJECT_CLASS (lp_pipeline_parent_class)->dispose (object);
 }
@@ -135,11 +141,24 @@ lp_pipeline_set_property (GObject      *object,
     }
 }
 
+/* g_object_new() alone, as bindings construct (`Lpipe.Pipeline()`), gets
+ * the default registry like lp_pipeline_new (NULL). */
+static void
+lp_pipeline_constructed (GObject *object)
+{
+  LpPipeline *self = LP_PIPELINE (object);
+
+  G_OBJECT_CLASS (lp_pipeline_parent_class)->constructed (object);
+  if (self->registry == NULL)
+    self->registry = g_object_ref (lp_registry_get_default ());
+}
+
 static void
 lp_pipeline_class_init (LpPipelineClass *klass)
 {
   GObjectClass *object_class = G_OBJECT_CLASS (klass);
 
+  object_class->constructed = lp_pipeline_constructed;
   object_class->dispose = lp_pipeline_dispose;
   object_class->finalize = lp_pipeline_finalize;
   object_class->get_property = lp_pipeline_get_property;
@@ -210,8 +229,48 @@ lp_pipeline_new (LpRegistry *registry)
 {
   LpPipeline *self = g_object_new (LP_TYPE_PIPELINE, NULL);
 
-  self->registry = g_object_ref (registry ? registry : lp_registry_get_default ());
+  if (registry)
+    g_set_object (&self->registry, registry);
   return self;
+}
+
+/**
+ * lp_pipeline_parse_launch_string:
+ * @self: an empty pipeline
+ * @description: a chain in the inline `launch` syntax, as one string:
+ *   `safetensors-source location=a.safetensors ! cast dtype=bf16 !
+ *   safetensors-sink location=b.safetensors`
+ * @error: return location for a #GError
+ *
+ * Like lp_pipeline_parse_launch(), after splitting @description into words
+ * as a shell would (quotes keep a value with spaces in one word), so that
+ * scripts pass the string they would type after `lpipe launch`.
+ *
+ * Returns: %TRUE if the pipeline was built
+ */
+gboolean
+lp_pipeline_parse_launch_string (LpPipeline  *self,
+                                 const char  *description,
+                                 GError     **error)
+{
+  g_auto(GStrv) argv = NULL;
+  g_autoptr(GError) local_error = NULL;
+
+  g_return_val_if_fail (LP_IS_PIPELINE (self), FALSE);
+  g_return_val_if_fail (description != NULL, FALSE);
+
+  if (!g_shell_parse_argv (description, NULL, &argv, &local_error))
+    {
+      /* an empty string is the launch parser's "no stage" error */
+      if (!g_error_matches (local_error, G_SHELL_ERROR, G_SHELL_ERROR_EMPTY_STRING))
+        {
+          g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_SYNTAX,
+                       "launch: %s", local_error->message);
+          return FALSE;
+        }
+      argv = g_new0 (char *, 1);
+    }
+  return lp_pipeline_parse_launch (self, (const char * const *) argv, error);
 }
 
 static Node *
@@ -774,6 +833,20 @@ build_provenance (LpPipeline *self,
   return json_generator_to_data (gen, NULL);
 }
 
+/* The file a sink wrote, for the run statistics. */
+static void
+add_location (LpStage   *stage,
+              GPtrArray *locations)
+{
+  char *location = NULL;
+
+  if (g_object_class_find_property (G_OBJECT_GET_CLASS (stage), "location") == NULL)
+    return;
+  g_object_get (stage, "location", &location, NULL);
+  if (location)
+    g_ptr_array_add (locations, location);
+}
+
 /**
  * lp_pipeline_run:
  * @self: a pipeline
@@ -795,10 +868,14 @@ lp_pipeline_run (LpPipeline    *self,
   g_autoptr(GHashTable) outputs = NULL;   /* Node* -> LpCheckpoint */
   g_autoptr(GHashTable) uses = NULL;      /* Node* -> consumers left */
   g_autofree char *provenance = NULL;
+  g_autoptr(GPtrArray) locations = g_ptr_array_new_with_free_func (g_free);
+  gint64 start = g_get_monotonic_time ();
+  guint64 tensors_written = 0, bytes_written = 0;
   gboolean ok = TRUE;
 
   g_return_val_if_fail (LP_IS_PIPELINE (self), FALSE);
 
+  g_clear_object (&self->last_stats);
   if (!lp_pipeline_validate (self, error))
     return FALSE;
   order = resolve (self, error);
@@ -840,6 +917,7 @@ lp_pipeline_run (LpPipeline    *self,
       lp_stage_set_cancellable (node->stage, cancellable);
       lp_stage_set_provenance (node->stage, provenance);
 
+      self->progress_tensors = self->progress_bytes = 0;
       ok = lp_stage_run (node->stage, (LpCheckpoint **) inputs->pdata, inputs->len, &output, error);
       lp_stage_set_pipeline_context (node->stage, NULL, node->index, NULL, 0);
       lp_stage_set_cancellable (node->stage, NULL);
@@ -850,6 +928,12 @@ lp_pipeline_run (LpPipeline    *self,
         }
       if (output)
         g_hash_table_insert (outputs, node, g_steal_pointer (&output));
+      if (lp_stage_class_get_role (LP_STAGE_GET_CLASS (node->stage)) == LP_STAGE_ROLE_SINK)
+        {
+          tensors_written += self->progress_tensors;
+          bytes_written += self->progress_bytes;
+          add_location (node->stage, locations);
+        }
 
       /* Drop each output once its last consumer has run, so a long pipeline
        * holds no more than it needs. */
@@ -862,7 +946,28 @@ lp_pipeline_run (LpPipeline    *self,
             g_hash_table_remove (outputs, input);
         }
     }
+  if (ok)
+    self->last_stats = lp_run_stats_new ((g_get_monotonic_time () - start) / 1e6, order->len,
+                                         tensors_written, bytes_written, locations);
   return ok;
+}
+
+/**
+ * lp_pipeline_get_last_stats:
+ * @self: a pipeline
+ *
+ * What the last run did: its time, the tensors and bytes its sinks wrote and
+ * where. Call after lp_pipeline_run() or lp_pipeline_run_finish() returned
+ * %TRUE; a failed or cancelled run leaves none.
+ *
+ * Returns: (transfer none) (nullable): the statistics of the last run, or
+ *   %NULL if it failed or there was none
+ */
+LpRunStats *
+lp_pipeline_get_last_stats (LpPipeline *self)
+{
+  g_return_val_if_fail (LP_IS_PIPELINE (self), NULL);
+  return self->last_stats;
 }
 
 typedef struct {
@@ -898,6 +1003,9 @@ lp_pipeline_emit_progress (gpointer pipeline,
                            guint64  bytes_total)
 {
   LpPipeline *self = pipeline;
+
+  self->progress_tensors = MAX (self->progress_tensors, tensors_done);
+  self->progress_bytes = MAX (self->progress_bytes, bytes_done);
 
   /* During an async run each report is a main-loop wakeup; with nobody
    * listening (lpipe -q, or no progress bar) it would cost a context switch

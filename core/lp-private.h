@@ -31,6 +31,13 @@ void      lp_stage_set_pipeline_context (LpStage       *self,
 guint     lp_stage_get_index            (LpStage       *self);
 gpointer  lp_stage_get_pipeline_context (LpStage       *self);
 
+/* lp-run-stats.c: made by lp_pipeline_run(); @outputs holds strings */
+LpRunStats *lp_run_stats_new            (double         elapsed,
+                                         guint          n_stages,
+                                         guint64        tensors_written,
+                                         guint64        bytes_written,
+                                         GPtrArray     *outputs);
+
 /* lp-pipeline.c: forwarded to the "progress" signal */
 void      lp_pipeline_emit_progress     (gpointer       pipeline,
                                          guint64        tensors_done,

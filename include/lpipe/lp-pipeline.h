@@ -9,6 +9,7 @@
 #endif
 
 #include <lpipe/lp-registry.h>
+#include <lpipe/lp-run-stats.h>
 
 G_BEGIN_DECLS
 
@@ -38,6 +39,9 @@ gboolean      lp_pipeline_load_from_data    (LpPipeline    *self,
 gboolean      lp_pipeline_parse_launch      (LpPipeline    *self,
                                              const char * const *argv,
                                              GError       **error);
+gboolean      lp_pipeline_parse_launch_string (LpPipeline  *self,
+                                               const char  *description,
+                                               GError     **error);
 
 LpStage      *lp_pipeline_add_stage         (LpPipeline    *self,
                                              const char    *stage_name,
@@ -78,5 +82,6 @@ void          lp_pipeline_run_async         (LpPipeline          *self,
 gboolean      lp_pipeline_run_finish        (LpPipeline    *self,
                                              GAsyncResult  *result,
                                              GError       **error);
+LpRunStats   *lp_pipeline_get_last_stats    (LpPipeline    *self);
 
 G_END_DECLS

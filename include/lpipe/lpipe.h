@@ -14,6 +14,7 @@
 #include <lpipe/lp-name-filter.h>
 #include <lpipe/lp-stage.h>
 #include <lpipe/lp-registry.h>
+#include <lpipe/lp-run-stats.h>
 #include <lpipe/lp-pipeline.h>
 #include <lpipe/lp-safetensors.h>
 #include <lpipe/lp-lora.h>

@@ -307,17 +307,11 @@ lp_lora_fuse_aggregate (LpAggregator  *aggregator,
 
   for (guint i = 1; i < n_inputs; i++)
     {
-      g_autoptr (GPtrArray) modules = lp_lora_find_modules (inputs[i], NULL, NULL, NULL, error);
+      g_autoptr (GPtrArray) modules = lp_lora_find_modules_required (inputs[i], NULL, NULL, NULL, error);
 
       if (modules == NULL)
         {
           g_prefix_error (error, "LoRA %u (input %u): ", i, i + 1);
-          return NULL;
-        }
-      if (modules->len == 0)
-        {
-          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                       "LoRA %u (input %u): no LoRA module found", i, i + 1);
           return NULL;
         }
       for (guint m = 0; m < modules->len; m++)

@@ -422,15 +422,9 @@ lp_lora_spectrum_stage_consume (LpSink        *sink,
 
   g_array_set_clear_func (blocks, (GDestroyNotify) block_clear);
 
-  modules = lp_lora_find_modules (input, self->down_pattern, self->up_pattern, NULL, error);
+  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
   if (modules == NULL)
     return FALSE;
-  if (modules->len == 0)
-    {
-      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                           "no LoRA module found, so there is no spectrum to show");
-      return FALSE;
-    }
 
   spectra = compute_spectra (self, modules, error);
   if (spectra == NULL)

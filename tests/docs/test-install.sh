@@ -124,15 +124,62 @@ built=$(dirname "$(find "$tmp/example-prefix" -name 'libexample.so' | head -n 1)
 [ -d "$built" ] || fail "meson did not install the example plugin"
 check_plugin "$built"
 
-# ---- the installed typelib -------------------------------------------------
-if [ -e "$libdir/girepository-1.0/Lpipe-1.0.typelib" ]; then
-  GI_TYPELIB_PATH=$libdir/girepository-1.0 LD_LIBRARY_PATH=$libdir \
-    /usr/bin/python3 -c '
+# ---- Python and gjs in a fresh shell, as after the README's install -------
+# The README installs with --prefix=/usr, as Debian packages do: Debian's
+# libgirepository searches /usr/lib/<triplet>/girepository-1.0 and
+# /usr/lib/girepository-1.0 (not /usr/local), and python3-gi finds
+# gi/overrides under /usr/lib/python3/dist-packages. The staged files, at the
+# same paths below the prefix whatever it is, are laid over /usr in a private
+# mount namespace (nothing of the real /usr is written), and python3 and gjs
+# run with an empty environment: no GI_TYPELIB_PATH, no PYTHONPATH. (A build
+# configured for another prefix has that one compiled in as its plugin
+# directory, so the stage is laid over it too.)
+readme_install=$(sed -n '/^```sh$/{n;p;q}' "$LPIPE_SOURCE_ROOT/README.md")
+grep -q 'meson setup build --prefix=/usr ' <<<"$readme_install" ||
+  fail "the README's install does not configure --prefix=/usr: $readme_install"
+if [ -e "$LPIPE_BUILD_ROOT/core/Lpipe-1.0.typelib" ]; then
+  typelib_rel=${libdir#"$prefix"}/girepository-1.0
+  [ -e "$prefix$typelib_rel/Lpipe-1.0.typelib" ] || fail "typelib not installed in $typelib_rel"
+  [ -e "$prefix/lib/python3/dist-packages/gi/overrides/Lpipe.py" ] ||
+    fail "the Python overrides are not in lib/python3/dist-packages/gi/overrides"
+  search=$(env -i /usr/bin/python3 -c '
 import gi
-gi.require_version("Lpipe", "1.0")
+gi.require_version("GIRepository", "2.0")
+from gi.repository import GIRepository
+print("\n".join(GIRepository.Repository.get_search_path()))' 2>/dev/null ||
+    printf '%s\n' /usr/lib/x86_64-linux-gnu/girepository-1.0 /usr/lib/girepository-1.0)
+  grep -qx "/usr$typelib_rel" <<<"$search" ||
+    fail "/usr$typelib_rel is not in libgirepository's search path: $search"
+  if ! unshare --mount true 2>/dev/null; then
+    echo "no mount namespace here (not root?): the fresh-shell check needs one" >&2
+    exit 77
+  fi
+  cat >"$tmp/fresh.py" <<'PY'
+import gi
+gi.require_version('Lpipe', '1.0')
 from gi.repository import Lpipe
-assert Lpipe.Pipeline.__gtype__.name == "LpPipeline"
-' || fail "the staged typelib does not load"
+assert Lpipe.Pipeline.__module__ == 'gi.overrides.Lpipe', Lpipe.Pipeline.__module__
+assert 'GI_TYPELIB_PATH' not in __import__('os').environ
+pipeline = Lpipe.Pipeline.parse_launch('lora-synth preset=sd15-unet rank=2 ! rank-check')
+print('python ok', pipeline.get_n_stages())
+PY
+  cat >"$tmp/fresh.js" <<'JS'
+imports.gi.versions.Lpipe = '1.0';
+const {Lpipe} = imports.gi;
+const pipeline = Lpipe.Pipeline.new(null);
+pipeline.parse_launch_string('lora-synth preset=sd15-unet rank=2 ! rank-check');
+print('gjs ok', pipeline.get_n_stages());
+JS
+  # shellcheck disable=SC2016  # expanded by the inner shell
+  out=$(unshare --mount sh -c '
+    mount --make-rprivate / &&
+    mount -t overlay overlay -o "lowerdir=$1:/usr" /usr &&
+    { [ "$4" = /usr ] || mount -t overlay overlay -o "lowerdir=$1:$4" "$4"; } &&
+    env -i PATH=/usr/bin:/bin /usr/bin/python3 "$2" &&
+    env -i PATH=/usr/bin:/bin HOME=/nonexistent gjs "$3"' sh "$prefix" "$tmp/fresh.py" "$tmp/fresh.js" "${prefix#"$stage"}" 2>&1) ||
+    fail "the installed typelib does not load in a fresh shell: $out"
+  grep -q '^python ok 2$' <<<"$out" || fail "python: $out"
+  if command -v gjs >/dev/null; then grep -q '^gjs ok 2$' <<<"$out" || fail "gjs: $out"; fi
 fi
 
 echo "ok: staged install in ${prefix#$stage}, example plugin built with cc and meson"
