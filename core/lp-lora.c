@@ -1168,6 +1168,31 @@ set_number (JsonObject *object,
 }
 
 /**
+ * lp_lora_peft_pattern_key:
+ * @module_key: a module's name in the base model, as
+ *   lp_lora_module_get_peft_key() gives it
+ *
+ * The `rank_pattern` / `alpha_pattern` key that selects exactly this module.
+ * PEFT's `get_pattern_key` (peft/utils/other.py) matches a key K against a
+ * module name with `re.match(r"(.*\.)?(K)$", name)`: the escaped name alone
+ * would also select every module whose name ends with `.` and it
+ * (`proj_out` selects `blocks.0.proj_out`). A leading `^` inside the group
+ * only matches at the start of the name, so `(.*\.)?` must match nothing and
+ * the key matches the one module of that exact name.
+ *
+ * Returns: (transfer full): `^` and the module name, regex-escaped
+ */
+char *
+lp_lora_peft_pattern_key (const char *module_key)
+{
+  g_autofree char *escaped = NULL;
+
+  g_return_val_if_fail (module_key != NULL, NULL);
+  escaped = g_regex_escape_string (module_key, -1);
+  return g_strconcat ("^", escaped, NULL);
+}
+
+/**
  * lp_lora_update_adapter_config:
  * @json: the text of the input's `adapter_config.json`
  * @modules: (element-type LpLoraModule): the modules, as lp_lora_find_modules()
@@ -1183,9 +1208,9 @@ set_number (JsonObject *object,
  * `r` becomes the most common new rank (ties go to the one reached first in
  * @modules), `lora_alpha` the old `lora_alpha` scaled the same way, and
  * `rank_pattern` and `alpha_pattern` are rebuilt to hold exactly the modules
- * that differ from those, keyed by their full name in the base model as a
- * regular expression (PEFT matches `(.*\.)?(key)$` and takes the first key
- * that matches, so old, broader keys are not kept). Modules of other
+ * that differ from those, keyed by lp_lora_peft_pattern_key() (PEFT matches
+ * `(.*\.)?(key)$` and takes the first key that matches, so old, broader keys
+ * are not kept, and each new key selects exactly one module). Modules of other
  * conventions are skipped. Other members are kept, in their order.
  *
  * Returns: (transfer full): the new JSON text, or %NULL with @error set
@@ -1253,7 +1278,7 @@ lp_lora_update_adapter_config (const char  *json,
       k = new_ranks[i];
       alpha = config.use_rslora ? module->alpha_value * sqrt (k / module->rank)
                                 : module->alpha_value * k / module->rank;
-      key = g_regex_escape_string (module->peft_key, -1);
+      key = lp_lora_peft_pattern_key (module->peft_key);
       if (new_ranks[i] != best_rank)
         json_object_set_int_member (rank_pattern, key, new_ranks[i]);
       if (!nearly_equal (alpha, new_alpha))

@@ -79,6 +79,7 @@ LpTensor         *lp_lora_module_new_alpha        (LpLoraModule *self,
                                                    guint         new_rank);
 const char       *lp_lora_module_get_peft_key     (LpLoraModule *self);
 
+char             *lp_lora_peft_pattern_key        (const char    *module_key);
 char             *lp_lora_update_adapter_config   (const char    *json,
                                                    GPtrArray     *modules,
                                                    const guint   *new_ranks,

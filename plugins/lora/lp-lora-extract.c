@@ -358,8 +358,7 @@ peft_config (GPtrArray *jobs,
           Job *job = g_ptr_array_index (jobs, i);
           if (job->k == common_rank)
             continue;
-          g_autofree char *escaped = g_regex_escape_string (job->module + strlen ("base_model.model."), -1);
-          g_autofree char *key = g_strconcat ("^", escaped, NULL);
+          g_autofree char *key = lp_lora_peft_pattern_key (job->module + strlen ("base_model.model."));
           g_string_append (json, first ? "" : ", ");
           lp_lora_json_string (json, key);
           g_string_append_printf (json, ": %u", job->k);

@@ -373,7 +373,7 @@ most_common (GPtrArray *entries,
 
 /* An adapter_config.json for the converted modules: `r` and `lora_alpha`
  * the most common, `rank_pattern` and `alpha_pattern` the modules that
- * differ, keyed by their escaped full name as PEFT matches them. */
+ * differ, keyed by lp_lora_peft_pattern_key() (one module each). */
 static char *
 peft_config (GPtrArray *entries)
 {
@@ -385,7 +385,7 @@ peft_config (GPtrArray *entries)
   for (guint i = 0; i < entries->len; i++)
     {
       PeftEntry *entry = entries->pdata[i];
-      g_autofree char *key = g_regex_escape_string (entry->key, -1);
+      g_autofree char *key = lp_lora_peft_pattern_key (entry->key);
 
       if (entry->alpha == alpha)
         continue;
@@ -405,7 +405,7 @@ peft_config (GPtrArray *entries)
   for (guint i = 0; i < entries->len; i++)
     {
       PeftEntry *entry = entries->pdata[i];
-      g_autofree char *key = g_regex_escape_string (entry->key, -1);
+      g_autofree char *key = lp_lora_peft_pattern_key (entry->key);
 
       if (entry->rank == r)
         continue;

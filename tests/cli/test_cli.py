@@ -241,6 +241,24 @@ def main():
     check(q.returncode == 0 and open(out, "rb").read() == before_meta,
           "reduce --dry-run: run in place, byte for byte what reduce wrote (metadata too)")
 
+    # the default pipeline has no rank-check (lora-svd's record gives the
+    # errors); --report adds one, and writes each file's report by template
+    check(" rank-check " not in lines[0] and " ! lora-svd rank=2 ! safetensors-sink " in lines[0],
+          "reduce --dry-run: source ! lora-svd ! sink by default")
+    rep_dir = os.path.join(tmp, "rep")
+    p = lpipe("reduce", os.path.join(many, "l1.safetensors"), os.path.join(many, "l2.safetensors"), "--rank", "2",
+              "-d", rep_dir, "--report", os.path.join(rep_dir, "{stem}.json"))
+    reports = sorted(f for f in os.listdir(rep_dir) if f.endswith(".json")) if os.path.isdir(rep_dir) else []
+    check(p.returncode == 0 and reports == ["l1.json", "l2.json"], "reduce --report: one report per file, by template")
+    if reports:
+        rep = json.load(open(os.path.join(rep_dir, "l1.json")))
+        e = truncation_errors(os.path.join(many, "l1.safetensors"), 2)
+        got = {m["name"]: m["rel_error"] for m in rep["modules"]}
+        check(len(got) == 128 and all(abs(got[k] - e[k]) < 2e-3 for k in e),
+              "reduce --report: every module's error, as numpy computes it")
+    p = lpipe("reduce", many, "--rank", "2", "-d", rep_dir, "--report", "same.json", "--force")
+    check(p.returncode == 2 and "{stem}" in p.stderr, "reduce --report without {stem} for many files: misuse")
+
     # ---- PEFT folders stay folders ---------------------------------------------------
     peft = os.path.join(tmp, "my-adapter")
     os.mkdir(peft)

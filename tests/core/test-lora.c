@@ -640,9 +640,9 @@ test_config_dynamic (void)
   rank_pattern = json_object_get_object_member (out, "rank_pattern");
   alpha_pattern = json_object_get_object_member (out, "alpha_pattern");
   g_assert_cmpuint (json_object_get_size (rank_pattern), ==, 1);
-  g_assert_cmpint (json_object_get_int_member (rank_pattern, "layers\\.0\\.v"), ==, 5);
+  g_assert_cmpint (json_object_get_int_member (rank_pattern, "^layers\\.0\\.v"), ==, 5);
   g_assert_cmpuint (json_object_get_size (alpha_pattern), ==, 1);
-  g_assert_cmpfloat (json_object_get_double_member (alpha_pattern, "layers\\.0\\.v"), ==, 5.0);
+  g_assert_cmpfloat (json_object_get_double_member (alpha_pattern, "^layers\\.0\\.v"), ==, 5.0);
 }
 
 static void
@@ -666,6 +666,34 @@ test_config_patterns_rslora (void)
                            specs, G_N_ELEMENTS (specs), ranks, &out);
   g_assert_cmpint (json_object_get_int_member (out, "r"), ==, 2);
   g_assert_true (json_object_get_boolean_member (out, "use_rslora"));
+}
+
+/* A module whose name is the tail of another's: PEFT's get_pattern_key
+ * (peft/utils/other.py) matches a key K by `(.*\.)?(K)$`, so the key of
+ * `proj_out` written as its escaped name alone also selects
+ * `blocks.0.proj_out`, which PEFT would then build at the wrong rank. The
+ * round trip reads the config back by that rule: each module must get its
+ * own rank and scale. */
+static void
+test_config_anchored (void)
+{
+  const Spec specs[] = {
+    { "base_model.model.proj_out.lora_A.weight", 2, { 8, 6 } },
+    { "base_model.model.proj_out.lora_B.weight", 2, { 6, 8 } },
+    { "base_model.model.blocks.0.proj_out.lora_A.weight", 2, { 8, 6 } },
+    { "base_model.model.blocks.0.proj_out.lora_B.weight", 2, { 6, 8 } },
+    { "base_model.model.blocks.1.proj_out.lora_A.weight", 2, { 8, 6 } },
+    { "base_model.model.blocks.1.proj_out.lora_B.weight", 2, { 6, 8 } },
+  };
+  const guint ranks[] = { 5, 3, 3 };
+  g_autoptr(JsonObject) out = NULL;
+  JsonObject *rank_pattern;
+
+  check_config_round_trip ("{\"r\": 8, \"lora_alpha\": 16}",
+                           specs, G_N_ELEMENTS (specs), ranks, &out);
+  rank_pattern = json_object_get_object_member (out, "rank_pattern");
+  g_assert_cmpuint (json_object_get_size (rank_pattern), ==, 1);
+  g_assert_cmpint (json_object_get_int_member (rank_pattern, "^proj_out"), ==, 5);
 }
 
 static void
@@ -784,6 +812,7 @@ main (int   argc,
   g_test_add_func ("/lora/adapter-config/same-rank", test_config_uniform_same_rank);
   g_test_add_func ("/lora/adapter-config/dynamic", test_config_dynamic);
   g_test_add_func ("/lora/adapter-config/patterns-rslora", test_config_patterns_rslora);
+  g_test_add_func ("/lora/adapter-config/anchored", test_config_anchored);
   g_test_add_func ("/lora/samples", test_samples);
 
   return g_test_run ();
