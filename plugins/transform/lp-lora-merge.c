@@ -30,7 +30,8 @@
  * Other tensors and the metadata come from the first input that has them.
  *
  * Errors name the module: a module whose shapes or conventions differ
- * between inputs, a PEFT module absent from the first input.
+ * between inputs, a PEFT module absent from the first input, a weight that
+ * would put infinity into an up factor of the factors' dtype.
  */
 
 struct _LpLoraMerge
@@ -164,6 +165,7 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
   g_autofree guint *first_ranks = NULL;
   g_autofree guint *merged_ranks = NULL;
   const char *config = NULL;
+  g_autofree char *stage = lp_stage_describe (LP_STAGE (aggregator));
 
   if (!parse_weights (self, n_inputs, &weights, error))
     return NULL;
@@ -250,6 +252,7 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
       g_autofree LpBlock *down_blocks = g_new0 (LpBlock, n_inputs);
       g_autofree LpBlock *up_blocks = g_new0 (LpBlock, n_inputs);
       g_autofree LpTensor **factors = g_new0 (LpTensor *, 2 * n_inputs);
+      g_autoptr(GPtrArray) whats = g_ptr_array_new_with_free_func (g_free);
       g_autoptr(LpTensor) down = NULL, up = NULL, alpha = NULL;
       LpTensor *first_alpha = NULL;
       guint n_blocks = 0, offset = 0;
@@ -266,15 +269,28 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
           LpLoraModule *part = merged->parts[i];
           guint r;
 
+          double scale;
+          char *what;
+
           if (part == NULL)
             continue;
           r = lp_lora_module_get_rank (part);
+          scale = weights[i] * lp_lora_module_get_scale (part) / base_scale;
+          what = g_strdup_printf ("%s: module %s, weight %g of input %u", stage, merged->name, weights[i], i + 1);
+          g_ptr_array_add (whats, what);
+          if (!isfinite (scale))
+            {
+              g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                           "%s: the weight times the module's scale %g is too large for a number",
+                           what, lp_lora_module_get_scale (part));
+              goto fail;
+            }
           if (first_alpha == NULL)
             first_alpha = lp_lora_module_get_alpha (part);
           down_blocks[n_blocks] = (LpBlock) { lp_lora_module_get_down (part), 0, r, offset, 0, 1.0 };
           up_blocks[n_blocks] = (LpBlock) {
             lp_lora_module_get_up (part), 0, lp_lora_module_get_out_features (part), 0, offset,
-            weights[i] * lp_lora_module_get_scale (part) / base_scale };
+            scale, what };
           factors[2 * n_blocks] = lp_lora_module_get_down (part);
           factors[2 * n_blocks + 1] = lp_lora_module_get_up (part);
           n_blocks++;

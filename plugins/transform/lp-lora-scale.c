@@ -19,7 +19,8 @@
  * `rank · factor`), and the factors are passed on untouched. Elsewhere
  * (diffusers, PEFT, the others) √|factor| is folded into both factors, with
  * the sign on the up factor, so neither factor's magnitude grows lopsided.
- * Other tensors pass through.
+ * Other tensors pass through. A factor that would put infinity in a factor
+ * of the factors' dtype is an error naming the module and the factor.
  */
 
 struct _LpLoraScale
@@ -59,13 +60,14 @@ lp_lora_scale_prepare (LpStage  *stage,
 }
 
 static LpTensor *
-scaled_factor (LpTensor  *factor,
-               double     scale,
-               GError   **error)
+scaled_factor (LpTensor    *factor,
+               double       scale,
+               const char  *what,
+               GError     **error)
 {
   const guint64 *shape;
   guint n_dims;
-  LpBlock block = { factor, 0, lp_tensor_get_dim (factor, 0), 0, 0, scale };
+  LpBlock block = { factor, 0, lp_tensor_get_dim (factor, 0), 0, 0, scale, what };
 
   shape = lp_tensor_get_shape (factor, &n_dims);
   return lp_block_tensor_new (lp_tensor_get_name (factor), lp_tensor_get_dtype (factor),
@@ -85,6 +87,7 @@ lp_lora_scale_transform (LpTransform   *transform,
   g_autoptr(GHashTable) add_after = NULL; /* up factor -> new alpha */
   guint n = lp_checkpoint_get_n_tensors (input);
   guint n_scaled = 0;
+  g_autofree char *stage = lp_stage_describe (LP_STAGE (transform));
 
   if (!lp_lora_scale_prepare (LP_STAGE (self), error))
     return NULL;
@@ -106,9 +109,12 @@ lp_lora_scale_transform (LpTransform   *transform,
       LpTensor *up = lp_lora_module_get_up (module);
       LpTensor *alpha = lp_lora_module_get_alpha (module);
 
+      g_autofree char *what = NULL;
+
       if (!lp_name_filter_matches (filter, name))
         continue;
       n_scaled++;
+      what = g_strdup_printf ("%s: module %s, factor %g", stage, name, self->factor);
 
       if (lp_lora_module_get_convention (module) == LP_LORA_CONVENTION_KOHYA)
         {
@@ -116,6 +122,13 @@ lp_lora_scale_transform (LpTransform   *transform,
           g_autofree char *alpha_name = g_strconcat (name, ".alpha", NULL);
           LpTensor *new_alpha;
 
+          if (!isfinite (value))
+            {
+              g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                           "module %s: alpha %g times factor %g is too large for a number",
+                           name, lp_lora_module_get_alpha_value (module), self->factor);
+              return NULL;
+            }
           new_alpha = lp_alpha_tensor_new (alpha_name,
                                            lp_tensor_get_dtype (alpha != NULL ? alpha : down),
                                            value, error);
@@ -129,13 +142,13 @@ lp_lora_scale_transform (LpTransform   *transform,
       else
         {
           double root = sqrt (fabs (self->factor));
-          LpTensor *new_down = scaled_factor (down, root, error);
+          LpTensor *new_down = scaled_factor (down, root, what, error);
           LpTensor *new_up;
 
           if (new_down == NULL)
             return NULL;
           g_hash_table_insert (replace, down, new_down);
-          new_up = scaled_factor (up, self->factor < 0 ? -root : root, error);
+          new_up = scaled_factor (up, self->factor < 0 ? -root : root, what, error);
           if (new_up == NULL)
             return NULL;
           g_hash_table_insert (replace, up, new_up);

@@ -4,6 +4,7 @@
  */
 #include "lp-transform-common.h"
 
+#include <math.h>
 #include <string.h>
 
 /* The columns of a factor seen as 2-D: every dimension but the first. */
@@ -29,9 +30,79 @@ assembly_free (gpointer data)
   Assembly *assembly = data;
 
   for (guint i = 0; i < assembly->n_blocks; i++)
-    g_object_unref (assembly->blocks[i].source);
+    {
+      g_object_unref (assembly->blocks[i].source);
+      g_free ((char *) assembly->blocks[i].what);
+    }
   g_free (assembly->blocks);
   g_free (assembly);
+}
+
+static gboolean
+all_finite (const double *values,
+            guint64       n,
+            gsize         overflow)
+{
+  if (overflow > 0)
+    return FALSE;
+  for (guint64 i = 0; i < n; i++)
+    if (!isfinite (values[i]))
+      return FALSE;
+  return TRUE;
+}
+
+/* The output would hold infinity or NaN: find the checked block that puts
+ * them there (the error path only, so each block is converted again). */
+static GBytes *
+blame_block (Assembly  *assembly,
+             LpTensor  *tensor,
+             GError   **error)
+{
+  LpDtype dtype = lp_tensor_get_dtype (tensor);
+
+  for (guint b = 0; b < assembly->n_blocks; b++)
+    {
+      const LpBlock *block = &assembly->blocks[b];
+      guint64 n = block->n_rows * n_columns (block->source);
+      guint64 first = block->row_start * n_columns (block->source);
+      g_autofree double *src = NULL;
+      g_autofree guint8 *scratch = NULL;
+      gsize bad = 0;
+
+      if (block->what == NULL)
+        continue;
+      src = lp_tensor_dup_f64 (block->source, NULL, error);
+      if (src == NULL)
+        return NULL;
+      for (guint64 i = 0; i < n; i++)
+        bad += !isfinite (src[first + i]);
+      if (bad > 0)
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                       "%s: tensor '%s': its input '%s' holds %" G_GSIZE_FORMAT " infinite or NaN values",
+                       block->what, lp_tensor_get_name (tensor), lp_tensor_get_name (block->source), bad);
+          return NULL;
+        }
+      scratch = g_malloc (MAX (n, 1) * 8);
+      for (guint64 i = 0; i < n; i++)
+        src[first + i] *= block->scale;
+      bad = lp_dtype_from_f64 (dtype, src + first, scratch, n);
+      for (guint64 i = 0; i < n; i++)
+        bad += !isfinite (src[first + i]);
+      if (bad > 0)
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                       "%s: tensor '%s': %" G_GSIZE_FORMAT " of %" G_GUINT64_FORMAT
+                       " values would be written as infinity or NaN in %s; "
+                       "make it smaller (or cast the input to a wider dtype first)",
+                       block->what, lp_tensor_get_name (tensor), bad, n, lp_dtype_to_string (dtype));
+          return NULL;
+        }
+    }
+  /* blocks copied as they are brought them: not ours to judge */
+  g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+               "tensor '%s': the input's values are infinity or NaN", lp_tensor_get_name (tensor));
+  return NULL;
 }
 
 static GBytes *
@@ -45,6 +116,11 @@ assembly_data (LpTensor  *tensor,
   gsize n_bytes = lp_tensor_get_n_bytes (tensor);
   g_autofree double *out = g_new0 (double, MAX (n, 1));
   gpointer bytes;
+  gboolean checked = FALSE;
+  gsize overflow;
+
+  for (guint b = 0; b < assembly->n_blocks; b++)
+    checked |= assembly->blocks[b].what != NULL;
 
   /* f64 holds every value of the float dtypes exactly, so a block with
    * scale 1 is copied bit for bit and a scaled one is rounded once. */
@@ -67,7 +143,12 @@ assembly_data (LpTensor  *tensor,
     }
 
   bytes = g_malloc (MAX (n_bytes, 1));
-  lp_dtype_from_f64 (lp_tensor_get_dtype (tensor), out, bytes, n);
+  overflow = lp_dtype_from_f64 (lp_tensor_get_dtype (tensor), out, bytes, n);
+  if (checked && !all_finite (out, n, overflow))
+    {
+      g_free (bytes);
+      return blame_block (assembly, tensor, error);
+    }
   return g_bytes_new_take (bytes, n_bytes);
 }
 
@@ -104,7 +185,10 @@ lp_block_tensor_new (const char     *name,
   assembly->blocks = g_memdup2 (blocks, n_blocks * sizeof (LpBlock));
   assembly->n_blocks = n_blocks;
   for (guint b = 0; b < n_blocks; b++)
-    g_object_ref (assembly->blocks[b].source);
+    {
+      g_object_ref (assembly->blocks[b].source);
+      assembly->blocks[b].what = g_strdup (blocks[b].what);
+    }
 
   return lp_tensor_new_lazy (name, dtype, shape, n_dims, assembly_data, assembly,
                              assembly_free, error);

@@ -19,6 +19,10 @@ G_BEGIN_DECLS
  * @dest_row: where the rows go in the output
  * @dest_col: the column of the output where the source's first column goes
  * @scale: what the values are multiplied by on the way
+ * @what: (nullable): for a block whose scale the user chose, what errors
+ *   call it ("stage 2 'lora-scale': module x, factor 1e+40"); such a block
+ *   must not put infinity or NaN into the output, which is then an error
+ *   naming it. Blocks without it are copied as they are.
  *
  * One piece of an assembled factor. The output is zero where no block writes.
  */
@@ -29,6 +33,7 @@ typedef struct {
   guint64 dest_row;
   guint64 dest_col;
   double scale;
+  const char *what;
 } LpBlock;
 
 LpTensor  *lp_block_tensor_new   (const char     *name,

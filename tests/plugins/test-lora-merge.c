@@ -2,6 +2,7 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
+#include <math.h>
 #include <string.h>
 
 #include "transform-test-util.h"
@@ -101,6 +102,55 @@ test_errors (void)
                 STRS ("module lora_unet_x: inputs 1 and 2", "different conventions"));
 }
 
+/* Weights that put infinity into the merged up factor are an error naming
+ * the module, the weight and the input, and nothing is written; a weight
+ * times a module's scale past f64 fails at once; an input already holding
+ * NaN is named as such. */
+static void
+test_overflow (void)
+{
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autofree char *path = g_build_filename (dir, "out.safetensors", NULL);
+  g_autoptr(LpCheckpoint) a = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "2", "dtype", "bf16");
+  g_autoptr(LpCheckpoint) b = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "2", "seed", "2", "dtype", "bf16");
+  g_autoptr(LpCheckpoint) k = synth ("preset", "sd15-unet", "format", "kohya", "rank", "2", "alpha", "8", "dtype", "f32");
+  g_autoptr(LpCheckpoint) nan = lp_checkpoint_new ();
+  g_autoptr(LpCheckpoint) finite = lp_checkpoint_new ();
+  LpCheckpoint *ab[] = { a, b }, *kk[] = { k, k }, *nf[] = { finite, nan };
+  g_autoptr(LpCheckpoint) merged = run_ok ("lora-merge", ab, 2, "weights", "1,1e80", NULL);
+  g_autoptr(LpCheckpoint) with_nan = NULL;
+  g_autoptr(GError) error = NULL;
+  const float bad[6] = { 1.0f, NAN, 0.5f, 0.25f, 0.5f, 0.25f };
+  guint64 shape[2] = { 2, 2 };
+  g_autoptr(LpTensor) t = NULL;
+
+  lp_test_run_stage ("safetensors-sink", &merged, 1, &error, "location", path, NULL);
+  g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC);
+  g_assert_nonnull (strstr (error->message, "stage 'lora-merge': module "
+                            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q, weight 1e+80 of input 2: "
+                            "tensor 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight': "));
+  g_assert_nonnull (strstr (error->message, "values would be written as infinity or NaN in BF16"));
+  g_assert_false (g_file_test (path, G_FILE_TEST_EXISTS));
+  g_clear_error (&error);
+
+  /* kohya scale alpha / rank = 4: 1e308 * 4 is no number */
+  expect_error ("lora-merge", kk, 2, STRS ("weights", "1,1e308"), LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                STRS ("weight 1e+308 of input 2: the weight times the module's scale 4 is too large for a number"));
+
+  add_kohya (finite, "lora_unet_x", 2, 2, 2);
+  t = lp_test_tensor ("lora_unet_x.lora_down.weight", LP_DTYPE_F32, shape, 2, bad + 2);
+  g_assert_true (lp_checkpoint_add_tensor (nan, t, &error));
+  g_clear_object (&t);
+  t = lp_test_tensor ("lora_unet_x.lora_up.weight", LP_DTYPE_F32, shape, 2, bad);
+  g_assert_true (lp_checkpoint_add_tensor (nan, t, &error));
+  with_nan = run_ok ("lora-merge", nf, 2, "method", "concat", NULL);
+  lp_test_run_stage ("safetensors-sink", &with_nan, 1, &error, "location", path, NULL);
+  g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC);
+  g_assert_nonnull (strstr (error->message, "module lora_unet_x, weight 1 of input 2: tensor "
+                            "'lora_unet_x.lora_up.weight': its input 'lora_unet_x.lora_up.weight' holds 1 infinite or NaN values"));
+  g_assert_false (g_file_test (path, G_FILE_TEST_EXISTS));
+}
+
 int
 main (int argc, char **argv)
 {
@@ -110,6 +160,7 @@ main (int argc, char **argv)
   g_test_add_func ("/stage/lora-merge/diffusers-bf16", test_diffusers_bf16);
   g_test_add_func ("/stage/lora-merge/peft", test_peft);
   g_test_add_func ("/stage/lora-merge/errors", test_errors);
+  g_test_add_func ("/stage/lora-merge/overflow", test_overflow);
 
   return g_test_run ();
 }

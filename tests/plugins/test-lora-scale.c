@@ -70,6 +70,32 @@ test_errors (void)
                 LP_STAGE_ERROR_INVALID_INPUT, STRS ("no LoRA module to scale"));
 }
 
+/* A factor whose √ puts infinity into a bf16 factor is an error naming the
+ * module and the factor when the data is computed (by the sink), and no
+ * file is written; a kohya alpha times the factor past f64 fails at once. */
+static void
+test_overflow (void)
+{
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autofree char *path = g_build_filename (dir, "out.safetensors", NULL);
+  g_autoptr(LpCheckpoint) input = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "2", "dtype", "bf16");
+  g_autoptr(LpCheckpoint) output = run1 ("lora-scale", input, "factor", "1e90");
+  g_autoptr(LpCheckpoint) kohya = synth ("preset", "sd15-unet", "format", "kohya", "rank", "2", "alpha", "8", "dtype", "bf16");
+  g_autoptr(GError) error = NULL;
+
+  lp_test_run_stage ("safetensors-sink", &output, 1, &error, "location", path, NULL);
+  g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC);
+  g_assert_nonnull (strstr (error->message, "stage 'lora-scale': module "
+                            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q, factor 1e+90: "
+                            "tensor 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight': "));
+  g_assert_nonnull (strstr (error->message, "values would be written as infinity or NaN in BF16"));
+  g_assert_false (g_file_test (path, G_FILE_TEST_EXISTS));
+
+  expect_error ("lora-scale", &kohya, 1, STRS ("factor", "1e308"), LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                STRS ("module lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q: "
+                      "alpha 8 times factor 1e+308 is too large for a number"));
+}
+
 int
 main (int argc, char **argv)
 {
@@ -79,6 +105,7 @@ main (int argc, char **argv)
   g_test_add_func ("/stage/lora-scale/kohya-alpha", test_kohya_alpha);
   g_test_add_func ("/stage/lora-scale/kohya-no-alpha", test_kohya_no_alpha);
   g_test_add_func ("/stage/lora-scale/errors", test_errors);
+  g_test_add_func ("/stage/lora-scale/overflow", test_overflow);
 
   return g_test_run ();
 }
