@@ -7,6 +7,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -1081,6 +1084,69 @@ source_file_unref (SourceFile *f)
     }
 }
 
+/* Opens @filename for reading, refusing anything but a regular file: a FIFO
+ * would block open() until a writer came (for ever, past Ctrl-C), and a
+ * device or a directory is not a file of tensors. The type is checked on
+ * the open descriptor (opened non-blocking so that a FIFO returns at once),
+ * so the file looked at is the file read. */
+static SourceFile *
+source_file_open (const char  *filename,
+                  const char  *display,
+                  GError     **error)
+{
+  SourceFile *source;
+  struct stat st;
+  const char *kind = NULL;
+  int fd;
+
+  do
+    fd = open (filename, O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0)
+    {
+      int saved_errno = errno;
+      g_set_error (error, G_FILE_ERROR, g_file_error_from_errno (saved_errno),
+                   "Could not open “%s”: %s", display, g_strerror (saved_errno));
+      return NULL;
+    }
+  if (fstat (fd, &st) != 0)
+    {
+      int saved_errno = errno;
+      close (fd);
+      g_set_error (error, G_FILE_ERROR, g_file_error_from_errno (saved_errno),
+                   "Could not look at “%s”: %s", display, g_strerror (saved_errno));
+      return NULL;
+    }
+  if (S_ISDIR (st.st_mode))
+    kind = "a directory";
+  else if (S_ISFIFO (st.st_mode))
+    kind = "a FIFO";
+  else if (S_ISCHR (st.st_mode))
+    kind = "a character device";
+  else if (S_ISBLK (st.st_mode))
+    kind = "a block device";
+  else if (S_ISSOCK (st.st_mode))
+    kind = "a socket";
+  else if (!S_ISREG (st.st_mode))
+    kind = "not a regular file";
+  if (kind != NULL)
+    {
+      close (fd);
+      g_set_error (error, G_FILE_ERROR, S_ISDIR (st.st_mode) ? G_FILE_ERROR_ISDIR : G_FILE_ERROR_INVAL,
+                   "“%s” is %s, not a safetensors file", display, kind);
+      return NULL;
+    }
+  /* Reads of a regular file never block; pread() should not see O_NONBLOCK
+   * all the same. */
+  (void) fcntl (fd, F_SETFL, fcntl (fd, F_GETFL) & ~O_NONBLOCK);
+
+  source = g_new0 (SourceFile, 1);
+  g_atomic_ref_count_init (&source->ref);
+  source->fd = fd;
+  source->display = g_strdup (display);
+  return source;
+}
+
 /* Bigger tensors stay zero-copy views of the mapping (see below). */
 #define PREAD_MAX (16 * 1024 * 1024)
 
@@ -1395,40 +1461,25 @@ lp_safetensors_load (const char  *filename,
   g_autoptr(GBytes) bytes = NULL;
   g_autoptr(LpCheckpoint) checkpoint = NULL;
   g_autofree char *display = NULL;
+  SourceFile *source;
 
   g_return_val_if_fail (filename != NULL, NULL);
   g_return_val_if_fail (error == NULL || *error == NULL, NULL);
 
-  mapped = g_mapped_file_new (filename, FALSE, error);
-  if (mapped == NULL)
-    return NULL;
-  bytes = g_mapped_file_get_bytes (mapped);
   display = g_filename_display_name (filename);
-
-  {
-    SourceFile *source = NULL;
-    int fd = open (filename, O_RDONLY | O_CLOEXEC);
-
-    /* Opened after the mapping: the same file unless it was replaced in
-     * between, which the header check of the mapped bytes would not see;
-     * compare the two to be sure. */
-    if (fd >= 0)
-      {
-        struct stat a, b;
-        if (fstat (fd, &a) == 0 && g_stat (filename, &b) == 0 && a.st_ino == b.st_ino &&
-            (gsize) a.st_size == g_mapped_file_get_length (mapped))
-          {
-            source = g_new0 (SourceFile, 1);
-            g_atomic_ref_count_init (&source->ref);
-            source->fd = fd;
-            source->display = g_strdup (display);
-          }
-        else
-          close (fd);
-      }
-    checkpoint = load_bytes (bytes, g_mapped_file_get_length (mapped) > 0, source, display, error);
-    source_file_unref (source);
-  }
+  source = source_file_open (filename, display, error);
+  if (source == NULL)
+    return NULL;
+  mapped = g_mapped_file_new_from_fd (source->fd, FALSE, error);
+  if (mapped == NULL)
+    {
+      g_prefix_error (error, "%s: ", display);
+      source_file_unref (source);
+      return NULL;
+    }
+  bytes = g_mapped_file_get_bytes (mapped);
+  checkpoint = load_bytes (bytes, g_mapped_file_get_length (mapped) > 0, source, display, error);
+  source_file_unref (source);
   if (checkpoint == NULL)
     return NULL;
   if (!read_adapter_config (checkpoint, filename, error))
@@ -1437,17 +1488,31 @@ lp_safetensors_load (const char  *filename,
   return g_steal_pointer (&checkpoint);
 }
 
-/* ---- atomic files ------------------------------------------------------ */
+/* ---- output files ------------------------------------------------------ */
 
-/* A file written under a temporary name in the target's directory and renamed
- * over the target once complete and on disk: readers see the old file or the
- * new one, never a part, and a file that is mapped (the input itself,
- * perhaps) is never truncated under its reader. */
+/* Where the sink's bytes go. A regular file (or a name not yet taken) is
+ * written under a temporary name in its directory and renamed over once
+ * complete and on disk: readers see the old file or the new one, never a
+ * part, and a file that is mapped (the input itself, perhaps) is never
+ * truncated under its reader. A symlink is followed, as cp and shells do,
+ * and its target replaced the same way, so the link stays a link.
+ *
+ * A FIFO or a character device (/dev/null, a terminal) cannot be replaced
+ * and must not be: renaming over /dev/null would turn it into a file that
+ * everything else then fills. Those are written through as a stream, in
+ * order, with no atomicity (a failed run leaves part of a file in the
+ * stream), which is what cp and shell redirections do. So is a file reached
+ * through /proc (/dev/stdout, /dev/fd/N): the link names another process's
+ * view of a descriptor, and replacing the file behind it would leave that
+ * descriptor on the old one. Block devices, sockets and directories are
+ * refused. */
 typedef struct {
-  char *path;
+  char *path;           /* the file to replace: the end of any symlinks */
   char *tmp_path;
-  char *display;
+  char *display;        /* as the user named it */
   int fd;
+  gboolean stream;      /* written through, never renamed */
+  GCancellable *cancellable;
   guchar *buffer;
   gsize buffered;
 } AtomicFile;
@@ -1462,6 +1527,111 @@ set_io_error (GError     **error,
                "%s “%s”: %s", what, display, g_strerror (saved_errno));
 }
 
+/* What a file that is not a regular file is, for messages; NULL for the
+ * kinds that are written through. */
+static const char *
+describe_refused_type (mode_t mode)
+{
+  if (S_ISDIR (mode))
+    return "a directory";
+  if (S_ISBLK (mode))
+    return "a block device";
+  if (S_ISSOCK (mode))
+    return "a socket";
+  if (S_ISREG (mode) || S_ISFIFO (mode) || S_ISCHR (mode))
+    return NULL;
+  return "not a regular file";
+}
+
+/* Follows @path's symlinks to what is to be written: *target (a regular
+ * file or a free name, replaced atomically; or, with *stream, something
+ * written through). */
+static gboolean
+resolve_output (const char  *path,
+                const char  *display,
+                char       **target,
+                gboolean    *stream,
+                GError     **error)
+{
+  g_autofree char *current = g_strdup (path);
+
+  /* The kernel's own limit on links in a path (MAXSYMLINKS). */
+  for (guint links = 0; ; links++)
+    {
+      struct stat st;
+      const char *refused;
+      char *next;
+
+      if (lstat (current, &st) != 0)
+        {
+          if (errno != ENOENT)
+            {
+              set_io_error (error, errno, "Could not look at", display);
+              return FALSE;
+            }
+          *target = g_steal_pointer (&current);
+          *stream = FALSE;
+          return TRUE;
+        }
+      if (S_ISLNK (st.st_mode) && g_str_has_prefix (current, "/proc/"))
+        {
+          /* /proc/self/fd/1 and friends: not a name to put a file under. */
+          if (stat (current, &st) != 0)
+            {
+              set_io_error (error, errno, "Could not look at", display);
+              return FALSE;
+            }
+          refused = describe_refused_type (st.st_mode);
+          if (refused != NULL)
+            goto refuse;
+          *target = g_steal_pointer (&current);
+          *stream = TRUE;
+          return TRUE;
+        }
+      if (S_ISLNK (st.st_mode))
+        {
+          g_autofree char *link = NULL;
+          GError *local_error = NULL;
+
+          if (links >= 40)
+            {
+              set_io_error (error, ELOOP, "Could not follow the symbolic links of", display);
+              return FALSE;
+            }
+          link = g_file_read_link (current, &local_error);
+          if (link == NULL)
+            {
+              g_propagate_error (error, local_error);
+              return FALSE;
+            }
+          if (g_path_is_absolute (link))
+            next = g_steal_pointer (&link);
+          else
+            {
+              g_autofree char *dir = g_path_get_dirname (current);
+              next = g_build_filename (dir, link, NULL);
+            }
+          g_free (current);
+          current = next;
+          continue;
+        }
+      refused = describe_refused_type (st.st_mode);
+      if (refused != NULL)
+        goto refuse;
+      *stream = !S_ISREG (st.st_mode);
+      *target = g_steal_pointer (&current);
+      return TRUE;
+
+    refuse:
+      g_set_error (error, G_IO_ERROR,
+                   S_ISDIR (st.st_mode) ? G_IO_ERROR_IS_DIRECTORY : G_IO_ERROR_NOT_REGULAR_FILE,
+                   "Could not write “%s”: it is %s (lpipe writes regular files, replacing them "
+                   "atomically, and writes through to FIFOs and character devices)",
+                   display, refused);
+      return FALSE;
+    }
+}
+
 static void
 atomic_file_free (AtomicFile *f)
 {
@@ -1472,27 +1642,106 @@ atomic_file_free (AtomicFile *f)
   g_free (f->path);
   g_free (f->tmp_path);
   g_free (f->display);
+  g_clear_object (&f->cancellable);
   g_free (f->buffer);
   g_free (f);
 }
 
 G_DEFINE_AUTOPTR_CLEANUP_FUNC (AtomicFile, atomic_file_free)
 
+/* Waits up to 100 ms for @fd to take more bytes; FALSE with an error once
+ * @f's run is cancelled. A stream is written non-blocking so that a reader
+ * that stops reading cannot hold the run past Ctrl-C. */
+static gboolean
+wait_writable (AtomicFile  *f,
+               GError     **error)
+{
+  struct pollfd pfd = { f->fd, POLLOUT, 0 };
+
+  if (g_cancellable_set_error_if_cancelled (f->cancellable, error))
+    return FALSE;
+  (void) poll (&pfd, 1, 100);
+  return TRUE;
+}
+
+/* Opens a stream output for writing. A FIFO opened for writing waits for a
+ * reader (as a shell redirection does), but here the wait is a loop that
+ * ends when the run is cancelled. */
+static gboolean
+open_stream (AtomicFile  *f,
+             GError     **error)
+{
+  struct stat st;
+  int flags;
+
+  for (;;)
+    {
+      f->fd = open (f->path, O_WRONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+      if (f->fd >= 0)
+        break;
+      if (errno == EINTR)
+        continue;
+      if (errno != ENXIO)
+        {
+          set_io_error (error, errno, "Could not open", f->display);
+          return FALSE;
+        }
+      /* ENXIO: a FIFO with no reader yet. */
+      if (g_cancellable_set_error_if_cancelled (f->cancellable, error))
+        return FALSE;
+      g_usleep (20 * 1000);
+    }
+  /* It may have been replaced since it was looked at. */
+  if (fstat (f->fd, &st) != 0)
+    {
+      set_io_error (error, errno, "Could not look at", f->display);
+      return FALSE;
+    }
+  if (S_ISREG (st.st_mode))
+    {
+      /* A file behind /proc/self/fd/N: written from its start, as `cp x
+       * /dev/stdout` does. */
+      if (ftruncate (f->fd, 0) != 0 && errno != EINVAL)
+        {
+          set_io_error (error, errno, "Could not write", f->display);
+          return FALSE;
+        }
+      flags = fcntl (f->fd, F_GETFL);
+      (void) fcntl (f->fd, F_SETFL, flags & ~O_NONBLOCK);
+    }
+  else if (describe_refused_type (st.st_mode) != NULL)
+    {
+      g_set_error (error, G_IO_ERROR, G_IO_ERROR_NOT_REGULAR_FILE,
+                   "Could not write “%s”: it is %s", f->display, describe_refused_type (st.st_mode));
+      return FALSE;
+    }
+  return TRUE;
+}
+
 static AtomicFile *
-atomic_file_new (const char  *path,
-                 GError     **error)
+atomic_file_new (const char    *path,
+                 GCancellable  *cancellable,
+                 GError       **error)
 {
   g_autoptr(AtomicFile) f = g_new0 (AtomicFile, 1);
-  g_autofree char *dir = g_path_get_dirname (path);
-  g_autofree char *base = g_path_get_basename (path);
-  g_autofree char *tmpl_base = g_strconcat (".", base, ".XXXXXX", NULL);
-  char *tmpl = g_build_filename (dir, tmpl_base, NULL);
+  g_autofree char *dir = NULL;
+  g_autofree char *base = NULL;
+  g_autofree char *tmpl_base = NULL;
+  char *tmpl;
   struct stat st;
 
   f->fd = -1;
-  f->path = g_strdup (path);
   f->display = g_filename_display_name (path);
+  f->cancellable = cancellable ? g_object_ref (cancellable) : NULL;
+  if (!resolve_output (path, f->display, &f->path, &f->stream, error))
+    return NULL;
+  if (f->stream)
+    return open_stream (f, error) ? g_steal_pointer (&f) : NULL;
 
+  dir = g_path_get_dirname (f->path);
+  base = g_path_get_basename (f->path);
+  tmpl_base = g_strconcat (".", base, ".XXXXXX", NULL);
+  tmpl = g_build_filename (dir, tmpl_base, NULL);
   /* 0666 less the umask, as for any new file. */
   f->fd = g_mkstemp_full (tmpl, O_WRONLY | O_CLOEXEC, 0666);
   if (f->fd < 0)
@@ -1504,7 +1753,7 @@ atomic_file_new (const char  *path,
     }
   f->tmp_path = tmpl;
   /* Replacing a file keeps its permissions. */
-  if (g_stat (path, &st) == 0 && S_ISREG (st.st_mode))
+  if (g_stat (f->path, &st) == 0 && S_ISREG (st.st_mode))
     (void) fchmod (f->fd, st.st_mode & 07777);
   return g_steal_pointer (&f);
 }
@@ -1515,6 +1764,18 @@ write_all (AtomicFile    *f,
            gsize          len,
            GError       **error)
 {
+  gboolean ok = TRUE;
+  sigset_t pipe_set, old_set;
+
+  /* A stream whose reader went away would kill the process with SIGPIPE;
+   * blocked for this thread, write() fails with EPIPE instead and the run
+   * ends in an error like any other. */
+  if (f->stream)
+    {
+      sigemptyset (&pipe_set);
+      sigaddset (&pipe_set, SIGPIPE);
+      pthread_sigmask (SIG_BLOCK, &pipe_set, &old_set);
+    }
   while (len > 0)
     {
       /* Linux writes at most ~2 GiB per call. */
@@ -1524,13 +1785,28 @@ write_all (AtomicFile    *f,
           int saved_errno = errno;
           if (saved_errno == EINTR)
             continue;
+          if (saved_errno == EAGAIN && f->stream)
+            {
+              if (!(ok = wait_writable (f, error)))
+                break;
+              continue;
+            }
+          if (saved_errno == EPIPE && f->stream && !sigismember (&old_set, SIGPIPE))
+            {
+              /* The SIGPIPE is pending now: take it back. */
+              const struct timespec zero = { 0, 0 };
+              (void) sigtimedwait (&pipe_set, NULL, &zero);
+            }
           set_io_error (error, saved_errno, "Could not write", f->display);
-          return FALSE;
+          ok = FALSE;
+          break;
         }
       data += n;
       len -= n;
     }
-  return TRUE;
+  if (f->stream)
+    pthread_sigmask (SIG_SETMASK, &old_set, NULL);
+  return ok;
 }
 
 static gboolean
@@ -1573,7 +1849,8 @@ atomic_file_commit (AtomicFile  *f,
 
   if (!atomic_file_flush (f, error))
     return FALSE;
-  if (fsync (f->fd) != 0)
+  /* A FIFO or a device has nothing to make durable (fsync fails on most). */
+  if (!f->stream && fsync (f->fd) != 0)
     {
       set_io_error (error, errno, "Could not write", f->display);
       return FALSE;
@@ -1585,6 +1862,8 @@ atomic_file_commit (AtomicFile  *f,
       set_io_error (error, errno, "Could not write", f->display);
       return FALSE;
     }
+  if (f->stream)
+    return TRUE;
   if (g_rename (f->tmp_path, f->path) != 0)
     {
       set_io_error (error, errno, "Could not replace", f->display);
@@ -1629,7 +1908,7 @@ lp_atomic_write_contents (const char     *path,
                           gsize           len,
                           GError        **error)
 {
-  g_autoptr(AtomicFile) f = atomic_file_new (path, error);
+  g_autoptr(AtomicFile) f = atomic_file_new (path, NULL, error);
 
   return f != NULL && write_all (f, data, len, error) && atomic_file_commit (f, error);
 }
@@ -1936,7 +2215,10 @@ write_tensor_data (LpTensor  *tensor,
  * is written beside @filename under a temporary name and renamed over it when
  * complete, so @filename is never seen half written and may be the file the
  * checkpoint was read from. A PEFT adapter config is written beside it the
- * same way (see lp_safetensors_load() for its name).
+ * same way (see lp_safetensors_load() for its name). A symbolic link is
+ * followed and its target replaced. A FIFO or a character device is written
+ * through, in order and with no atomicity, and gets no adapter config;
+ * directories, block devices and sockets are refused.
  *
  * Returns: %TRUE on success; on error @filename is untouched
  */
@@ -1964,7 +2246,7 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
   if (header == NULL)
     return FALSE;
 
-  file = atomic_file_new (filename, error);
+  file = atomic_file_new (filename, stage ? lp_stage_get_cancellable (stage) : NULL, error);
   if (file == NULL)
     return FALSE;
 
@@ -1982,7 +2264,13 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
   ctx.bytes_written = 0;
   ctx.syncer = NULL;
   ctx.offsets = NULL;
-  if (stage != NULL)
+  if (stage != NULL && file->stream)
+    {
+      /* A stream takes its bytes in order. */
+      if (!lp_stage_pull_tensors (stage, checkpoint, write_tensor_data, &ctx, error))
+        return FALSE;
+    }
+  else if (stage != NULL)
     {
       g_autofree guint64 *offsets = g_new (guint64, MAX (lp_checkpoint_get_n_tensors (checkpoint), 1));
       guint64 at = 8 + header->len;
@@ -2033,8 +2321,9 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
   if (!atomic_file_commit (file, error))
     return FALSE;
 
+  /* Nothing is written beside a FIFO or a device (that would be /dev). */
   config = lp_checkpoint_get_adapter_config (checkpoint);
-  if (config != NULL)
+  if (config != NULL && !file->stream)
     {
       g_autofree char *config_path = adapter_config_path (filename, TRUE);
       if (!lp_atomic_write_contents (config_path, config, strlen (config), error))

@@ -2,7 +2,13 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <glib/gstdio.h>
 
@@ -107,6 +113,91 @@ lp_test_run_python (const char * const *argv)
   if (!g_spawn_check_wait_status (status, NULL))
     g_error ("python oracle %s failed:\n%s%s", argv[0], out, err);
   return g_steal_pointer (&out);
+}
+
+static void
+redirect_stdout (gpointer user_data)
+{
+  const char *path = user_data;
+  int fd;
+
+  if (path == NULL)
+    return;
+  fd = open (path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd >= 0)
+    {
+      dup2 (fd, STDOUT_FILENO);
+      close (fd);
+    }
+}
+
+LpTestRun
+lp_test_spawn_lpipe (const char * const *args,
+                     const char         *stdout_path)
+{
+  g_autoptr(GPtrArray) argv = g_ptr_array_new ();
+  g_autoptr(GError) error = NULL;
+  const char *lpipe = g_getenv ("LPIPE");
+  LpTestRun run = { 0, -1 };
+
+  g_assert_nonnull (lpipe);
+  g_ptr_array_add (argv, (char *) lpipe);
+  for (guint i = 0; args[i]; i++)
+    g_ptr_array_add (argv, (char *) args[i]);
+  g_ptr_array_add (argv, NULL);
+  g_spawn_async_with_pipes (NULL, (char **) argv->pdata, NULL,
+                            G_SPAWN_DO_NOT_REAP_CHILD |
+                            (stdout_path ? 0 : G_SPAWN_STDOUT_TO_DEV_NULL),
+                            redirect_stdout, (gpointer) stdout_path, &run.pid, NULL, NULL,
+                            &run.err_fd, &error);
+  g_assert_no_error (error);
+  return run;
+}
+
+int
+lp_test_wait_lpipe (LpTestRun  *run,
+                    guint       timeout_s,
+                    char      **err_text)
+{
+  GString *err = g_string_new (NULL);
+  gint64 deadline = g_get_monotonic_time () + (gint64) timeout_s * G_USEC_PER_SEC;
+  gboolean timed_out = FALSE;
+  int status = 0;
+
+  for (;;)
+    {
+      struct pollfd pfd = { run->err_fd, POLLIN, 0 };
+      gint64 left = (deadline - g_get_monotonic_time ()) / 1000;
+      char buf[4096];
+      ssize_t n;
+
+      if (left <= 0)
+        {
+          timed_out = TRUE;
+          break;
+        }
+      if (poll (&pfd, 1, (int) MIN (left, 1000)) <= 0)
+        continue;
+      n = read (run->err_fd, buf, sizeof buf);
+      if (n < 0 && errno == EINTR)
+        continue;
+      if (n <= 0)
+        break;
+      g_string_append_len (err, buf, n);
+    }
+  close (run->err_fd);
+  if (timed_out)
+    kill (run->pid, SIGKILL);
+  while (waitpid (run->pid, &status, 0) < 0)
+    g_assert_cmpint (errno, ==, EINTR);
+  g_spawn_close_pid (run->pid);
+  if (timed_out)
+    g_error ("lpipe did not finish within %u s (killed); its stderr: %s", timeout_s, err->str);
+  if (err_text)
+    *err_text = g_string_free (err, FALSE);
+  else
+    g_string_free (err, TRUE);
+  return status;
 }
 
 LpRegistry *

@@ -20,6 +20,21 @@ char       *lp_test_make_tmpdir    (void);
  * script name is looked up in tests/), asserting exit 0, and returns its
  * standard output. */
 char       *lp_test_run_python     (const char * const *argv);
+/* A run of the CLI ($LPIPE, which the test environment sets) with @args,
+ * standard output to @stdout_path (NULL: /dev/null) and standard error kept
+ * for lp_test_wait_lpipe(). */
+typedef struct {
+  GPid pid;
+  int err_fd;
+} LpTestRun;
+LpTestRun   lp_test_spawn_lpipe    (const char * const *args,
+                                    const char         *stdout_path);
+/* Waits for @run, failing the test if it takes more than @timeout_s seconds
+ * (the child is killed then); returns the wait status and, in @err_text,
+ * what it wrote to standard error. */
+int         lp_test_wait_lpipe     (LpTestRun          *run,
+                                    guint               timeout_s,
+                                    char              **err_text);
 /* The default registry, which the test environment points at the build tree. */
 LpRegistry *lp_test_registry       (void);
 /* A tensor of @dtype from float values. */

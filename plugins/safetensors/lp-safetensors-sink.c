@@ -132,10 +132,17 @@ lp_safetensors_sink_class_init (LpSafetensorsSinkClass *klass)
   /**
    * LpSafetensorsSink:location: (type filename)
    *
-   * The safetensors file to write; it is replaced only once complete.
+   * The safetensors file to write; it is replaced only once complete. A
+   * symbolic link is followed and its target replaced; a FIFO or a
+   * character device (`/dev/null`, `/dev/stdout`) is written through, with
+   * no atomicity and no adapter config beside it; block devices, sockets
+   * and directories are refused.
    */
   properties[PROP_LOCATION] =
-    g_param_spec_string ("location", "Location", "The safetensors file to write", NULL,
+    g_param_spec_string ("location", "Location",
+                         "The safetensors file to write, replaced atomically once complete "
+                         "(a symlink's target is replaced; a FIFO or character device is written through)",
+                         NULL,
                          G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 

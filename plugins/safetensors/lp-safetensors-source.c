@@ -118,10 +118,15 @@ lp_safetensors_source_class_init (LpSafetensorsSourceClass *klass)
   /**
    * LpSafetensorsSource:location: (type filename)
    *
-   * The safetensors file to read.
+   * The safetensors file to read: a regular file (a symbolic link to one is
+   * followed); a FIFO or a device is refused before it is opened for
+   * reading, so that nothing blocks. A folder or a
+   * `*.safetensors.index.json` is a sharded checkpoint.
    */
   properties[PROP_LOCATION] =
-    g_param_spec_string ("location", "Location", "The safetensors file to read, or a sharded checkpoint: its *.safetensors.index.json or its folder", NULL,
+    g_param_spec_string ("location", "Location",
+                         "The safetensors file to read (a regular file: FIFOs and devices are refused), "
+                         "or a sharded checkpoint: its *.safetensors.index.json or its folder", NULL,
                          G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
