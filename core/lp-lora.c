@@ -2,7 +2,7 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
-#include "lp-private.h"
+#include "lora-families/lp-lora-family.h"
 
 #include <math.h>
 #include <string.h>
@@ -41,23 +41,6 @@
  * published reduction scripts; fold it into the product once.
  */
 
-struct _LpLoraModule
-{
-  GObject parent_instance;
-
-  char *name;
-  LpLoraConvention convention;
-  LpTensor *down;
-  LpTensor *up;
-  LpTensor *alpha;      /* kohya only, may be NULL */
-  guint rank;
-  guint64 in_features;  /* flattened: in · kh · kw */
-  guint64 out_features;
-  double scale;
-  double alpha_value;   /* scale = alpha_value / rank (PEFT rslora: / √rank) */
-  char *peft_key;       /* PEFT: the module's name in the base model */
-};
-
 G_DEFINE_FINAL_TYPE (LpLoraModule, lp_lora_module, G_TYPE_OBJECT)
 
 static void
@@ -68,6 +51,8 @@ lp_lora_module_dispose (GObject *object)
   g_clear_object (&self->down);
   g_clear_object (&self->up);
   g_clear_object (&self->alpha);
+  g_clear_object (&self->magnitude);
+  g_clear_pointer (&self->parts, g_hash_table_unref);
 
   G_OBJECT_CLASS (lp_lora_module_parent_class)->dispose (object);
 }
@@ -130,10 +115,111 @@ lp_lora_module_get_convention (LpLoraModule *self)
 }
 
 /**
+ * lp_lora_module_get_family:
+ * @self: a module
+ *
+ * The family the module's keys belong to, one of the table of
+ * docs/architecture.md: `peft`, `diffusers`, `diffusers-old`,
+ * `diffusers-processor`, `kohya`, `cloneofsimo`, `mlx`, `loha`, `lokr` or
+ * `custom`. A module with a DoRA magnitude keeps its family; see
+ * lp_lora_module_is_dora().
+ *
+ * Returns: (transfer none): the family's name
+ */
+const char *
+lp_lora_module_get_family (LpLoraModule *self)
+{
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), NULL);
+  return self->family->name;
+}
+
+/**
+ * lp_lora_module_get_part:
+ * @self: a module
+ * @part: a part name: the family's key suffix without its leading `.` or
+ *   `:`, e.g. `lora_down.weight`, `alpha`, `lora_a`, `hada_w1_a`,
+ *   `lokr_w2_b`, `dora_scale`
+ *
+ * The tensor the checkpoint stores for one part of the module, in the
+ * family's own layout (an mlx `lora_a` is `[in, r]`, unlike
+ * lp_lora_module_get_down()).
+ *
+ * Returns: (transfer none) (nullable): the part, or %NULL when the module
+ *   has none of that name
+ */
+LpTensor *
+lp_lora_module_get_part (LpLoraModule *self,
+                         const char   *part)
+{
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), NULL);
+  g_return_val_if_fail (part != NULL, NULL);
+  return g_hash_table_lookup (self->parts, part);
+}
+
+/**
+ * lp_lora_module_is_plain:
+ * @self: a module
+ *
+ * Whether the module's update is one product `scale · B @ A`. LyCORIS LoHa
+ * and LoKr modules are not: they have no single down and up factor
+ * (lp_lora_module_get_down() and lp_lora_module_get_up() return %NULL, the
+ * rank is that of their parts, see lp_lora_module_get_part()), and only the
+ * stages that know their structure accept them.
+ *
+ * Returns: %TRUE for a plain LoRA module
+ */
+gboolean
+lp_lora_module_is_plain (LpLoraModule *self)
+{
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), FALSE);
+  return self->family->layout != LP_LORA_LAYOUT_STRUCTURED;
+}
+
+/**
+ * lp_lora_module_is_transposed:
+ * @self: a module
+ *
+ * Whether the file stores the factors transposed against
+ * lp_lora_module_get_down() and lp_lora_module_get_up(): mlx-lm's `lora_a`
+ * `[in, r]` and `lora_b` `[r, out]`, whose update is
+ * `scale · (lora_a @ lora_b)ᵀ`. The module's down and up are then
+ * transposing views; a stage writes new factors through
+ * lp_lora_module_to_stored_layout().
+ *
+ * Returns: %TRUE for a transposed module
+ */
+gboolean
+lp_lora_module_is_transposed (LpLoraModule *self)
+{
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), FALSE);
+  return self->family->layout == LP_LORA_LAYOUT_TRANSPOSED;
+}
+
+/**
+ * lp_lora_module_is_dora:
+ * @self: a module
+ *
+ * Whether the module carries a DoRA magnitude (kohya/LyCORIS `dora_scale`,
+ * PEFT `lora_magnitude_vector`). The magnitude rescales each output row of
+ * `W + scale · B @ A` to a learned norm, so it depends on the base weight:
+ * a stage that changes B @ A cannot keep the module's effect without it.
+ *
+ * Returns: %TRUE for a DoRA module
+ */
+gboolean
+lp_lora_module_is_dora (LpLoraModule *self)
+{
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), FALSE);
+  return self->magnitude != NULL;
+}
+
+/**
  * lp_lora_module_get_down:
  * @self: a module
  *
- * Returns: (transfer none): the down factor A, `[r, in]` or `[r, in, kh, kw]`
+ * Returns: (transfer none) (nullable): the down factor A, `[r, in]` or
+ *   `[r, in, kh, kw]` (for an mlx module a view of `lora_a` transposed), or
+ *   %NULL for a module that is not plain (lp_lora_module_is_plain())
  */
 LpTensor *
 lp_lora_module_get_down (LpLoraModule *self)
@@ -146,7 +232,9 @@ lp_lora_module_get_down (LpLoraModule *self)
  * lp_lora_module_get_up:
  * @self: a module
  *
- * Returns: (transfer none): the up factor B, `[out, r]` or `[out, r, 1, 1]`
+ * Returns: (transfer none) (nullable): the up factor B, `[out, r]` or
+ *   `[out, r, 1, 1]` (for an mlx module a view of `lora_b` transposed), or
+ *   %NULL for a module that is not plain
  */
 LpTensor *
 lp_lora_module_get_up (LpLoraModule *self)
@@ -266,7 +354,7 @@ double
 lp_lora_module_get_fold_scale (LpLoraModule *self)
 {
   g_return_val_if_fail (LP_IS_LORA_MODULE (self), 1.0);
-  return self->alpha != NULL ? self->scale : 1.0;
+  return self->fold_alpha ? self->scale : 1.0;
 }
 
 /**
@@ -334,7 +422,7 @@ gboolean
 lp_lora_module_is_conv (LpLoraModule *self)
 {
   g_return_val_if_fail (LP_IS_LORA_MODULE (self), FALSE);
-  return lp_tensor_get_n_dims (self->down) == 4;
+  return self->down != NULL && lp_tensor_get_n_dims (self->down) == 4;
 }
 
 /**
@@ -399,23 +487,102 @@ lp_lora_module_new_factor_shape (LpLoraModule *self,
 
 /* Finding modules */
 
-typedef struct {
-  const char *family;
-  const char *down_suffix;
-  const char *up_suffix;
-  LpLoraConvention convention;
-} Suffixes;
+/* mlx-lm factors as the [r, in] and [out, r] views every stage computes on */
 
-/* Checked in order; no suffix of one ends another, so the order only matters
- * for readability. lora_A/lora_B turns PEFT when the checkpoint has a config. */
-static const Suffixes builtin_suffixes[] = {
-  { "PEFT or diffusers", ".lora_A.weight", ".lora_B.weight", LP_LORA_CONVENTION_DIFFUSERS },
-  { "old diffusers", ".lora.down.weight", ".lora.up.weight", LP_LORA_CONVENTION_DIFFUSERS_OLD },
-  { "diffusers attention processor", "_lora.down.weight", "_lora.up.weight",
-    LP_LORA_CONVENTION_DIFFUSERS_PROCESSOR },
-  { "kohya/LoCon", ".lora_down.weight", ".lora_up.weight", LP_LORA_CONVENTION_KOHYA },
-  { "cloneofsimo", ":down", ":up", LP_LORA_CONVENTION_CLONEOFSIMO },
-};
+static GBytes *
+transpose_data (LpTensor  *view,
+                gpointer   user_data,
+                GError   **error)
+{
+  LpTensor *stored = user_data;
+  g_autoptr(GBytes) data = lp_tensor_dup_data (stored, error);
+  guint64 rows = lp_tensor_get_dim (stored, 0), cols = lp_tensor_get_dim (stored, 1);
+  gsize width = lp_dtype_get_bits (lp_tensor_get_dtype (stored)) / 8;
+  const guint8 *in;
+  guint8 *out;
+
+  if (data == NULL)
+    return NULL;
+  in = g_bytes_get_data (data, NULL);
+  out = g_malloc (MAX (rows * cols * width, 1));
+  for (guint64 i = 0; i < rows; i++)
+    for (guint64 j = 0; j < cols; j++)
+      memcpy (out + (j * rows + i) * width, in + (i * cols + j) * width, width);
+  return g_bytes_new_take (out, rows * cols * width);
+}
+
+/* A 2-D tensor's transpose, computed when read, under @name. */
+static LpTensor *
+transposed_view (const char  *name,
+                 LpTensor    *tensor,
+                 GError     **error)
+{
+  guint64 shape[2] = { lp_tensor_get_dim (tensor, 1), lp_tensor_get_dim (tensor, 0) };
+
+  return lp_tensor_new_lazy (name, lp_tensor_get_dtype (tensor), shape, 2,
+                             transpose_data, g_object_ref (tensor), g_object_unref, error);
+}
+
+/**
+ * lp_lora_module_to_stored_layout:
+ * @self: a plain module
+ * @is_up: %TRUE for the up factor
+ * @factor: a new factor in the `[k, in]` / `[out, k]` layout of
+ *   lp_lora_module_get_down() and lp_lora_module_get_up()
+ *
+ * The tensor a stage writes for @factor: @factor itself for every family but
+ * the transposed ones (mlx-lm), whose files get `lora_a` `[in, k]` and
+ * `lora_b` `[k, out]`, computed when read.
+ *
+ * Returns: (transfer full): the factor in the module's stored layout
+ */
+LpTensor *
+lp_lora_module_to_stored_layout (LpLoraModule *self,
+                                 gboolean      is_up,
+                                 LpTensor     *factor)
+{
+  g_autoptr(GError) error = NULL;
+  LpTensor *stored;
+
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), NULL);
+  g_return_val_if_fail (LP_IS_TENSOR (factor), NULL);
+
+  if (!lp_lora_module_is_transposed (self))
+    return g_object_ref (factor);
+  stored = transposed_view (lp_tensor_get_name (factor), factor, &error);
+  /* a 2-D shape that was possible is possible transposed */
+  if (stored == NULL)
+    g_critical ("module %s: %s", self->name, error->message);
+  return stored;
+}
+
+/**
+ * lp_lora_module_get_stored_factor:
+ * @self: a plain module
+ * @is_up: %TRUE for the up factor
+ *
+ * Returns: (transfer none) (nullable): the checkpoint's own tensor for the
+ *   down or up factor (for mlx `lora_a` `[in, r]` or `lora_b` `[r, out]`),
+ *   the one a stage replaces; %NULL for a module that is not plain
+ */
+LpTensor *
+lp_lora_module_get_stored_factor (LpLoraModule *self,
+                                  gboolean      is_up)
+{
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), NULL);
+
+  if (!lp_lora_module_is_plain (self))
+    return NULL;
+  for (guint i = 0; i < self->family->n_parts; i++)
+    {
+      const LpLoraPart *part = &self->family->parts[i];
+
+      if (part->role == (is_up ? LP_LORA_ROLE_UP : LP_LORA_ROLE_DOWN))
+        return g_hash_table_lookup (self->parts, part->suffix + 1);
+    }
+  /* custom patterns: the views are the stored tensors */
+  return is_up ? self->up : self->down;
+}
 
 typedef struct {
   char *prefix;
@@ -478,198 +645,58 @@ pattern_match (const Pattern *pattern,
   return g_strndup (name + pre, len - pre - suf);
 }
 
-/* The module @name's PEFT `(.*\.)?(KEY)$` matching, as PEFT's get_pattern_key:
- * the first key of @patterns (in file order) that matches wins. */
-static JsonNode *
-peft_pattern_lookup (JsonObject *patterns,
-                     const char *key)
-{
-  g_autoptr(GList) members = NULL;
-
-  if (patterns == NULL)
-    return NULL;
-
-  members = json_object_get_members (patterns);
-  for (GList *l = members; l != NULL; l = l->next)
-    {
-      const char *pattern_key = l->data;
-      g_autofree char *source = g_strdup_printf ("^(.*\\.)?(%s)$", pattern_key);
-      g_autoptr(GRegex) regex = g_regex_new (source, G_REGEX_DOLLAR_ENDONLY, 0, NULL);
-      gboolean hit;
-
-      if (regex != NULL)
-        hit = g_regex_match (regex, key, 0, NULL);
-      else
-        {
-          /* Not a regular expression: match it as literal text. */
-          gsize klen = strlen (key), plen = strlen (pattern_key);
-          hit = g_str_equal (key, pattern_key)
-                || (klen > plen && g_str_has_suffix (key, pattern_key)
-                    && key[klen - plen - 1] == '.');
-        }
-      if (hit)
-        return json_object_get_member (patterns, pattern_key);
-    }
-  return NULL;
-}
-
-typedef struct {
-  JsonParser *parser;
-  double r;
-  double lora_alpha;
-  gboolean use_rslora;
-  JsonObject *rank_pattern;
-  JsonObject *alpha_pattern;
-} PeftConfig;
-
-static void
-peft_config_clear (PeftConfig *config)
-{
-  g_clear_object (&config->parser);
-}
-
-static gboolean
-json_get_number (JsonNode *node,
-                 double   *value)
-{
-  GType type;
-
-  if (node == NULL || !JSON_NODE_HOLDS_VALUE (node))
-    return FALSE;
-  type = json_node_get_value_type (node);
-  if (type == G_TYPE_INT64)
-    *value = json_node_get_int (node);
-  else if (type == G_TYPE_DOUBLE)
-    *value = json_node_get_double (node);
-  else
-    return FALSE;
-  return TRUE;
-}
-
-G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (PeftConfig, peft_config_clear)
-
-/* PEFT's LoraConfig defaults: r = 8, lora_alpha = 8, use_rslora = false. */
-static gboolean
-peft_config_parse (PeftConfig  *config,
-                   const char  *json,
-                   GError     **error)
-{
-  g_autoptr(GError) local_error = NULL;
-  JsonNode *root, *node;
-  JsonObject *object;
-
-  config->r = 8;
-  config->lora_alpha = 8;
-  config->parser = json_parser_new ();
-  if (!json_parser_load_from_data (config->parser, json, -1, &local_error))
-    {
-      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                   "adapter_config.json: %s", local_error->message);
-      return FALSE;
-    }
-  root = json_parser_get_root (config->parser);
-  if (root == NULL || !JSON_NODE_HOLDS_OBJECT (root))
-    {
-      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                           "adapter_config.json: not a JSON object");
-      return FALSE;
-    }
-  object = json_node_get_object (root);
-
-  node = json_object_get_member (object, "r");
-  if (node != NULL && (!json_get_number (node, &config->r) || config->r < 1
-                       || config->r != floor (config->r)))
-    {
-      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                           "adapter_config.json: \"r\" must be a positive integer");
-      return FALSE;
-    }
-  node = json_object_get_member (object, "lora_alpha");
-  if (node != NULL && (!json_get_number (node, &config->lora_alpha)
-                       || !isfinite (config->lora_alpha)))
-    {
-      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                           "adapter_config.json: \"lora_alpha\" must be a number");
-      return FALSE;
-    }
-  node = json_object_get_member (object, "use_rslora");
-  if (node != NULL && JSON_NODE_HOLDS_VALUE (node)
-      && json_node_get_value_type (node) == G_TYPE_BOOLEAN)
-    config->use_rslora = json_node_get_boolean (node);
-
-  for (guint i = 0; i < 2; i++)
-    {
-      const char *key = i == 0 ? "rank_pattern" : "alpha_pattern";
-      JsonObject **pattern = i == 0 ? &config->rank_pattern : &config->alpha_pattern;
-
-      node = json_object_get_member (object, key);
-      if (node == NULL || JSON_NODE_HOLDS_NULL (node))
-        continue;
-      if (!JSON_NODE_HOLDS_OBJECT (node))
-        {
-          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                       "adapter_config.json: \"%s\" must be an object", key);
-          return FALSE;
-        }
-      *pattern = json_node_get_object (node);
-    }
-  return TRUE;
-}
-
-/* The module's r and alpha in @config. */
-static gboolean
-peft_config_lookup (PeftConfig  *config,
-                    const char  *module,
-                    const char  *key,
-                    double      *r,
-                    double      *alpha,
-                    GError     **error)
-{
-  JsonNode *node;
-
-  *r = config->r;
-  *alpha = config->lora_alpha;
-
-  node = peft_pattern_lookup (config->rank_pattern, key);
-  if (node != NULL && (!json_get_number (node, r) || *r < 1 || *r != floor (*r)))
-    {
-      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                   "module %s: adapter_config.json: its rank_pattern entry is not "
-                   "a positive integer", module);
-      return FALSE;
-    }
-  node = peft_pattern_lookup (config->alpha_pattern, key);
-  if (node != NULL && (!json_get_number (node, alpha) || !isfinite (*alpha)))
-    {
-      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                   "module %s: adapter_config.json: its alpha_pattern entry is not "
-                   "a number", module);
-      return FALSE;
-    }
-  return TRUE;
-}
-
 typedef struct {
   char *name;
-  LpLoraConvention convention;
-  LpTensor *down;
-  LpTensor *up;
+  const LpLoraFamily *family;
+  LpTensor *first;
+  GHashTable *parts;     /* part name -> LpTensor (borrowed) */
 } Pending;
 
 static void
 pending_free (Pending *pending)
 {
   g_free (pending->name);
+  g_hash_table_unref (pending->parts);
   g_free (pending);
 }
 
-/* Which factor of which module @name is, if any. */
+/* Which part of which module of which built-in family @name is, if any. */
+static gboolean
+classify_builtin (const char          *name,
+                  char               **module,
+                  const LpLoraFamily **family,
+                  const LpLoraPart   **part)
+{
+  guint n_families;
+  const LpLoraFamily *const *families = lp_lora_families_get (&n_families);
+  gsize len = strlen (name);
+
+  for (guint f = 0; f < n_families; f++)
+    for (guint p = 0; p < families[f]->n_parts; p++)
+      {
+        const LpLoraPart *candidate = &families[f]->parts[p];
+        gsize slen = strlen (candidate->suffix);
+
+        if (candidate->attached || len <= slen || !g_str_has_suffix (name, candidate->suffix))
+          continue;
+        *module = g_strndup (name, len - slen);
+        *family = families[f];
+        *part = candidate;
+        return TRUE;
+      }
+  return FALSE;
+}
+
+/* The custom patterns' down and up parts */
+static const LpLoraPart custom_down = { "*down", LP_LORA_ROLE_DOWN, FALSE };
+static const LpLoraPart custom_up = { "*up", LP_LORA_ROLE_UP, FALSE };
+
 static gboolean
 classify (const char            *name,
           const CustomPatterns  *custom,
           char                 **module,
-          gboolean              *is_up,
-          LpLoraConvention      *convention)
+          const LpLoraFamily   **family,
+          const LpLoraPart     **part)
 {
   if (custom != NULL)
     {
@@ -680,31 +707,13 @@ classify (const char            *name,
           if (key != NULL)
             {
               *module = g_strconcat (custom->name_prefix, key, custom->name_suffix, NULL);
-              *is_up = i == 1;
-              *convention = LP_LORA_CONVENTION_CUSTOM;
+              *family = &lp_lora_family_custom;
+              *part = i == 0 ? &custom_down : &custom_up;
               return TRUE;
             }
         }
     }
-
-  for (guint i = 0; i < G_N_ELEMENTS (builtin_suffixes); i++)
-    {
-      for (guint j = 0; j < 2; j++)
-        {
-          const char *suffix = j == 0 ? builtin_suffixes[i].down_suffix
-                                      : builtin_suffixes[i].up_suffix;
-          gsize len = strlen (name), slen = strlen (suffix);
-
-          if (len > slen && g_str_has_suffix (name, suffix))
-            {
-              *module = g_strndup (name, len - slen);
-              *is_up = j == 1;
-              *convention = builtin_suffixes[i].convention;
-              return TRUE;
-            }
-        }
-    }
-  return FALSE;
+  return classify_builtin (name, module, family, part);
 }
 
 static gboolean
@@ -733,35 +742,25 @@ check_factor (const char  *module,
   return TRUE;
 }
 
-static LpLoraModule *
-module_new (Pending       *pending,
-            LpCheckpoint  *checkpoint,
-            PeftConfig    *peft,
-            GError       **error)
+/* The plain module's down and up (set from its parts by the finder, as
+ * views for a transposed family): shapes that make one product B @ A. */
+gboolean
+lp_lora_module_check_plain (LpLoraModule  *module,
+                            GError       **error)
 {
-  g_autoptr(LpLoraModule) module = NULL;
-  const char *name = pending->name;
-  LpTensor *down = pending->down, *up = pending->up;
+  const char *name = module->name;
+  LpTensor *down = module->down, *up = module->up;
   guint64 rank, up_rank;
 
-  if (down == NULL || up == NULL)
-    {
-      LpTensor *have = down != NULL ? down : up;
-      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                   "module %s: %s factor %s has no matching %s factor",
-                   name, down != NULL ? "down" : "up", lp_tensor_get_name (have),
-                   down != NULL ? "up" : "down");
-      return NULL;
-    }
   if (!check_factor (name, down, error) || !check_factor (name, up, error))
-    return NULL;
+    return FALSE;
   if (lp_tensor_get_n_dims (down) != lp_tensor_get_n_dims (up))
     {
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
                    "module %s: down factor %s is %u-D but up factor %s is %u-D",
                    name, lp_tensor_get_name (down), lp_tensor_get_n_dims (down),
                    lp_tensor_get_name (up), lp_tensor_get_n_dims (up));
-      return NULL;
+      return FALSE;
     }
   if (lp_tensor_get_n_dims (up) == 4
       && (lp_tensor_get_dim (up, 2) != 1 || lp_tensor_get_dim (up, 3) != 1))
@@ -770,7 +769,7 @@ module_new (Pending       *pending,
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
                    "module %s: up factor %s has shape %s; a conv up factor must "
                    "have a 1x1 kernel", name, lp_tensor_get_name (up), shape);
-      return NULL;
+      return FALSE;
     }
 
   rank = lp_tensor_get_dim (down, 0);
@@ -779,102 +778,173 @@ module_new (Pending       *pending,
     {
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
                    "module %s: inconsistent ranks: down factor %s has %" G_GUINT64_FORMAT
-                   " rows but up factor %s has %" G_GUINT64_FORMAT " columns",
-                   name, lp_tensor_get_name (down), rank, lp_tensor_get_name (up), up_rank);
-      return NULL;
+                   " %s but up factor %s has %" G_GUINT64_FORMAT " %s",
+                   name, lp_tensor_get_name (down), rank,
+                   lp_lora_module_is_transposed (module) ? "columns" : "rows",
+                   lp_tensor_get_name (up), up_rank,
+                   lp_lora_module_is_transposed (module) ? "rows" : "columns");
+      return FALSE;
     }
   if (rank == 0 || rank > G_MAXUINT)
     {
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
                    "module %s: rank %" G_GUINT64_FORMAT " is not a usable rank",
                    name, rank);
-      return NULL;
+      return FALSE;
     }
 
-  module = g_object_new (LP_TYPE_LORA_MODULE, NULL);
-  module->name = g_strdup (name);
-  module->convention = pending->convention;
-  module->down = g_object_ref (down);
-  module->up = g_object_ref (up);
   module->rank = rank;
   module->in_features = lp_tensor_get_n_elements (down) / rank;
   module->out_features = lp_tensor_get_dim (up, 0);
   module->alpha_value = rank;
   module->scale = 1.0;
+  return TRUE;
+}
 
-  if (module->convention == LP_LORA_CONVENTION_DIFFUSERS && peft != NULL)
+/* The module's `.alpha` part, if it has one: alpha and scale alpha / r,
+ * folded into the factors through a rank change (kohya, LyCORIS). */
+gboolean
+lp_lora_module_read_alpha (LpLoraModule  *module,
+                           GError       **error)
+{
+  LpTensor *alpha = lp_lora_module_get_part (module, "alpha");
+  const char *name = module->name, *alpha_name;
+  g_autofree double *value = NULL;
+  gsize n_values = 0;
+
+  if (alpha == NULL)
+    return TRUE;
+  alpha_name = lp_tensor_get_name (alpha);
+  if (lp_tensor_get_n_elements (alpha) != 1 || lp_tensor_get_n_dims (alpha) > 1)
     {
-      const char *key = name;
-      double r, alpha;
-
-      if (g_str_has_prefix (key, "base_model.model."))
-        key += strlen ("base_model.model.");
-      module->convention = LP_LORA_CONVENTION_PEFT;
-      module->peft_key = g_strdup (key);
-      if (!peft_config_lookup (peft, name, key, &r, &alpha, error))
-        return NULL;
-      if (r != rank)
-        {
-          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                       "module %s: adapter_config.json gives rank %g but the factors "
-                       "have rank %" G_GUINT64_FORMAT, name, r, rank);
-          return NULL;
-        }
-      module->alpha_value = alpha;
-      module->scale = peft->use_rslora ? alpha / sqrt (r) : alpha / r;
+      g_autofree char *shape = lp_tensor_describe_shape (alpha);
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                   "module %s: alpha %s has shape %s; it must hold one number "
+                   "(shape [] or [1])", name, alpha_name, shape);
+      return FALSE;
     }
-  else if (module->convention == LP_LORA_CONVENTION_KOHYA)
+  if (!lp_dtype_is_float (lp_tensor_get_dtype (alpha))
+      || !lp_dtype_can_convert (lp_tensor_get_dtype (alpha)))
     {
-      g_autofree char *alpha_name = g_strconcat (name, ".alpha", NULL);
-      g_autofree char *mid_name = g_strconcat (name, ".lora_mid.weight", NULL);
-      LpTensor *alpha = lp_checkpoint_lookup (checkpoint, alpha_name);
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                   "module %s: alpha %s has dtype %s; it must be a float "
+                   "(F32, F16, BF16 or F64)", name, alpha_name,
+                   lp_dtype_to_string (lp_tensor_get_dtype (alpha)));
+      return FALSE;
+    }
+  value = lp_tensor_dup_f64 (alpha, &n_values, error);
+  if (value == NULL)
+    return FALSE;
+  if (!isfinite (value[0]))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
+                   "module %s: alpha %s is %g", name, alpha_name, value[0]);
+      return FALSE;
+    }
+  module->alpha = g_object_ref (alpha);
+  module->alpha_value = value[0];
+  module->scale = value[0] / module->rank;
+  module->fold_alpha = TRUE;
+  return TRUE;
+}
 
-      /* A Tucker (LoCon "cp") module is down, mid and up; pairing only down
-       * and up would silently change it. */
-      if (lp_checkpoint_lookup (checkpoint, mid_name) != NULL)
+/* Adds @suffix's tensor beside the module, if the checkpoint has one. */
+static LpTensor *
+attach_part (LpLoraModule *module,
+             LpCheckpoint *checkpoint,
+             const char   *suffix)
+{
+  g_autofree char *key = g_strconcat (module->name, suffix, NULL);
+  LpTensor *tensor = lp_checkpoint_lookup (checkpoint, key);
+
+  if (tensor != NULL)
+    g_hash_table_insert (module->parts, g_strdup (suffix + 1), g_object_ref (tensor));
+  return tensor;
+}
+
+static LpLoraModule *
+module_new (Pending       *pending,
+            LpLoraFinder  *finder,
+            GError       **error)
+{
+  g_autoptr(LpLoraModule) module = NULL;
+  const LpLoraFamily *family = pending->family;
+  GHashTableIter iter;
+  gpointer key, value;
+
+  module = g_object_new (LP_TYPE_LORA_MODULE, NULL);
+  module->name = g_strdup (pending->name);
+  module->family = family;
+  module->convention = family->convention;
+  module->parts = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_object_unref);
+  g_hash_table_iter_init (&iter, pending->parts);
+  while (g_hash_table_iter_next (&iter, &key, &value))
+    g_hash_table_insert (module->parts, g_strdup (key), g_object_ref (value));
+
+  for (guint i = 0; i < family->n_parts; i++)
+    if (family->parts[i].attached)
+      attach_part (module, finder->checkpoint, family->parts[i].suffix);
+  for (guint i = 0; i < lp_lora_n_dora_parts && module->magnitude == NULL; i++)
+    {
+      LpTensor *magnitude = attach_part (module, finder->checkpoint, lp_lora_dora_parts[i].suffix);
+      if (magnitude != NULL)
+        module->magnitude = g_object_ref (magnitude);
+    }
+
+  if (family->layout != LP_LORA_LAYOUT_STRUCTURED)
+    {
+      LpTensor *down = NULL, *up = NULL;
+
+      for (guint i = 0; i < family->n_parts; i++)
+        if (family->parts[i].role != LP_LORA_ROLE_OTHER)
+          {
+            LpTensor *t = g_hash_table_lookup (pending->parts, family->parts[i].suffix + 1);
+            if (family->parts[i].role == LP_LORA_ROLE_DOWN)
+              down = t;
+            else
+              up = t;
+          }
+      if (family == &lp_lora_family_custom)
         {
+          down = g_hash_table_lookup (pending->parts, custom_down.suffix + 1);
+          up = g_hash_table_lookup (pending->parts, custom_up.suffix + 1);
+        }
+      if (down == NULL || up == NULL)
+        {
+          LpTensor *have = down != NULL ? down : up;
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                       "module %s: Tucker-decomposed modules (%s) are not supported",
-                       name, mid_name);
+                       "module %s: %s factor %s has no matching %s factor",
+                       module->name, down != NULL ? "down" : "up", lp_tensor_get_name (have),
+                       down != NULL ? "up" : "down");
           return NULL;
         }
-      if (alpha != NULL)
+      if (family->layout == LP_LORA_LAYOUT_TRANSPOSED)
         {
-          g_autofree double *value = NULL;
-          gsize n_values = 0;
-
-          if (lp_tensor_get_n_elements (alpha) != 1 || lp_tensor_get_n_dims (alpha) > 1)
+          if (lp_tensor_get_n_dims (down) != 2 || lp_tensor_get_n_dims (up) != 2)
             {
-              g_autofree char *shape = lp_tensor_describe_shape (alpha);
+              LpTensor *bad = lp_tensor_get_n_dims (down) != 2 ? down : up;
+              g_autofree char *shape = lp_tensor_describe_shape (bad);
               g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                           "module %s: alpha %s has shape %s; it must hold one number "
-                           "(shape [] or [1])", name, alpha_name, shape);
+                           "module %s: factor %s has shape %s; %s factors are 2-D",
+                           module->name, lp_tensor_get_name (bad), shape, family->title);
               return NULL;
             }
-          if (!lp_dtype_is_float (lp_tensor_get_dtype (alpha))
-              || !lp_dtype_can_convert (lp_tensor_get_dtype (alpha)))
-            {
-              g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                           "module %s: alpha %s has dtype %s; it must be a float "
-                           "(F32, F16, BF16 or F64)", name, alpha_name,
-                           lp_dtype_to_string (lp_tensor_get_dtype (alpha)));
-              return NULL;
-            }
-          value = lp_tensor_dup_f64 (alpha, &n_values, error);
-          if (value == NULL)
+          module->down = transposed_view (lp_tensor_get_name (down), down, error);
+          module->up = module->down ? transposed_view (lp_tensor_get_name (up), up, error) : NULL;
+          if (module->up == NULL)
             return NULL;
-          if (!isfinite (value[0]))
-            {
-              g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
-                           "module %s: alpha %s is %g", name, alpha_name, value[0]);
-              return NULL;
-            }
-          module->alpha = g_object_ref (alpha);
-          module->alpha_value = value[0];
-          module->scale = value[0] / rank;
         }
+      else
+        {
+          module->down = g_object_ref (down);
+          module->up = g_object_ref (up);
+        }
+      if (!lp_lora_module_check_plain (module, error))
+        return NULL;
     }
 
+  if (family->init_module != NULL && !family->init_module (module, finder, error))
+    return NULL;
   return g_steal_pointer (&module);
 }
 
@@ -900,20 +970,226 @@ common_suffix (const char *a,
   return g_strdup (a + la - n);
 }
 
+/* Custom patterns that pair the factors of a family with another layout
+ * (`*.lora_a`/`*.lora_b` on an mlx-lm file) would compute on the wrong
+ * shapes, silently so on square modules. */
+static gboolean
+check_custom_layout (LpLoraModule  *module,
+                     GError       **error)
+{
+  for (guint i = 0; i < 2; i++)
+    {
+      LpTensor *factor = i == 0 ? module->down : module->up;
+      g_autofree char *name = NULL;
+      const LpLoraFamily *family;
+      const LpLoraPart *part;
+
+      if (classify_builtin (lp_tensor_get_name (factor), &name, &family, &part)
+          && family->layout == LP_LORA_LAYOUT_TRANSPOSED)
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                       "module %s: the down and up patterns pair %s factors (%s) as "
+                       "down [r, in] and up [out, r], but %s stores them transposed; "
+                       "drop down-pattern and up-pattern, lpipe recognises %s files",
+                       module->name, family->title, lp_tensor_get_name (factor),
+                       family->title, family->title);
+          return FALSE;
+        }
+    }
+  return TRUE;
+}
+
+static void
+lp_lora_finder_clear (LpLoraFinder *finder)
+{
+  g_clear_object (&finder->config_parser);
+  if (finder->config_data != NULL)
+    finder->config_data_free (finder->config_data);
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (LpLoraFinder, lp_lora_finder_clear)
+
+/* Reads the checkpoint's adapter_config.json and lets the family it belongs
+ * to (mlx-lm's has `lora_parameters`, PEFT's the rest) parse it. */
+static gboolean
+lp_lora_finder_init (LpLoraFinder  *finder,
+                     LpCheckpoint  *checkpoint,
+                     GError       **error)
+{
+  g_autoptr(GError) local_error = NULL;
+  const char *json = lp_checkpoint_get_adapter_config (checkpoint);
+  guint n_families;
+  const LpLoraFamily *const *families = lp_lora_families_get (&n_families);
+  JsonNode *root;
+
+  finder->checkpoint = checkpoint;
+  if (json == NULL)
+    return TRUE;
+
+  finder->config_parser = json_parser_new ();
+  if (!json_parser_load_from_data (finder->config_parser, json, -1, &local_error))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                   "adapter_config.json: %s", local_error->message);
+      return FALSE;
+    }
+  root = json_parser_get_root (finder->config_parser);
+  if (root == NULL || !JSON_NODE_HOLDS_OBJECT (root))
+    {
+      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                           "adapter_config.json: not a JSON object");
+      return FALSE;
+    }
+  finder->config = json_node_get_object (root);
+
+  for (guint i = 0; i < n_families; i++)
+    {
+      gboolean claimed = FALSE;
+
+      if (families[i]->claim_config == NULL)
+        continue;
+      if (!families[i]->claim_config (finder, &claimed, error))
+        return FALSE;
+      if (claimed)
+        {
+          finder->config_family = families[i];
+          break;
+        }
+    }
+  return TRUE;
+}
+
+/* Parts of adapters no family of the table pairs, by a piece of their key:
+ * LyCORIS OFT/BOFT `.oft_blocks`, full `.diff`, norm `.w_norm`/`.b_norm`,
+ * GLoRA `.a1.weight`, PEFT's embedding LoRA, IA3 and VeRA, and DoRA
+ * magnitudes with no module. A file holding them and no module is an
+ * adapter lpipe would otherwise pass through untouched. */
+static const char *const foreign_adapter_parts[] = {
+  ".hada_", ".lokr_", ".oft_", ".diff", ".w_norm", ".b_norm", ".a1.weight",
+  "dora_scale", "lora_magnitude_vector", "lora_embedding_", ".ia3_", "vera_lambda",
+  ".lora_mid",
+};
+
+static gboolean
+looks_like_adapter_part (const char *name)
+{
+  for (guint i = 0; i < G_N_ELEMENTS (foreign_adapter_parts); i++)
+    if (strstr (name, foreign_adapter_parts[i]) != NULL)
+      return TRUE;
+  return FALSE;
+}
+
+/* "no LoRA module", the families looked for (from the table) and the first
+ * few tensors that look like parts of adapters of other families. */
+static void
+set_no_module_error (LpCheckpoint          *checkpoint,
+                     const CustomPatterns  *custom,
+                     const char            *down_pattern,
+                     const char            *up_pattern,
+                     GError               **error)
+{
+  g_autoptr(GString) message = g_string_new (NULL);
+  guint n_families, n_tensors = lp_checkpoint_get_n_tensors (checkpoint), n_foreign = 0;
+  const LpLoraFamily *const *families = lp_lora_families_get (&n_families);
+  gboolean first = TRUE;
+
+  g_string_append_printf (message, "no LoRA module among the %u tensors; looked for ", n_tensors);
+  if (custom != NULL)
+    {
+      g_string_append_printf (message, "custom (%s / %s)", down_pattern, up_pattern);
+      first = FALSE;
+    }
+  for (guint f = 0; f < n_families; f++)
+    {
+      gboolean any = FALSE;
+
+      for (guint p = 0; p < families[f]->n_parts; p++)
+        {
+          if (families[f]->parts[p].attached)
+            continue;
+          if (!any)
+            g_string_append_printf (message, "%s%s (", first ? "" : ", ", families[f]->title);
+          g_string_append_printf (message, "%s*%s", any ? " " : "", families[f]->parts[p].suffix);
+          any = TRUE;
+          first = FALSE;
+        }
+      if (any)
+        g_string_append_c (message, ')');
+    }
+
+  for (guint i = 0; i < n_tensors; i++)
+    {
+      const char *name = lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, i));
+
+      if (!looks_like_adapter_part (name))
+        continue;
+      if (n_foreign < 3)
+        g_string_append_printf (message, "%s%s", n_foreign == 0
+                                ? "; these look like parts of an adapter family lpipe does not know: "
+                                : ", ", name);
+      n_foreign++;
+    }
+  if (n_foreign > 3)
+    g_string_append_printf (message, " (%u such tensors in all)", n_foreign);
+
+  g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT, message->str);
+}
+
+/* Refuses the modules @flags exclude, naming the first. */
+static gboolean
+check_flags (GPtrArray         *modules,
+             LpLoraFindFlags    flags,
+             GError           **error)
+{
+  for (guint i = 0; i < modules->len; i++)
+    {
+      LpLoraModule *module = g_ptr_array_index (modules, i);
+
+      if ((flags & LP_LORA_FIND_PLAIN) && !lp_lora_module_is_plain (module))
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                       "module %s: a %s module has no single down and up factor, and "
+                       "this stage works on plain LoRA modules only",
+                       module->name, module->family->title);
+          return FALSE;
+        }
+      if ((flags & LP_LORA_FIND_STORED_LAYOUT) && lp_lora_module_is_transposed (module))
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                       "module %s: %s stores its factors transposed (lora_a [in, r], "
+                       "lora_b [r, out]), which this stage does not handle yet; "
+                       "lora-svd and lora-project do", module->name, module->family->title);
+          return FALSE;
+        }
+      if ((flags & LP_LORA_FIND_REFUSE_DORA) && module->magnitude != NULL)
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                       "module %s: DoRA magnitude %s: it rescales each row of the base "
+                       "weight plus the update to a learned norm, so it depends on the "
+                       "base weight and no longer matches a changed update; lora-svd and "
+                       "lora-project take dora=keep to pass it through unchanged (approximate)",
+                       module->name, lp_tensor_get_name (module->magnitude));
+          return FALSE;
+        }
+    }
+  return TRUE;
+}
+
 /**
- * lp_lora_find_modules:
+ * lp_lora_find_modules_full:
  * @checkpoint: a LoRA checkpoint
  * @down_pattern: (nullable): a custom down factor key with one `*`, e.g. `w_a_*`
  * @up_pattern: (nullable): the matching up factor key, e.g. `w_b_*`
+ * @flags: which modules the caller can work on, and whether it needs one
  * @others: (out) (optional) (transfer container) (element-type LpTensor): the
- *   tensors that are neither factors nor the `.alpha` of a kohya module, in
- *   checkpoint order
+ *   tensors that are no part of a module (factors, `.alpha`, DoRA
+ *   magnitudes, LoHa and LoKr parts), in checkpoint order
  * @error: return location for a #GError
  *
- * Pairs the down and up factors of every LoRA module of @checkpoint. The
- * conventions (see #LpLoraConvention):
+ * Finds every LoRA module of @checkpoint by the table of families (see
+ * lp_lora_module_get_family() and docs/architecture.md):
  *
- * - `X.lora_A.weight`/`X.lora_B.weight`: PEFT when the checkpoint has an
+ * - `X.lora_A.weight`/`X.lora_B.weight`: PEFT when the checkpoint has a PEFT
  *   adapter config (scale `lora_alpha / r`, `use_rslora`, `rank_pattern` and
  *   `alpha_pattern` as PEFT reads them), else diffusers (scale 1);
  * - `X.lora.down.weight`/`X.lora.up.weight` and `X_lora.down.weight`/
@@ -921,6 +1197,10 @@ common_suffix (const char *a,
  * - `X.lora_down.weight`/`X.lora_up.weight` with an optional 0-dim or `[1]`
  *   `X.alpha` (kohya, ComfyUI, LoCon): scale `alpha / r`, 1 without alpha;
  * - `P:N:down`/`P:N:up` (cloneofsimo): scale 1;
+ * - `X.lora_a` `[in, r]`/`X.lora_b` `[r, out]` (mlx-lm): scale from its
+ *   adapter_config.json `lora_parameters`;
+ * - LyCORIS LoHa (`X.hada_w1_a` ...) and LoKr (`X.lokr_w1` ...), which are
+ *   not plain (lp_lora_module_is_plain());
  * - @down_pattern/@up_pattern, each with one `*` standing for the module key,
  *   tried before the others: scale 1.
  *
@@ -930,29 +1210,32 @@ common_suffix (const char *a,
  * Errors (%LP_STAGE_ERROR_INVALID_INPUT, naming the module): a factor without
  * its partner, down rows that differ from up columns, factors that are not
  * 2-D or 4-D or of a dtype lpipe cannot compute on, an alpha that is not one
- * float, a PEFT rank that differs from the adapter config's. Patterns without
- * exactly one `*`, or only one of them, give %LP_STAGE_ERROR_INVALID_PROPERTY.
- * NaN and infinities in the factors are left for the stages to find when they
- * read the data.
+ * float, a PEFT rank that differs from the adapter config's, and the modules
+ * @flags exclude; with %LP_LORA_FIND_REQUIRE_MODULES, no module at all (the
+ * message names the families looked for and tensors that look like parts of
+ * adapters of other families). Patterns without exactly one `*`, only one of
+ * them, or patterns that pair factors of a transposed family give
+ * %LP_STAGE_ERROR_INVALID_PROPERTY. NaN and infinities in the factors are
+ * left for the stages to find when they read the data.
  *
  * Returns: (transfer container) (element-type LpLoraModule): the modules, in the
- *   order of their first factor in @checkpoint (possibly none)
+ *   order of their first part in @checkpoint, or %NULL with @error set
  */
 GPtrArray *
-lp_lora_find_modules (LpCheckpoint  *checkpoint,
-                      const char    *down_pattern,
-                      const char    *up_pattern,
-                      GPtrArray    **others,
-                      GError       **error)
+lp_lora_find_modules_full (LpCheckpoint     *checkpoint,
+                           const char       *down_pattern,
+                           const char       *up_pattern,
+                           LpLoraFindFlags   flags,
+                           GPtrArray       **others,
+                           GError          **error)
 {
   g_auto(CustomPatterns) custom = { { NULL, }, };
-  g_auto(PeftConfig) peft = { NULL, };
+  g_auto(LpLoraFinder) finder = { NULL, };
   g_autoptr(GPtrArray) pendings = NULL;
   g_autoptr(GHashTable) by_name = NULL;
   g_autoptr(GHashTable) used = NULL;
   g_autoptr(GPtrArray) modules = NULL;
   gboolean have_custom = down_pattern != NULL || up_pattern != NULL;
-  const char *adapter_config;
   guint n_tensors;
 
   g_return_val_if_fail (LP_IS_CHECKPOINT (checkpoint), NULL);
@@ -979,8 +1262,7 @@ lp_lora_find_modules (LpCheckpoint  *checkpoint,
       custom.name_suffix = common_suffix (custom.down.suffix, custom.up.suffix);
     }
 
-  adapter_config = lp_checkpoint_get_adapter_config (checkpoint);
-  if (adapter_config != NULL && !peft_config_parse (&peft, adapter_config, error))
+  if (!lp_lora_finder_init (&finder, checkpoint, error))
     return NULL;
 
   pendings = g_ptr_array_new_with_free_func ((GDestroyNotify) pending_free);
@@ -993,12 +1275,12 @@ lp_lora_find_modules (LpCheckpoint  *checkpoint,
       LpTensor *tensor = lp_checkpoint_get_tensor (checkpoint, i);
       const char *tname = lp_tensor_get_name (tensor);
       g_autofree char *name = NULL;
-      LpLoraConvention convention;
-      gboolean is_up;
+      const LpLoraFamily *family;
+      const LpLoraPart *part;
+      LpTensor *previous;
       Pending *pending;
-      LpTensor **slot;
 
-      if (!classify (tname, have_custom ? &custom : NULL, &name, &is_up, &convention))
+      if (!classify (tname, have_custom ? &custom : NULL, &name, &family, &part))
         continue;
 
       pending = g_hash_table_lookup (by_name, name);
@@ -1006,42 +1288,57 @@ lp_lora_find_modules (LpCheckpoint  *checkpoint,
         {
           pending = g_new0 (Pending, 1);
           pending->name = g_steal_pointer (&name);
-          pending->convention = convention;
+          pending->family = family;
+          pending->first = tensor;
+          pending->parts = g_hash_table_new (g_str_hash, g_str_equal);
           g_ptr_array_add (pendings, pending);
           g_hash_table_insert (by_name, pending->name, pending);
         }
-      else if (pending->convention != convention)
+      else if (pending->family != family)
         {
-          LpTensor *first = pending->down != NULL ? pending->down : pending->up;
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                       "module %s: factors %s and %s follow different conventions",
-                       pending->name, lp_tensor_get_name (first), tname);
+                       "module %s: factors %s and %s follow different conventions (%s, %s)",
+                       pending->name, lp_tensor_get_name (pending->first), tname,
+                       pending->family->title, family->title);
           return NULL;
         }
 
-      slot = is_up ? &pending->up : &pending->down;
-      if (*slot != NULL)
+      previous = g_hash_table_lookup (pending->parts, part->suffix + 1);
+      if (previous != NULL)
         {
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                       "module %s: two %s factors, %s and %s", pending->name,
-                       is_up ? "up" : "down", lp_tensor_get_name (*slot), tname);
+                       "module %s: two %s parts, %s and %s", pending->name,
+                       part->role == LP_LORA_ROLE_DOWN ? "down"
+                       : part->role == LP_LORA_ROLE_UP ? "up" : part->suffix + 1,
+                       lp_tensor_get_name (previous), tname);
           return NULL;
         }
-      *slot = tensor;
+      g_hash_table_insert (pending->parts, (gpointer) (part->suffix + 1), tensor);
     }
 
   modules = g_ptr_array_new_full (pendings->len, g_object_unref);
   for (guint i = 0; i < pendings->len; i++)
     {
-      LpLoraModule *module = module_new (g_ptr_array_index (pendings, i), checkpoint,
-                                         adapter_config != NULL ? &peft : NULL, error);
+      LpLoraModule *module = module_new (g_ptr_array_index (pendings, i), &finder, error);
+      GHashTableIter iter;
+      gpointer part;
+
       if (module == NULL)
         return NULL;
-      g_hash_table_add (used, module->down);
-      g_hash_table_add (used, module->up);
-      if (module->alpha != NULL)
-        g_hash_table_add (used, module->alpha);
       g_ptr_array_add (modules, module);
+      if (module->family == &lp_lora_family_custom && !check_custom_layout (module, error))
+        return NULL;
+      g_hash_table_iter_init (&iter, module->parts);
+      while (g_hash_table_iter_next (&iter, NULL, &part))
+        g_hash_table_add (used, part);
+    }
+
+  if (!check_flags (modules, flags, error))
+    return NULL;
+  if ((flags & LP_LORA_FIND_REQUIRE_MODULES) && modules->len == 0)
+    {
+      set_no_module_error (checkpoint, have_custom ? &custom : NULL, down_pattern, up_pattern, error);
+      return NULL;
     }
 
   if (others != NULL)
@@ -1058,25 +1355,30 @@ lp_lora_find_modules (LpCheckpoint  *checkpoint,
   return g_steal_pointer (&modules);
 }
 
-/* Parts of adapters lpipe does not reduce, by a piece of their key: LyCORIS
- * (LoHa `.hada_w1_a`, LoKr `.lokr_w1`, OFT/BOFT `.oft_blocks`, full `.diff`,
- * norm `.w_norm`/`.b_norm`, GLoRA `.a1.weight`), DoRA (kohya `dora_scale`,
- * PEFT `lora_magnitude_vector`), mlx-lm (`.lora_a`), PEFT's embedding LoRA,
- * IA3 and VeRA. A file holding them and no module is an adapter lpipe would
- * otherwise pass through untouched. */
-static const char *const foreign_adapter_parts[] = {
-  ".hada_", ".lokr_", ".oft_", ".diff", ".w_norm", ".b_norm", ".a1.weight",
-  "dora_scale", "lora_magnitude_vector", ".lora_a", ".lora_b", "lora_embedding_",
-  ".ia3_", "vera_lambda",
-};
-
-static gboolean
-looks_like_adapter_part (const char *name)
+/**
+ * lp_lora_find_modules:
+ * @checkpoint: a LoRA checkpoint
+ * @down_pattern: (nullable): a custom down factor key with one `*`, e.g. `w_a_*`
+ * @up_pattern: (nullable): the matching up factor key, e.g. `w_b_*`
+ * @others: (out) (optional) (transfer container) (element-type LpTensor): the
+ *   tensors that are no part of a module, in checkpoint order
+ * @error: return location for a #GError
+ *
+ * lp_lora_find_modules_full() with no flags: every module of every family,
+ * possibly none.
+ *
+ * Returns: (transfer container) (element-type LpLoraModule): the modules, or
+ *   %NULL with @error set
+ */
+GPtrArray *
+lp_lora_find_modules (LpCheckpoint  *checkpoint,
+                      const char    *down_pattern,
+                      const char    *up_pattern,
+                      GPtrArray    **others,
+                      GError       **error)
 {
-  for (guint i = 0; i < G_N_ELEMENTS (foreign_adapter_parts); i++)
-    if (strstr (name, foreign_adapter_parts[i]) != NULL)
-      return TRUE;
-  return FALSE;
+  return lp_lora_find_modules_full (checkpoint, down_pattern, up_pattern,
+                                    LP_LORA_FIND_NONE, others, error);
 }
 
 /**
@@ -1088,12 +1390,11 @@ looks_like_adapter_part (const char *name)
  *   for lp_lora_find_modules()
  * @error: return location for a #GError
  *
- * lp_lora_find_modules() for a stage that works on LoRA modules and has
- * nothing to do without one: a checkpoint with no module is an error
- * (%LP_STAGE_ERROR_INVALID_INPUT) that names the conventions looked for and,
- * when some tensors look like parts of an adapter lpipe does not know
- * (LyCORIS, DoRA, mlx-lm, ...), the first few of them, so that such a file
- * is never passed through as if it had been worked on.
+ * lp_lora_find_modules_full() for a stage that replaces plain factors by
+ * their keys and has nothing to do without a module: at least one module, all
+ * plain, in the stored layout and without a DoRA magnitude
+ * (%LP_LORA_FIND_REQUIRED), so that no file is passed through as if it had
+ * been worked on.
  *
  * Returns: (transfer container) (element-type LpLoraModule): the modules, at
  *   least one, or %NULL with @error set
@@ -1105,194 +1406,6 @@ lp_lora_find_modules_required (LpCheckpoint  *checkpoint,
                                GPtrArray    **others,
                                GError       **error)
 {
-  g_autoptr(GPtrArray) modules = NULL;
-  g_autoptr(GString) message = NULL;
-  guint n_tensors, n_foreign = 0;
-
-  modules = lp_lora_find_modules (checkpoint, down_pattern, up_pattern, others, error);
-  if (modules == NULL || modules->len > 0)
-    return g_steal_pointer (&modules);
-
-  if (others != NULL)
-    g_clear_pointer (others, g_ptr_array_unref);
-
-  n_tensors = lp_checkpoint_get_n_tensors (checkpoint);
-  message = g_string_new (NULL);
-  g_string_append_printf (message, "no LoRA module among the %u tensors; looked for ", n_tensors);
-  if (down_pattern != NULL && up_pattern != NULL)
-    g_string_append_printf (message, "custom (%s / %s), ", down_pattern, up_pattern);
-  for (guint i = 0; i < G_N_ELEMENTS (builtin_suffixes); i++)
-    g_string_append_printf (message, "%s%s (*%s / *%s)",
-                            i == 0 ? "" : i + 1 == G_N_ELEMENTS (builtin_suffixes) ? " and " : ", ",
-                            builtin_suffixes[i].family, builtin_suffixes[i].down_suffix,
-                            builtin_suffixes[i].up_suffix);
-
-  for (guint i = 0; i < n_tensors; i++)
-    {
-      const char *name = lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, i));
-
-      if (!looks_like_adapter_part (name))
-        continue;
-      if (n_foreign < 3)
-        g_string_append_printf (message, "%s%s", n_foreign == 0
-                                ? "; these look like parts of an adapter family lpipe does not know: "
-                                : ", ", name);
-      n_foreign++;
-    }
-  if (n_foreign > 3)
-    g_string_append_printf (message, " (%u such tensors in all)", n_foreign);
-
-  g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT, message->str);
-  return NULL;
-}
-
-/* The adapter config of a reduced PEFT checkpoint */
-
-static gboolean
-nearly_equal (double a,
-              double b)
-{
-  return fabs (a - b) <= 1e-12 * MAX (fabs (a), fabs (b));
-}
-
-/* lora_alpha is an int in PEFT's LoraConfig; write one when it is whole. */
-static void
-set_number (JsonObject *object,
-            const char *key,
-            double      value)
-{
-  if (value == floor (value) && fabs (value) < 1e15)
-    json_object_set_int_member (object, key, (gint64) value);
-  else
-    json_object_set_double_member (object, key, value);
-}
-
-/**
- * lp_lora_peft_pattern_key:
- * @module_key: a module's name in the base model, as
- *   lp_lora_module_get_peft_key() gives it
- *
- * The `rank_pattern` / `alpha_pattern` key that selects exactly this module.
- * PEFT's `get_pattern_key` (peft/utils/other.py) matches a key K against a
- * module name with `re.match(r"(.*\.)?(K)$", name)`: the escaped name alone
- * would also select every module whose name ends with `.` and it
- * (`proj_out` selects `blocks.0.proj_out`). A leading `^` inside the group
- * only matches at the start of the name, so `(.*\.)?` must match nothing and
- * the key matches the one module of that exact name.
- *
- * Returns: (transfer full): `^` and the module name, regex-escaped
- */
-char *
-lp_lora_peft_pattern_key (const char *module_key)
-{
-  g_autofree char *escaped = NULL;
-
-  g_return_val_if_fail (module_key != NULL, NULL);
-  escaped = g_regex_escape_string (module_key, -1);
-  return g_strconcat ("^", escaped, NULL);
-}
-
-/**
- * lp_lora_update_adapter_config:
- * @json: the text of the input's `adapter_config.json`
- * @modules: (element-type LpLoraModule): the modules, as lp_lora_find_modules()
- *   found them with this config
- * @new_ranks: (array): the new rank of each of @modules
- * @error: return location for a #GError
- *
- * Rewrites a PEFT adapter config for factors of new ranks so that every
- * module's scale stays what it was: module m, reduced from rank r_m to k_m,
- * gets alpha `alpha_m · k_m / r_m` (`alpha_m · √(k_m / r_m)` with
- * `use_rslora`). The factors are written without folding any scale into them.
- *
- * `r` becomes the most common new rank (ties go to the one reached first in
- * @modules), `lora_alpha` the old `lora_alpha` scaled the same way, and
- * `rank_pattern` and `alpha_pattern` are rebuilt to hold exactly the modules
- * that differ from those, keyed by lp_lora_peft_pattern_key() (PEFT matches
- * `(.*\.)?(key)$` and takes the first key that matches, so old, broader keys
- * are not kept, and each new key selects exactly one module). Modules of other
- * conventions are skipped. Other members are kept, in their order.
- *
- * Returns: (transfer full): the new JSON text, or %NULL with @error set
- */
-char *
-lp_lora_update_adapter_config (const char  *json,
-                               GPtrArray   *modules,
-                               const guint *new_ranks,
-                               GError     **error)
-{
-  g_auto(PeftConfig) config = { NULL, };
-  g_autoptr(GHashTable) counts = NULL;
-  g_autoptr(JsonGenerator) generator = NULL;
-  JsonObject *root, *rank_pattern, *alpha_pattern;
-  guint best_rank = 0, best_count = 0;
-  double new_alpha;
-
-  g_return_val_if_fail (json != NULL, NULL);
-  g_return_val_if_fail (modules != NULL, NULL);
-  g_return_val_if_fail (modules->len == 0 || new_ranks != NULL, NULL);
-  g_return_val_if_fail (error == NULL || *error == NULL, NULL);
-
-  if (!peft_config_parse (&config, json, error))
-    return NULL;
-  root = json_node_get_object (json_parser_get_root (config.parser));
-
-  counts = g_hash_table_new (NULL, NULL);
-  for (guint i = 0; i < modules->len; i++)
-    {
-      LpLoraModule *module = g_ptr_array_index (modules, i);
-      guint count;
-
-      if (module->convention != LP_LORA_CONVENTION_PEFT)
-        continue;
-      if (new_ranks[i] == 0)
-        {
-          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                       "module %s: new rank 0", module->name);
-          return NULL;
-        }
-      count = GPOINTER_TO_UINT (g_hash_table_lookup (counts, GUINT_TO_POINTER (new_ranks[i]))) + 1;
-      g_hash_table_insert (counts, GUINT_TO_POINTER (new_ranks[i]), GUINT_TO_POINTER (count));
-      if (count > best_count)
-        {
-          best_count = count;
-          best_rank = new_ranks[i];
-        }
-    }
-  if (best_count == 0)
-    best_rank = config.r;
-
-  new_alpha = config.use_rslora ? config.lora_alpha * sqrt (best_rank / config.r)
-                                : config.lora_alpha * best_rank / config.r;
-
-  rank_pattern = json_object_new ();
-  alpha_pattern = json_object_new ();
-  for (guint i = 0; i < modules->len; i++)
-    {
-      LpLoraModule *module = g_ptr_array_index (modules, i);
-      g_autofree char *key = NULL;
-      double k, alpha;
-
-      if (module->convention != LP_LORA_CONVENTION_PEFT)
-        continue;
-      k = new_ranks[i];
-      alpha = config.use_rslora ? module->alpha_value * sqrt (k / module->rank)
-                                : module->alpha_value * k / module->rank;
-      key = lp_lora_peft_pattern_key (module->peft_key);
-      if (new_ranks[i] != best_rank)
-        json_object_set_int_member (rank_pattern, key, new_ranks[i]);
-      if (!nearly_equal (alpha, new_alpha))
-        set_number (alpha_pattern, key, alpha);
-    }
-
-  json_object_set_int_member (root, "r", best_rank);
-  set_number (root, "lora_alpha", new_alpha);
-  json_object_set_object_member (root, "rank_pattern", rank_pattern);
-  json_object_set_object_member (root, "alpha_pattern", alpha_pattern);
-
-  generator = json_generator_new ();
-  json_generator_set_pretty (generator, TRUE);
-  json_generator_set_indent (generator, 2);
-  json_generator_set_root (generator, json_parser_get_root (config.parser));
-  return json_generator_to_data (generator, NULL);
+  return lp_lora_find_modules_full (checkpoint, down_pattern, up_pattern,
+                                    LP_LORA_FIND_REQUIRED, others, error);
 }

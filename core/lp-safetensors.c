@@ -859,6 +859,13 @@ read_metadata (Scanner  *s,
   kind = peek_value_kind (s, error);
   if (kind == NULL)
     return FALSE;
+  /* mlx-lm writes null; the reference reader (serde's Option) reads it as
+   * no metadata. */
+  if (g_str_equal (kind, "null"))
+    {
+      s->pos += strlen ("null");
+      return TRUE;
+    }
   if (peek (s) != '{')
     {
       scanner_error (s, error, LP_FORMAT_ERROR_METADATA, "__metadata__ is %s, not an object", kind);

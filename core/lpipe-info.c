@@ -196,12 +196,11 @@ convention_name (LpLoraConvention convention)
     }
 }
 
-/* The module's family; lp_lora_module_get_family() once the library has
- * one, its key convention until then. */
+/* The module's family, from the library's table of families */
 static const char *
 module_family (LpLoraModule *module)
 {
-  return convention_name (lp_lora_module_get_convention (module));
+  return lp_lora_module_get_family (module);
 }
 
 /* What the module names say about the base model, checked in order; the
@@ -502,10 +501,14 @@ add_module_json (JsonBuilder  *b,
       json_builder_add_int_value (b, kw);
       json_builder_end_array (b);
     }
-  json_builder_set_member_name (b, "down");
-  add_tensor_json (b, lp_lora_module_get_down (m));
-  json_builder_set_member_name (b, "up");
-  add_tensor_json (b, lp_lora_module_get_up (m));
+  /* LoHa and LoKr modules have parts, no single down and up */
+  if (lp_lora_module_is_plain (m))
+    {
+      json_builder_set_member_name (b, "down");
+      add_tensor_json (b, lp_lora_module_get_stored_factor (m, FALSE));
+      json_builder_set_member_name (b, "up");
+      add_tensor_json (b, lp_lora_module_get_stored_factor (m, TRUE));
+    }
   if (lp_lora_module_get_alpha (m))
     {
       json_builder_set_member_name (b, "alpha-tensor");

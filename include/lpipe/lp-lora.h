@@ -24,8 +24,12 @@ G_BEGIN_DECLS
  * @LP_LORA_CONVENTION_KOHYA: `*.lora_down.weight` / `*.lora_up.weight` with optional `*.alpha`
  * @LP_LORA_CONVENTION_CLONEOFSIMO: `prefix:N:down` / `prefix:N:up`
  * @LP_LORA_CONVENTION_CUSTOM: given by a down and an up pattern
+ * @LP_LORA_CONVENTION_MLX: mlx-lm `*.lora_a` `[in, r]` / `*.lora_b` `[r, out]`
+ * @LP_LORA_CONVENTION_LOHA: LyCORIS LoHa `*.hada_w1_a` ... (not plain)
+ * @LP_LORA_CONVENTION_LOKR: LyCORIS LoKr `*.lokr_w1` ... (not plain)
  *
- * How a LoRA file names its factors.
+ * How a LoRA file names its factors; one value per family of the table
+ * (lp_lora_module_get_family() names them, and is where new families go).
  */
 typedef enum {
   LP_LORA_CONVENTION_PEFT,
@@ -35,13 +39,46 @@ typedef enum {
   LP_LORA_CONVENTION_KOHYA,
   LP_LORA_CONVENTION_CLONEOFSIMO,
   LP_LORA_CONVENTION_CUSTOM,
+  LP_LORA_CONVENTION_MLX,
+  LP_LORA_CONVENTION_LOHA,
+  LP_LORA_CONVENTION_LOKR,
 } LpLoraConvention;
+
+/**
+ * LpLoraFindFlags:
+ * @LP_LORA_FIND_NONE: every module, possibly none
+ * @LP_LORA_FIND_REQUIRE_MODULES: no module is an error naming the families
+ *   looked for and tensors of unknown adapter families
+ * @LP_LORA_FIND_PLAIN: a module that is not plain (LoHa, LoKr) is an error
+ * @LP_LORA_FIND_STORED_LAYOUT: a module stored transposed (mlx-lm) is an
+ *   error, for stages that replace factors by lp_lora_module_get_down()
+ * @LP_LORA_FIND_REFUSE_DORA: a module with a DoRA magnitude is an error
+ *   saying why
+ * @LP_LORA_FIND_REQUIRED: all of the above
+ *
+ * Which modules a caller of lp_lora_find_modules_full() works on.
+ */
+typedef enum /*< flags >*/ {
+  LP_LORA_FIND_NONE = 0,
+  LP_LORA_FIND_REQUIRE_MODULES = 1 << 0,
+  LP_LORA_FIND_PLAIN = 1 << 1,
+  LP_LORA_FIND_STORED_LAYOUT = 1 << 2,
+  LP_LORA_FIND_REFUSE_DORA = 1 << 3,
+  LP_LORA_FIND_REQUIRED = LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN
+                          | LP_LORA_FIND_STORED_LAYOUT | LP_LORA_FIND_REFUSE_DORA,
+} LpLoraFindFlags;
 
 #define LP_TYPE_LORA_MODULE (lp_lora_module_get_type ())
 G_DECLARE_FINAL_TYPE (LpLoraModule, lp_lora_module, LP, LORA_MODULE, GObject)
 
 const char       *lp_lora_module_get_name         (LpLoraModule *self);
 LpLoraConvention  lp_lora_module_get_convention   (LpLoraModule *self);
+const char       *lp_lora_module_get_family       (LpLoraModule *self);
+LpTensor         *lp_lora_module_get_part         (LpLoraModule *self,
+                                                   const char   *part);
+gboolean          lp_lora_module_is_plain         (LpLoraModule *self);
+gboolean          lp_lora_module_is_transposed    (LpLoraModule *self);
+gboolean          lp_lora_module_is_dora          (LpLoraModule *self);
 LpTensor         *lp_lora_module_get_down         (LpLoraModule *self);
 LpTensor         *lp_lora_module_get_up           (LpLoraModule *self);
 LpTensor         *lp_lora_module_get_alpha        (LpLoraModule *self);
@@ -55,6 +92,12 @@ GPtrArray        *lp_lora_find_modules            (LpCheckpoint  *checkpoint,
                                                    const char    *up_pattern,
                                                    GPtrArray    **others,
                                                    GError       **error);
+GPtrArray        *lp_lora_find_modules_full       (LpCheckpoint     *checkpoint,
+                                                   const char       *down_pattern,
+                                                   const char       *up_pattern,
+                                                   LpLoraFindFlags   flags,
+                                                   GPtrArray       **others,
+                                                   GError          **error);
 GPtrArray        *lp_lora_find_modules_required   (LpCheckpoint  *checkpoint,
                                                    const char    *down_pattern,
                                                    const char    *up_pattern,
@@ -71,6 +114,11 @@ void              lp_lora_module_new_factor_shape (LpLoraModule *self,
                                                    guint         new_rank,
                                                    guint64      *shape_out,
                                                    guint        *n_dims);
+LpTensor         *lp_lora_module_get_stored_factor (LpLoraModule *self,
+                                                   gboolean      is_up);
+LpTensor         *lp_lora_module_to_stored_layout (LpLoraModule *self,
+                                                   gboolean      is_up,
+                                                   LpTensor     *factor);
 
 /* Scale semantics through a rank change r -> k */
 double            lp_lora_module_get_alpha_value  (LpLoraModule *self);
@@ -79,6 +127,11 @@ LpTensor         *lp_lora_module_new_alpha        (LpLoraModule *self,
                                                    guint         new_rank);
 const char       *lp_lora_module_get_peft_key     (LpLoraModule *self);
 
+gboolean          lp_lora_rewrite_for_new_ranks   (LpCheckpoint  *input,
+                                                   LpCheckpoint  *output,
+                                                   GPtrArray     *modules,
+                                                   const guint   *new_ranks,
+                                                   GError       **error);
 char             *lp_lora_peft_pattern_key        (const char    *module_key);
 char             *lp_lora_update_adapter_config   (const char    *json,
                                                    GPtrArray     *modules,

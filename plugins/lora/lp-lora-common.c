@@ -206,19 +206,21 @@ lp_lora_assemble (LpCheckpoint  *input,
                   GError       **error)
 {
   g_autoptr (LpCheckpoint) output = lp_checkpoint_new_like (input);
-  g_autoptr (GHashTable) replace = g_hash_table_new (NULL, NULL);
-  gboolean any_peft = FALSE;
+  g_autoptr (GHashTable) replace = g_hash_table_new_full (NULL, NULL, NULL, g_object_unref);
 
+  /* New factors go in the module's stored layout (mlx-lm's transposed),
+   * in place of the checkpoint's own tensors. */
   for (guint i = 0; i < modules->len; i++)
     {
       LpLoraModule *module = g_ptr_array_index (modules, i);
       if (new_down[i])
-        g_hash_table_insert (replace, lp_lora_module_get_down (module), new_down[i]);
+        g_hash_table_insert (replace, lp_lora_module_get_stored_factor (module, FALSE),
+                             lp_lora_module_to_stored_layout (module, FALSE, new_down[i]));
       if (new_up[i])
-        g_hash_table_insert (replace, lp_lora_module_get_up (module), new_up[i]);
+        g_hash_table_insert (replace, lp_lora_module_get_stored_factor (module, TRUE),
+                             lp_lora_module_to_stored_layout (module, TRUE, new_up[i]));
       if (new_alpha[i] && lp_lora_module_get_alpha (module))
-        g_hash_table_insert (replace, lp_lora_module_get_alpha (module), new_alpha[i]);
-      any_peft |= lp_lora_module_get_convention (module) == LP_LORA_CONVENTION_PEFT;
+        g_hash_table_insert (replace, lp_lora_module_get_alpha (module), g_object_ref (new_alpha[i]));
     }
 
   for (guint i = 0; i < lp_checkpoint_get_n_tensors (input); i++)
@@ -229,14 +231,9 @@ lp_lora_assemble (LpCheckpoint  *input,
         return NULL;
     }
 
-  const char *config = lp_checkpoint_get_adapter_config (input);
-  if (any_peft && config != NULL)
-    {
-      g_autofree char *updated = lp_lora_update_adapter_config (config, modules, new_ranks, error);
-      if (updated == NULL)
-        return NULL;
-      lp_checkpoint_set_adapter_config (output, updated);
-    }
+  /* PEFT's and mlx's configs, and each family's metadata */
+  if (!lp_lora_rewrite_for_new_ranks (input, output, modules, new_ranks, error))
+    return NULL;
 
   return g_steal_pointer (&output);
 }

@@ -143,7 +143,10 @@ lp_lora_project_transform (LpTransform   *transform,
   g_autoptr (GPtrArray) modules = NULL;
   LpCheckpoint *output = NULL;
 
-  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
+  /* mlx-lm modules are written back in their layout by lp_lora_assemble () */
+  modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
+                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN
+                                       | LP_LORA_FIND_REFUSE_DORA, NULL, error);
   if (modules == NULL)
     return NULL;
 

@@ -422,7 +422,11 @@ lp_lora_spectrum_stage_consume (LpSink        *sink,
 
   g_array_set_clear_func (blocks, (GDestroyNotify) block_clear);
 
-  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
+  /* the spectrum reads mlx-lm factors through their views; a DoRA
+   * magnitude does not change it */
+  modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
+                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN,
+                                       NULL, error);
   if (modules == NULL)
     return FALSE;
 

@@ -266,12 +266,16 @@ lp_rank_check_transform (LpTransform   *transform,
   g_autoptr (GPtrArray) original_modules = NULL;
   g_autoptr (GHashTable) by_name = g_hash_table_new (g_str_hash, g_str_equal);
 
-  modules = lp_lora_find_modules_required (input, self->down_pattern, self->up_pattern, NULL, error);
+  /* a DoRA magnitude does not change the factors' rank */
+  modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
+                                       LP_LORA_FIND_REQUIRED & ~LP_LORA_FIND_REFUSE_DORA, NULL, error);
   if (modules == NULL)
     return NULL;
   if (original != NULL)
     {
-      original_modules = lp_lora_find_modules_required (original, self->down_pattern, self->up_pattern, NULL, error);
+      original_modules = lp_lora_find_modules_full (original, self->down_pattern, self->up_pattern,
+                                                    LP_LORA_FIND_REQUIRED & ~LP_LORA_FIND_REFUSE_DORA,
+                                                    NULL, error);
       if (original_modules == NULL)
         {
           g_prefix_error (error, "the original (second input): ");

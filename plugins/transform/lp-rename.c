@@ -442,7 +442,8 @@ apply_preset (LpRename      *self,
   g_autoptr(LpCheckpoint) output = lp_checkpoint_new_like (input);
   Output out = { output, sources };
 
-  modules = lp_lora_find_modules (input, NULL, NULL, NULL, error);
+  modules = lp_lora_find_modules_full (input, NULL, NULL, LP_LORA_FIND_PLAIN | LP_LORA_FIND_STORED_LAYOUT,
+                                       NULL, error);
   if (modules == NULL)
     return NULL;
   plan = lp_rename_preset_plan (self->preset, modules, error);

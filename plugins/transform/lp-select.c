@@ -74,7 +74,8 @@ lp_select_transform (LpTransform   *transform,
   if (!lp_select_prepare (LP_STAGE (self), error))
     return NULL;
 
-  modules = lp_lora_find_modules (input, NULL, NULL, NULL, error);
+  modules = lp_lora_find_modules_full (input, NULL, NULL, LP_LORA_FIND_PLAIN | LP_LORA_FIND_STORED_LAYOUT,
+                                       NULL, error);
   if (modules == NULL)
     return NULL;
 

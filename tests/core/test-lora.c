@@ -144,9 +144,10 @@ test_peft (void)
     { "base_model.model.m.layers.0.v.lora_A.weight", 2, { 4, 16 } },
     { "base_model.model.classifier.bias", 1, { 2 } },
   };
+  /* the magnitude (PEFT's lora_magnitude_vector, as PEFT 0.10's
+   * ParameterDict saved it) is part of module q */
   const char *expected_others[] = {
     "base_model.model.classifier.weight",
-    "base_model.model.m.layers.0.q.lora_magnitude_vector",
     "base_model.model.classifier.bias", NULL
   };
   g_autoptr(GPtrArray) others = NULL;
@@ -160,6 +161,9 @@ test_peft (void)
   assert_others (others, expected_others);
 
   module = g_ptr_array_index (modules, 0);
+  g_assert_true (lp_lora_module_is_dora (module));
+  g_assert_cmpstr (lp_lora_module_get_family (module), ==, "peft");
+  g_assert_false (lp_lora_module_is_dora (g_ptr_array_index (modules, 1)));
   g_assert_cmpstr (lp_lora_module_get_peft_key (module), ==, "m.layers.0.q");
   g_assert_cmpstr (lp_tensor_get_name (lp_lora_module_get_down (module)), ==,
                    "base_model.model.m.layers.0.q.lora_A.weight");
@@ -262,8 +266,9 @@ test_kohya (void)
     { "lora_te_emb.alpha", 0, { 0 }, LP_DTYPE_F32, 3.0 },   /* no module: passes through */
     { "emb_params", 2, { 2, 4 } },
   };
+  /* the DoRA magnitude is part of its module (lp-lora-family-dora.c) */
   const char *expected_others[] = {
-    "lora_unet_b.dora_scale", "lora_te_emb.alpha", "emb_params", NULL
+    "lora_te_emb.alpha", "emb_params", NULL
   };
   g_autoptr(GPtrArray) others = NULL;
   g_autoptr(GPtrArray) modules = NULL;
@@ -285,6 +290,13 @@ test_kohya (void)
   x = g_ptr_array_index (modules, 2);
   g_assert_cmpstr (lp_tensor_get_name (lp_lora_module_get_alpha (a)), ==, "lora_unet_a.alpha");
   g_assert_null (lp_lora_module_get_alpha (b));
+  g_assert_false (lp_lora_module_is_dora (a));
+  g_assert_true (lp_lora_module_is_dora (b));
+  g_assert_cmpstr (lp_tensor_get_name (lp_lora_module_get_part (b, "dora_scale")), ==,
+                   "lora_unet_b.dora_scale");
+  g_assert_cmpstr (lp_lora_module_get_family (b), ==, "kohya");
+  g_assert_true (lp_lora_module_get_part (a, "alpha") == lp_lora_module_get_alpha (a));
+  g_assert_nonnull (lp_lora_module_get_part (a, "lora_down.weight"));
   g_assert_cmpfloat (lp_lora_module_get_alpha_value (a), ==, 2.0);
   g_assert_cmpfloat (lp_lora_module_get_alpha_value (b), ==, 4.0);
 

@@ -366,7 +366,6 @@ static const BadCase bad_cases[] = {
   { "metadata-object", "{\"__metadata__\":{\"a\":{}}}", -1, 0, LP_FORMAT_ERROR_METADATA },
   { "metadata-array", "{\"__metadata__\":{\"a\":[\"b\"]}}", -1, 0, LP_FORMAT_ERROR_METADATA },
   { "metadata-not-object", "{\"__metadata__\":\"a\"}", -1, 0, LP_FORMAT_ERROR_METADATA },
-  { "metadata-is-null", "{\"__metadata__\":null}", -1, 0, LP_FORMAT_ERROR_METADATA },
   { "metadata-is-array", "{\"__metadata__\":[]}", -1, 0, LP_FORMAT_ERROR_METADATA },
   { "metadata-duplicate-key", "{\"__metadata__\":{\"a\":\"b\",\"a\":\"b\"}}", -1, 0, LP_FORMAT_ERROR_METADATA },
   { "metadata-twice", "{\"__metadata__\":{},\"__metadata__\":{}}", -1, 0, LP_FORMAT_ERROR_METADATA },
@@ -1254,6 +1253,23 @@ test_many_tensors (void)
                 n, header->len, g_timer_elapsed (timer, NULL) * 1000);
 }
 
+/* mlx-lm's save_safetensors writes "__metadata__": null; the reference
+ * reader (safetensors' Metadata with serde's Option) reads null as no
+ * metadata, and so must lpipe. */
+static void
+test_metadata_null (void)
+{
+  g_autoptr(GError) error = NULL;
+  g_autoptr(GBytes) bytes = make_file ("{\"__metadata__\":null,\"m.lora_a\":"
+                                       "{\"dtype\":\"U8\",\"shape\":[2,2],\"data_offsets\":[0,4]}}", 4);
+  g_autoptr(LpCheckpoint) checkpoint = lp_safetensors_load_from_bytes (bytes, "adapters.safetensors", &error);
+
+  g_assert_no_error (error);
+  g_assert_cmpuint (lp_checkpoint_get_n_tensors (checkpoint), ==, 1);
+  g_assert_cmpstr (lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, 0)), ==, "m.lora_a");
+  g_assert_null (lp_checkpoint_get_metadata (checkpoint, "format"));
+}
+
 int
 main (int   argc,
       char *argv[])
@@ -1266,6 +1282,7 @@ main (int   argc,
       g_test_add_data_func (path, &bad_cases[i], test_reject);
     }
   g_test_add_func ("/safetensors/reject/misspelled-literal", test_reject_misspelled_literal);
+  g_test_add_func ("/safetensors/metadata-null", test_metadata_null);
   g_test_add_func ("/safetensors/reject/messages", test_reject_messages);
   g_test_add_func ("/safetensors/reject/file-errors", test_file_errors);
   g_test_add_func ("/safetensors/accept/empty", test_accept_empty);

@@ -736,7 +736,8 @@ test_no_module (void)
 }
 
 /* Parts of adapters of families the finder does not pair (keys as LyCORIS's
- * LohaModule / DoRA and PEFT's LoraLayer write them): named in the error. */
+ * OFT and full modules and PEFT's DoRA layer write them): named in the
+ * error. */
 static void
 test_unknown_family (void)
 {
