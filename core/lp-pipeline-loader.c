@@ -1381,6 +1381,10 @@ load_root (Loader             *ld,
   stages = json_node_get_array (member);
   if (json_array_get_length (stages) == 0)
     return loader_error (ld, error, LP_PIPELINE_ERROR_EMPTY, "\"stages\" is empty");
+  if (json_array_get_length (stages) > LP_PIPELINE_MAX_STAGES)
+    return loader_error (ld, error, LP_PIPELINE_ERROR_INVALID,
+                         "\"stages\" has %u stages; a pipeline holds at most %d",
+                         json_array_get_length (stages), LP_PIPELINE_MAX_STAGES);
 
   /* know every ${name} in use before judging the command line's names */
   for (guint i = 0; i < json_array_get_length (stages); i++)

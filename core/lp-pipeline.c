@@ -33,6 +33,8 @@ struct _LpPipeline
 
   LpRegistry *registry;
   GPtrArray *nodes;         /* Node*, owned, in order of addition */
+  GHashTable *node_of;      /* LpStage* -> Node*, so lookups cost nothing per stage */
+  GHashTable *id_of;        /* id when added -> Node* */
   char *origin;
   char *description;
   GHashTable *params;       /* name -> value text */
@@ -79,6 +81,8 @@ lp_pipeline_dispose (GObject *object)
 {
   LpPipeline *self = LP_PIPELINE (object);
 
+  g_clear_pointer (&self->node_of, g_hash_table_unref);
+  g_clear_pointer (&self->id_of, g_hash_table_unref);
   g_clear_pointer (&self->nodes, g_ptr_array_unref);
   g_clear_object (&self->registry);
   g_clear_object (&self->last_stats);
@@ -214,6 +218,8 @@ static void
 lp_pipeline_init (LpPipeline *self)
 {
   self->nodes = g_ptr_array_new_with_free_func (node_free);
+  self->node_of = g_hash_table_new (NULL, NULL);
+  self->id_of = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
   self->threads = MAX (g_get_num_processors (), 1);
   self->params = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
 }
@@ -277,13 +283,29 @@ static Node *
 find_node (LpPipeline *self,
            LpStage    *stage)
 {
-  for (guint i = 0; i < self->nodes->len; i++)
-    {
-      Node *node = g_ptr_array_index (self->nodes, i);
-      if (node->stage == stage)
-        return node;
-    }
-  return NULL;
+  return g_hash_table_lookup (self->node_of, stage);
+}
+
+/* The stage added with @id, if it still has that id. */
+static Node *
+find_id (LpPipeline *self,
+         const char *id)
+{
+  Node *node = g_hash_table_lookup (self->id_of, id);
+
+  return node && g_strcmp0 (lp_stage_get_id (node->stage), id) == 0 ? node : NULL;
+}
+
+static gboolean
+check_n_stages (LpPipeline  *self,
+                guint        n,
+                GError     **error)
+{
+  if (n <= LP_PIPELINE_MAX_STAGES)
+    return TRUE;
+  g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_INVALID,
+               "a pipeline holds at most %d stages", LP_PIPELINE_MAX_STAGES);
+  return FALSE;
 }
 
 /**
@@ -308,6 +330,9 @@ lp_pipeline_append (LpPipeline *self,
   node->inputs = g_ptr_array_new ();
   node->index = self->nodes->len + 1;
   g_ptr_array_add (self->nodes, node);
+  g_hash_table_insert (self->node_of, stage, node);
+  if (lp_stage_get_id (stage) && !find_id (self, lp_stage_get_id (stage)))
+    g_hash_table_replace (self->id_of, g_strdup (lp_stage_get_id (stage)), node);
   lp_stage_set_pipeline_context (stage, NULL, node->index, NULL, 0);
 }
 
@@ -334,7 +359,9 @@ lp_pipeline_add_stage (LpPipeline  *self,
   g_return_val_if_fail (LP_IS_PIPELINE (self), NULL);
   g_return_val_if_fail (stage_name != NULL, NULL);
 
-  if (id && lp_pipeline_lookup_stage (self, id))
+  if (!check_n_stages (self, self->nodes->len + 1, error))
+    return NULL;
+  if (id && find_id (self, id))
     {
       g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_DUPLICATE_ID,
                    "two stages have the id '%s'", id);
@@ -456,6 +483,8 @@ lp_pipeline_clear (LpPipeline *self)
 {
   g_return_if_fail (LP_IS_PIPELINE (self));
 
+  g_hash_table_remove_all (self->node_of);
+  g_hash_table_remove_all (self->id_of);
   g_ptr_array_set_size (self->nodes, 0);
   lp_pipeline_set_source_info (self, NULL, NULL, NULL);
 }
@@ -503,6 +532,9 @@ lp_pipeline_lookup_stage (LpPipeline *self,
   g_return_val_if_fail (LP_IS_PIPELINE (self), NULL);
   g_return_val_if_fail (id != NULL, NULL);
 
+  if (find_id (self, id))
+    return find_id (self, id)->stage;
+  /* an id set after the stage was added */
   for (guint i = 0; i < self->nodes->len; i++)
     {
       Node *node = g_ptr_array_index (self->nodes, i);
@@ -603,6 +635,43 @@ prefix_error (LpPipeline  *self,
     g_prefix_error (error, "%s: ", self->origin);
 }
 
+static void
+heap_push (guint *heap,
+           guint *n,
+           guint  value)
+{
+  guint i = (*n)++;
+
+  for (; i > 0 && heap[(i - 1) / 2] > value; i = (i - 1) / 2)
+    heap[i] = heap[(i - 1) / 2];
+  heap[i] = value;
+}
+
+static guint
+heap_pop (guint *heap,
+          guint *n)
+{
+  guint top = heap[0];
+  guint last = heap[--(*n)];
+  guint i = 0;
+
+  for (;;)
+    {
+      guint child = 2 * i + 1;
+      if (child >= *n)
+        break;
+      if (child + 1 < *n && heap[child + 1] < heap[child])
+        child++;
+      if (heap[child] >= last)
+        break;
+      heap[i] = heap[child];
+      i = child;
+    }
+  if (*n > 0)
+    heap[i] = last;
+  return top;
+}
+
 /* Chains stages that were given no inputs, then orders the graph so every
  * stage comes after its inputs (Kahn's algorithm). Returns NULL on a cycle. */
 static GPtrArray *
@@ -610,8 +679,18 @@ resolve (LpPipeline  *self,
          GError     **error)
 {
   g_autoptr(GPtrArray) order = g_ptr_array_new ();
-  g_autoptr(GHashTable) pending = g_hash_table_new (NULL, NULL);
+  g_autofree guint *pending = NULL;    /* by node index - 1: inputs not yet ordered */
+  g_autofree GPtrArray **consumers = NULL;
+  g_autofree guint *heap = NULL;
+  guint n, n_heap = 0;
   Node *prev = NULL;
+
+  if (!check_n_stages (self, self->nodes->len, error))
+    {
+      if (self->origin)
+        g_prefix_error (error, "%s: ", self->origin);
+      return NULL;
+    }
 
   for (guint i = 0; i < self->nodes->len; i++)
     {
@@ -637,47 +716,64 @@ resolve (LpPipeline  *self,
           return NULL;
         }
       prev = klass->role == LP_STAGE_ROLE_SINK ? prev : node;
-      g_hash_table_insert (pending, node, GUINT_TO_POINTER (node->inputs->len));
     }
 
-  while (g_hash_table_size (pending) > 0)
+  /* Kahn's algorithm, taking among the ready stages the one added first
+   * (a binary heap of their indices), so the order is the same as always:
+   * linear in the stages and connections, not quadratic. */
+  n = self->nodes->len;
+  pending = g_new0 (guint, n);
+  consumers = g_new0 (GPtrArray *, n);
+  heap = g_new (guint, n);
+  for (guint i = 0; i < n; i++)
     {
-      Node *ready = NULL;
+      Node *node = g_ptr_array_index (self->nodes, i);
 
-      for (guint i = 0; i < self->nodes->len && ready == NULL; i++)
+      pending[i] = node->inputs->len;
+      for (guint j = 0; j < node->inputs->len; j++)
+        {
+          Node *from = g_ptr_array_index (node->inputs, j);
+          if (consumers[from->index - 1] == NULL)
+            consumers[from->index - 1] = g_ptr_array_new ();
+          g_ptr_array_add (consumers[from->index - 1], node);
+        }
+      if (pending[i] == 0)
+        heap_push (heap, &n_heap, i);
+    }
+  while (n_heap > 0)
+    {
+      guint at = heap_pop (heap, &n_heap);
+      GPtrArray *out = consumers[at];
+
+      g_ptr_array_add (order, g_ptr_array_index (self->nodes, at));
+      for (guint j = 0; out && j < out->len; j++)
+        {
+          Node *next = g_ptr_array_index (out, j);
+          if (--pending[next->index - 1] == 0)
+            heap_push (heap, &n_heap, next->index - 1);
+        }
+    }
+  for (guint i = 0; i < n; i++)
+    g_clear_pointer (&consumers[i], g_ptr_array_unref);
+
+  if (order->len < n)
+    {
+      GString *names = g_string_new (NULL);
+      for (guint i = 0; i < n; i++)
         {
           Node *node = g_ptr_array_index (self->nodes, i);
-          gboolean all_done = TRUE;
-
-          if (!g_hash_table_contains (pending, node))
-            continue;
-          for (guint j = 0; j < node->inputs->len; j++)
-            if (g_hash_table_contains (pending, g_ptr_array_index (node->inputs, j)))
-              all_done = FALSE;
-          if (all_done)
-            ready = node;
-        }
-      if (ready == NULL)
-        {
-          GString *names = g_string_new (NULL);
-          for (guint i = 0; i < self->nodes->len; i++)
+          if (pending[i] > 0)
             {
-              Node *node = g_ptr_array_index (self->nodes, i);
-              if (g_hash_table_contains (pending, node))
-                {
-                  g_autofree char *d = lp_stage_describe (node->stage);
-                  g_string_append_printf (names, "%s%s", names->len ? ", " : "", d);
-                }
+              g_autofree char *d = lp_stage_describe (node->stage);
+              g_string_append_printf (names, "%s%s", names->len ? ", " : "", d);
             }
-          g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_CYCLE,
-                       "the inputs form a cycle through %s", names->str);
-          g_string_free (names, TRUE);
-          if (self->origin)
-            g_prefix_error (error, "%s: ", self->origin);
-          return NULL;
         }
-      g_hash_table_remove (pending, ready);
-      g_ptr_array_add (order, ready);
+      g_set_error (error, LP_PIPELINE_ERROR, LP_PIPELINE_ERROR_CYCLE,
+                   "the inputs form a cycle through %s", names->str);
+      g_string_free (names, TRUE);
+      if (self->origin)
+        g_prefix_error (error, "%s: ", self->origin);
+      return NULL;
     }
   return g_steal_pointer (&order);
 }
@@ -867,7 +963,7 @@ lp_pipeline_run (LpPipeline    *self,
   g_autoptr(GPtrArray) order = NULL;
   g_autoptr(GHashTable) outputs = NULL;   /* Node* -> LpCheckpoint */
   g_autoptr(GHashTable) uses = NULL;      /* Node* -> consumers left */
-  g_autofree char *provenance = NULL;
+  g_autoptr(GRefString) provenance = NULL;
   g_autoptr(GPtrArray) locations = g_ptr_array_new_with_free_func (g_free);
   gint64 start = g_get_monotonic_time ();
   guint64 tensors_written = 0, bytes_written = 0;
@@ -881,7 +977,10 @@ lp_pipeline_run (LpPipeline    *self,
   order = resolve (self, error);
   if (order == NULL)
     return FALSE;
-  provenance = build_provenance (self, order);
+  {
+    g_autofree char *text = build_provenance (self, order);
+    provenance = g_ref_string_new (text);
+  }
 
   outputs = g_hash_table_new_full (NULL, NULL, NULL, g_object_unref);
   uses = g_hash_table_new (NULL, NULL);
@@ -915,7 +1014,7 @@ lp_pipeline_run (LpPipeline    *self,
                                      inputs->len > 1 ? inputs->len - 1 : 0);
       lp_stage_set_threads (node->stage, self->threads);
       lp_stage_set_cancellable (node->stage, cancellable);
-      lp_stage_set_provenance (node->stage, provenance);
+      lp_stage_share_provenance (node->stage, provenance);
 
       self->progress_tensors = self->progress_bytes = 0;
       ok = lp_stage_run (node->stage, (LpCheckpoint **) inputs->pdata, inputs->len, &output, error);

@@ -23,6 +23,9 @@ gboolean  lp_value_from_json   (GParamSpec    *pspec,
 char     *lp_value_to_string   (const GValue  *value);
 
 /* lp-stage.c: set by the pipeline while it runs */
+/* @provenance is a GRefString, shared rather than copied. */
+void      lp_stage_share_provenance     (LpStage       *self,
+                                         char          *provenance);
 void      lp_stage_set_pipeline_context (LpStage       *self,
                                          gpointer       pipeline,
                                          guint          index,

@@ -21,7 +21,7 @@ typedef struct
   guint index;               /* 1-based position in the pipeline, 0 when alone */
   guint threads;
   GCancellable *cancellable;
-  char *provenance;
+  char *provenance;          /* a GRefString, shared by a pipeline's stages */
   gpointer pipeline;         /* weak: the pipeline outlives its run */
   GPtrArray *extra_inputs;   /* LpCheckpoint, during a run */
 } LpStagePrivate;
@@ -49,7 +49,7 @@ lp_stage_finalize (GObject *object)
   LpStagePrivate *priv = lp_stage_get_instance_private (LP_STAGE (object));
 
   g_free (priv->id);
-  g_free (priv->provenance);
+  g_clear_pointer (&priv->provenance, g_ref_string_release);
 
   G_OBJECT_CLASS (lp_stage_parent_class)->finalize (object);
 }
@@ -417,8 +417,20 @@ lp_stage_set_provenance (LpStage    *self,
 
   g_return_if_fail (LP_IS_STAGE (self));
   priv = lp_stage_get_instance_private (self);
-  g_free (priv->provenance);
-  priv->provenance = g_strdup (provenance);
+  g_clear_pointer (&priv->provenance, g_ref_string_release);
+  priv->provenance = provenance ? g_ref_string_new (provenance) : NULL;
+}
+
+/* The runner gives every stage the same provenance, which grows with the
+ * number of stages: shared, not copied, or N stages cost N^2 bytes. */
+void
+lp_stage_share_provenance (LpStage *self,
+                           char    *provenance)
+{
+  LpStagePrivate *priv = lp_stage_get_instance_private (self);
+
+  g_clear_pointer (&priv->provenance, g_ref_string_release);
+  priv->provenance = provenance ? g_ref_string_acquire (provenance) : NULL;
 }
 
 void

@@ -22,6 +22,15 @@ G_BEGIN_DECLS
  */
 #define LP_PIPELINE_MAX_THREADS 1024
 
+/**
+ * LP_PIPELINE_MAX_STAGES:
+ *
+ * The most stages a pipeline holds: far more than any real pipeline needs
+ * (merging a few hundred LoRAs), few enough that a generated file cannot
+ * make validation and the recorded provenance huge.
+ */
+#define LP_PIPELINE_MAX_STAGES 4096
+
 #define LP_TYPE_PIPELINE (lp_pipeline_get_type ())
 G_DECLARE_FINAL_TYPE (LpPipeline, lp_pipeline, LP, PIPELINE, GObject)
 
