@@ -3,6 +3,9 @@
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <glib/gstdio.h>
 
 #include "lp-private.h"
 #include "lpipe/lpipe-plugin.h"
@@ -30,7 +33,8 @@ G_DEFINE_FINAL_TYPE (LpPlugin, lp_plugin, G_TYPE_OBJECT)
  * LpRegistry:
  *
  * Knows every stage type by its name. The default registry loads the plugins
- * in `LPIPE_PLUGIN_PATH` (colon separated, searched recursively), then those
+ * in `LPIPE_PLUGIN_PATH` (colon separated folders, each with its plugins
+ * and folders of one plugin each; nothing deeper), then those
  * in the installed plugin directory (or `LPIPE_PLUGIN_SYSTEM_PATH` when set;
  * empty means none). A plugin that fails to load is reported in one warning
  * line and skipped.
@@ -391,6 +395,32 @@ compare_strings (gconstpointer a,
   return strcmp (*(const char * const *) a, *(const char * const *) b);
 }
 
+/* Whether code at @path may be trusted as much as the user running lpipe:
+ * nobody else can have written it. Loading a module runs its constructors
+ * before lpipe can check that it is a plugin, so this is checked first, on
+ * the folders as well as the files. NULL if trusted, else why not. */
+static const char *
+untrusted_reason (const char *path,
+                  gboolean    want_dir)
+{
+  GStatBuf st;
+
+  if (g_stat (path, &st) != 0)
+    return "it cannot be read";
+  if (want_dir ? !S_ISDIR (st.st_mode) : !S_ISREG (st.st_mode))
+    return want_dir ? "it is not a folder" : "it is not a regular file";
+  if (st.st_mode & S_IWOTH)
+    return "anyone may write to it";
+  if (st.st_uid != 0 && st.st_uid != getuid ())
+    return "it belongs to another user";
+  return NULL;
+}
+
+/* A plugin folder holds plugins, or folders of one plugin each (a build
+ * tree: build/plugins/<name>/lib<name>.so beside its <name>.so.p object
+ * folder). Nothing deeper is searched. */
+#define MAX_SCAN_DEPTH 1
+
 static guint
 scan_directory (LpRegistry *self,
                 const char *directory,
@@ -399,14 +429,17 @@ scan_directory (LpRegistry *self,
   g_autoptr(GDir) dir = NULL;
   g_autoptr(GPtrArray) names = g_ptr_array_new_with_free_func (g_free);
   const char *name;
+  const char *why;
   guint loaded = 0;
 
-  /* Deep enough for a build tree, shallow enough to stop at symlink loops. */
-  if (depth > 4)
-    return 0;
   dir = g_dir_open (directory, 0, NULL);
   if (dir == NULL)
     return 0;
+  if ((why = untrusted_reason (directory, TRUE)))
+    {
+      g_warning ("skipping plugin folder %s: %s", directory, why);
+      return 0;
+    }
   while ((name = g_dir_read_name (dir)))
     g_ptr_array_add (names, g_strdup (name));
   /* Load in a fixed order, so which of two clashing plugins wins does not
@@ -420,14 +453,16 @@ scan_directory (LpRegistry *self,
       if (g_file_test (path, G_FILE_TEST_IS_DIR))
         {
           /* A build tree holds object folders beside the plugins. */
-          if (!g_str_has_suffix (path, ".p"))
+          if (depth < MAX_SCAN_DEPTH && !g_str_has_suffix (path, ".p"))
             loaded += scan_directory (self, path, depth + 1);
         }
       else if (g_str_has_suffix (path, "." G_MODULE_SUFFIX))
         {
           g_autoptr(GError) error = NULL;
 
-          if (lp_registry_load_plugin (self, path, &error))
+          if ((why = untrusted_reason (path, FALSE)))
+            g_warning ("skipping plugin %s: %s", path, why);
+          else if (lp_registry_load_plugin (self, path, &error))
             loaded++;
           else
             g_warning ("skipping plugin %s", error->message);
@@ -439,10 +474,13 @@ scan_directory (LpRegistry *self,
 /**
  * lp_registry_scan_directory:
  * @self: a registry
- * @directory: (type filename): a folder holding plugins, searched recursively
+ * @directory: (type filename): a folder holding plugins
  *
- * Loads every plugin in @directory. A plugin that fails is reported in one
- * warning line and skipped.
+ * Loads every plugin in @directory and in its subfolders (one level: a
+ * folder per plugin, as in a build tree). A plugin that fails is reported
+ * in one warning line and skipped. So are folders and files that anyone may
+ * write to or that belong to a user other than the one running lpipe or
+ * root: loading a module runs its code.
  *
  * Returns: how many plugins were loaded
  */

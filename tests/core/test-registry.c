@@ -6,6 +6,9 @@
 
 #include "lp-test-util.h"
 
+#include <unistd.h>
+#include <glib/gstdio.h>
+
 static char *
 plugin_path (const char *name)
 {
@@ -140,6 +143,95 @@ test_scan_broken (void)
 }
 
 static void
+copy_plugin (const char *name,
+             const char *to)
+{
+  g_autofree char *from = plugin_path (name);
+  g_autofree char *data = NULL;
+  gsize len;
+
+  g_assert_true (g_file_get_contents (from, &data, &len, NULL));
+  g_assert_true (g_file_set_contents (to, data, len, NULL));
+}
+
+/* What a scan loads: the folder's plugins and one level of per-plugin
+ * folders (the build tree's layout), nothing deeper; never a folder or a
+ * file that anyone may write to or that another user owns, since loading
+ * runs the module's constructors before anything is checked. Each refusal
+ * is one warning naming the path. Subprocesses, to see stderr. */
+static void
+test_scan_trust (void)
+{
+  static const char *cases[] = { "flat", "one-level", "too-deep", "world-writable-folder",
+                                 "world-writable-file", "other-owner", "other-owner-folder" };
+
+  if (g_test_subprocess ())
+    {
+      const char *what = g_getenv ("LP_TEST_SCAN_CASE");
+      g_autoptr(LpRegistry) registry = lp_registry_new ();
+      g_autofree char *dir = lp_test_make_tmpdir ();
+      g_autofree char *sub = g_build_filename (dir, "good", NULL);
+      g_autofree char *deep = g_build_filename (dir, "a", "good", NULL);
+      g_autofree char *target = NULL;
+      guint expected = 1;
+
+      g_log_set_always_fatal (G_LOG_FATAL_MASK);
+      if (g_str_equal (what, "flat") || g_str_has_prefix (what, "world-writable-f") ||
+          g_str_equal (what, "other-owner"))
+        target = g_build_filename (dir, "liblptest-good.so", NULL);
+      else if (g_str_equal (what, "too-deep"))
+        {
+          g_assert_cmpint (g_mkdir_with_parents (deep, 0755), ==, 0);
+          target = g_build_filename (deep, "liblptest-good.so", NULL);
+          expected = 0;
+        }
+      else
+        {
+          g_assert_cmpint (g_mkdir (sub, 0755), ==, 0);
+          target = g_build_filename (sub, "liblptest-good.so", NULL);
+        }
+      copy_plugin ("liblptest-good.so", target);
+      g_assert_cmpint (g_chmod (target, 0755), ==, 0);
+
+      if (g_str_equal (what, "world-writable-folder"))
+        { g_assert_cmpint (g_chmod (dir, 0777), ==, 0); expected = 0; }
+      else if (g_str_equal (what, "world-writable-file"))
+        { g_assert_cmpint (g_chmod (target, 0757), ==, 0); expected = 0; }
+      else if (g_str_equal (what, "other-owner"))
+        { g_assert_cmpint (chown (target, 4242, 4242), ==, 0); expected = 0; }
+      else if (g_str_equal (what, "other-owner-folder"))
+        { g_assert_cmpint (chown (sub, 4242, 4242), ==, 0); expected = 0; }
+
+      g_assert_cmpuint (lp_registry_scan_directory (registry, dir), ==, expected);
+      g_assert_true ((lp_registry_lookup (registry, "test-source") != G_TYPE_INVALID) == expected);
+      return;
+    }
+
+  if (getuid () != 0)
+    {
+      g_test_skip ("chown to another user needs root");
+      return;
+    }
+  for (guint i = 0; i < G_N_ELEMENTS (cases); i++)
+    {
+      g_test_message ("case %s", cases[i]);
+      g_setenv ("LP_TEST_SCAN_CASE", cases[i], TRUE);
+      g_test_trap_subprocess (NULL, 0, G_TEST_SUBPROCESS_DEFAULT);
+      g_test_trap_assert_passed ();
+      if (g_str_equal (cases[i], "world-writable-folder"))
+        g_test_trap_assert_stderr ("*skipping plugin folder /*: anyone may write to it*");
+      else if (g_str_equal (cases[i], "world-writable-file"))
+        g_test_trap_assert_stderr ("*skipping plugin /*/liblptest-good.so: anyone may write to it*");
+      else if (g_str_equal (cases[i], "other-owner"))
+        g_test_trap_assert_stderr ("*skipping plugin /*/liblptest-good.so: it belongs to another user*");
+      else if (g_str_equal (cases[i], "other-owner-folder"))
+        g_test_trap_assert_stderr ("*skipping plugin folder /*/good: it belongs to another user*");
+      else
+        g_test_trap_assert_stderr_unmatched ("*skipping*");
+    }
+}
+
+static void
 test_create_unknown (void)
 {
   g_autoptr(LpRegistry) registry = lp_registry_new ();
@@ -231,6 +323,7 @@ main (int argc, char **argv)
   g_test_add_func ("/registry/load/wrong-abi", test_load_wrong_abi);
   g_test_add_func ("/registry/load/duplicate-name", test_load_duplicate);
   g_test_add_func ("/registry/scan/broken-plugins-warn-once", test_scan_broken);
+  g_test_add_func ("/registry/scan/trust", test_scan_trust);
   g_test_add_func ("/registry/create/unknown-stage", test_create_unknown);
   g_test_add_func ("/registry/suggest", test_suggest);
   g_test_add_func ("/registry/register-full", test_register_full);
