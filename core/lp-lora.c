@@ -363,8 +363,10 @@ lp_lora_module_get_fold_scale (LpLoraModule *self)
  * @new_rank: the rank the module is reduced to
  *
  * Makes the `.alpha` tensor a reduced module writes in place of its old one:
- * same name, dtype and shape, value @new_rank, so that its scale is 1 once
- * lp_lora_module_get_fold_scale() has been folded into the new factors.
+ * same name, dtype (f32 when that dtype cannot hold @new_rank exactly: a
+ * bf16 alpha cannot hold 257) and shape, value @new_rank, so that its scale
+ * is 1 once lp_lora_module_get_fold_scale() has been folded into the new
+ * factors.
  *
  * Returns: (transfer full) (nullable): the new alpha tensor, or %NULL when the
  *   module had no alpha tensor (and must not get one)
@@ -376,7 +378,9 @@ lp_lora_module_new_alpha (LpLoraModule *self,
   g_autoptr(GError) error = NULL;
   const guint64 *shape;
   guint n_dims;
-  float value = new_rank;
+  float value = new_rank, back = 0;
+  guint8 stored[8];
+  LpDtype dtype;
   LpTensor *alpha;
 
   g_return_val_if_fail (LP_IS_LORA_MODULE (self), NULL);
@@ -385,9 +389,16 @@ lp_lora_module_new_alpha (LpLoraModule *self,
   if (self->alpha == NULL)
     return NULL;
 
+  /* The alpha's dtype must hold the rank exactly (a bf16 alpha holds
+   * integers only up to 256, f16 up to 2048): else it is written in f32. */
+  dtype = lp_tensor_get_dtype (self->alpha);
+  lp_dtype_from_f32 (dtype, &value, stored, 1);
+  lp_dtype_to_f32 (dtype, stored, &back, 1);
+  if (back != value)
+    dtype = LP_DTYPE_F32;
+
   shape = lp_tensor_get_shape (self->alpha, &n_dims);
-  alpha = lp_tensor_new_from_f32 (lp_tensor_get_name (self->alpha),
-                                  lp_tensor_get_dtype (self->alpha),
+  alpha = lp_tensor_new_from_f32 (lp_tensor_get_name (self->alpha), dtype,
                                   shape, n_dims, &value, 1, &error);
   /* The dtype and shape were checked when the module was found. */
   if (alpha == NULL)

@@ -138,6 +138,9 @@ gboolean  lp_lora_family_peft_init_module (LpLoraModule  *module,
                                            GError       **error);
 
 /* The families (one file each) */
+/* kohya's hashes of the file's bytes (lp-lora-metadata.c), NULL-ended */
+extern const char *const lp_lora_kohya_hash_keys[];
+
 extern const LpLoraFamily lp_lora_family_peft;
 extern const LpLoraFamily lp_lora_family_diffusers;
 extern const LpLoraFamily lp_lora_family_diffusers_old;

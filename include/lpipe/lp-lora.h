@@ -132,6 +132,9 @@ gboolean          lp_lora_rewrite_for_new_ranks   (LpCheckpoint  *input,
                                                    GPtrArray     *modules,
                                                    const guint   *new_ranks,
                                                    GError       **error);
+/* Drops the metadata a conversion to @target makes untrue */
+void              lp_lora_metadata_converted      (LpCheckpoint     *output,
+                                                   LpLoraConvention  target);
 char             *lp_lora_peft_pattern_key        (const char    *module_key);
 char             *lp_lora_update_adapter_config   (const char    *json,
                                                    GPtrArray     *modules,

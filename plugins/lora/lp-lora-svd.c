@@ -43,6 +43,7 @@ struct _LpLoraSvd
   guint max_rank;
   guint min_rank;
   gboolean pad;
+  gboolean per_module_alpha;
   LpLoraComputeDtype compute_dtype;
   char *down_pattern;
   char *up_pattern;
@@ -64,6 +65,7 @@ enum {
   PROP_MAX_RANK,
   PROP_MIN_RANK,
   PROP_PAD,
+  PROP_PER_MODULE_ALPHA,
   PROP_COMPUTE_DTYPE,
   PROP_DOWN_PATTERN,
   PROP_UP_PATTERN,
@@ -534,6 +536,61 @@ budget_ranks (LpLoraSvd       *self,
 
 /* ---- the transform ------------------------------------------------------ */
 
+/* The rank a module is written at (see the loop in the transform). */
+static guint
+written_rank (LpLoraSvd    *self,
+              LpLoraModule *module,
+              guint         rank)
+{
+  guint k = MIN (rank, lp_lora_module_get_rank (module));
+  guint target = self->rank > 0 ? self->rank : self->max_rank;
+
+  return self->pad ? MAX (target, k) : k;
+}
+
+/* One alpha for every kohya module with an `.alpha`, or 0 when they already
+ * share one: the most common rank written (ties: the first reached). With
+ * alpha = each module's own rank, diffusers' kohya conversion
+ * (_convert_non_diffusers_lora_to_diffusers, then get_peft_kwargs) turns the
+ * differing alphas into alpha_pattern keys that miss the attention modules;
+ * one alpha becomes LoraConfig.lora_alpha and every module gets
+ * lora_alpha / its rank, as kohya and ComfyUI read it. */
+static guint
+shared_kohya_alpha (LpLoraSvd  *self,
+                    GPtrArray  *modules,
+                    const guint *ranks)
+{
+  g_autoptr(GHashTable) counts = g_hash_table_new (NULL, NULL);
+  guint best = 0, best_count = 0, n_alphas = 0;
+  gboolean differ = FALSE;
+  double first_alpha = 0;
+
+  for (guint m = 0; m < modules->len; m++)
+    {
+      LpLoraModule *module = g_ptr_array_index (modules, m);
+      guint k_out, count;
+      double alpha;
+
+      if (lp_lora_module_get_alpha (module) == NULL)
+        continue;
+      k_out = written_rank (self, module, ranks[m]);
+      /* a module that keeps its rank keeps its alpha unless it differs */
+      alpha = k_out == lp_lora_module_get_rank (module) && ranks[m] >= k_out
+              ? lp_lora_module_get_alpha_value (module) : k_out;
+      if (n_alphas++ == 0)
+        first_alpha = alpha;
+      differ |= alpha != first_alpha;
+      count = GPOINTER_TO_UINT (g_hash_table_lookup (counts, GUINT_TO_POINTER (k_out))) + 1;
+      g_hash_table_insert (counts, GUINT_TO_POINTER (k_out), GUINT_TO_POINTER (count));
+      if (count > best_count)
+        {
+          best = k_out;
+          best_count = count;
+        }
+    }
+  return differ ? best : 0;
+}
+
 static LpTensor *
 new_factor (LpLoraModule *module,
             gboolean      up,
@@ -591,6 +648,7 @@ lp_lora_svd_transform (LpTransform   *transform,
         return NULL;
       input = plain;
     }
+  guint shared_alpha;
 
   /* mlx-lm modules are written back in their layout by lp_lora_assemble () */
   modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
@@ -624,16 +682,20 @@ lp_lora_svd_transform (LpTransform   *transform,
     for (guint m = 0; m < n; m++)
       ranks[m] = self->rank;
 
+  shared_alpha = self->per_module_alpha ? 0 : shared_kohya_alpha (self, modules, ranks);
+
   for (guint m = 0; m < n; m++)
     {
       LpLoraModule *module = g_ptr_array_index (modules, m);
       guint r = lp_lora_module_get_rank (module);
-      guint target = self->pad ? (self->rank > 0 ? self->rank : self->max_rank) : 0;
       guint k = MIN (ranks[m], r);
-      guint k_out = self->pad ? MAX (target, k) : k;
+      guint k_out = written_rank (self, module, ranks[m]);
+      gboolean shared = lp_lora_module_get_alpha (module) != NULL && shared_alpha > 0;
+      guint alpha_out = shared ? shared_alpha : k_out;
 
       new_ranks[m] = k_out;
-      if (k_out == r && k == r)
+      if (k_out == r && k == r
+          && (!shared || lp_lora_module_get_alpha_value (module) == alpha_out))
         {
           /* nothing to reduce or pad: the module passes through unchanged
            * (a LyCORIS module's record comes when its factors are computed) */
@@ -649,7 +711,9 @@ lp_lora_svd_transform (LpTransform   *transform,
       job->k = k;
       job->k_out = k_out;
       job->copy = k == r;
-      job->fold = lp_lora_module_get_fold_scale (module);
+      /* written with alpha_out, the scale is alpha_out / k_out: the rest
+       * of the module's scale goes into the factors */
+      job->fold = lp_lora_module_get_fold_scale (module) * (shared ? (double) k_out / alpha_out : 1.0);
       job->method = self->method;
       job->compute_dtype = self->compute_dtype;
       job->niter = self->niter;
@@ -664,7 +728,7 @@ lp_lora_svd_transform (LpTransform   *transform,
       job_unref (job);
       if (new_up[m] == NULL)
         goto out;
-      new_alpha[m] = lp_lora_module_new_alpha (module, k_out);
+      new_alpha[m] = lp_lora_module_new_alpha (module, alpha_out);
     }
 
   output = lp_lora_assemble (input, modules, new_down, new_up, new_alpha, new_ranks, error);
@@ -750,6 +814,7 @@ lp_lora_svd_set_property (GObject      *object,
     case PROP_MAX_RANK: self->max_rank = g_value_get_uint (value); break;
     case PROP_MIN_RANK: self->min_rank = g_value_get_uint (value); break;
     case PROP_PAD: self->pad = g_value_get_boolean (value); break;
+    case PROP_PER_MODULE_ALPHA: self->per_module_alpha = g_value_get_boolean (value); break;
     case PROP_COMPUTE_DTYPE: self->compute_dtype = g_value_get_enum (value); break;
     case PROP_DOWN_PATTERN:
       g_free (self->down_pattern);
@@ -787,6 +852,7 @@ lp_lora_svd_get_property (GObject    *object,
     case PROP_MAX_RANK: g_value_set_uint (value, self->max_rank); break;
     case PROP_MIN_RANK: g_value_set_uint (value, self->min_rank); break;
     case PROP_PAD: g_value_set_boolean (value, self->pad); break;
+    case PROP_PER_MODULE_ALPHA: g_value_set_boolean (value, self->per_module_alpha); break;
     case PROP_COMPUTE_DTYPE: g_value_set_enum (value, self->compute_dtype); break;
     case PROP_DOWN_PATTERN: g_value_set_string (value, self->down_pattern); break;
     case PROP_UP_PATTERN: g_value_set_string (value, self->up_pattern); break;
@@ -861,6 +927,10 @@ lp_lora_svd_class_init (LpLoraSvdClass *klass)
                        1, 65536, 1, flags);
   properties[PROP_PAD] =
     g_param_spec_boolean ("pad", "Pad", "Zero-pad modules below the rank (or max-rank) up to it, so that every module has one rank",
+                          FALSE, flags);
+  properties[PROP_PER_MODULE_ALPHA] =
+    g_param_spec_boolean ("per-module-alpha", "Per-module alpha",
+                          "kohya modules of different ranks each get alpha = their rank; by default they share one alpha and the rest of the scale goes into the factors, as diffusers needs",
                           FALSE, flags);
   properties[PROP_COMPUTE_DTYPE] =
     g_param_spec_enum ("compute-dtype", "Compute dtype",

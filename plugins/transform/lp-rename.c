@@ -503,6 +503,9 @@ apply_preset (LpRename      *self,
         }
     }
 
+  if (plan->len > 0)
+    lp_lora_metadata_converted (output, ((LpRenameTarget *) plan->pdata[0])->convention);
+
   switch (self->preset)
     {
     case LP_RENAME_PRESET_KOHYA_TO_PEFT:
