@@ -96,6 +96,58 @@ def safetensors_seeds():
     return seeds
 
 
+def f32_lora(tensors, metadata=None):
+    """LoRA factors in F32 with finite values (so the reductions run to the
+    end, not stop at a NaN); the alpha scalars are 1."""
+    header = {}
+    if metadata is not None:
+        header["__metadata__"] = metadata
+    data = b""
+    for i, (name, shape) in enumerate(tensors):
+        count = 1
+        for d in shape:
+            count *= d
+        values = [((7 * i + 3 * k) % 17 - 8) / 8.0 for k in range(count)] if shape else [1.0]
+        raw = struct.pack(f"<{len(values)}f", *values)
+        header[name] = {"dtype": "F32", "shape": list(shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data
+
+
+def stages_seeds():
+    """Files for fuzz-stages: LoRAs in each naming the stages know (kohya
+    sd-scripts' lora_unet_*.lora_down/lora_up/alpha, PEFT's
+    base_model.model.*.lora_A/lora_B, diffusers' transformer.*.lora_A/B),
+    a conv module, a rank-1 one, one with no LoRA module at all, and the
+    reader's seeds."""
+    def pair(prefix, down, up, rank, n_in, n_out, alpha=None):
+        t = [(f"{prefix}.{down}.weight", [rank, n_in]), (f"{prefix}.{up}.weight", [n_out, rank])]
+        if alpha:
+            t.append((f"{prefix}.{alpha}", []))
+        return t
+    seeds = {
+        "kohya-sd": f32_lora(pair("lora_unet_down_blocks_0_attentions_0_proj_in", "lora_down", "lora_up", 4, 8, 8, "alpha")
+                             + pair("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "lora_down", "lora_up", 4, 6, 6, "alpha"),
+                             {"ss_network_dim": "4", "ss_network_alpha": "1"}),
+        "kohya-flux": f32_lora(pair("lora_unet_double_blocks_0_img_attn_proj", "lora_down", "lora_up", 3, 8, 8, "alpha")),
+        "peft": f32_lora(pair("base_model.model.model.layers.0.self_attn.q_proj", "lora_A", "lora_B", 4, 8, 8)),
+        "diffusers": f32_lora(pair("transformer.transformer_blocks.0.attn.to_q", "lora_A", "lora_B", 2, 6, 8)
+                              + pair("unet.down_blocks.0.attentions.0.proj_in", "lora_A", "lora_B", 2, 4, 4)),
+        "conv": f32_lora([("lora_unet_conv_in.lora_down.weight", [2, 3, 3, 3]),
+                          ("lora_unet_conv_in.lora_up.weight", [4, 2, 1, 1]),
+                          ("lora_unet_conv_in.alpha", [])]),
+        "rank-1": f32_lora(pair("lora_unet_mid_block_proj", "lora_down", "lora_up", 1, 5, 3, "alpha")),
+        "no-lora": f32_lora([("model.diffusion_model.input_blocks.0.0.weight", [4, 4])]),
+        "zero-rank": f32_lora(pair("lora_unet_zero", "lora_down", "lora_up", 0, 4, 4, "alpha")),
+    }
+    for name, data in safetensors_seeds().items():
+        seeds["reader-" + name] = data
+    return seeds
+
+
 def pipeline(stages, params=None, description=None):
     doc = {"lpipe": 1}
     if description:
@@ -165,7 +217,8 @@ def launch_seeds():
 def main():
     for name, seeds in (("safetensors", safetensors_seeds()),
                         ("pipeline", pipeline_seeds()),
-                        ("launch", launch_seeds())):
+                        ("launch", launch_seeds()),
+                        ("stages", stages_seeds())):
         folder = os.path.join(OUT, name)
         shutil.rmtree(folder, ignore_errors=True)
         os.makedirs(folder)

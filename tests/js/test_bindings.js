@@ -298,6 +298,55 @@ const tests = {
             path('missing'), path('x'), '2']);
         assert(r.status !== 0 && r.stderr.includes('g-file-error-quark 4'), r.stderr);
     },
+
+    // What gjs gets of what the Python overrides add (gjs loads no override
+    // module like PyGObject's gi/overrides): the C API they are built on.
+    'parse_launch_string splits like a shell'() {
+        const out = path('my out.safetensors');
+        // new Lpipe.Pipeline(), like lp_pipeline_new(NULL), has the default registry
+        const pipeline = new Lpipe.Pipeline();
+        pipeline.parse_launch_string(
+            `lora-synth preset=sd15-unet rank=2 ! safetensors-sink location="${out}"`);
+        assertEqual(pipeline.get_n_stages(), 2);
+        assertEqual(pipeline.get_stage(1).location, out);
+        assert(pipeline.run(null), 'run');
+        assert(GLib.file_test(out, GLib.FileTest.EXISTS), 'written');
+        assertError(() => new Lpipe.Pipeline().parse_launch_string('lora-synth ! sink location="open'),
+            Lpipe.pipeline_error_quark(), Lpipe.PipelineError.SYNTAX);
+    },
+
+    'set_property_checked throws out of range'() {
+        const stage = registry.create_stage('lora-svd');
+        stage.set_property_checked('rank', 8);
+        assertEqual(stage.rank, 8);
+        // a plain `stage.rank = 1e9` only warns and leaves 8; this throws
+        const e = assertError(() => stage.set_property_checked('rank', 1e9),
+            Lpipe.pipeline_error_quark(), Lpipe.PipelineError.BAD_VALUE);
+        assert(e.message.includes("'rank'"), e.message);
+        assertError(() => stage.set_property_checked('rank', '1000000000'),
+            Lpipe.pipeline_error_quark(), Lpipe.PipelineError.BAD_VALUE);
+        assertError(() => stage.set_property_checked('no-such', 1),
+            Lpipe.pipeline_error_quark(), Lpipe.PipelineError.UNKNOWN_PROPERTY);
+        assertEqual(stage.rank, 8);
+        stage.set_property_checked('rank', '16');
+        assertEqual(stage.rank, 16);
+    },
+
+    'run statistics'() {
+        const out = path('out.safetensors');
+        const pipeline = new Lpipe.Pipeline();
+        pipeline.parse_launch_string(`lora-synth preset=sd15-unet rank=2 ! safetensors-sink location=${out}`);
+        assertEqual(pipeline.get_last_stats(), null, 'before a run');
+        pipeline.run(null);
+        const stats = pipeline.get_last_stats();
+        const [tensors] = readSafetensors(out);
+        assertEqual(stats.tensors_written, Object.keys(tensors).length, 'tensors written');
+        const bytes = Object.values(tensors).reduce((n, t) => n + t.raw.length, 0);
+        assertEqual(stats.bytes_written, bytes, 'bytes written');
+        assertEqual(stats.get_outputs(), [out]);
+        assertEqual(stats.n_stages, 2);
+        assert(stats.elapsed > 0, 'elapsed');
+    },
 };
 
 let passed = 0, failed = 0;

@@ -8,13 +8,16 @@
 import collections.abc
 import gc
 import os
+import re
 import signal
+import subprocess
+import sys
 
 import gi.overrides  # noqa: F401 - what the overrides are loaded as
 from gi.repository import Gio
 
-from lptest import GLib, Lpipe, TestCase, error_is, main, np, read_safetensors, synth, \
-    to_numpy
+from lptest import EXAMPLES, GLib, Lpipe, TestCase, error_is, main, np, read_arrays, \
+    read_safetensors, synth, to_numpy
 
 
 def mapped_ranges(path):
@@ -251,6 +254,37 @@ class OverridesTest(TestCase):
         self.assertEqual(os.listdir(self.tmp), [])   # no output, no temporary file
         # and Python's own Ctrl-C handling is back
         self.assertIs(signal.getsignal(signal.SIGINT), signal.default_int_handler)
+
+    # ---- the docs' example ----------------------------------------------------
+
+    def test_reduce_and_compare_example(self):
+        src = synth(self.path('in.safetensors'), rank=4, fmt='diffusers', dtype='f32')
+        out = self.path('out.safetensors')
+        result = subprocess.run([sys.executable, os.path.join(EXAMPLES, 'reduce_and_compare.py'),
+                                 src, out, '2'], capture_output=True, text=True)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        written = read_safetensors(out)[0]
+        self.assertIn(f'wrote {len(written)} tensors', result.stdout)
+        self.assertIn(f'to {out} in ', result.stdout)
+        # the oracle: Eckart-Young, the best rank-2 error of each B @ A from
+        # its singular values (numpy's SVD of the r x r core R_B R_A^T)
+        arrays, _ = read_arrays(src)
+        worst = 0.0
+        for name in arrays:
+            if name.endswith('.lora_A.weight'):
+                module = name[:-len('.lora_A.weight')]
+                r_up = np.linalg.qr(arrays[module + '.lora_B.weight'].astype(np.float64), mode='r')
+                r_down = np.linalg.qr(arrays[name].astype(np.float64).T, mode='r')
+                sv = np.linalg.svd(r_up @ r_down.T, compute_uv=False)
+                worst = max(worst, np.sqrt(np.sum(sv[2:] ** 2) / np.sum(sv ** 2)))
+        printed = float(re.search(r'worst relative error ([0-9.]+)', result.stdout).group(1))
+        # f32 factors: the error is good to ~1e-6 relative; printed to 4 digits
+        self.assertAlmostEqual(printed, worst, delta=1e-4)
+        missing = subprocess.run([sys.executable, os.path.join(EXAMPLES, 'reduce_and_compare.py'),
+                                  self.path('missing.safetensors'), out, '2'],
+                                 capture_output=True, text=True)
+        self.assertEqual(missing.returncode, 1)
+        self.assertIn('not found: ', missing.stderr)
 
 
 if __name__ == '__main__':

@@ -171,10 +171,12 @@ def _clib():
     if _c is None:
         lp = ctypes.CDLL('liblpipe-1.0.so.0')
         glib = ctypes.CDLL('libglib-2.0.so.0')
-        for name in ('lp_tensor_dup_data', 'lp_tensor_dup_f32_bytes'):
-            f = getattr(lp, name)
-            f.restype = ctypes.c_void_p
-            f.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.POINTER(_GError))]
+        lp.lp_tensor_dup_data.restype = ctypes.c_void_p
+        lp.lp_tensor_dup_data.argtypes = [ctypes.c_void_p,
+                                          ctypes.POINTER(ctypes.POINTER(_GError))]
+        lp.lp_dtype_to_f32.restype = None
+        lp.lp_dtype_to_f32.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_size_t]
         glib.g_bytes_get_data.restype = ctypes.c_void_p
         glib.g_bytes_get_data.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
         glib.g_bytes_unref.argtypes = [ctypes.c_void_p]
@@ -197,13 +199,13 @@ class _BytesRef:
         self._unref(self._gbytes)
 
 
-def _buffer(tensor, name):
-    """A buffer over the GBytes lp_tensor_dup_data() (or _f32_bytes) gives:
+def _buffer(tensor):
+    """A buffer over the GBytes lp_tensor_dup_data() gives:
     the file's mapped bytes for a loaded tensor, computed ones for a lazy
     one. Keeps the GBytes alive; never copies."""
     lp, glib, get_pointer = _clib()
     error = ctypes.POINTER(_GError)()
-    gbytes = getattr(lp, name)(get_pointer(tensor.__gpointer__, None), ctypes.byref(error))
+    gbytes = lp.lp_tensor_dup_data(get_pointer(tensor.__gpointer__, None), ctypes.byref(error))
     if not gbytes:
         e = error.contents
         raised = GLib.Error(e.message.decode('utf-8', 'replace'),
@@ -242,7 +244,7 @@ class Tensor(Lpipe.Tensor):
         dtypes numpy has (f32, f16, f64, integers, bool) are a view of the
         tensor's bytes: for a tensor of a loaded file, of the mapped file
         itself, with no copy. bf16 and the 8-, 6- and 4-bit floats come as
-        float32 (converted once, by lpipe); with raw=True as their stored
+        float32 (converted by lpipe into the array, the one copy); with raw=True as their stored
         bits instead (bf16 as uint16, the 8-bit floats as uint8; packed
         sub-byte ones as a flat uint8 array), again without a copy.
         Raises Lpipe.InvalidError for a dtype lpipe cannot convert."""
@@ -251,21 +253,27 @@ class Tensor(Lpipe.Tensor):
         dtype = self.get_dtype()
         shape = self.shape
         if dtype in _NUMPY_DTYPES:
-            npdtype, name = _NUMPY_DTYPES[dtype], 'lp_tensor_dup_data'
+            npdtype = _NUMPY_DTYPES[dtype]
         elif raw:
             npdtype = _RAW_DTYPES.get(dtype, '|u1')
-            name = 'lp_tensor_dup_data'
             if Lpipe.dtype_get_bits(dtype) < 8:
                 shape = (-1,)
         elif Lpipe.dtype_can_convert(dtype):
-            npdtype, name = '<f4', 'lp_tensor_dup_f32_bytes'
+            # converted straight into numpy's memory (which numpy backs with
+            # huge pages), not into a GBytes first
+            values = np.empty(self.get_n_elements(), dtype=np.float32)
+            stored = _buffer(self)
+            if values.size:
+                _clib()[0].lp_dtype_to_f32(int(dtype), ctypes.addressof(stored),
+                                           values.ctypes.data, values.size)
+            return values.reshape(shape)
         else:
             raise InvalidError(
                 f"tensor '{self.get_name()}': lpipe does not convert "
                 f"{Lpipe.dtype_to_string(dtype)} to numbers; use to_numpy(raw=True)",
                 GLib.quark_to_string(Lpipe.stage_error_quark()),
                 int(Lpipe.StageError.INVALID_INPUT))
-        array = np.frombuffer(_buffer(self, name), dtype=npdtype).reshape(shape)
+        array = np.frombuffer(_buffer(self), dtype=npdtype).reshape(shape)
         array.flags.writeable = False   # the bytes are shared (a read-only mapping)
         return array
 
