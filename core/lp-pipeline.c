@@ -861,6 +861,20 @@ lp_pipeline_validate (LpPipeline  *self,
 
 /* What the sink records in the file: which tool, pipeline and parameters
  * made it, and the stages as `lpipe launch` would spell them. */
+/* A recorded value that names a file keeps only its name: the file goes
+ * where others read it, the directories it came from are private. */
+static char *
+without_directories (char *text)
+{
+  char *base;
+
+  if (text == NULL || strchr (text, G_DIR_SEPARATOR) == NULL || text[strlen (text) - 1] == G_DIR_SEPARATOR)
+    return text;
+  base = g_path_get_basename (text);
+  g_free (text);
+  return base;
+}
+
 static char *
 build_provenance (LpPipeline *self,
                   GPtrArray  *order)
@@ -892,7 +906,7 @@ build_provenance (LpPipeline *self,
           g_object_get_property (G_OBJECT (node->stage), pspecs[j]->name, &v);
           if (g_param_value_defaults (pspecs[j], &v))
             continue;
-          text = lp_value_to_string (&v);
+          text = without_directories (lp_value_to_string (&v));
           g_string_append_printf (chain, " %s=%s", pspecs[j]->name, text ? text : "");
         }
     }
@@ -916,8 +930,9 @@ build_provenance (LpPipeline *self,
   keys = g_list_sort (g_hash_table_get_keys (self->params), (GCompareFunc) g_strcmp0);
   for (GList *l = keys; l; l = l->next)
     {
+      g_autofree char *value = without_directories (g_strdup (g_hash_table_lookup (self->params, l->data)));
       json_builder_set_member_name (b, l->data);
-      json_builder_add_string_value (b, g_hash_table_lookup (self->params, l->data));
+      json_builder_add_string_value (b, value);
     }
   json_builder_end_object (b);
   json_builder_set_member_name (b, "stages");

@@ -421,6 +421,70 @@ lp_stage_set_provenance (LpStage    *self,
   priv->provenance = provenance ? g_ref_string_new (provenance) : NULL;
 }
 
+/**
+ * lp_stage_dup_provenance_after:
+ * @self: a stage
+ * @previous: (nullable): the provenance recorded in the input, if any
+ *
+ * The provenance a sink records: the stage's own record, with @previous
+ * kept as the last entry of its `history` array (the records of @previous's
+ * own history before it, oldest first), so a file made from a file made by
+ * lpipe tells every step. A @previous that is not a JSON object is kept as
+ * a string.
+ *
+ * Returns: (transfer full) (nullable): the record, or %NULL when the stage
+ *   has no provenance
+ */
+char *
+lp_stage_dup_provenance_after (LpStage    *self,
+                               const char *previous)
+{
+  LpStagePrivate *priv;
+  g_autoptr(JsonParser) own = NULL, old = NULL;
+  g_autoptr(JsonGenerator) gen = NULL;
+  JsonObject *record;
+  JsonArray *history;
+  JsonNode *old_root;
+
+  g_return_val_if_fail (LP_IS_STAGE (self), NULL);
+  priv = lp_stage_get_instance_private (self);
+  if (priv->provenance == NULL)
+    return NULL;
+  if (previous == NULL)
+    return g_strdup (priv->provenance);
+
+  own = json_parser_new ();
+  if (!json_parser_load_from_data (own, priv->provenance, -1, NULL)
+      || !JSON_NODE_HOLDS_OBJECT (json_parser_get_root (own)))
+    return g_strdup (priv->provenance);
+  record = json_node_get_object (json_parser_get_root (own));
+  history = json_array_new ();
+
+  old = json_parser_new ();
+  if (json_parser_load_from_data (old, previous, -1, NULL)
+      && JSON_NODE_HOLDS_OBJECT (old_root = json_parser_get_root (old)))
+    {
+      JsonObject *old_record = json_node_get_object (old_root);
+      JsonNode *old_history = json_object_get_member (old_record, "history");
+
+      if (old_history != NULL && JSON_NODE_HOLDS_ARRAY (old_history))
+        {
+          JsonArray *entries = json_node_get_array (old_history);
+          for (guint i = 0; i < json_array_get_length (entries); i++)
+            json_array_add_element (history, json_node_copy (json_array_get_element (entries, i)));
+        }
+      json_object_remove_member (old_record, "history");
+      json_array_add_element (history, json_node_copy (old_root));
+    }
+  else
+    json_array_add_string_element (history, previous);
+  json_object_set_array_member (record, "history", history);
+
+  gen = json_generator_new ();
+  json_generator_set_root (gen, json_parser_get_root (own));
+  return json_generator_to_data (gen, NULL);
+}
+
 /* The runner gives every stage the same provenance, which grows with the
  * number of stages: shared, not copied, or N stages cost N^2 bytes. */
 void

@@ -108,6 +108,8 @@ void          lp_stage_set_cancellable      (LpStage       *self,
 const char   *lp_stage_get_provenance       (LpStage       *self);
 void          lp_stage_set_provenance       (LpStage       *self,
                                              const char    *provenance);
+char         *lp_stage_dup_provenance_after (LpStage       *self,
+                                             const char    *previous);
 
 gboolean      lp_stage_set_property_from_string (LpStage     *self,
                                                  const char  *property,

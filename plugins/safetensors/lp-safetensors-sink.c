@@ -12,13 +12,17 @@
  *
  * Writes its input as a safetensors file, replacing the file atomically only
  * once it is complete. The input's metadata is kept, and the pipeline that
- * made the file is recorded under the `lpipe.pipeline` metadata key.
+ * made the file is recorded under the `lpipe.pipeline` metadata key, with
+ * file names but not their directories; a record the input already had is
+ * kept in its `history` (see lp_stage_dup_provenance_after()).
+ * `provenance=false` adds no record.
  */
 struct _LpSafetensorsSink
 {
   LpSink parent_instance;
 
   char *location;
+  gboolean provenance;
 };
 
 G_DEFINE_FINAL_TYPE (LpSafetensorsSink, lp_safetensors_sink, LP_TYPE_SINK)
@@ -26,6 +30,7 @@ G_DEFINE_FINAL_TYPE (LpSafetensorsSink, lp_safetensors_sink, LP_TYPE_SINK)
 enum {
   PROP_0,
   PROP_LOCATION,
+  PROP_PROVENANCE,
   N_PROPS
 };
 
@@ -54,6 +59,9 @@ lp_safetensors_sink_get_property (GObject    *object,
     case PROP_LOCATION:
       g_value_set_string (value, self->location);
       break;
+    case PROP_PROVENANCE:
+      g_value_set_boolean (value, self->provenance);
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
     }
@@ -72,6 +80,9 @@ lp_safetensors_sink_set_property (GObject      *object,
     case PROP_LOCATION:
       g_free (self->location);
       self->location = g_value_dup_string (value);
+      break;
+    case PROP_PROVENANCE:
+      self->provenance = g_value_get_boolean (value);
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
@@ -99,8 +110,12 @@ lp_safetensors_sink_consume (LpSink        *sink,
                              GError       **error)
 {
   LpSafetensorsSink *self = LP_SAFETENSORS_SINK (sink);
-  const char *provenance = lp_stage_get_provenance (LP_STAGE (sink));
+  g_autofree char *provenance = NULL;
   g_autoptr(LpCheckpoint) output = NULL;
+
+  if (self->provenance)
+    provenance = lp_stage_dup_provenance_after (LP_STAGE (sink),
+                                                lp_checkpoint_get_metadata (input, PROVENANCE_KEY));
 
   if (provenance == NULL)
     return lp_safetensors_save (input, self->location, LP_STAGE (sink), error);
@@ -144,6 +159,10 @@ lp_safetensors_sink_class_init (LpSafetensorsSinkClass *klass)
                          "(a symlink's target is replaced; a FIFO or character device is written through)",
                          NULL,
                          G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+  properties[PROP_PROVENANCE] =
+    g_param_spec_boolean ("provenance", "Provenance",
+                          "Record how the file was made under lpipe.pipeline (file names without directories; an earlier record is kept in its history)",
+                          TRUE, G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
   lp_stage_class_set_metadata (stage_class, "safetensors-sink", "Sink",
@@ -154,4 +173,5 @@ lp_safetensors_sink_class_init (LpSafetensorsSinkClass *klass)
 static void
 lp_safetensors_sink_init (LpSafetensorsSink *self)
 {
+  self->provenance = TRUE;
 }

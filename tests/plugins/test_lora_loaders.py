@@ -14,7 +14,8 @@
 #   need not match the modules: one alpha for the file is what loads right;
 # - kohya networks/resize_lora.py resize(): ss_network_dim, ss_network_alpha
 #   and ss_training_comment after a resize;
-# - cloneofsimo lora_diffusion save_safeloras_with_embeds: `<module>:rank`.
+# - cloneofsimo lora_diffusion save_safeloras_with_embeds: `<module>:rank`;
+# - lpipe's own lpipe.pipeline record, which travels with shared files.
 #
 # Every module's update scale * B @ A is compared in f64 with numpy against
 # the best approximation at the written rank (Eckart-Young), tolerances from
@@ -307,10 +308,33 @@ def test_converted(tmp):
     check(meta.get("ss_output_name") == "cats", "converted: ss_output_name kept")
 
 
+def test_provenance(tmp):
+    """lpipe.pipeline: file names without their directories, the input's
+    record kept in the history, and provenance=false to add none."""
+    first = make_kohya(tmp, "prov.safetensors")
+    second = os.path.join(tmp, "prov-r8.safetensors")
+    third = os.path.join(tmp, "prov-r4.safetensors")
+    reduce(first, second, "rank=8")
+    reduce(second, third, "rank=4")
+    meta2, meta3 = read_st(second)[1], read_st(third)[1]
+    check(tmp not in meta2["lpipe.pipeline"] and tmp not in meta3["lpipe.pipeline"],
+          "provenance: no directory recorded: %s" % meta3["lpipe.pipeline"])
+    rec2, rec3 = json.loads(meta2["lpipe.pipeline"]), json.loads(meta3["lpipe.pipeline"])
+    check("location=prov.safetensors" in rec2["stages"] and "rank=8" in rec2["stages"],
+          "provenance: the stages by file name: %s" % rec2["stages"])
+    check(rec3.get("history") == [rec2] and "rank=4" in rec3["stages"],
+          "provenance: the input's record is the history: %s" % rec3.get("history"))
+    off = os.path.join(tmp, "prov-off.safetensors")
+    run("launch", "safetensors-source", "location=" + second, "!", "lora-svd", "rank=4", "!",
+        "safetensors-sink", "location=" + off, "provenance=false")
+    check(read_st(off)[1].get("lpipe.pipeline") == meta2["lpipe.pipeline"],
+          "provenance=false: no new record")
+
+
 def main():
     with tempfile.TemporaryDirectory() as tmp:
         for test in (test_dynamic_shared_alpha, test_fixed, test_bf16_alpha_holds_rank,
-                     test_cloneofsimo, test_converted):
+                     test_cloneofsimo, test_converted, test_provenance):
             print("#", test.__name__)
             test(tmp)
     if FAILURES:
