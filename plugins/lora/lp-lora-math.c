@@ -290,6 +290,10 @@ gram (const LpLoraFactors *f,
   CBLAS_TRANSPOSE trans = up ? CblasTrans : CblasNoTrans;
 
   memset (g, 0, sizeof (double) * r * r);
+  /* A factor with no columns (in or out 0): G is 0. BLAS would be handed
+   * lda = 0, an illegal argument it reports on stderr. */
+  if (n == 0)
+    return;
   if (src == LP_DTYPE_F64)
     {
       /* one call over the whole factor */

@@ -664,6 +664,41 @@ test_stage_limit (void)
   g_string_free (file, TRUE);
 }
 
+/* rank-check on a module whose factors have a zero-size dimension (shape
+ * [2, 0] and [0, 2]): its Gram matrix is 0, computed without handing BLAS
+ * lda = 0 (OpenBLAS printed "On entry to DSYRK parameter number 7 had an
+ * illegal value"). A subprocess, to see stderr. */
+static void
+test_rank_check_zero_size (void)
+{
+  static const char header[] =
+    "{\"m.lora_down.weight\":{\"dtype\":\"F32\",\"shape\":[2,0],\"data_offsets\":[0,0]},"
+    "\"m.lora_up.weight\":{\"dtype\":\"F32\",\"shape\":[0,2],\"data_offsets\":[0,0]}}";
+  guint64 len = sizeof header - 1;
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autofree char *in = g_build_filename (dir, "zero.safetensors", NULL);
+  g_autofree char *src = g_strconcat ("location=", in, NULL);
+  g_autofree char *dst = g_strconcat ("location=", dir, "/out.safetensors", NULL);
+  g_autoptr(GByteArray) file = g_byte_array_new ();
+  const char *argv[] = { g_getenv ("LPIPE"), "launch", "safetensors-source", src, "!",
+                         "rank-check", "!", "safetensors-sink", dst, NULL };
+  g_autofree char *out = NULL;
+  g_autofree char *err = NULL;
+  g_autoptr(GError) error = NULL;
+  int status;
+
+  for (int i = 0; i < 8; i++)
+    g_byte_array_append (file, (guint8[]) { (len >> (8 * i)) & 0xff }, 1);
+  g_byte_array_append (file, (const guint8 *) header, len);
+  g_assert_true (g_file_set_contents (in, (const char *) file->data, file->len, NULL));
+  g_assert_true (g_spawn_sync (NULL, (char **) argv, NULL, G_SPAWN_DEFAULT, NULL, NULL,
+                               &out, &err, &status, &error));
+  g_assert_no_error (error);
+  /* OpenBLAS prints its complaint on stdout */
+  g_assert_null (strstr (out, "illegal value"));
+  g_assert_null (strstr (err, "illegal value"));
+}
+
 int
 main (int argc, char **argv)
 {
@@ -673,6 +708,7 @@ main (int argc, char **argv)
   g_test_add_func ("/pipeline/run/threads-bounded", test_threads_bounded);
   g_test_add_func ("/pipeline/run/many-stages", test_many_stages);
   g_test_add_func ("/pipeline/run/stage-limit", test_stage_limit);
+  g_test_add_func ("/stage/rank-check/zero-size-factors", test_rank_check_zero_size);
   g_test_add_func ("/pipeline/run/lazy-error-named", test_lazy_error);
   g_test_add_func ("/pipeline/run/dag", test_dag);
   g_test_add_func ("/pipeline/run/cycle", test_cycle);
