@@ -4,6 +4,7 @@
  */
 #include "lp-transform-stages.h"
 #include "lp-transform-common.h"
+#include "lp-rename-presets.h"
 
 #include <math.h>
 #include <string.h>
@@ -28,6 +29,11 @@
  * first input's adapter config, rewritten for the merged ranks so its scale
  * is the first input's, and the others' scales are folded relative to it.
  * Other tensors and the metadata come from the first input that has them.
+ *
+ * Inputs must name their modules in one convention: merging a kohya file
+ * with a diffusers one would write both naming schemes, each loader
+ * applying only its half, so that is an error naming both conventions and
+ * the `rename` preset that converts the odd input.
  *
  * Errors name the module: a module whose shapes or conventions differ
  * between inputs, a PEFT module absent from the first input, a weight that
@@ -148,6 +154,60 @@ check_compatible (Merged        *merged,
   return TRUE;
 }
 
+static const char *
+convention_nick (LpLoraConvention convention)
+{
+  g_autoptr(GEnumClass) klass = g_type_class_ref (LP_TYPE_LORA_CONVENTION);
+  GEnumValue *value = g_enum_get_value (klass, convention);
+
+  return value ? value->value_nick : "unknown";
+}
+
+/* Inputs that name their modules in different conventions would merge into
+ * a file holding both naming schemes, which no loader applies whole: each
+ * input's modules must be in the first input's convention. */
+static gboolean
+check_same_convention (GPtrArray  *all_modules,
+                       GError    **error)
+{
+  LpLoraModule *first = NULL;
+  guint first_input = 0;
+
+  for (guint i = 0; i < all_modules->len; i++)
+    {
+      GPtrArray *modules = g_ptr_array_index (all_modules, i);
+      LpLoraModule *module;
+      LpLoraConvention want, have;
+      const char *presets;
+
+      if (modules->len == 0)
+        continue;
+      module = g_ptr_array_index (modules, 0);
+      if (first == NULL)
+        {
+          first = module;
+          first_input = i;
+          continue;
+        }
+      want = lp_lora_module_get_convention (first);
+      have = lp_lora_module_get_convention (module);
+      if (have == want)
+        continue;
+      presets = lp_rename_presets_between (have, want);
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                   "inputs %u and %u name their modules in different conventions, %s (%s) and %s (%s): "
+                   "merged, the file would hold both naming schemes. Convert input %u to %s first%s%s%s",
+                   first_input + 1, i + 1,
+                   convention_nick (want), lp_tensor_get_name (lp_lora_module_get_down (first)),
+                   convention_nick (have), lp_tensor_get_name (lp_lora_module_get_down (module)),
+                   i + 1, convention_nick (want),
+                   presets ? " with rename preset=" : " with rename rules", presets ? presets : "",
+                   presets ? "" : "");
+      return FALSE;
+    }
+  return TRUE;
+}
+
 static LpCheckpoint *
 lp_lora_merge_aggregate (LpAggregator  *aggregator,
                          LpCheckpoint **inputs,
@@ -210,6 +270,9 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
           merged->parts[i] = module;
         }
     }
+
+  if (!check_same_convention (all_modules, error))
+    goto fail;
 
   /* A PEFT module's scale lives in the adapter config, which can only be
    * the first input's, rewritten for the merged ranks. */

@@ -824,3 +824,21 @@ lp_rename_preset_plan (LpRenamePreset   preset,
     }
   return ok ? g_steal_pointer (&plan) : NULL;
 }
+
+const char *
+lp_rename_presets_between (LpLoraConvention from,
+                           LpLoraConvention to)
+{
+  gboolean from_diffusers = from == LP_LORA_CONVENTION_DIFFUSERS || from == LP_LORA_CONVENTION_DIFFUSERS_OLD
+                            || from == LP_LORA_CONVENTION_DIFFUSERS_PROCESSOR;
+
+  if (from_diffusers && to == LP_LORA_CONVENTION_KOHYA)
+    return "sd-diffusers-to-kohya or flux-diffusers-to-kohya";
+  if (from == LP_LORA_CONVENTION_KOHYA && to == LP_LORA_CONVENTION_DIFFUSERS)
+    return "sd-kohya-to-diffusers or flux-kohya-to-diffusers";
+  if (from == LP_LORA_CONVENTION_PEFT && to == LP_LORA_CONVENTION_KOHYA)
+    return "peft-to-kohya";
+  if (from == LP_LORA_CONVENTION_KOHYA && to == LP_LORA_CONVENTION_PEFT)
+    return "kohya-to-peft";
+  return NULL;
+}

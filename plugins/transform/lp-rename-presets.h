@@ -47,4 +47,10 @@ char      *lp_rename_dot_path    (const char      *underscored,
                                   const char      *module,
                                   GError         **error);
 
+/* The presets that rename modules of convention @from into @to, as text for
+ * an error's advice ("sd-kohya-to-diffusers or flux-kohya-to-diffusers"),
+ * or NULL when none does. */
+const char *lp_rename_presets_between (LpLoraConvention  from,
+                                       LpLoraConvention  to);
+
 G_END_DECLS

@@ -102,6 +102,30 @@ test_errors (void)
                 STRS ("module lora_unet_x: inputs 1 and 2", "different conventions"));
 }
 
+/* Files as lora-synth writes them for kohya sd-scripts and for diffusers:
+ * merged, they would give a file holding both naming schemes (each loader
+ * applies only its own half). The merge refuses, naming both conventions
+ * and the rename preset that converts the second input. */
+static void
+test_mixed_conventions (void)
+{
+  g_autoptr(LpCheckpoint) kohya = synth ("preset", "sd15-unet", "format", "kohya", "rank", "2", "dtype", "f32");
+  g_autoptr(LpCheckpoint) diffusers = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "2", "dtype", "f32");
+  g_autoptr(LpCheckpoint) peft = synth ("preset", "llama", "format", "peft", "rank", "2", "dtype", "f32");
+  g_autoptr(LpCheckpoint) kohya_llama = run1 ("rename", peft, "preset", "peft-to-kohya");
+  LpCheckpoint *kd[] = { kohya, diffusers }, *dk[] = { diffusers, kohya }, *pk[] = { peft, kohya_llama };
+
+  expect_error ("lora-merge", kd, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                STRS ("inputs 1 and 2 name their modules in different conventions, kohya "
+                      "(lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight) "
+                      "and diffusers (unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight)",
+                      "Convert input 2 to kohya first with rename preset=sd-diffusers-to-kohya or flux-diffusers-to-kohya"));
+  expect_error ("lora-merge", dk, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                STRS ("Convert input 2 to diffusers first with rename preset=sd-kohya-to-diffusers or flux-kohya-to-diffusers"));
+  expect_error ("lora-merge", pk, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                STRS ("different conventions, peft", "and kohya", "Convert input 2 to peft first with rename preset=kohya-to-peft"));
+}
+
 /* Weights that put infinity into the merged up factor are an error naming
  * the module, the weight and the input, and nothing is written; a weight
  * times a module's scale past f64 fails at once; an input already holding
@@ -161,6 +185,7 @@ main (int argc, char **argv)
   g_test_add_func ("/stage/lora-merge/peft", test_peft);
   g_test_add_func ("/stage/lora-merge/errors", test_errors);
   g_test_add_func ("/stage/lora-merge/overflow", test_overflow);
+  g_test_add_func ("/stage/lora-merge/mixed-conventions", test_mixed_conventions);
 
   return g_test_run ();
 }
