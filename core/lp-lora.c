@@ -1177,8 +1177,8 @@ check_flags (GPtrArray         *modules,
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
                        "module %s: DoRA magnitude %s: it rescales each row of the base "
                        "weight plus the update to a learned norm, so it depends on the "
-                       "base weight and no longer matches a changed update; lora-svd and "
-                       "lora-project take dora=keep to pass it through unchanged (approximate)",
+                       "base weight and no longer matches a changed update (lpipe has no "
+                       "policy for DoRA modules yet: they are refused rather than written wrong)",
                        module->name, lp_tensor_get_name (module->magnitude));
           return FALSE;
         }

@@ -1387,9 +1387,11 @@ adapter_config_path (const char *filename,
   else
     stem = g_strdup (base);
 
-  if (strcmp (base, "adapter_model.safetensors") == 0)
+  /* mlx_lm.lora saves adapters.safetensors beside its adapter_config.json */
+  if (strcmp (base, "adapter_model.safetensors") == 0 || strcmp (base, "adapters.safetensors") == 0)
     {
-      named = g_build_filename (dir, "adapter_model.adapter_config.json", NULL);
+      g_autofree char *own = g_strconcat (stem, ".adapter_config.json", NULL);
+      named = g_build_filename (dir, own, NULL);
       if (for_writing || !g_file_test (named, G_FILE_TEST_EXISTS))
         return g_build_filename (dir, "adapter_config.json", NULL);
       return g_steal_pointer (&named);

@@ -5,7 +5,7 @@
  * `X.lora_magnitude_vector.weight` (older PEFT: `X.lora_magnitude_vector`).
  * m was trained against the norms of W + s·B A, so it depends on the base
  * weight and no longer matches a changed update: stages refuse such modules
- * (LP_LORA_FIND_REFUSE_DORA) unless the user picks `dora=keep`.
+ * (LP_LORA_FIND_REFUSE_DORA); no stage offers a policy for them yet.
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */

@@ -5,6 +5,7 @@
 #include "lp-lora-stages.h"
 #include "lp-lora-common.h"
 #include "lp-lora-math.h"
+#include "lp-lora-lycoris.h"
 
 #include <math.h>
 #include <string.h>
@@ -625,6 +626,28 @@ lp_lora_svd_transform (LpTransform   *transform,
   g_autoptr (LpLoraStats) stats = NULL;
   LpLoraSpectrum **spectra = NULL;
   LpCheckpoint *output = NULL;
+  g_autoptr (LpCheckpoint) plain = NULL;
+  g_autoptr (GHashTable) lycoris = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+
+  stats = lp_lora_stats_new (self->method == LP_LORA_SVD_METHOD_EXACT ? "svd" : "randomized-svd");
+
+  /* LyCORIS LoHa and LoKr modules become plain LoRAs of the rank first (exactly,
+   * see lp-lora-lycoris.c); the modules written pass through below. */
+  if (lp_lora_lycoris_present (input))
+    {
+      if (self->rank == 0 || self->method != LP_LORA_SVD_METHOD_EXACT)
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                       "LyCORIS LoHa and LoKr modules are reduced exactly to a fixed rank: "
+                       "set rank (and method=exact); energy, sv-*, budget and method=randomized "
+                       "are for plain LoRAs");
+          return NULL;
+        }
+      plain = lp_lora_lycoris_reduce (input, self->rank, stats, lycoris, error);
+      if (plain == NULL)
+        return NULL;
+      input = plain;
+    }
   guint shared_alpha;
 
   /* mlx-lm modules are written back in their layout by lp_lora_assemble () */
@@ -659,7 +682,6 @@ lp_lora_svd_transform (LpTransform   *transform,
     for (guint m = 0; m < n; m++)
       ranks[m] = self->rank;
 
-  stats = lp_lora_stats_new (self->method == LP_LORA_SVD_METHOD_EXACT ? "svd" : "randomized-svd");
   shared_alpha = self->per_module_alpha ? 0 : shared_kohya_alpha (self, modules, ranks);
 
   for (guint m = 0; m < n; m++)
@@ -675,8 +697,10 @@ lp_lora_svd_transform (LpTransform   *transform,
       if (k_out == r && k == r
           && (!shared || lp_lora_module_get_alpha_value (module) == alpha_out))
         {
-          /* nothing to reduce or pad: the module passes through unchanged */
-          lp_lora_stats_record (stats, lp_lora_module_get_name (module), 1, 1);
+          /* nothing to reduce or pad: the module passes through unchanged
+           * (a LyCORIS module's record comes when its factors are computed) */
+          if (!g_hash_table_contains (lycoris, lp_lora_module_get_name (module)))
+            lp_lora_stats_record (stats, lp_lora_module_get_name (module), 1, 1);
           continue;
         }
 

@@ -18,6 +18,8 @@ import shlex
 import struct
 import subprocess
 import sys
+import atexit
+import shutil
 import tempfile
 import zipfile
 
@@ -112,6 +114,7 @@ def truncation_errors(path, k):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-cli-")
+    atexit.register(shutil.rmtree, tmp, True)   # also when a check fails
     lora = os.path.join(tmp, "lora.safetensors")
     synth(lora)
 

@@ -11,6 +11,8 @@ import select
 import struct
 import subprocess
 import sys
+import atexit
+import shutil
 import tempfile
 import termios
 
@@ -62,6 +64,7 @@ def check_width(text, cols, label):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-progress-")
+    atexit.register(shutil.rmtree, tmp, True)   # also when a check fails
     lora = os.path.join(tmp, "flux.safetensors")
     subprocess.run([LPIPE, "-q", "launch", "lora-synth", "preset=flux-dev", "rank=32", "!",
                     "safetensors-sink", "location=" + lora], check=True)

@@ -15,6 +15,8 @@ import re
 import struct
 import subprocess
 import sys
+import atexit
+import shutil
 import tempfile
 
 import numpy as np
@@ -209,6 +211,7 @@ def sample_rank(path, custom):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-lora-rank-")
+    atexit.register(shutil.rmtree, tmp, True)   # also when a check fails
 
     # ---- synthetic kohya (alpha != r), peft and diffusers: scale preserved --
     for fmt, alpha in (("kohya", 3.0), ("peft", 12.0), ("diffusers", 0.0)):
@@ -387,6 +390,8 @@ def main():
             "quiet=true", "!", "safetensors-sink", "location=" + os.path.join(tmp, "c4.safetensors"), expect_ok=False)
     check(p.returncode != 0 and "lora_unet_small" in p.stderr, "require-uniform fails (%r)" % p.stderr.strip())
 
+    mlx_checks(tmp)
+
     if FAILURES:
         print("%d failures" % len(FAILURES))
         sys.exit(1)
@@ -395,9 +400,81 @@ def main():
     print("all checks passed")
 
 
+def mlx_checks(tmp):
+    """mlx-lm adapters: mlx_lm/tuner/lora.py LoRALinear stores lora_a [in, r]
+    and lora_b [r, out] and adds scale * (x @ lora_a) @ lora_b, so the update
+    is scale * (lora_a @ lora_b)^T, scale from adapter_config.json
+    lora_parameters (linear_to_lora_layers; some versions: scale * alpha / rank).
+    mlx's save_safetensors writes "__metadata__": null."""
+    rng = np.random.default_rng(11)
+    shapes = {"model.layers.0.self_attn.q_proj": (24, 24), "model.layers.0.mlp.down_proj": (40, 16)}
+    for variant, params in (("plain", {"rank": 8, "scale": 20.0, "dropout": 0.0}),
+                            ("alpha", {"rank": 8, "alpha": 16, "scale": 10.0, "dropout": 0.0})):
+        d = os.path.join(tmp, "mlx-" + variant)
+        os.makedirs(d)
+        src = os.path.join(d, "adapters.safetensors")
+        tensors = {}
+        for name, (n_in, n_out) in shapes.items():
+            s = 0.6 ** np.arange(8)
+            tensors[name + ".lora_a"] = rng.standard_normal((n_in, 8)) * s
+            tensors[name + ".lora_b"] = rng.standard_normal((8, n_out))
+        write_st(src, tensors)
+        # mlx's own header: __metadata__ null, first
+        raw = open(src, "rb").read()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + n])
+        header = dict([("__metadata__", None)] + list(header.items()))
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-len(h) % 8)
+        open(src, "wb").write(struct.pack("<Q", len(h)) + h + raw[8 + n:])
+        config = {"fine_tune_type": "lora", "num_layers": 16, "lora_parameters": params}
+        json.dump(config, open(os.path.join(d, "adapter_config.json"), "w"))
+        scale = params["scale"] * params.get("alpha", params["rank"]) / params["rank"]
+
+        info = run("info", src).stdout
+        check("mlx" in info, "mlx %s: lpipe info names the family" % variant)
+
+        out_dir = os.path.join(tmp, "mlx-%s-out" % variant)
+        os.makedirs(out_dir)
+        dst = os.path.join(out_dir, "adapters.safetensors")
+        run("launch", "safetensors-source", "location=" + src, "!", "lora-svd", "rank=3",
+            "!", "safetensors-sink", "location=" + dst)
+        got, meta = read_st(dst)
+        new_cfg = json.load(open(os.path.join(out_dir, "adapter_config.json")))
+        lp = new_cfg["lora_parameters"]
+        check(lp["rank"] == 3, "mlx %s: config rank 3, got %r" % (variant, lp["rank"]))
+        check(lp["scale"] == params["scale"], "mlx %s: config scale kept" % variant)
+        check(new_cfg["fine_tune_type"] == "lora" and new_cfg["num_layers"] == 16,
+              "mlx %s: other config members kept" % variant)
+        new_scale = lp["scale"] * lp.get("alpha", lp["rank"]) / lp["rank"]
+        check(abs(new_scale - scale) <= 1e-12 * scale, "mlx %s: scale %g kept (%g)" % (variant, scale, new_scale))
+        for name, (n_in, n_out) in shapes.items():
+            a2, b2 = got[name + ".lora_a"][1], got[name + ".lora_b"][1]
+            check(a2.shape == (n_in, 3) and b2.shape == (3, n_out),
+                  "mlx %s: %s written in mlx layout, got %s %s" % (variant, name, a2.shape, b2.shape))
+            w = scale * (tensors[name + ".lora_a"] @ tensors[name + ".lora_b"]).T
+            w2 = new_scale * (a2 @ b2).T
+            sv = np.linalg.svd(w, compute_uv=False)
+            opt = np.sqrt(np.sum(sv[3:] ** 2)) / np.linalg.norm(w)
+            err = np.linalg.norm(w - w2) / np.linalg.norm(w)
+            check(abs(err - opt) <= 1e-4 + 4 * EPS["F32"],
+                  "mlx %s: %s error %.6g vs optimum %.6g" % (variant, name, err, opt))
+
+        # the obvious custom patterns read lora_a [in, r] as a down [r, in]:
+        # on the square q_proj that would pass unnoticed
+        p = run("launch", "safetensors-source", "location=" + src, "!", "lora-svd", "rank=3",
+                "down-pattern=*.lora_a", "up-pattern=*.lora_b", "!", "safetensors-sink",
+                "location=" + os.path.join(tmp, "never.safetensors"), expect_ok=False)
+        check(p.returncode != 0 and "model.layers.0.self_attn.q_proj" in p.stderr
+              and "transposed" in p.stderr, "mlx %s: custom patterns refused: %s" % (variant, p.stderr))
+        check(not os.path.exists(os.path.join(tmp, "never.safetensors")), "mlx: nothing written")
+        print("mlx %s: %d modules at the optimum, config rank 3, scale %g kept" % (variant, len(shapes), scale))
+
+
 def demo():
     """pipelines/demo.pipeline, the README's default: flux-dev rank 42 -> 4"""
     tmp = tempfile.mkdtemp(prefix="lpipe-lora-demo-")
+    atexit.register(shutil.rmtree, tmp, True)   # also when a check fails
     out, report = os.path.join(tmp, "demo.safetensors"), os.path.join(tmp, "demo.json")
     run("run", os.path.join(PIPELINES, "demo.pipeline"), "output=" + out, "report=" + report)
     rep = json.load(open(report))

@@ -201,9 +201,9 @@ class OverridesTest(TestCase):
 
     # ---- running ------------------------------------------------------------
 
-    def launch(self, out, preset='flux-dev'):
+    def launch(self, out, preset='flux-dev', rank=4):
         return Lpipe.Pipeline.parse_launch(
-            f'lora-synth preset={preset} rank=4 ! safetensors-sink location={out}')
+            f'lora-synth preset={preset} rank={rank} ! safetensors-sink location={out}')
 
     def test_run_returns_stats(self):
         out = self.path('out.safetensors')
@@ -232,8 +232,10 @@ class OverridesTest(TestCase):
         def progress(done, total, bytes_done, bytes_total):
             if done > 0:
                 raise RuntimeError('stop here')
+        # a run of many progress periods (50 ms each) even on a fast machine:
+        # a rank-4 file can be written before the first report
         with self.assertRaisesRegex(RuntimeError, 'stop here'):
-            self.launch(out).run(progress=progress)
+            self.launch(out, rank=64).run(progress=progress)
         self.assertEqual(os.listdir(self.tmp), [])
 
     def test_ctrl_c_cancels_with_nothing_written(self):
@@ -245,7 +247,7 @@ class OverridesTest(TestCase):
             if len(calls) == 2:
                 os.kill(os.getpid(), signal.SIGINT)   # Ctrl-C, mid-run
         with self.assertRaises(KeyboardInterrupt) as raised:
-            self.launch(out).run(progress=progress)
+            self.launch(out, rank=64).run(progress=progress)
         cause = raised.exception.__cause__
         self.assertIsInstance(cause, GLib.Error)
         self.assertTrue(cause.matches(Gio.io_error_quark(), Gio.IOErrorEnum.CANCELLED),

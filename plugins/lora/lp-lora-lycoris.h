@@ -1,0 +1,93 @@
+/* lp-lora-lycoris.h: LyCORIS LoHa and LoKr modules reduced to plain LoRAs
+ *
+ * A LoHa update is a Hadamard product of two low-rank products, a LoKr
+ * update a Kronecker product; both have exact low-rank structure that gives
+ * their best rank-k approximation without the out × in update:
+ *
+ * - LoHa: (U1 V1) ⊙ (U2 V2) = B A with the row-wise Khatri–Rao (face-
+ *   splitting) factors B[o, :] = U1[o, :] ⊗ U2[o, :] and
+ *   A[:, c] = V1[:, c] ⊗ V2[:, c], of rank r1·r2, whose exact SVD the
+ *   factored machinery of lp-lora-math.c takes.
+ * - LoKr: the singular values of kron (W1, W2) are the products
+ *   σ_i(W1)·σ_j(W2), with singular vectors u_i ⊗ u_j and v_i ⊗ v_j.
+ *
+ * The first half works on plain f64 arrays; the second finds the modules of
+ * a checkpoint (until the families table of core/lp-lora.c knows them) and
+ * writes each one as a kohya LoRA (`lora_down`, `lora_up`, `.alpha`).
+ *
+ * SPDX-License-Identifier: LGPL-2.1-or-later
+ */
+#pragma once
+
+#include <lpipe/lpipe-plugin.h>
+
+#include "lp-lora-common.h"
+
+G_BEGIN_DECLS
+
+/* B [out, r1·r2] and A [r1·r2, in], row-major, in f64 (or f32 when @f32),
+ * from u1 [out, r1], v1 [r1, in], u2 [out, r2], v2 [r2, in]; column
+ * i·r2 + j of B is u1[:, i] ⊙ u2[:, j], row i·r2 + j of A is v1[i] ⊙ v2[j]. */
+void      lp_lora_loha_to_factors (const double *u1,
+                                   const double *v1,
+                                   guint         r1,
+                                   const double *u2,
+                                   const double *v2,
+                                   guint         r2,
+                                   guint64       out,
+                                   guint64       in,
+                                   gboolean      f32,
+                                   gpointer      b,
+                                   gpointer      a);
+
+/* The matrix of a Tucker (CP) LyCORIS part, as a product: the part is
+ * Σ_ij t[i, j, κ] wa[i, p] wb[j, c] at [p, c, κ] (LyCORIS rebuild_tucker,
+ * ComfyUI's einsum 'i j k l, j r, i p -> p r k l'), so flattened to
+ * [p, c·K] it is waᵀ @ M with M[i, c·K + κ] = Σ_j t[i, j, κ] wb[j, c].
+ * t [r, r, K], wb [r, cols]; writes m [r, cols·K]. */
+void      lp_lora_tucker_right    (const double *t,
+                                   const double *wb,
+                                   guint         r,
+                                   guint64       cols,
+                                   guint64       kernel,
+                                   double       *m);
+
+/* One side of a Kronecker product: a dense rows × cols matrix (@dense), or
+ * the product @a [rows, r] @ @b [r, cols]. */
+typedef struct {
+  const double *dense;
+  const double *a;
+  const double *b;
+  guint r;
+  guint64 rows;
+  guint64 cols;
+} LpLoraKronPart;
+
+/* The best rank-k approximation of scale · kron (W1, W2), written as
+ * b_new [rows1·rows2, k] and a_new [k, cols1·cols2] (f64, row-major, the
+ * singular values split as √σ, the sign of @scale on b_new; zero columns and
+ * rows beyond the update's rank). *@kept and *@total are Σσ² of the kept
+ * directions and of the whole update. */
+gboolean  lp_lora_lokr_reduce     (const LpLoraKronPart *w1,
+                                   const LpLoraKronPart *w2,
+                                   double                scale,
+                                   guint                 k,
+                                   double               *b_new,
+                                   double               *a_new,
+                                   double               *kept,
+                                   double               *total,
+                                   GError              **error);
+
+/* TRUE iff @checkpoint holds a LoHa or LoKr part (`.hada_*`, `.lokr_*`). */
+gboolean      lp_lora_lycoris_present (LpCheckpoint  *checkpoint);
+
+/* @input with each LoHa and LoKr module replaced by the kohya LoRA of rank
+ * @k nearest to its update (lazy tensors, computed when pulled, recorded in
+ * @stats). The names of the modules it wrote are added to @converted. */
+LpCheckpoint *lp_lora_lycoris_reduce  (LpCheckpoint  *input,
+                                       guint          k,
+                                       LpLoraStats   *stats,
+                                       GHashTable    *converted,
+                                       GError       **error);
+
+G_END_DECLS
