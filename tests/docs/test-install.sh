@@ -170,13 +170,16 @@ const pipeline = Lpipe.Pipeline.new(null);
 pipeline.parse_launch_string('lora-synth preset=sd15-unet rank=2 ! rank-check');
 print('gjs ok', pipeline.get_n_stages());
 JS
+  # Under -Db_sanitize the interpreters need the ASan runtime first
+  # (tests/meson.build); a fresh shell keeps only that, never GI_TYPELIB_PATH.
+  sanitizer_env="${LD_PRELOAD:+LD_PRELOAD=$LD_PRELOAD} ${ASAN_OPTIONS:+ASAN_OPTIONS=$ASAN_OPTIONS}"
   # shellcheck disable=SC2016  # expanded by the inner shell
   out=$(unshare --mount sh -c '
     mount --make-rprivate / &&
     mount -t overlay overlay -o "lowerdir=$1:/usr" /usr &&
     { [ "$4" = /usr ] || mount -t overlay overlay -o "lowerdir=$1:$4" "$4"; } &&
-    env -i PATH=/usr/bin:/bin /usr/bin/python3 "$2" &&
-    env -i PATH=/usr/bin:/bin HOME=/nonexistent gjs "$3"' sh "$prefix" "$tmp/fresh.py" "$tmp/fresh.js" "${prefix#"$stage"}" 2>&1) ||
+    env -i $5 PATH=/usr/bin:/bin /usr/bin/python3 "$2" &&
+    env -i $5 PATH=/usr/bin:/bin HOME=/nonexistent gjs "$3"' sh "$prefix" "$tmp/fresh.py" "$tmp/fresh.js" "${prefix#"$stage"}" "$sanitizer_env" 2>&1) ||
     fail "the installed typelib does not load in a fresh shell: $out"
   grep -q '^python ok 2$' <<<"$out" || fail "python: $out"
   if command -v gjs >/dev/null; then grep -q '^gjs ok 2$' <<<"$out" || fail "gjs: $out"; fi
