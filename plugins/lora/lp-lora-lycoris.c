@@ -320,12 +320,11 @@ split_name (const char *name,
 gboolean
 lp_lora_lycoris_present (LpCheckpoint *checkpoint)
 {
-  GPtrArray *tensors = lp_checkpoint_get_tensors (checkpoint);
-  for (guint i = 0; i < tensors->len; i++)
+  for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
     {
       Part part;
       g_autofree char *module = NULL;
-      if (split_name (lp_tensor_get_name (g_ptr_array_index (tensors, i)), &part, &module))
+      if (split_name (lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, i)), &part, &module))
         return TRUE;
     }
   return FALSE;
@@ -579,7 +578,7 @@ static GPtrArray *
 find_modules (LpCheckpoint  *input,
               GError       **error)
 {
-  GPtrArray *tensors = lp_checkpoint_get_tensors (input);
+  g_autoptr (GPtrArray) tensors = lp_checkpoint_get_tensors (input);
   g_autoptr (GPtrArray) modules = g_ptr_array_new_with_free_func (module_free);
   g_autoptr (GHashTable) by_name = g_hash_table_new (g_str_hash, g_str_equal);
 
@@ -929,7 +928,7 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
   if (modules == NULL)
     return NULL;
 
-  GPtrArray *tensors = lp_checkpoint_get_tensors (input);
+  g_autoptr (GPtrArray) tensors = lp_checkpoint_get_tensors (input);
   g_autoptr (GHashTable) used = g_hash_table_new (NULL, NULL);     /* input tensors replaced */
   g_autoptr (GHashTable) at = g_hash_table_new (NULL, NULL);       /* first index + 1 -> module index + 1 */
   g_autoptr (LpCheckpoint) output = lp_checkpoint_new_like (input);
