@@ -576,9 +576,31 @@ lp_tensor_describe_shape (LpTensor *self)
  *
  * Gets the tensor's bytes, computing them if the tensor is lazy. Nothing is
  * cached: drop the reference as soon as you are done to keep memory low.
+ * The bytes always start at an address aligned for the dtype's elements.
  *
  * Returns: (transfer full): the bytes, or %NULL if computing them failed
  */
+/* safetensors only recommends padding the header so that data starts 8-byte
+ * aligned; a file that does not, or bytes handed in from a binding, may put
+ * an f32 at an odd address. Every consumer (BLAS, SIMD kernels, plain loads)
+ * may assume alignment, so a misaligned tensor is copied here, one tensor at
+ * a time, instead of being checked for in every kernel. */
+static GBytes *
+ensure_aligned (GBytes  *bytes,
+                LpDtype  dtype)
+{
+  gsize size;
+  gconstpointer data = g_bytes_get_data (bytes, &size);
+  guint element = MAX (lp_dtype_get_bits (dtype) / 8, 1);
+
+  if (size == 0 || (guintptr) data % element == 0)
+    return bytes;
+
+  GBytes *copy = g_bytes_new_take (g_memdup2 (data, size), size);
+  g_bytes_unref (bytes);
+  return copy;
+}
+
 GBytes *
 lp_tensor_dup_data (LpTensor  *self,
                     GError   **error)
@@ -589,7 +611,7 @@ lp_tensor_dup_data (LpTensor  *self,
   g_return_val_if_fail (LP_IS_TENSOR (self), NULL);
 
   if (self->data)
-    return g_bytes_ref (self->data);
+    return ensure_aligned (g_bytes_ref (self->data), self->dtype);
 
   bytes = self->lazy->func (self->origin ? self->origin : self, self->lazy->user_data, &local_error);
   if (bytes == NULL)
@@ -610,7 +632,7 @@ lp_tensor_dup_data (LpTensor  *self,
       g_bytes_unref (bytes);
       return NULL;
     }
-  return bytes;
+  return ensure_aligned (bytes, self->dtype);
 }
 
 static gpointer
