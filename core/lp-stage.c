@@ -4,6 +4,10 @@
  */
 #include "lp-private.h"
 
+#include <errno.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+
 /**
  * LpStage:
  *
@@ -1104,6 +1108,42 @@ pull_tensors_unordered (LpStage              *self,
   return TRUE;
 }
 
+/* Address space a pull needs beyond what is mapped when it starts: the
+ * results in flight (PULL_BYTES_BUDGET), and per worker the read buffer of
+ * a tensor (up to 16 MiB, see lp-safetensors.c) and its scratch. (glibc
+ * would like a 64 MiB arena per thread too, but shares one when it cannot
+ * have it.) */
+#define PULL_HEADROOM_BYTES(threads) (PULL_BYTES_BUDGET + ((guint64) (threads) * 16 << 20))
+
+/* Under an address-space limit (`ulimit -v`) a run that starts with too
+ * little left fails at some allocation in the middle, maybe one inside GLib
+ * or a library that aborts or retries for ever. Whether the headroom is
+ * there is known at once, by mapping it (PROT_NONE: it costs no memory,
+ * only address space, which is what the limit counts). */
+static gboolean
+check_headroom (guint    threads,
+                GError **error)
+{
+  struct rlimit as;
+  guint64 need = PULL_HEADROOM_BYTES (threads);
+  void *probe;
+
+  if (getrlimit (RLIMIT_AS, &as) != 0 || as.rlim_cur == RLIM_INFINITY)
+    return TRUE;
+  probe = mmap (NULL, need, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (probe != MAP_FAILED)
+    {
+      munmap (probe, need);
+      return TRUE;
+    }
+  g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+               "the address-space limit (ulimit -v %" G_GUINT64_FORMAT " KiB) leaves less than the "
+               "%" G_GUINT64_FORMAT " MiB that computing on %u threads needs besides the mapped inputs: "
+               "raise it (ulimit -v) or run with fewer --threads",
+               (guint64) as.rlim_cur / 1024, need >> 20, threads);
+  return FALSE;
+}
+
 /**
  * lp_stage_pull_tensors:
  * @self: the stage that consumes the data (its threads, cancellable and
@@ -1128,6 +1168,10 @@ lp_stage_pull_tensors (LpStage              *self,
                        gpointer              user_data,
                        GError              **error)
 {
+  LpStagePrivate *priv = lp_stage_get_instance_private (self);
+
+  if (!check_headroom (MAX (priv->threads, 1), error))
+    return FALSE;
   return pull_tensors (self, checkpoint, callback, user_data, error);
 }
 
@@ -1162,6 +1206,10 @@ lp_stage_pull_tensors_unordered (LpStage              *self,
   g_return_val_if_fail (LP_IS_CHECKPOINT (checkpoint), FALSE);
   g_return_val_if_fail (callback != NULL, FALSE);
 
+  LpStagePrivate *priv = lp_stage_get_instance_private (self);
+
+  if (!check_headroom (MAX (priv->threads, 1), error))
+    return FALSE;
   return pull_tensors_unordered (self, checkpoint, callback, user_data, error);
 }
 

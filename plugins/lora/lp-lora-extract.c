@@ -8,6 +8,7 @@
 #include "lp-lora-dense.h"
 #include "lp-lora-pair.h"
 #include "lp-lora-report.h"
+#include "lp-lora-blas.h"
 
 #include <math.h>
 #include <string.h>
@@ -464,6 +465,9 @@ lp_lora_extract_aggregate (LpAggregator  *aggregator,
                                                      ? "svd" : "randomized-svd");
   g_autoptr (GPtrArray) dropped = g_ptr_array_new ();
   guint n_unchanged = 0, n_excluded = 0;
+
+  if (!lp_lora_blas_reserve (LP_STAGE (self), error))
+    return NULL;
 
   for (guint i = 0; i < lp_checkpoint_get_n_tensors (base); i++)
     {

@@ -5,6 +5,7 @@
 #include "lp-lora-stages.h"
 #include "lp-lora-common.h"
 #include "lp-lora-math.h"
+#include "lp-lora-blas.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -300,6 +301,9 @@ lp_lora_fuse_aggregate (LpAggregator  *aggregator,
   g_autoptr (GString) unmatched = g_string_new (NULL);
   g_autofree double *strengths = NULL;
   guint n_unmatched = 0, n_modules = 0;
+
+  if (!lp_lora_blas_reserve (LP_STAGE (self), error))
+    return NULL;
 
   if (!parse_strengths (self, n_inputs - 1, &strengths, error))
     return NULL;

@@ -5,6 +5,7 @@
 #include "lp-lora-stages.h"
 #include "lp-lora-common.h"
 #include "lp-lora-math.h"
+#include "lp-lora-blas.h"
 
 #include <math.h>
 
@@ -142,6 +143,9 @@ lp_lora_project_transform (LpTransform   *transform,
   LpLoraProject *self = LP_LORA_PROJECT (transform);
   g_autoptr (GPtrArray) modules = NULL;
   LpCheckpoint *output = NULL;
+
+  if (!lp_lora_blas_reserve (LP_STAGE (self), error))
+    return NULL;
 
   /* mlx-lm modules are written back in their layout by lp_lora_assemble () */
   modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,

@@ -7,6 +7,7 @@
 #include "lp-lora-common.h"
 #include "lp-lora-math.h"
 #include "lp-lora-report.h"
+#include "lp-lora-blas.h"
 
 #include <math.h>
 #include <string.h>
@@ -421,6 +422,8 @@ lp_lora_spectrum_stage_consume (LpSink        *sink,
   gboolean ok = TRUE;
 
   g_array_set_clear_func (blocks, (GDestroyNotify) block_clear);
+  if (!lp_lora_blas_reserve (LP_STAGE (self), error))
+    return FALSE;
 
   /* the spectrum reads mlx-lm factors through their views; a DoRA
    * magnitude does not change it */

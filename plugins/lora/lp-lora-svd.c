@@ -6,6 +6,7 @@
 #include "lp-lora-common.h"
 #include "lp-lora-math.h"
 #include "lp-lora-lycoris.h"
+#include "lp-lora-blas.h"
 
 #include <math.h>
 #include <string.h>
@@ -628,6 +629,9 @@ lp_lora_svd_transform (LpTransform   *transform,
   LpCheckpoint *output = NULL;
   g_autoptr (LpCheckpoint) plain = NULL;
   g_autoptr (GHashTable) lycoris = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
+
+  if (!lp_lora_blas_reserve (LP_STAGE (self), error))
+    return NULL;
 
   stats = lp_lora_stats_new (self->method == LP_LORA_SVD_METHOD_EXACT ? "svd" : "randomized-svd");
 

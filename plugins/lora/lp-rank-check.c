@@ -6,6 +6,7 @@
 #include "lp-lora-common.h"
 #include "lp-lora-math.h"
 #include "lp-lora-report.h"
+#include "lp-lora-blas.h"
 
 #include <math.h>
 #include <string.h>
@@ -265,6 +266,9 @@ lp_rank_check_transform (LpTransform   *transform,
   g_autoptr (GPtrArray) modules = NULL;
   g_autoptr (GPtrArray) original_modules = NULL;
   g_autoptr (GHashTable) by_name = g_hash_table_new (g_str_hash, g_str_equal);
+
+  if (!lp_lora_blas_reserve (LP_STAGE (self), error))
+    return NULL;
 
   /* a DoRA magnitude does not change the factors' rank */
   modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
