@@ -20,7 +20,7 @@
  * file names but not their directories; a record the input already had is
  * kept in its `history` (see lp_stage_dup_provenance_after()).
  * `provenance=false` adds no record. With `max-shard-size` (or a location
- * naming an index or a folder) it writes a sharded checkpoint and its index
+ * naming an index) it writes a sharded checkpoint and its index
  * (see lp_safetensors_save_sharded()).
  */
 struct _LpSafetensorsSink
@@ -172,9 +172,9 @@ lp_safetensors_sink_prepare (LpStage  *stage,
   self->shard_bytes = 0;
   if (self->max_shard_size != NULL && self->max_shard_size[0] != '\0')
     return parse_size (self->max_shard_size, &self->shard_bytes, error);
-  /* a location that names a sharded checkpoint gets Hugging Face's default */
-  if (g_str_has_suffix (self->location, ".safetensors.index.json") ||
-      g_file_test (self->location, G_FILE_TEST_IS_DIR))
+  /* a location that names an index gets Hugging Face's default (a folder
+   * is refused, as a location, unless max-shard-size is set) */
+  if (g_str_has_suffix (self->location, ".safetensors.index.json"))
     self->shard_bytes = DEFAULT_SHARD_SIZE;
   return TRUE;
 }
@@ -258,14 +258,13 @@ lp_safetensors_sink_class_init (LpSafetensorsSinkClass *klass)
    * `model.safetensors.index.json`, each shard at most this many bytes of
    * tensor data (`5GB`, `500MB`, `2GiB` or bytes; a tensor larger than that
    * gets a shard of its own). All files are committed together, the index
-   * last. A location naming an index or a folder is sharded at 5GB when
-   * this is unset.
+   * last. A location naming an index is sharded at 5GB when this is unset.
    */
   properties[PROP_MAX_SHARD_SIZE] =
     g_param_spec_string ("max-shard-size", "Maximum shard size",
                          "Write a sharded checkpoint with an index, each shard at most this much tensor data "
                          "(5GB, 500MB as Hugging Face reads them, 2GiB, or bytes; a larger tensor gets a shard "
-                         "of its own); unset: one file, or 5GB for a location naming an index or a folder",
+                         "of its own); unset: one file, or 5GB for a location naming an index",
                          NULL, G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   g_object_class_install_properties (object_class, N_PROPS, properties);
 

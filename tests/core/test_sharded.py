@@ -348,6 +348,12 @@ def check_write(tmp):
     check(p.returncode == 0 and sorted(os.listdir(one)) == ["model.safetensors"]
           and open(os.path.join(one, "model.safetensors"), "rb").read() == open(unsharded, "rb").read(),
           "one shard: model.safetensors alone, the same bytes as unsharded (%s)" % os.listdir(one))
+    # a location naming an index is sharded at huggingface_hub's MAX_SHARD_SIZE (5GB)
+    named = os.path.join(tmp, "named")
+    os.makedirs(named)
+    p = sink(whole, os.path.join(named, "diffusion_pytorch_model.safetensors.index.json"))
+    check(p.returncode == 0 and os.listdir(named) == ["diffusion_pytorch_model.safetensors"],
+          "an index location with no max-shard-size: one shard at 5GB (%s)" % os.listdir(named))
 
 
 def check_stale(tmp):
