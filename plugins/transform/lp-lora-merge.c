@@ -397,6 +397,11 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
         }
     }
 
+  /* kohya's hashes and diffusers' LoraConfig described one input's factors;
+   * the merged ones carry their scales themselves */
+  lp_lora_metadata_converted (output, lp_lora_module_get_convention (
+                                ((Merged *) g_ptr_array_index (order, 0))->first));
+
   if (config != NULL)
     {
       g_autofree char *updated = lp_lora_update_adapter_config (config, first_modules,
