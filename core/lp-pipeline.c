@@ -625,7 +625,9 @@ prefix_error (LpPipeline  *self,
               LpStage     *stage,
               GError     **error)
 {
-  g_autofree char *d = stage ? lp_stage_describe (stage) : NULL;
+  /* A sink that failed computing another stage's tensor passes on an error
+   * that names that stage (lp_tensor_dup_data()): the sink only pulled. */
+  g_autofree char *d = stage && !lp_stage_failed_in_producer (stage) ? lp_stage_describe (stage) : NULL;
 
   if (error == NULL || *error == NULL)
     return;

@@ -34,6 +34,18 @@ void      lp_stage_set_pipeline_context (LpStage       *self,
 guint     lp_stage_get_index            (LpStage       *self);
 gpointer  lp_stage_get_pipeline_context (LpStage       *self);
 
+/* lp-tensor.c: the stage (and file) a failure to compute the tensor's data
+ * is blamed on, GRefStrings set once by lp_stage_run() and kept by
+ * renames. */
+void        lp_tensor_set_producer      (LpTensor      *self,
+                                         const char    *stage,
+                                         const char    *file);
+const char *lp_tensor_get_producer      (LpTensor      *self);
+
+/* lp-stage.c: whether the stage's last run failed computing a tensor that
+ * another stage made (the error then names that stage, not this one) */
+gboolean  lp_stage_failed_in_producer   (LpStage       *self);
+
 /* lp-run-stats.c: made by lp_pipeline_run(); @outputs holds strings */
 LpRunStats *lp_run_stats_new            (double         elapsed,
                                          guint          n_stages,

@@ -28,6 +28,7 @@ typedef struct
   char *provenance;          /* a GRefString, shared by a pipeline's stages */
   gpointer pipeline;         /* weak: the pipeline outlives its run */
   GPtrArray *extra_inputs;   /* LpCheckpoint, during a run */
+  gboolean failed_in_producer;  /* the last run's error came from computing another stage's tensor */
 } LpStagePrivate;
 
 G_DEFINE_ABSTRACT_TYPE_WITH_PRIVATE (LpStage, lp_stage, G_TYPE_OBJECT)
@@ -783,6 +784,33 @@ lp_stage_prepare (LpStage  *self,
   return klass->prepare (self, error);
 }
 
+/* The tensors a stage returns that no earlier stage made (the data of a
+ * transform's new tensors, a source's reads) are computed later, when a sink
+ * pulls them; a failure then is this stage's, on the file the checkpoint
+ * came from, and says so (lp_tensor_dup_data()). One string for them all. */
+static void
+mark_producer (LpStage      *self,
+               LpCheckpoint *out)
+{
+  g_autofree char *text = lp_stage_describe (self);
+  const char *origin = lp_checkpoint_get_origin (out);
+  char *stage = g_ref_string_new (text);
+  char *file = origin ? g_ref_string_new (origin) : NULL;
+
+  for (guint i = 0; i < lp_checkpoint_get_n_tensors (out); i++)
+    lp_tensor_set_producer (lp_checkpoint_get_tensor (out, i), stage, file);
+  g_ref_string_release (stage);
+  g_clear_pointer (&file, g_ref_string_release);
+}
+
+gboolean
+lp_stage_failed_in_producer (LpStage *self)
+{
+  LpStagePrivate *priv = lp_stage_get_instance_private (self);
+
+  return priv->failed_in_producer;
+}
+
 /**
  * lp_stage_run:
  * @self: a stage
@@ -804,12 +832,14 @@ lp_stage_run (LpStage       *self,
               LpCheckpoint **output,
               GError       **error)
 {
+  LpStagePrivate *priv;
   LpStageClass *klass;
   LpCheckpoint *out = NULL;
   gboolean ok;
 
   g_return_val_if_fail (LP_IS_STAGE (self), FALSE);
   klass = LP_STAGE_GET_CLASS (self);
+  priv = lp_stage_get_instance_private (self);
 
   if (n_inputs < klass->min_inputs || n_inputs > klass->max_inputs)
     {
@@ -817,8 +847,11 @@ lp_stage_run (LpStage       *self,
                    "takes %u to %u inputs, got %u", klass->min_inputs, klass->max_inputs, n_inputs);
       return FALSE;
     }
+  priv->failed_in_producer = FALSE;
   ok = klass->run (self, inputs, n_inputs, &out, error);
   g_return_val_if_fail (ok == (error == NULL || *error == NULL), FALSE);
+  if (out != NULL)
+    mark_producer (self, out);
   if (output)
     *output = out;
   else
@@ -979,6 +1012,7 @@ pull_tensors (LpStage              *self,
       if (slot->error)
         {
           local_error = g_steal_pointer (&slot->error);
+          priv->failed_in_producer = lp_tensor_get_producer (slot->tensor) != NULL;
           ok = FALSE;
         }
       else
@@ -1039,6 +1073,7 @@ typedef struct {
   gboolean stop;
   guint error_index;       /* of @error: the earliest failed tensor */
   GError *error;
+  gboolean error_in_producer;  /* @error came from computing a tensor another stage made */
   GCancellable *cancellable;
   LpTensorDataCallback callback;
   gpointer user_data;
@@ -1108,6 +1143,7 @@ unordered_worker (gpointer data,
               g_clear_error (&u->error);
               u->error = local_error;
               u->error_index = i;
+              u->error_in_producer = bytes == NULL && lp_tensor_get_producer (tensor) != NULL;
             }
           else
             g_error_free (local_error);
@@ -1179,6 +1215,7 @@ pull_tensors_unordered (LpStage              *self,
     g_cancellable_set_error_if_cancelled (u.cancellable, &u.error);
   if (u.error != NULL)
     {
+      priv->failed_in_producer = u.error_in_producer;
       g_propagate_error (error, u.error);
       return FALSE;
     }

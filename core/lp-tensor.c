@@ -4,6 +4,8 @@
  */
 #include "lp-private.h"
 
+#include <string.h>
+
 /**
  * LpTensor:
  *
@@ -39,6 +41,8 @@ struct _LpTensor
   LazySource *lazy;
   LpTensor *origin;   /* the tensor a lazy func is asked about (renames keep it) */
   gpointer group;     /* tensors computed together, see lp_tensor_set_compute_group() */
+  char *producer;     /* GRefStrings: the stage that made the tensor, see lp_tensor_set_producer(), */
+  char *producer_file;  /* and the file its input came from (or NULL) */
 };
 
 G_DEFINE_FINAL_TYPE (LpTensor, lp_tensor, G_TYPE_OBJECT)
@@ -90,6 +94,8 @@ lp_tensor_finalize (GObject *object)
   LpTensor *self = LP_TENSOR (object);
 
   g_free (self->name);
+  g_clear_pointer (&self->producer, g_ref_string_release);
+  g_clear_pointer (&self->producer_file, g_ref_string_release);
 
   G_OBJECT_CLASS (lp_tensor_parent_class)->finalize (object);
 }
@@ -434,6 +440,8 @@ lp_tensor_new_renamed (LpTensor   *tensor,
       self->group = tensor->group;
       /* The func was promised the tensor it was made for. */
       self->origin = g_object_ref (tensor->origin ? tensor->origin : tensor);
+      /* and a failure is the stage's that made the func, not the renamer's */
+      lp_tensor_set_producer (self, tensor->producer, tensor->producer_file);
     }
   return self;
 }
@@ -601,6 +609,33 @@ ensure_aligned (GBytes  *bytes,
   return copy;
 }
 
+/* Set by lp_stage_run() on the tensors a stage returns: what a failure to
+ * compute them is blamed on. The data is computed when a sink pulls it, so
+ * without this the error would carry the sink's name, and no file. */
+void
+lp_tensor_set_producer (LpTensor   *self,
+                        const char *stage,
+                        const char *file)
+{
+  if (self->producer != NULL || stage == NULL)
+    return;
+  self->producer = g_ref_string_acquire ((char *) stage);
+  if (file != NULL)
+    self->producer_file = g_ref_string_acquire ((char *) file);
+}
+
+const char *
+lp_tensor_get_producer (LpTensor *self)
+{
+  return self->producer;
+}
+
+/* A lazy func may compute other lazy tensors (a cast's input) on the same
+ * thread: the innermost failure names its producer, and the tensors around
+ * it pass that error on unprefixed. */
+static _Thread_local guint compute_depth;
+static _Thread_local const GError *attributed_error;
+
 GBytes *
 lp_tensor_dup_data (LpTensor  *self,
                     GError   **error)
@@ -613,15 +648,33 @@ lp_tensor_dup_data (LpTensor  *self,
   if (self->data)
     return ensure_aligned (g_bytes_ref (self->data), self->dtype);
 
+  compute_depth++;
   bytes = self->lazy->func (self->origin ? self->origin : self, self->lazy->user_data, &local_error);
+  compute_depth--;
   if (bytes == NULL)
     {
       if (local_error == NULL)
         g_set_error (&local_error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
                      "tensor '%s': computing its data failed for no stated reason", self->name);
+      if (self->producer != NULL && local_error != attributed_error)
+        {
+          /* Stages name the module or tensor themselves, a source the
+           * file: each is added when the message lacks it (the CLI
+           * escapes what it prints). */
+          if (strstr (local_error->message, self->name) == NULL)
+            g_prefix_error (&local_error, "tensor '%s': ", self->name);
+          if (self->producer_file != NULL && strstr (local_error->message, self->producer_file) == NULL)
+            g_prefix_error (&local_error, "%s: ", self->producer_file);
+          g_prefix_error (&local_error, "%s: ", self->producer);
+          attributed_error = local_error;
+        }
+      if (compute_depth == 0)
+        attributed_error = NULL;
       g_propagate_error (error, local_error);
       return NULL;
     }
+  if (compute_depth == 0)
+    attributed_error = NULL;
   if (g_bytes_get_size (bytes) != self->n_bytes)
     {
       /* A programming error in a stage, but reported, not crashed on: the

@@ -61,7 +61,7 @@ typedef struct {
   LpTensor *source;
   LpDtype dtype;
   gboolean allow_overflow;
-  char *stage;   /* "stage 2 'cast'": the sink computes the data, errors name us */
+  char *stage;   /* "stage 2 'cast'" for warnings (errors are named by lp_tensor_dup_data ()) */
 } CastData;
 
 static void
@@ -167,10 +167,10 @@ cast_tensor_data (LpTensor  *tensor,
 
       free_func (free_data ? free_data : out);
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC,
-                   "%s: tensor '%s': %" G_GSIZE_FORMAT " of %" G_GUINT64_FORMAT
+                   "tensor '%s': %" G_GSIZE_FORMAT " of %" G_GUINT64_FORMAT
                    " values are too large for %s and would become %s; %s, "
                    "or set allow-overflow=true to write them so",
-                   cast->stage, lp_tensor_get_name (tensor), overflow, n, lp_dtype_to_string (cast->dtype),
+                   lp_tensor_get_name (tensor), overflow, n, lp_dtype_to_string (cast->dtype),
                    cast->dtype == LP_DTYPE_F8_E4M3 ? "NaN" : "inf",
                    to_bf16 ? "cast to bf16, which has f32's range"
                            : "keep them in a wider dtype (exclude the tensor)");

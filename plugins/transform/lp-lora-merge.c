@@ -307,7 +307,6 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
   g_autofree guint *first_ranks = NULL;
   g_autofree guint *merged_ranks = NULL;
   const char *config = NULL;
-  g_autofree char *stage = lp_stage_describe (LP_STAGE (aggregator));
 
   if (!parse_weights (self, n_inputs, &weights, error))
     return NULL;
@@ -425,7 +424,7 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
             continue;
           r = lp_lora_module_get_rank (part);
           scale = weights[i] * lp_lora_module_get_scale (part) / base_scale;
-          what = g_strdup_printf ("%s: module %s, weight %g of input %u", stage, merged->name, weights[i], i + 1);
+          what = g_strdup_printf ("module %s, weight %g of input %u", merged->name, weights[i], i + 1);
           g_ptr_array_add (whats, what);
           if (!isfinite (scale))
             {

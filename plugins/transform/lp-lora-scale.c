@@ -87,7 +87,6 @@ lp_lora_scale_transform (LpTransform   *transform,
   g_autoptr(GHashTable) add_after = NULL; /* up factor -> new alpha */
   guint n = lp_checkpoint_get_n_tensors (input);
   guint n_scaled = 0;
-  g_autofree char *stage = lp_stage_describe (LP_STAGE (transform));
 
   if (!lp_lora_scale_prepare (LP_STAGE (self), error))
     return NULL;
@@ -114,7 +113,7 @@ lp_lora_scale_transform (LpTransform   *transform,
       if (!lp_name_filter_matches (filter, name))
         continue;
       n_scaled++;
-      what = g_strdup_printf ("%s: module %s, factor %g", stage, name, self->factor);
+      what = g_strdup_printf ("module %s, factor %g", name, self->factor);
 
       if (lp_lora_module_get_convention (module) == LP_LORA_CONVENTION_KOHYA)
         {
