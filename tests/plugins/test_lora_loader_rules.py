@@ -842,6 +842,17 @@ def test_diffusers_metadata():
         dst = transform(src, path("dmeta-%s.safetensors" % re.sub(r"\W", "", label)), "lora-svd", *props)
         sd, meta_out = read_st(dst)
         ranks = {k.split(".", 1)[1][:-len(".lora_A.weight")]: v.shape[0] for k, v in sd.items() if k.endswith(".lora_A.weight")}
+        config_out = json.loads(meta_out["lora_adapter_metadata"])
+        if label == "fixed rank 2":
+            # PEFT's rule, per component: r the new rank, lora_alpha scaled
+            # with it, the modules whose scale differs ^-anchored
+            check(config_out["transformer.r"] == 2 and config_out["transformer.lora_alpha"] == 4
+                  and config_out["transformer.rank_pattern"] == {}
+                  and config_out["transformer.alpha_pattern"] == {
+                      "^proj_out": 8 * 2 / 6, "^transformer_blocks\\.0\\.attn\\.to_q": 1},
+                  "metadata fixed: rewritten config %s" % {k: v for k, v in config_out.items() if "target" not in k})
+            check(config_out["transformer.target_modules"] == sorted(dmodel) and config_out["transformer.peft_type"] == "LORA",
+                  "metadata fixed: the other entries kept")
         if label == "dynamic":
             check(len(set(ranks.values())) > 1, "metadata dynamic: the ranks differ")
             config_out = json.loads(meta_out["lora_adapter_metadata"])
