@@ -279,6 +279,22 @@ def main():
         check_module("lokr flattened conv k=%d" % k, t, out, h, lokr_delta, k, [k, 144], [16, k])
         check(not any(".lokr_" in n for n in out), "lokr: no lokr_ part left")
 
+    # ---- lora-synth's LoHa and LoKr files mean what the oracle reads ------------
+    for fmt, extra, delta_fn, k in (("loha", [], loha_delta, 5), ("lokr", ["factor=4"], lokr_delta, 6)):
+        src = f("synth-%s.safetensors" % fmt)
+        res = run("launch", "lora-synth", "preset=sd15-unet", "format=" + fmt, "rank=3", "alpha=2",
+                  "dtype=f32", *extra, "!", "safetensors-sink", "location=" + src)
+        check(res.returncode == 0, "lora-synth format=%s: %s" % (fmt, res.stderr))
+        res = reduce(src, f("synth-%s-r%d.safetensors" % (fmt, k)), "rank=%d" % k)
+        check(res.returncode == 0, "synth %s rank=%d exits 0: %s" % (fmt, k, res.stderr))
+        if res.returncode != 0:
+            continue
+        inp, _ = read_st(src)
+        out, _ = read_st(f("synth-%s-r%d.safetensors" % (fmt, k)))
+        for name, dn, up in (("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k", 768, 320),
+                             ("lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn1_to_out_0", 1280, 1280)):
+            check_module("synth %s %s" % (fmt, name), inp, out, name, delta_fn, k, [k, dn], [up, k])
+
     # ---- refused by name -------------------------------------------------------
     def refused(label, tensors, needle, *props):
         path, outp = f(label + ".safetensors"), f(label + "-out.safetensors")
