@@ -732,6 +732,13 @@ lp_lora_svd_transform (LpTransform   *transform,
     }
 
   output = lp_lora_assemble (input, modules, new_down, new_up, new_alpha, new_ranks, error);
+  if (output && g_hash_table_size (lycoris) == 0)
+    {
+      g_autofree guint *old_ranks = g_new (guint, n);
+      for (guint m = 0; m < n; m++)
+        old_ranks[m] = lp_lora_module_get_rank (g_ptr_array_index (modules, m));
+      lp_lora_stats_set_ranks (stats, n, old_ranks, new_ranks);
+    }
   if (output)
     {
       lp_lora_stats_attach (stats, output);
