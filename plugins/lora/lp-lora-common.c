@@ -266,3 +266,48 @@ lp_lora_assemble (LpCheckpoint  *input,
 
   return g_steal_pointer (&output);
 }
+
+void
+lp_lora_warn_rank_kept (LpStage    *stage,
+                        GPtrArray  *modules,
+                        guint       rank,
+                        const char *hint)
+{
+  guint n = 0, lowest = G_MAXUINT, highest = 0;
+  g_autofree char *where = NULL;
+  g_autofree char *kept = NULL;
+
+  for (guint i = 0; i < modules->len; i++)
+    {
+      guint r = lp_lora_module_get_rank (g_ptr_array_index (modules, i));
+
+      if (r > rank)
+        continue;
+      n++;
+      lowest = MIN (lowest, r);
+      highest = MAX (highest, r);
+    }
+  if (n == 0)
+    return;
+  where = lp_stage_describe (stage);
+  kept = lowest == highest ? g_strdup_printf ("rank %u", lowest)
+                           : g_strdup_printf ("ranks %u to %u", lowest, highest);
+  g_warning ("%s: %u of %u modules have %s, at or below rank=%u: kept at %s%s%s%s",
+             where, n, modules->len, kept, rank, lowest == highest ? kept : "their ranks",
+             lowest < rank ? " (" : "", lowest < rank ? hint : "", lowest < rank ? ")" : "");
+}
+
+gboolean
+lp_lora_check_exact_options (gboolean  niter_set,
+                             gboolean  oversample_set,
+                             gboolean  seed_set,
+                             GError  **error)
+{
+  if (!niter_set && !oversample_set && !seed_set)
+    return TRUE;
+  g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+               "%s would have no effect: niter, oversample and seed steer method=randomized, "
+               "and the exact SVD draws nothing",
+               niter_set ? "niter" : oversample_set ? "oversample" : "seed");
+  return FALSE;
+}

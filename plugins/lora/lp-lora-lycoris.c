@@ -366,6 +366,7 @@ typedef struct {
   guint64 kernel[LP_TENSOR_MAX_DIMS];
   guint n_kernel;         /* 0: the kernel (if any) is not known, 2-D factors */
   double scale;
+  guint64 bound;          /* the update's rank is at most this */
 } Module;
 
 static void
@@ -543,6 +544,8 @@ check_loha (Module *m, GError **error)
     m->scale = 1.0;
   m->up_dtype = lp_tensor_get_dtype (m->parts[PART_HADA_W1_A]);
   m->down_dtype = lp_tensor_get_dtype (m->parts[PART_HADA_W1_B]);
+  /* a Hadamard product of ranks r1 and r2 has rank at most r1·r2 */
+  m->bound = MIN ((guint64) DIM (m, PART_HADA_W1_B, 0) * DIM (m, PART_HADA_W2_B, 0), MIN (m->out, m->in));
   return TRUE;
 }
 
@@ -652,6 +655,13 @@ check_lokr (Module *m, GError **error)
   Part down = w2_full ? PART_LOKR_W2 : PART_LOKR_W2_B;
   m->up_dtype = lp_tensor_get_dtype (m->parts[up]);
   m->down_dtype = lp_tensor_get_dtype (m->parts[down]);
+  /* rank (kron (W1, W2)) = rank (W1) · rank (W2) */
+  guint64 rank1 = MIN (o1, i1), rank2 = MIN (o2, i2 * kernel);
+  if (!w1_full)
+    rank1 = MIN (rank1, DIM (m, PART_LOKR_W1_B, 0));
+  if (!w2_full)
+    rank2 = MIN (rank2, DIM (m, PART_LOKR_W2_B, 0));
+  m->bound = rank1 * rank2;
   return TRUE;
 }
 
@@ -1001,7 +1011,8 @@ rewrite_metadata (LpCheckpoint *output,
 
 LpCheckpoint *
 lp_lora_lycoris_reduce (LpCheckpoint  *input,
-                        guint          k,
+                        guint          rank,
+                        gboolean       pad,
                         LpLoraStats   *stats,
                         GHashTable    *converted,
                         GError       **error)
@@ -1041,6 +1052,9 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
       if (index > 0)
         {
           Module *m = g_ptr_array_index (modules, index - 1);
+          /* written at the rank asked for, or the update's own when that is
+           * lower and pad is not set (lora-svd then says so) */
+          guint k = pad ? rank : (guint) MIN (rank, m->bound);
           LpDtype alpha_dtype = HAS (m, PART_ALPHA) ? lp_tensor_get_dtype (m->parts[PART_ALPHA]) : m->up_dtype;
           g_autofree char *alpha_name = g_strconcat (m->name, ".alpha", NULL);
           float alpha = k;
@@ -1077,6 +1091,6 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
       if (!g_hash_table_contains (used, tensor) && !lp_checkpoint_add_tensor (output, tensor, error))
         return NULL;
     }
-  rewrite_metadata (output, k);
+  rewrite_metadata (output, rank);
   return g_steal_pointer (&output);
 }

@@ -152,6 +152,10 @@ lp_lora_project_transform (LpTransform   *transform,
 
   guint n = modules->len;
   g_autofree guint *new_ranks = g_new0 (guint, n);
+  g_autofree char *hint = g_strdup_printf ("lora-project does not pad; lora-svd rank=%u pad=true does",
+                                           self->rank);
+
+  lp_lora_warn_rank_kept (LP_STAGE (self), modules, self->rank, hint);
   LpTensor **new_down = g_new0 (LpTensor *, n);
   LpTensor **new_up = g_new0 (LpTensor *, n);
   LpTensor **new_alpha = g_new0 (LpTensor *, n);

@@ -48,6 +48,12 @@ struct _LpLoraSvd
   char *down_pattern;
   char *up_pattern;
   LpLoraStats *last_stats;   /* what the last run kept, for `result` */
+  /* which of the properties with a default that means something were set,
+   * so that prepare can refuse those that would have no effect */
+  gboolean min_rank_set;
+  gboolean niter_set;
+  gboolean oversample_set;
+  gboolean seed_set;
 };
 
 enum {
@@ -643,7 +649,7 @@ lp_lora_svd_transform (LpTransform   *transform,
                        "are for plain LoRAs");
           return NULL;
         }
-      plain = lp_lora_lycoris_reduce (input, self->rank, stats, lycoris, error);
+      plain = lp_lora_lycoris_reduce (input, self->rank, self->pad, stats, lycoris, error);
       if (plain == NULL)
         return NULL;
       input = plain;
@@ -683,6 +689,11 @@ lp_lora_svd_transform (LpTransform   *transform,
       ranks[m] = self->rank;
 
   shared_alpha = self->per_module_alpha ? 0 : shared_kohya_alpha (self, modules, ranks);
+  if (self->rank > 0 && !self->pad)
+    {
+      g_autofree char *hint = g_strdup_printf ("pad=true pads them to rank %u", self->rank);
+      lp_lora_warn_rank_kept (LP_STAGE (self), modules, self->rank, hint);
+    }
 
   for (guint m = 0; m < n; m++)
     {
@@ -795,6 +806,20 @@ lp_lora_svd_prepare (LpStage  *stage,
                    "pad needs a rank to pad to: set rank, or max-rank with a dynamic criterion");
       return FALSE;
     }
+  /* options that would change nothing: refused rather than ignored */
+  if (self->rank > 0 && (self->min_rank_set || self->max_rank > 0))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                   "rank=%u fixes every module's rank, so %s would have no effect; min-rank "
+                   "and max-rank bound a rank chosen by energy, sv-ratio, sv-fro, sv-cumulative "
+                   "or budget", self->rank,
+                   self->min_rank_set && self->max_rank > 0 ? "min-rank and max-rank"
+                   : self->min_rank_set ? "min-rank" : "max-rank");
+      return FALSE;
+    }
+  if (self->method == LP_LORA_SVD_METHOD_EXACT
+      && !lp_lora_check_exact_options (self->niter_set, self->oversample_set, self->seed_set, error))
+    return FALSE;
   return TRUE;
 }
 
@@ -810,16 +835,16 @@ lp_lora_svd_set_property (GObject      *object,
     {
     case PROP_RANK: self->rank = g_value_get_uint (value); break;
     case PROP_METHOD: self->method = g_value_get_enum (value); break;
-    case PROP_NITER: self->niter = g_value_get_uint (value); break;
-    case PROP_OVERSAMPLE: self->oversample = g_value_get_uint (value); break;
-    case PROP_SEED: self->seed = g_value_get_uint64 (value); break;
+    case PROP_NITER: self->niter = g_value_get_uint (value); self->niter_set = TRUE; break;
+    case PROP_OVERSAMPLE: self->oversample = g_value_get_uint (value); self->oversample_set = TRUE; break;
+    case PROP_SEED: self->seed = g_value_get_uint64 (value); self->seed_set = TRUE; break;
     case PROP_ENERGY: self->energy = g_value_get_double (value); break;
     case PROP_SV_RATIO: self->sv_ratio = g_value_get_double (value); break;
     case PROP_SV_FRO: self->sv_fro = g_value_get_double (value); break;
     case PROP_SV_CUMULATIVE: self->sv_cumulative = g_value_get_double (value); break;
     case PROP_BUDGET: self->budget = g_value_get_uint64 (value); break;
     case PROP_MAX_RANK: self->max_rank = g_value_get_uint (value); break;
-    case PROP_MIN_RANK: self->min_rank = g_value_get_uint (value); break;
+    case PROP_MIN_RANK: self->min_rank = g_value_get_uint (value); self->min_rank_set = TRUE; break;
     case PROP_PAD: self->pad = g_value_get_boolean (value); break;
     case PROP_PER_MODULE_ALPHA: self->per_module_alpha = g_value_get_boolean (value); break;
     case PROP_COMPUTE_DTYPE: self->compute_dtype = g_value_get_enum (value); break;
