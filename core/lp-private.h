@@ -73,4 +73,27 @@ gboolean  lp_atomic_write_contents      (const char    *path,
                                          gsize          len,
                                          GError       **error);
 
+/* lp-safetensors.c: files written beside their final names, complete and
+ * synced, and put in place later, so that several files (the shards of a
+ * checkpoint and its index) are committed together. Freeing a pending file
+ * that was not committed removes it and leaves the old file untouched. */
+typedef struct _LpPendingFile LpPendingFile;
+
+LpPendingFile *lp_safetensors_write_pending (LpCheckpoint  *checkpoint,
+                                             const char    *filename,
+                                             LpStage       *stage,
+                                             GError       **error);
+LpPendingFile *lp_pending_file_new_contents (const char    *path,
+                                             gconstpointer  data,
+                                             gsize          len,
+                                             GError       **error);
+/* Whether it is written through to a FIFO or a device (never renamed). */
+gboolean       lp_pending_file_is_stream    (LpPendingFile *pending);
+/* Renames it over its final name and syncs the directory. */
+gboolean       lp_pending_file_commit       (LpPendingFile *pending,
+                                             GError       **error);
+void           lp_pending_file_free         (LpPendingFile *pending);
+
+G_DEFINE_AUTOPTR_CLEANUP_FUNC (LpPendingFile, lp_pending_file_free)
+
 G_END_DECLS

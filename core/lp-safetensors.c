@@ -2238,6 +2238,104 @@ write_tensor_data (LpTensor  *tensor,
   return atomic_file_write (ctx->file, p, size, error);
 }
 
+/* Writes @checkpoint to a temporary file beside @filename (or through to a
+ * stream), complete and on disk, but not yet in place: the caller renames
+ * it with atomic_file_rename(), or drops it and nothing was replaced. */
+static AtomicFile *
+write_checkpoint (LpCheckpoint  *checkpoint,
+                  const char    *filename,
+                  LpStage       *stage,
+                  GError       **error)
+{
+  g_autoptr(AtomicFile) file = NULL;
+  g_autoptr(GString) header = NULL;
+  g_autofree char *display = NULL;
+  WriteContext ctx;
+  guchar prefix[8];
+  guint64 n;
+
+  display = g_filename_display_name (filename);
+  header = build_header (checkpoint, display, error);
+  if (header == NULL)
+    return NULL;
+
+  file = atomic_file_new (filename, stage ? lp_stage_get_cancellable (stage) : NULL, error);
+  if (file == NULL)
+    return NULL;
+
+  n = header->len;
+  for (int i = 0; i < 8; i++)
+    prefix[i] = (n >> (8 * i)) & 0xff;
+  if (!atomic_file_write (file, prefix, 8, error) ||
+      !atomic_file_write (file, header->str, header->len, error))
+    return NULL;
+
+  ctx.file = file;
+  ctx.checkpoint = checkpoint;
+  ctx.next = 0;
+  ctx.written = 0;
+  ctx.bytes_written = 0;
+  ctx.syncer = NULL;
+  ctx.offsets = NULL;
+  if (stage != NULL && file->stream)
+    {
+      /* A stream takes its bytes in order. */
+      if (!lp_stage_pull_tensors (stage, checkpoint, write_tensor_data, &ctx, error))
+        return NULL;
+    }
+  else if (stage != NULL)
+    {
+      g_autofree guint64 *offsets = g_new (guint64, MAX (lp_checkpoint_get_n_tensors (checkpoint), 1));
+      guint64 at = 8 + header->len;
+      gboolean ok;
+      int sync_error;
+
+      /* The header fixed every tensor's place, so the workers write them in
+       * parallel and the file is the same for any number of threads. */
+      if (!atomic_file_flush (file, error))
+        return NULL;
+      ctx.offsets = g_hash_table_new (NULL, NULL);
+      for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
+        {
+          LpTensor *tensor = lp_checkpoint_get_tensor (checkpoint, i);
+          offsets[i] = at;
+          at += lp_tensor_get_n_bytes (tensor);
+          g_hash_table_insert (ctx.offsets, tensor, &offsets[i]);
+        }
+      ctx.syncer = syncer_start (file->fd);
+      ok = lp_stage_pull_tensors_unordered (stage, checkpoint, write_tensor_at, &ctx, error);
+      sync_error = syncer_finish (ctx.syncer);
+      g_hash_table_unref (ctx.offsets);
+      if (!ok)
+        return NULL;
+      if (sync_error != 0)
+        {
+          set_io_error (error, sync_error, "Could not write", file->display);
+          return NULL;
+        }
+      ctx.next = g_atomic_int_get (&ctx.written);
+    }
+  else
+    for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
+      {
+        LpTensor *tensor = lp_checkpoint_get_tensor (checkpoint, i);
+        g_autoptr(GBytes) data = lp_tensor_dup_data (tensor, error);
+
+        if (data == NULL || !write_tensor_data (tensor, data, &ctx, error))
+          return NULL;
+      }
+  if (ctx.next != lp_checkpoint_get_n_tensors (checkpoint))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                   "%s: only %u of %u tensors were written", display, ctx.next,
+                   lp_checkpoint_get_n_tensors (checkpoint));
+      return NULL;
+    }
+  if (!atomic_file_finish (file, error))
+    return NULL;
+  return g_steal_pointer (&file);
+}
+
 /**
  * lp_safetensors_save:
  * @checkpoint: the checkpoint to write
@@ -2267,95 +2365,16 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
 {
   g_autoptr(AtomicFile) file = NULL;
   g_autoptr(AtomicFile) config_file = NULL;
-  g_autoptr(GString) header = NULL;
-  g_autofree char *display = NULL;
   const char *config;
-  WriteContext ctx;
-  guchar prefix[8];
-  guint64 n;
 
   g_return_val_if_fail (LP_IS_CHECKPOINT (checkpoint), FALSE);
   g_return_val_if_fail (filename != NULL, FALSE);
   g_return_val_if_fail (stage == NULL || LP_IS_STAGE (stage), FALSE);
   g_return_val_if_fail (error == NULL || *error == NULL, FALSE);
 
-  display = g_filename_display_name (filename);
-  header = build_header (checkpoint, display, error);
-  if (header == NULL)
-    return FALSE;
-
-  file = atomic_file_new (filename, stage ? lp_stage_get_cancellable (stage) : NULL, error);
+  file = write_checkpoint (checkpoint, filename, stage, error);
   if (file == NULL)
     return FALSE;
-
-  n = header->len;
-  for (int i = 0; i < 8; i++)
-    prefix[i] = (n >> (8 * i)) & 0xff;
-  if (!atomic_file_write (file, prefix, 8, error) ||
-      !atomic_file_write (file, header->str, header->len, error))
-    return FALSE;
-
-  ctx.file = file;
-  ctx.checkpoint = checkpoint;
-  ctx.next = 0;
-  ctx.written = 0;
-  ctx.bytes_written = 0;
-  ctx.syncer = NULL;
-  ctx.offsets = NULL;
-  if (stage != NULL && file->stream)
-    {
-      /* A stream takes its bytes in order. */
-      if (!lp_stage_pull_tensors (stage, checkpoint, write_tensor_data, &ctx, error))
-        return FALSE;
-    }
-  else if (stage != NULL)
-    {
-      g_autofree guint64 *offsets = g_new (guint64, MAX (lp_checkpoint_get_n_tensors (checkpoint), 1));
-      guint64 at = 8 + header->len;
-      gboolean ok;
-      int sync_error;
-
-      /* The header fixed every tensor's place, so the workers write them in
-       * parallel and the file is the same for any number of threads. */
-      if (!atomic_file_flush (file, error))
-        return FALSE;
-      ctx.offsets = g_hash_table_new (NULL, NULL);
-      for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
-        {
-          LpTensor *tensor = lp_checkpoint_get_tensor (checkpoint, i);
-          offsets[i] = at;
-          at += lp_tensor_get_n_bytes (tensor);
-          g_hash_table_insert (ctx.offsets, tensor, &offsets[i]);
-        }
-      ctx.syncer = syncer_start (file->fd);
-      ok = lp_stage_pull_tensors_unordered (stage, checkpoint, write_tensor_at, &ctx, error);
-      sync_error = syncer_finish (ctx.syncer);
-      g_hash_table_unref (ctx.offsets);
-      if (!ok)
-        return FALSE;
-      if (sync_error != 0)
-        {
-          set_io_error (error, sync_error, "Could not write", file->display);
-          return FALSE;
-        }
-      ctx.next = g_atomic_int_get (&ctx.written);
-    }
-  else
-    for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
-      {
-        LpTensor *tensor = lp_checkpoint_get_tensor (checkpoint, i);
-        g_autoptr(GBytes) data = lp_tensor_dup_data (tensor, error);
-
-        if (data == NULL || !write_tensor_data (tensor, data, &ctx, error))
-          return FALSE;
-      }
-  if (ctx.next != lp_checkpoint_get_n_tensors (checkpoint))
-    {
-      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
-                   "%s: only %u of %u tensors were written", display, ctx.next,
-                   lp_checkpoint_get_n_tensors (checkpoint));
-      return FALSE;
-    }
   /* The PEFT config and the weights belong together: both are complete and
    * on disk before either replaces its old file, so a config that cannot be
    * written leaves the old weights in place. Nothing is written beside a
@@ -2372,7 +2391,69 @@ lp_safetensors_save (LpCheckpoint  *checkpoint,
       if (!atomic_file_finish (config_file, error))
         return FALSE;
     }
-  if (!atomic_file_finish (file, error) || !atomic_file_rename (file, error))
+  if (!atomic_file_rename (file, error))
     return FALSE;
   return config_file == NULL || atomic_file_rename (config_file, error);
+}
+
+/* ---- files committed together (lp-private.h) ---------------------------- */
+
+struct _LpPendingFile
+{
+  AtomicFile *file;
+};
+
+static LpPendingFile *
+pending_file_new (AtomicFile *file)
+{
+  LpPendingFile *pending = g_new0 (LpPendingFile, 1);
+
+  pending->file = file;
+  return pending;
+}
+
+LpPendingFile *
+lp_safetensors_write_pending (LpCheckpoint  *checkpoint,
+                              const char    *filename,
+                              LpStage       *stage,
+                              GError       **error)
+{
+  AtomicFile *file = write_checkpoint (checkpoint, filename, stage, error);
+
+  return file != NULL ? pending_file_new (file) : NULL;
+}
+
+LpPendingFile *
+lp_pending_file_new_contents (const char     *path,
+                              gconstpointer   data,
+                              gsize           len,
+                              GError        **error)
+{
+  g_autoptr(AtomicFile) f = atomic_file_new (path, NULL, error);
+
+  if (f == NULL || !write_all (f, data, len, error) || !atomic_file_finish (f, error))
+    return NULL;
+  return pending_file_new (g_steal_pointer (&f));
+}
+
+gboolean
+lp_pending_file_is_stream (LpPendingFile *pending)
+{
+  return pending->file->stream;
+}
+
+gboolean
+lp_pending_file_commit (LpPendingFile  *pending,
+                        GError        **error)
+{
+  return atomic_file_rename (pending->file, error);
+}
+
+void
+lp_pending_file_free (LpPendingFile *pending)
+{
+  if (pending == NULL)
+    return;
+  atomic_file_free (pending->file);
+  g_free (pending);
 }
