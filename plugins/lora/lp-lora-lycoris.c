@@ -992,13 +992,15 @@ factor_shape (Module *m, guint k, gboolean up, guint64 *shape)
   return n;
 }
 
-/* kohya's metadata names the network; a file now holding plain LoRAs says so. */
+/* kohya's metadata names the network; a file now holding plain LoRAs says
+ * so: of rank @k (alpha = k), or "Dynamic" (0) when the modules were written
+ * at different ranks, as kohya's resize_lora.py writes a dynamic resize. */
 static void
 rewrite_metadata (LpCheckpoint *output,
                   guint         k)
 {
   const char *network = lp_checkpoint_get_metadata (output, "ss_network_module");
-  g_autofree char *rank = g_strdup_printf ("%u", k);
+  g_autofree char *rank = k > 0 ? g_strdup_printf ("%u", k) : g_strdup ("Dynamic");
 
   if (network == NULL)
     return;
@@ -1025,6 +1027,7 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
   g_autoptr (GHashTable) used = g_hash_table_new (NULL, NULL);     /* input tensors replaced */
   g_autoptr (GHashTable) at = g_hash_table_new (NULL, NULL);       /* first index + 1 -> module index + 1 */
   g_autoptr (LpCheckpoint) output = lp_checkpoint_new_like (input);
+  guint written_rank = G_MAXUINT;   /* the one rank written, 0 for several */
 
   for (guint i = 0; i < modules->len; i++)
     {
@@ -1055,6 +1058,11 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
           /* written at the rank asked for, or the update's own when that is
            * lower and pad is not set (lora-svd then says so) */
           guint k = pad ? rank : (guint) MIN (rank, m->bound);
+
+          if (written_rank == G_MAXUINT)
+            written_rank = k;
+          else if (written_rank != k)
+            written_rank = 0;
           LpDtype alpha_dtype = HAS (m, PART_ALPHA) ? lp_tensor_get_dtype (m->parts[PART_ALPHA]) : m->up_dtype;
           g_autofree char *alpha_name = g_strconcat (m->name, ".alpha", NULL);
           float alpha = k;
@@ -1091,6 +1099,6 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
       if (!g_hash_table_contains (used, tensor) && !lp_checkpoint_add_tensor (output, tensor, error))
         return NULL;
     }
-  rewrite_metadata (output, rank);
+  rewrite_metadata (output, written_rank == G_MAXUINT ? rank : written_rank);
   return g_steal_pointer (&output);
 }
