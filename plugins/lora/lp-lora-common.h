@@ -83,6 +83,17 @@ gboolean      lp_lora_check_exact_options (gboolean  niter_set,
                                            gboolean  seed_set,
                                            GError  **error);
 
+/* The `dora` property of the rank stages (an LpLoraDoraPolicy). */
+GParamSpec   *lp_lora_dora_pspec     (void);
+
+/* Applies the stage's DoRA policy (an LpLoraDoraPolicy) to @modules, found
+ * without LP_LORA_FIND_REFUSE_DORA: refuse, naming the first DoRA module and
+ * why, or keep the magnitudes, saying once how many and what that keeps. */
+gboolean      lp_lora_apply_dora_policy (LpStage    *stage,
+                                         int         policy,
+                                         GPtrArray  *modules,
+                                         GError    **error);
+
 /* Prefixes an error with the module's name. */
 void          lp_lora_prefix_error   (GError      **error,
                                       LpLoraModule *module);

@@ -668,6 +668,7 @@ check_lokr (Module *m, GError **error)
 /* The LyCORIS modules of @input, in the order of their first tensor. */
 static GPtrArray *
 find_modules (LpCheckpoint  *input,
+              gboolean       keep_dora,
               GError       **error)
 {
   g_autoptr (GPtrArray) tensors = lp_checkpoint_get_tensors (input);
@@ -718,10 +719,12 @@ find_modules (LpCheckpoint  *input,
           refuse (error, m, "the module has both hada_* (LoHa) and lokr_* (LoKr) parts");
           return NULL;
         }
-      if (HAS (m, PART_DORA_SCALE))
+      if (HAS (m, PART_DORA_SCALE) && !keep_dora)
         {
-          refuse (error, m, "dora_scale (DoRA) rescales W0 + ΔW by a magnitude that depends on the "
-                  "base weight, which a plain LoRA cannot carry; the module cannot be reduced");
+          refuse (error, m, "DoRA magnitude %s.dora_scale: the merged weight m · (W0 + ΔW) / "
+                  "‖W0 + ΔW‖ depends on the base weight W0, which this stage does not read, so "
+                  "no reduction of ΔW can be made optimal for it; dora=keep-magnitude keeps m as "
+                  "trained and reduces ΔW (docs/methods.md, \"DoRA\")", m->name);
           return NULL;
         }
       if (!(lokr ? check_lokr (m, error) : check_loha (m, error)))
@@ -1015,11 +1018,12 @@ LpCheckpoint *
 lp_lora_lycoris_reduce (LpCheckpoint  *input,
                         guint          rank,
                         gboolean       pad,
+                        gboolean       keep_dora,
                         LpLoraStats   *stats,
                         GHashTable    *converted,
                         GError       **error)
 {
-  g_autoptr (GPtrArray) modules = find_modules (input, error);
+  g_autoptr (GPtrArray) modules = find_modules (input, keep_dora, error);
   if (modules == NULL)
     return NULL;
 
@@ -1032,8 +1036,9 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
   for (guint i = 0; i < modules->len; i++)
     {
       Module *m = g_ptr_array_index (modules, i);
+      /* a kept DoRA magnitude stays beside the plain module of the same name */
       for (Part p = 0; p < N_PARTS; p++)
-        if (HAS (m, p))
+        if (HAS (m, p) && p != PART_DORA_SCALE)
           g_hash_table_add (used, m->parts[p]);
       g_hash_table_insert (at, GUINT_TO_POINTER (m->first + 1), GUINT_TO_POINTER (i + 1));
       for (guint s = 0; s < 2; s++)

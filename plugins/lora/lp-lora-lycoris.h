@@ -85,10 +85,12 @@ gboolean      lp_lora_lycoris_present (LpCheckpoint  *checkpoint);
  * @rank nearest to its update (lazy tensors, computed when pulled, recorded
  * in @stats); a module whose update has a lower rank bound (r1·r2 for LoHa,
  * rank (W1) · rank (W2) for LoKr) is written at that bound, exactly, unless
- * @pad. The names of the modules it wrote are added to @converted. */
+ * @pad. A DoRA `.dora_scale` is refused, or with @keep_dora kept as it is.
+ * The names of the modules it wrote are added to @converted. */
 LpCheckpoint *lp_lora_lycoris_reduce  (LpCheckpoint  *input,
                                        guint          rank,
                                        gboolean       pad,
+                                       gboolean       keep_dora,
                                        LpLoraStats   *stats,
                                        GHashTable    *converted,
                                        GError       **error);

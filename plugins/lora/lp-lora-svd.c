@@ -44,6 +44,7 @@ struct _LpLoraSvd
   guint min_rank;
   gboolean pad;
   gboolean per_module_alpha;
+  LpLoraDoraPolicy dora;
   LpLoraComputeDtype compute_dtype;
   char *down_pattern;
   char *up_pattern;
@@ -75,6 +76,7 @@ enum {
   PROP_COMPUTE_DTYPE,
   PROP_DOWN_PATTERN,
   PROP_UP_PATTERN,
+  PROP_DORA,
   PROP_RESULT,
   N_PROPS
 };
@@ -632,7 +634,8 @@ lp_lora_svd_transform (LpTransform   *transform,
                        "are for plain LoRAs");
           return NULL;
         }
-      plain = lp_lora_lycoris_reduce (input, self->rank, self->pad, stats, lycoris, error);
+      plain = lp_lora_lycoris_reduce (input, self->rank, self->pad,
+                                      self->dora == LP_LORA_DORA_KEEP_MAGNITUDE, stats, lycoris, error);
       if (plain == NULL)
         return NULL;
       input = plain;
@@ -641,9 +644,8 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   /* mlx-lm modules are written back in their layout by lp_lora_assemble () */
   modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
-                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN
-                                       | LP_LORA_FIND_REFUSE_DORA, NULL, error);
-  if (modules == NULL)
+                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN, NULL, error);
+  if (modules == NULL || !lp_lora_apply_dora_policy (LP_STAGE (self), self->dora, modules, error))
     return NULL;
 
   guint n = modules->len;
@@ -830,6 +832,7 @@ lp_lora_svd_set_property (GObject      *object,
     case PROP_MIN_RANK: self->min_rank = g_value_get_uint (value); self->min_rank_set = TRUE; break;
     case PROP_PAD: self->pad = g_value_get_boolean (value); break;
     case PROP_PER_MODULE_ALPHA: self->per_module_alpha = g_value_get_boolean (value); break;
+    case PROP_DORA: self->dora = g_value_get_enum (value); break;
     case PROP_COMPUTE_DTYPE: self->compute_dtype = g_value_get_enum (value); break;
     case PROP_DOWN_PATTERN:
       g_free (self->down_pattern);
@@ -868,6 +871,7 @@ lp_lora_svd_get_property (GObject    *object,
     case PROP_MIN_RANK: g_value_set_uint (value, self->min_rank); break;
     case PROP_PAD: g_value_set_boolean (value, self->pad); break;
     case PROP_PER_MODULE_ALPHA: g_value_set_boolean (value, self->per_module_alpha); break;
+    case PROP_DORA: g_value_set_enum (value, self->dora); break;
     case PROP_COMPUTE_DTYPE: g_value_set_enum (value, self->compute_dtype); break;
     case PROP_DOWN_PATTERN: g_value_set_string (value, self->down_pattern); break;
     case PROP_UP_PATTERN: g_value_set_string (value, self->up_pattern); break;
@@ -953,6 +957,7 @@ lp_lora_svd_class_init (LpLoraSvdClass *klass)
                        LP_TYPE_LORA_COMPUTE_DTYPE, LP_LORA_COMPUTE_DTYPE_AUTO, flags);
   properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
   properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
+  properties[PROP_DORA] = lp_lora_dora_pspec ();
   properties[PROP_RESULT] =
     g_param_spec_string ("result", "Result",
                          "After a run, per module the energy kept and the relative error, as JSON (read only)",
