@@ -381,36 +381,17 @@ module_free (gpointer data)
   g_free (m);
 }
 
-/* The part a tensor name ends in, and the module it belongs to. */
-static gboolean
-split_name (const char *name,
-            Part       *part,
-            char      **module)
+guint
+lp_lora_lycoris_count (GPtrArray *modules)
 {
-  const char *dot = strrchr (name, '.');
-  if (dot == NULL || dot == name)
-    return FALSE;
-  for (guint p = 0; p < N_PARTS; p++)
-    if (p != PART_ALPHA && p != PART_DORA_SCALE && strcmp (dot + 1, part_names[p]) == 0)
-      {
-        *part = p;
-        *module = g_strndup (name, dot - name);
-        return TRUE;
-      }
-  return FALSE;
-}
+  guint n = 0;
 
-gboolean
-lp_lora_lycoris_present (LpCheckpoint *checkpoint)
-{
-  for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
+  for (guint i = 0; i < modules->len; i++)
     {
-      Part part;
-      g_autofree char *module = NULL;
-      if (split_name (lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, i)), &part, &module))
-        return TRUE;
+      const char *family = lp_lora_module_get_family (g_ptr_array_index (modules, i));
+      n += g_str_equal (family, "loha") || g_str_equal (family, "lokr");
     }
-  return FALSE;
+  return n;
 }
 
 #define HAS(m, p) ((m)->parts[p] != NULL)
@@ -665,55 +646,53 @@ check_lokr (Module *m, GError **error)
   return TRUE;
 }
 
-/* The LyCORIS modules of @input, in the order of their first tensor. */
+/* The LyCORIS modules among @found (lp_lora_find_modules_full() of @input,
+ * which pairs their parts by the keys the loha and lokr family files
+ * declare), in the order of their first tensor, with what computing them
+ * needs. */
 static GPtrArray *
 find_modules (LpCheckpoint  *input,
+              GPtrArray     *found,
               gboolean       keep_dora,
               GError       **error)
 {
-  g_autoptr (GPtrArray) tensors = lp_checkpoint_get_tensors (input);
   g_autoptr (GPtrArray) modules = g_ptr_array_new_with_free_func (module_free);
-  g_autoptr (GHashTable) by_name = g_hash_table_new (g_str_hash, g_str_equal);
+  g_autoptr (GHashTable) index = g_hash_table_new (NULL, NULL);   /* tensor -> its index + 1 */
 
-  for (guint i = 0; i < tensors->len; i++)
+  for (guint i = 0; i < lp_checkpoint_get_n_tensors (input); i++)
+    g_hash_table_insert (index, lp_checkpoint_get_tensor (input, i), GUINT_TO_POINTER (i + 1));
+
+  for (guint i = 0; i < found->len; i++)
     {
-      LpTensor *tensor = g_ptr_array_index (tensors, i);
-      Part part;
-      char *name = NULL;
+      LpLoraModule *module = g_ptr_array_index (found, i);
+      const char *family = lp_lora_module_get_family (module);
+      gboolean hada = g_str_equal (family, "loha"), lokr = g_str_equal (family, "lokr");
+      Module *m;
 
-      if (!split_name (lp_tensor_get_name (tensor), &part, &name))
+      if (!hada && !lokr)
         continue;
-      Module *m = g_hash_table_lookup (by_name, name);
-      if (m == NULL)
+      m = g_new0 (Module, 1);
+      g_ptr_array_add (modules, m);
+      m->name = g_strdup (lp_lora_module_get_name (module));
+      m->lokr = lokr;
+      m->first = G_MAXUINT;
+      for (Part p = 0; p < N_PARTS; p++)
         {
-          m = g_new0 (Module, 1);
-          m->name = name;
-          m->first = i;
-          g_ptr_array_add (modules, m);
-          g_hash_table_insert (by_name, m->name, m);
+          LpTensor *t = p == PART_DORA_SCALE ? lp_lora_module_get_dora_magnitude (module)
+                                             : lp_lora_module_get_part (module, part_names[p]);
+          if (t == NULL)
+            continue;
+          m->parts[p] = g_object_ref (t);
+          if (p != PART_ALPHA && p != PART_DORA_SCALE)
+            m->first = MIN (m->first, GPOINTER_TO_UINT (g_hash_table_lookup (index, t)) - 1);
         }
-      else
-        g_free (name);
-      m->parts[part] = g_object_ref (tensor);
     }
 
   for (guint i = 0; i < modules->len; i++)
     {
       Module *m = g_ptr_array_index (modules, i);
-      gboolean hada = FALSE, lokr = FALSE;
+      gboolean hada = !m->lokr, lokr = m->lokr;
 
-      for (Part p = PART_HADA_W1_A; p <= PART_HADA_T2; p++)
-        hada |= HAS (m, p);
-      for (Part p = PART_LOKR_W1; p <= PART_LOKR_T2; p++)
-        lokr |= HAS (m, p);
-      m->lokr = lokr;
-      for (Part p = PART_ALPHA; p <= PART_DORA_SCALE; p++)
-        {
-          g_autofree char *key = g_strconcat (m->name, ".", part_names[p], NULL);
-          LpTensor *t = lp_checkpoint_lookup (input, key);
-          if (t)
-            m->parts[p] = g_object_ref (t);
-        }
       if (hada && lokr)
         {
           refuse (error, m, "the module has both hada_* (LoHa) and lokr_* (LoKr) parts");
@@ -721,10 +700,11 @@ find_modules (LpCheckpoint  *input,
         }
       if (HAS (m, PART_DORA_SCALE) && !keep_dora)
         {
-          refuse (error, m, "DoRA magnitude %s.dora_scale: the merged weight m · (W0 + ΔW) / "
+          refuse (error, m, "DoRA magnitude %s: the merged weight m · (W0 + ΔW) / "
                   "‖W0 + ΔW‖ depends on the base weight W0, which this stage does not read, so "
                   "no reduction of ΔW can be made optimal for it; dora=keep-magnitude keeps m as "
-                  "trained and reduces ΔW (docs/methods.md, \"DoRA\")", m->name);
+                  "trained and reduces ΔW (docs/methods.md, \"DoRA\")",
+                  lp_tensor_get_name (m->parts[PART_DORA_SCALE]));
           return NULL;
         }
       if (!(lokr ? check_lokr (m, error) : check_loha (m, error)))
@@ -1016,6 +996,7 @@ rewrite_metadata (LpCheckpoint *output,
 
 LpCheckpoint *
 lp_lora_lycoris_reduce (LpCheckpoint  *input,
+                        GPtrArray     *found,
                         guint          rank,
                         gboolean       pad,
                         gboolean       keep_dora,
@@ -1023,7 +1004,7 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
                         GHashTable    *converted,
                         GError       **error)
 {
-  g_autoptr (GPtrArray) modules = find_modules (input, keep_dora, error);
+  g_autoptr (GPtrArray) modules = find_modules (input, found, keep_dora, error);
   if (modules == NULL)
     return NULL;
 

@@ -624,7 +624,11 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   /* LyCORIS LoHa and LoKr modules become plain LoRAs of the rank first (exactly,
    * see lp-lora-lycoris.c); the modules written pass through below. */
-  if (lp_lora_lycoris_present (input))
+  g_autoptr (GPtrArray) found = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
+                                                           LP_LORA_FIND_NONE, NULL, error);
+  if (found == NULL)
+    return NULL;
+  if (lp_lora_lycoris_count (found) > 0)
     {
       if (self->rank == 0 || self->method != LP_LORA_SVD_METHOD_EXACT)
         {
@@ -634,7 +638,7 @@ lp_lora_svd_transform (LpTransform   *transform,
                        "are for plain LoRAs");
           return NULL;
         }
-      plain = lp_lora_lycoris_reduce (input, self->rank, self->pad,
+      plain = lp_lora_lycoris_reduce (input, found, self->rank, self->pad,
                                       self->dora == LP_LORA_DORA_KEEP_MAGNITUDE, stats, lycoris, error);
       if (plain == NULL)
         return NULL;
