@@ -82,16 +82,26 @@ gboolean  lp_lora_lokr_reduce     (const LpLoraKronPart *w1,
 /* How many of @modules (lp_lora_find_modules_full()) are LoHa or LoKr. */
 guint         lp_lora_lycoris_count   (GPtrArray     *modules);
 
+/* A rank for a module from every non-zero singular value of its update
+ * (@n, descending), @full = min (out, in). */
+typedef guint (*LpLoraRankChooser) (const double *sigma,
+                                    guint         n,
+                                    guint64       full,
+                                    gpointer      user_data);
+
 /* @input with each LoHa and LoKr module replaced by the kohya LoRA of rank
- * @rank nearest to its update (lazy tensors, computed when pulled, recorded
+ * @rank (or the one @choose picks from its spectrum, when not NULL; @rank is
+ * then what pad pads to) nearest to its update (lazy tensors, computed when pulled, recorded
  * in @stats); a module whose update has a lower rank bound (r1·r2 for LoHa,
  * rank (W1) · rank (W2) for LoKr) is written at that bound, exactly, unless
  * @pad. A DoRA `.dora_scale` is refused, or with @keep_dora kept as it is.
  * The names of the modules it wrote are added to @converted. */
-LpCheckpoint *lp_lora_lycoris_reduce  (LpCheckpoint  *input,
-                                       GPtrArray     *found,
-                                       guint          rank,
-                                       gboolean       pad,
+LpCheckpoint *lp_lora_lycoris_reduce  (LpCheckpoint      *input,
+                                       GPtrArray         *found,
+                                       guint              rank,
+                                       LpLoraRankChooser  choose,
+                                       gpointer           choose_data,
+                                       gboolean           pad,
                                        gboolean       keep_dora,
                                        LpLoraStats   *stats,
                                        GHashTable    *converted,
