@@ -197,6 +197,7 @@ lp_safetensors_load_index (const char  *path,
         return index_error (error, index, "shard %s: %s", shard, local->message), NULL;
       if (s == 0)
         lp_checkpoint_copy_metadata (checkpoint, part);
+      lp_checkpoint_inherit_sources (checkpoint, part);
 
       for (guint i = 0; i < lp_checkpoint_get_n_tensors (part); i++)
         {

@@ -1403,6 +1403,12 @@ lp_transform_run (LpStage       *stage,
   *output = klass->transform (LP_TRANSFORM (stage), inputs[0], error);
   if (set_extra)
     g_clear_pointer (&priv->extra_inputs, g_ptr_array_unref);
+  /* The output's bytes come from the inputs' files. */
+  for (guint i = 0; *output != NULL && i < n_inputs; i++)
+    lp_checkpoint_inherit_sources (*output, inputs[i]);
+  if (*output != NULL && priv->extra_inputs != NULL)
+    for (guint i = 0; i < priv->extra_inputs->len; i++)
+      lp_checkpoint_inherit_sources (*output, g_ptr_array_index (priv->extra_inputs, i));
   return *output != NULL;
 }
 
@@ -1510,6 +1516,8 @@ lp_aggregator_run (LpStage       *stage,
 
   g_return_val_if_fail (klass->aggregate != NULL, FALSE);
   *output = klass->aggregate (LP_AGGREGATOR (stage), inputs, n_inputs, error);
+  for (guint i = 0; *output != NULL && i < n_inputs; i++)
+    lp_checkpoint_inherit_sources (*output, inputs[i]);
   return *output != NULL;
 }
 
