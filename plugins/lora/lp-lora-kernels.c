@@ -331,10 +331,34 @@ blocked_tile_f32 (const float *panel,
       add_tile_row (g, r, i0 + a, 16 * (g0 + v), &acc[a][v]);
 }
 
+/* Runs TILE (i0, g0, nv) over the tiles of the upper triangle, j blocks of
+ * @max_nv vectors (what the level's registers hold) outermost, and AFTER
+ * once after each tile. A tile starts at the group holding column i0, so
+ * no tile lies wholly below the diagonal. */
+#define FOR_EACH_TILE(r, max_nv, TILE, AFTER) \
+  do { \
+    guint groups_ = ((r) + 15) / 16; \
+    for (guint gb_ = 0; gb_ < groups_; gb_ += (max_nv)) \
+      { \
+        guint gend_ = MIN (gb_ + (max_nv), groups_); \
+        for (guint i0_ = 0; i0_ < MIN ((r), 16 * gend_); i0_ += GRAM_TILE_ROWS) \
+          { \
+            guint g0_ = MAX (gb_, i0_ / 16); \
+            switch (gend_ - g0_) \
+              { \
+              case 4: TILE (i0_, g0_, 4); break; \
+              case 3: TILE (i0_, g0_, 3); break; \
+              case 2: TILE (i0_, g0_, 2); break; \
+              default: TILE (i0_, g0_, 1); break; \
+              } \
+            AFTER; \
+          } \
+      } \
+  } while (0)
+
 /* G += Pᵀ P over the upper triangle for the packed panel P (@len ≤
- * GRAM_PANEL steps), with j blocks of @max_nv vectors: what the level's
- * registers hold (AVX-512: 24 accumulators of 32; AVX2 and below: 6 of
- * their 16 registers' pairs). */
+ * GRAM_PANEL steps), with j blocks of @max_nv vectors: AVX-512 holds 24
+ * accumulators in its 32 registers, AVX2 and below 6 in their 16. */
 LP_INLINE void
 blocked_panel_f32 (const float *panel,
                    gsize        len,
@@ -342,23 +366,9 @@ blocked_panel_f32 (const float *panel,
                    double      *g,
                    const guint  max_nv)
 {
-  guint groups = (r + 15) / 16;
-
-  for (guint gb = 0; gb < groups; gb += max_nv)
-    {
-      guint gend = MIN (gb + max_nv, groups);
-      for (guint i0 = 0; i0 < MIN (r, 16 * gend); i0 += GRAM_TILE_ROWS)
-        {
-          guint g0 = MAX (gb, i0 / 16);
-          switch (gend - g0)
-            {
-            case 4: blocked_tile_f32 (panel, len, r, i0, g0, 4, g); break;
-            case 3: blocked_tile_f32 (panel, len, r, i0, g0, 3, g); break;
-            case 2: blocked_tile_f32 (panel, len, r, i0, g0, 2, g); break;
-            default: blocked_tile_f32 (panel, len, r, i0, g0, 1, g); break;
-            }
-        }
-    }
+#define F32_TILE(i0, g0, nv) blocked_tile_f32 (panel, len, r, i0, g0, nv, g)
+  FOR_EACH_TILE (r, max_nv, F32_TILE, (void) 0);
+#undef F32_TILE
 }
 
 /* Transposes 16 vectors of 16 (lane c of row i to lane i of row c) in four
@@ -994,33 +1004,22 @@ blocked_panel_bf16 (const guint32   *panel,
                     double          *g,
                     const NextPanel *next)
 {
-  guint groups = (r + 15) / 16;
   /* the next panel's lines, spread evenly over this panel's tiles */
   gsize lines_per_row = (next->bytes + 63) / 64, lines = lines_per_row * next->rows, line = 0;
   gsize tiles = 0;
 
-  for (guint gb = 0; gb < groups; gb += 4)
-    tiles += (MIN (r, 16 * MIN (gb + 4, groups)) + GRAM_TILE_ROWS - 1) / GRAM_TILE_ROWS;
+#define COUNT_TILE(i0, g0, nv) tiles++
+  FOR_EACH_TILE (r, 4, COUNT_TILE, (void) 0);
+#undef COUNT_TILE
   gsize quota = (lines + tiles - 1) / MAX (tiles, 1);
 
-  for (guint gb = 0; gb < groups; gb += 4)
-    {
-      guint gend = MIN (gb + 4, groups);
-      for (guint i0 = 0; i0 < MIN (r, 16 * gend); i0 += GRAM_TILE_ROWS)
-        {
-          guint g0 = MAX (gb, i0 / 16);
-          switch (gend - g0)
-            {
-            case 4: blocked_tile_bf16 (panel, pairs, r, i0, g0, 4, g); break;
-            case 3: blocked_tile_bf16 (panel, pairs, r, i0, g0, 3, g); break;
-            case 2: blocked_tile_bf16 (panel, pairs, r, i0, g0, 2, g); break;
-            default: blocked_tile_bf16 (panel, pairs, r, i0, g0, 1, g); break;
-            }
-          for (gsize q = 0; q < quota && line < lines; q++, line++)
-            _mm_prefetch (next->base + (line / lines_per_row) * next->stride + (line % lines_per_row) * 64,
-                          _MM_HINT_T1);
-        }
-    }
+#define BF16_TILE(i0, g0, nv) blocked_tile_bf16 (panel, pairs, r, i0, g0, nv, g)
+#define PREFETCH_SOME \
+  for (gsize q = 0; q < quota && line < lines; q++, line++) \
+    _mm_prefetch (next->base + (line / lines_per_row) * next->stride + (line % lines_per_row) * 64, _MM_HINT_T1)
+  FOR_EACH_TILE (r, 4, BF16_TILE, PREFETCH_SOME);
+#undef BF16_TILE
+#undef PREFETCH_SOME
 }
 
 /* Packs values t0 … t0 + h of the @r rows of A (stride @ld) as pairs:

@@ -673,6 +673,52 @@ spectrum_by_cholesky (LpLoraSpectrum *s,
   return TRUE;
 }
 
+/* Given t [r, l], returns t V Λ^-½ [r, l'] over the eigenpairs of tᵀ m t
+ * above a rounding floor, so that (B t')ᵀ (B t') = I when m = Bᵀ B: an
+ * orthonormalization in r-space that drops dependent columns instead of
+ * failing on them. */
+static double *
+orthonormalize_metric (const double *t,
+                       guint         r,
+                       guint         l,
+                       const double *m,
+                       guint        *l_out,
+                       double      **m_out,
+                       GError      **error)
+{
+  g_autofree double *mt = g_new (double, (gsize) r * l);
+  g_autofree double *h = g_new (double, (gsize) l * l);
+  g_autofree double *w = g_new (double, l);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, m, r, t, l, 0.0, mt, l);
+  cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, l, l, r, 1.0, t, l, mt, l, 0.0, h, l);
+
+  guint kept;
+  if (!eigen (h, l, w, FALSE, &kept, error))
+    return NULL;
+
+  /* the kept eigenvectors are the last columns; take them largest first */
+  double *out = g_new0 (double, (gsize) r * MAX (kept, 1));
+  g_autofree double *v = g_new0 (double, (gsize) l * MAX (kept, 1));
+  for (guint j = 0; j < kept; j++)
+    {
+      guint col = l - 1 - j;
+      double inv = 1.0 / sqrt (w[col]);
+      for (guint i = 0; i < l; i++)
+        v[i * kept + j] = h[i * l + col] * inv;
+    }
+  if (kept > 0)
+    cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, t, l, v, kept, 0.0, out, kept);
+  if (m_out)
+    {
+      /* m t' from m t, for free */
+      *m_out = g_new0 (double, (gsize) r * MAX (kept, 1));
+      if (kept > 0)
+        cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, mt, l, v, kept, 0.0, *m_out, kept);
+    }
+  *l_out = kept;
+  return out;
+}
+
 /* The exact top singular triplets by block iteration in r-space, for large
  * r and few of them: every dense r × r factorization (Cholesky, the core's
  * tridiagonal form) costs r³ flops, which at r = 256 is more than the Gram
@@ -709,9 +755,6 @@ spectrum_by_iteration (LpLoraSpectrum *s,
   guint l = MIN (r, 2 * top + 8);
   gsize rl = (gsize) r * l;
   g_autofree double *y = g_new (double, rl);
-  g_autofree double *z = g_new (double, rl);
-  g_autofree double *q = g_new (double, rl);
-  g_autofree double *zq = g_new (double, rl);
   g_autofree double *w = g_new (double, rl);
   g_autofree double *qc = g_new (double, rl);
   g_autofree double *wc = g_new (double, rl);
@@ -734,12 +777,11 @@ spectrum_by_iteration (LpLoraSpectrum *s,
   for (guint step = 0; step < ITERATION_STEPS; step++)
     {
       guint kept, m;
+      g_autofree double *zq = NULL;
 
-      /* Q = Y V Λ^-½ over the eigenpairs of Yᵀ G_A Y above rounding, and
-       * G_A Q alongside */
-      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, ga, r, y, l, 0.0, z, l);
-      cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, l, l, r, 1.0, y, l, z, l, 0.0, h, l);
-      if (!eigen (h, l, lambda, FALSE, &kept, error))
+      /* Q (G_A-orthonormal, largest directions first) and G_A Q */
+      g_autofree double *q = orthonormalize_metric (y, r, l, ga, &kept, &zq, error);
+      if (q == NULL)
         return FALSE;
       if (kept == 0)
         {
@@ -747,14 +789,6 @@ spectrum_by_iteration (LpLoraSpectrum *s,
           *converged_out = TRUE;
           return TRUE;
         }
-      for (guint i = 0; i < l; i++)
-        for (guint j = 0; j < kept; j++)
-          {
-            guint col = l - 1 - j;
-            v[i * kept + j] = h[i * l + col] / sqrt (lambda[col]);
-          }
-      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, y, l, v, kept, 0.0, q, kept);
-      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, z, l, v, kept, 0.0, zq, kept);
 
       /* W = G_B G_A Q; T = (G_A Q)ᵀ W and its eigenpairs (ascending) */
       cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, r, 1.0, gb, r, zq, kept, 0.0, w, kept);
@@ -1407,44 +1441,6 @@ lp_lora_project_factor (gboolean       up,
 
 /* ---- randomized SVD ---------------------------------------------------- */
 
-/* Given t [r, l], returns t V Λ^-½ [r, l'] over the eigenpairs of tᵀ m t
- * above a rounding floor, so that (B t')ᵀ (B t') = I when m = Bᵀ B: an
- * orthonormalization in r-space that drops dependent columns instead of
- * failing on them. */
-static double *
-orthonormalize_metric (const double *t,
-                       guint         r,
-                       guint         l,
-                       const double *m,
-                       guint        *l_out,
-                       GError      **error)
-{
-  g_autofree double *mt = g_new (double, (gsize) r * l);
-  g_autofree double *h = g_new (double, (gsize) l * l);
-  g_autofree double *w = g_new (double, l);
-  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, m, r, t, l, 0.0, mt, l);
-  cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, l, l, r, 1.0, t, l, mt, l, 0.0, h, l);
-
-  guint kept;
-  if (!eigen (h, l, w, FALSE, &kept, error))
-    return NULL;
-
-  /* the kept eigenvectors are the last columns; take them largest first */
-  double *out = g_new0 (double, (gsize) r * MAX (kept, 1));
-  g_autofree double *v = g_new0 (double, (gsize) l * MAX (kept, 1));
-  for (guint j = 0; j < kept; j++)
-    {
-      guint col = l - 1 - j;
-      double inv = 1.0 / sqrt (w[col]);
-      for (guint i = 0; i < l; i++)
-        v[i * kept + j] = h[i * l + col] * inv;
-    }
-  if (kept > 0)
-    cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, t, l, v, kept, 0.0, out, kept);
-  *l_out = kept;
-  return out;
-}
-
 LpLoraSpectrum *
 lp_lora_randomized_spectrum (const LpLoraFactors *f,
                              guint                k,
@@ -1495,7 +1491,7 @@ lp_lora_randomized_spectrum (const LpLoraFactors *f,
   for (guint it = 0; it <= niter; it++)
     {
       guint l2;
-      g_autofree double *q = orthonormalize_metric (t, r, l, gb, &l2, error);
+      g_autofree double *q = orthonormalize_metric (t, r, l, gb, &l2, NULL, error);
       if (q == NULL)
         return NULL;
       l = l2;
