@@ -17,11 +17,17 @@ static const char *const kohya_network_keys[] = {
  *   of the input's metadata
  * @target: the convention it was converted to
  *
- * Drops the metadata that described the file in its old convention: kohya's
- * `ss_network_*` and `sshs_*` hashes when the target is not kohya, and
- * diffusers' `lora_adapter_metadata` (the LoraConfig diffusers would build
- * instead of reading the factors' shapes) whatever the target, since the
- * modules it names are split, fused or renamed.
+ * Drops the metadata that described the file in its old convention or its
+ * old factors: kohya's `sshs_*` hashes (the bytes changed), its
+ * `ss_network_*` when the target is not kohya, and diffusers'
+ * `lora_adapter_metadata` (the LoraConfig diffusers would build instead of
+ * reading the factors' shapes) whatever the target, since the modules it
+ * names are split, fused or renamed. The converting stages put every
+ * module's scale where the target keeps it (a kohya `.alpha`, or into the
+ * factors for diffusers, which then infers the config from the shapes,
+ * scale 1, as diffusers' own conversions do), so nothing the dropped
+ * entries said is lost. lora-merge calls it too: its output's factors
+ * carry the weighted scales.
  */
 void
 lp_lora_metadata_converted (LpCheckpoint     *output,

@@ -1014,6 +1014,7 @@ static void
 lp_lora_finder_clear (LpLoraFinder *finder)
 {
   g_clear_object (&finder->config_parser);
+  g_clear_object (&finder->lora_metadata_parser);
   if (finder->config_data != NULL)
     finder->config_data_free (finder->config_data);
 }

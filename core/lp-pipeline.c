@@ -1037,6 +1037,8 @@ lp_pipeline_run (LpPipeline    *self,
       lp_stage_set_cancellable (node->stage, NULL);
       if (!ok)
         {
+          for (guint j = 0; j < inputs->len; j++)
+            lp_checkpoint_explain_error (g_ptr_array_index (inputs, j), error);
           prefix_error (self, node->stage, error);
           break;
         }

@@ -73,4 +73,54 @@ gboolean  lp_atomic_write_contents      (const char    *path,
                                          gsize          len,
                                          GError       **error);
 
+/* lp-safetensors.c: an input file while its tensors are read. It keeps the
+ * descriptor (reads go to the file that was opened, whatever replaces its
+ * name), the mapping, and what fstat() said at the open. A shortened file
+ * (SIGBUS under the mapping, or a short read) or one rewritten in place
+ * (size, modification or change time differ) fails the check. */
+typedef struct _LpSourceFile LpSourceFile;
+LpSourceFile *lp_source_file_ref        (LpSourceFile  *source);
+void      lp_source_file_unref          (LpSourceFile  *source);
+gboolean  lp_source_file_check          (LpSourceFile  *source,
+                                         GError       **error);
+
+/* lp-checkpoint.c: the input files a checkpoint's tensors depend on. Sources
+ * add theirs, lp_checkpoint_new_like() and the transform and aggregator base
+ * classes pass them on from inputs to outputs, and sinks check them before
+ * they commit. */
+void      lp_checkpoint_add_source      (LpCheckpoint  *self,
+                                         LpSourceFile  *source);
+void      lp_checkpoint_inherit_sources (LpCheckpoint  *self,
+                                         LpCheckpoint  *from);
+gboolean  lp_checkpoint_check_sources   (LpCheckpoint  *self,
+                                         GError       **error);
+/* A stage that failed while an input changed under it failed because of the
+ * change (zeros read from a shortened file, EFAULT writing from its mapping):
+ * replaces *@error with the change, when there is one. */
+void      lp_checkpoint_explain_error   (LpCheckpoint  *self,
+                                         GError       **error);
+
+/* lp-safetensors.c: files written beside their final names, complete and
+ * synced, and put in place later, so that several files (the shards of a
+ * checkpoint and its index) are committed together. Freeing a pending file
+ * that was not committed removes it and leaves the old file untouched. */
+typedef struct _LpPendingFile LpPendingFile;
+
+LpPendingFile *lp_safetensors_write_pending (LpCheckpoint  *checkpoint,
+                                             const char    *filename,
+                                             LpStage       *stage,
+                                             GError       **error);
+LpPendingFile *lp_pending_file_new_contents (const char    *path,
+                                             gconstpointer  data,
+                                             gsize          len,
+                                             GError       **error);
+/* Whether it is written through to a FIFO or a device (never renamed). */
+gboolean       lp_pending_file_is_stream    (LpPendingFile *pending);
+/* Renames it over its final name and syncs the directory. */
+gboolean       lp_pending_file_commit       (LpPendingFile *pending,
+                                             GError       **error);
+void           lp_pending_file_free         (LpPendingFile *pending);
+
+G_DEFINE_AUTOPTR_CLEANUP_FUNC (LpPendingFile, lp_pending_file_free)
+
 G_END_DECLS

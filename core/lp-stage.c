@@ -367,6 +367,86 @@ lp_stage_get_cancellable (LpStage *self)
   return priv->cancellable;
 }
 
+typedef struct {
+  LpStageParallelFunc func;
+  gpointer user_data;
+  GCancellable *cancellable;
+  GError **errors;
+} ParallelWork;
+
+static void
+parallel_item (gpointer data,
+               gpointer user_data)
+{
+  ParallelWork *work = user_data;
+  guint i = GPOINTER_TO_UINT (data) - 1;
+
+  if (g_cancellable_set_error_if_cancelled (work->cancellable, &work->errors[i]))
+    return;
+  if (!work->func (i, work->user_data, &work->errors[i]) && work->errors[i] == NULL)
+    g_set_error (&work->errors[i], LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                 "item %u failed for no stated reason", i);
+}
+
+/**
+ * lp_stage_parallel_for:
+ * @self: a stage, during its run
+ * @n: how many items
+ * @func: (scope call) (closure user_data): does one item
+ * @user_data: data for @func
+ * @error: return location for a #GError
+ *
+ * Runs @func for items 0 … @n - 1 on the stage's threads and waits for all
+ * of them. Items not started when the run is cancelled fail as cancelled.
+ * When several fail, the error of the first by index is returned, so the
+ * message does not depend on scheduling.
+ *
+ * Returns: %TRUE when every item succeeded
+ */
+gboolean
+lp_stage_parallel_for (LpStage            *self,
+                       guint               n,
+                       LpStageParallelFunc func,
+                       gpointer            user_data,
+                       GError            **error)
+{
+  ParallelWork work = { func, user_data, NULL, NULL };
+  GThreadPool *pool;
+  GError *first = NULL;
+  guint threads;
+
+  g_return_val_if_fail (LP_IS_STAGE (self), FALSE);
+  g_return_val_if_fail (func != NULL, FALSE);
+
+  if (n == 0)
+    return TRUE;
+  work.cancellable = lp_stage_get_cancellable (self);
+  work.errors = g_new0 (GError *, n);
+  threads = MIN (MAX (lp_stage_get_threads (self), 1), n);
+  if (threads == 1)
+    for (guint i = 0; i < n; i++)
+      parallel_item (GUINT_TO_POINTER (i + 1), &work);
+  else
+    {
+      pool = g_thread_pool_new (parallel_item, &work, threads, FALSE, NULL);
+      for (guint i = 0; i < n; i++)
+        g_thread_pool_push (pool, GUINT_TO_POINTER (i + 1), NULL);
+      g_thread_pool_free (pool, FALSE, TRUE);
+    }
+  for (guint i = 0; i < n; i++)
+    if (work.errors[i] != NULL)
+      {
+        if (first == NULL)
+          first = work.errors[i];
+        else
+          g_error_free (work.errors[i]);
+      }
+  g_free (work.errors);
+  if (first != NULL)
+    g_propagate_error (error, first);
+  return first == NULL;
+}
+
 /**
  * lp_stage_set_cancellable:
  * @self: a stage
@@ -1298,6 +1378,12 @@ lp_transform_run (LpStage       *stage,
   *output = klass->transform (LP_TRANSFORM (stage), inputs[0], error);
   if (set_extra)
     g_clear_pointer (&priv->extra_inputs, g_ptr_array_unref);
+  /* The output's bytes come from the inputs' files. */
+  for (guint i = 0; *output != NULL && i < n_inputs; i++)
+    lp_checkpoint_inherit_sources (*output, inputs[i]);
+  if (*output != NULL && priv->extra_inputs != NULL)
+    for (guint i = 0; i < priv->extra_inputs->len; i++)
+      lp_checkpoint_inherit_sources (*output, g_ptr_array_index (priv->extra_inputs, i));
   return *output != NULL;
 }
 
@@ -1405,6 +1491,8 @@ lp_aggregator_run (LpStage       *stage,
 
   g_return_val_if_fail (klass->aggregate != NULL, FALSE);
   *output = klass->aggregate (LP_AGGREGATOR (stage), inputs, n_inputs, error);
+  for (guint i = 0; *output != NULL && i < n_inputs; i++)
+    lp_checkpoint_inherit_sources (*output, inputs[i]);
   return *output != NULL;
 }
 

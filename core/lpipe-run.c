@@ -171,6 +171,13 @@ read_report (LpCliResult *result)
       result->out_modules = json_object_get_int_member (summary, "n_modules");
       result->out_min_rank = json_object_get_int_member (summary, "min_rank");
       result->out_max_rank = json_object_get_int_member (summary, "max_rank");
+      /* lora-svd also tells the ranks it read */
+      if (json_object_has_member (summary, "in_min_rank"))
+        {
+          result->in_modules = result->out_modules;
+          result->in_min_rank = json_object_get_int_member (summary, "in_min_rank");
+          result->in_max_rank = json_object_get_int_member (summary, "in_max_rank");
+        }
     }
   for (guint i = 0; modules && i < json_array_get_length (modules); i++)
     {
@@ -204,13 +211,16 @@ void
 lp_cli_collect_result (LpPipeline  *pipeline,
                        LpCliResult *result)
 {
+  read_report (result);
   if (result->input_is_file)
     {
       result->in_bytes = file_size (result->input);
-      lp_cli_count_ranks (result->input, &result->in_modules,
-                          &result->in_min_rank, &result->in_max_rank);
+      /* the reducer counted them already when it tells (reading a file's
+       * header again was a quarter of the work for small LoRAs) */
+      if (result->in_modules == 0)
+        lp_cli_count_ranks (result->input, &result->in_modules,
+                            &result->in_min_rank, &result->in_max_rank);
     }
-  read_report (result);
   if (result->output)
     {
       result->out_bytes = file_size (result->output);
@@ -488,23 +498,39 @@ start_next (Batch *batch)
     }
 }
 
+/* SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal went away) cancel the
+ * runs: each removes its temporary file and leaves its output as it was. */
+static void
+on_signal (Batch *batch,
+           int    signum)
+{
+  batch->signal_number = signum;
+  g_cancellable_cancel (batch->cancellable);
+}
+
 static gboolean
 on_sigint (gpointer user_data)
 {
-  Batch *batch = user_data;
-  batch->signal_number = SIGINT;
-  g_cancellable_cancel (batch->cancellable);
+  on_signal (user_data, SIGINT);
   return G_SOURCE_CONTINUE;
 }
 
 static gboolean
 on_sigterm (gpointer user_data)
 {
-  Batch *batch = user_data;
-  batch->signal_number = SIGTERM;
-  g_cancellable_cancel (batch->cancellable);
+  on_signal (user_data, SIGTERM);
   return G_SOURCE_CONTINUE;
 }
+
+static gboolean
+on_sighup (gpointer user_data)
+{
+  on_signal (user_data, SIGHUP);
+  return G_SOURCE_CONTINUE;
+}
+
+/* see lp_cli_run_jobs() */
+#define FILES_IN_FLIGHT_PER_THREAD 4
 
 /**
  * lp_cli_run_jobs:
@@ -514,13 +540,14 @@ on_sigterm (gpointer user_data)
  * @results: one per pipeline, filled in
  *
  * Runs the pipelines side by side within --threads: with more files than
- * threads each pipeline computes one tensor at a time and as many pipelines
- * run at once as there are threads (with --verbose one at a time, so their
- * tables do not mix); one file's failure does not stop the others. Ctrl-C
- * or SIGTERM cancels them all (none leaves a partial file).
+ * threads each pipeline computes one tensor at a time on one thread and up
+ * to four pipelines per thread are in flight, so that waiting for the disk
+ * overlaps computing (with --verbose one at a time, so their tables do not
+ * mix); one file's failure does not stop the others. Ctrl-C, SIGTERM or
+ * SIGHUP cancels them all (none leaves a partial file).
  *
- * Returns: the exit status: 0 if all succeeded, 1 if any failed, 130/143
- *   when interrupted
+ * Returns: the exit status: 0 if all succeeded, 1 if any failed, 129/130/143
+ *   when interrupted by SIGHUP/SIGINT/SIGTERM
  */
 int
 lp_cli_run_jobs (guint           n,
@@ -530,14 +557,20 @@ lp_cli_run_jobs (guint           n,
 {
   Batch batch = { 0, };
   guint threads = lp_cli.threads > 0 ? (guint) lp_cli.threads : g_get_num_processors ();
-  guint sigint_id, sigterm_id;
+  guint sigint_id, sigterm_id, sighup_id;
 
   batch.build = build;
   batch.build_data = user_data;
   batch.results = results;
   batch.n = n;
   batch.slots = g_new0 (Slot, n);
-  batch.concurrency = lp_cli.verbose ? 1 : MAX (1u, MIN (n, threads));
+  /* Small files spend most of their time waiting for the disk (the sink
+   * syncs each before renaming it), not computing: keep a few more files in
+   * flight than there are threads so one file's sync overlaps another's
+   * work. Each still computes one tensor at a time, so memory stays that of
+   * a handful of tensors. (200 sd15 LoRAs: 2 in flight 2.2 s, 8 in flight
+   * 0.55 s on 2 cores.) */
+  batch.concurrency = lp_cli.verbose ? 1 : MAX (1u, MIN (n, threads * FILES_IN_FLIGHT_PER_THREAD));
   batch.threads_each = MAX (1u, threads / batch.concurrency);
   batch.loop = g_main_loop_new (NULL, FALSE);
   batch.cancellable = g_cancellable_new ();
@@ -545,6 +578,7 @@ lp_cli_run_jobs (guint           n,
   batch.show_progress = !lp_cli.quiet && isatty (STDERR_FILENO);
   sigint_id = g_unix_signal_add (SIGINT, on_sigint, &batch);
   sigterm_id = g_unix_signal_add (SIGTERM, on_sigterm, &batch);
+  sighup_id = g_unix_signal_add (SIGHUP, on_sighup, &batch);
 
   start_next (&batch);
   if (batch.running > 0)
@@ -552,6 +586,7 @@ lp_cli_run_jobs (guint           n,
 
   g_source_remove (sigint_id);
   g_source_remove (sigterm_id);
+  g_source_remove (sighup_id);
   lp_cli_clear_status ();
   for (guint i = batch.next; i < n; i++)
     {
@@ -563,7 +598,8 @@ lp_cli_run_jobs (guint           n,
   g_free (batch.slots);
 
   if (batch.signal_number)
-    return batch.signal_number == SIGINT ? EXIT_SIGINT : EXIT_SIGTERM;
+    return batch.signal_number == SIGINT ? EXIT_SIGINT
+           : batch.signal_number == SIGHUP ? EXIT_SIGHUP : EXIT_SIGTERM;
   return batch.n_failed > 0 ? EXIT_FAILED : EXIT_OK;
 }
 

@@ -16,10 +16,11 @@
 #include <math.h>
 #include <string.h>
 
-/* The module @name's PEFT `(.*\.)?(KEY)$` matching, as PEFT's get_pattern_key:
- * the first key of @patterns (in file order) that matches wins. */
-static JsonNode *
-peft_pattern_lookup (JsonObject *patterns,
+/* The module @key's entry of @patterns by PEFT's `(.*\.)?(KEY)$` matching,
+ * as PEFT's get_pattern_key: the first key (in file order) that matches wins.
+ * diffusers' lora_adapter_metadata patterns match the same way. */
+JsonNode *
+lp_lora_peft_pattern_lookup (JsonObject *patterns,
                      const char *key)
 {
   g_autoptr(GList) members = NULL;
@@ -53,11 +54,7 @@ peft_pattern_lookup (JsonObject *patterns,
 
 typedef struct {
   JsonParser *parser;
-  double r;
-  double lora_alpha;
-  gboolean use_rslora;
-  JsonObject *rank_pattern;
-  JsonObject *alpha_pattern;
+  LpLoraPeftConfig values;
 } PeftConfig;
 
 static void
@@ -75,18 +72,84 @@ lp_lora_family_peft_config_free (gpointer config)
 
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (PeftConfig, peft_config_clear)
 
-/* PEFT's LoraConfig defaults: r = 8, lora_alpha = 8, use_rslora = false. */
+/**
+ * lp_lora_peft_config_read:
+ * @config: (out caller-allocates): what is read
+ * @object: a LoraConfig as JSON: PEFT's adapter_config.json, or one
+ *   component's part of diffusers' lora_adapter_metadata
+ * @prefix: what the keys start with: "" for PEFT, the component and a dot
+ *   ("transformer.") in diffusers' metadata, which _pack_dict_with_prefix
+ *   flattened
+ * @where: what to call @object in errors ("adapter_config.json")
+ * @error: return location for a #GError
+ *
+ * Reads `r`, `lora_alpha`, `use_rslora`, `rank_pattern` and `alpha_pattern`
+ * with PEFT's LoraConfig defaults (r = 8, lora_alpha = 8, no rslora). The
+ * patterns point into @object.
+ *
+ * Returns: %TRUE, or %FALSE with @error set
+ */
+gboolean
+lp_lora_peft_config_read (LpLoraPeftConfig  *config,
+                          JsonObject        *object,
+                          const char        *prefix,
+                          const char        *where,
+                          GError           **error)
+{
+  g_autofree char *r_key = g_strconcat (prefix, "r", NULL);
+  g_autofree char *alpha_key = g_strconcat (prefix, "lora_alpha", NULL);
+  g_autofree char *rslora_key = g_strconcat (prefix, "use_rslora", NULL);
+  JsonNode *node;
+
+  *config = (LpLoraPeftConfig) { 8, 8, FALSE, NULL, NULL };
+  node = json_object_get_member (object, r_key);
+  if (node != NULL && (!lp_lora_json_get_number (node, &config->r) || config->r < 1
+                       || config->r != floor (config->r)))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                   "%s: \"%s\" must be a positive integer", where, r_key);
+      return FALSE;
+    }
+  node = json_object_get_member (object, alpha_key);
+  if (node != NULL && (!lp_lora_json_get_number (node, &config->lora_alpha)
+                       || !isfinite (config->lora_alpha)))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                   "%s: \"%s\" must be a number", where, alpha_key);
+      return FALSE;
+    }
+  node = json_object_get_member (object, rslora_key);
+  if (node != NULL && JSON_NODE_HOLDS_VALUE (node)
+      && json_node_get_value_type (node) == G_TYPE_BOOLEAN)
+    config->use_rslora = json_node_get_boolean (node);
+
+  for (guint i = 0; i < 2; i++)
+    {
+      g_autofree char *key = g_strconcat (prefix, i == 0 ? "rank_pattern" : "alpha_pattern", NULL);
+      JsonObject **pattern = i == 0 ? &config->rank_pattern : &config->alpha_pattern;
+
+      node = json_object_get_member (object, key);
+      if (node == NULL || JSON_NODE_HOLDS_NULL (node))
+        continue;
+      if (!JSON_NODE_HOLDS_OBJECT (node))
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                       "%s: \"%s\" must be an object", where, key);
+          return FALSE;
+        }
+      *pattern = json_node_get_object (node);
+    }
+  return TRUE;
+}
+
 static gboolean
 peft_config_parse (PeftConfig  *config,
                    const char  *json,
                    GError     **error)
 {
   g_autoptr(GError) local_error = NULL;
-  JsonNode *root, *node;
-  JsonObject *object;
+  JsonNode *root;
 
-  config->r = 8;
-  config->lora_alpha = 8;
   config->parser = json_parser_new ();
   if (!json_parser_load_from_data (config->parser, json, -1, &local_error))
     {
@@ -101,76 +164,53 @@ peft_config_parse (PeftConfig  *config,
                            "adapter_config.json: not a JSON object");
       return FALSE;
     }
-  object = json_node_get_object (root);
-
-  node = json_object_get_member (object, "r");
-  if (node != NULL && (!lp_lora_json_get_number (node, &config->r) || config->r < 1
-                       || config->r != floor (config->r)))
-    {
-      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                           "adapter_config.json: \"r\" must be a positive integer");
-      return FALSE;
-    }
-  node = json_object_get_member (object, "lora_alpha");
-  if (node != NULL && (!lp_lora_json_get_number (node, &config->lora_alpha)
-                       || !isfinite (config->lora_alpha)))
-    {
-      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                           "adapter_config.json: \"lora_alpha\" must be a number");
-      return FALSE;
-    }
-  node = json_object_get_member (object, "use_rslora");
-  if (node != NULL && JSON_NODE_HOLDS_VALUE (node)
-      && json_node_get_value_type (node) == G_TYPE_BOOLEAN)
-    config->use_rslora = json_node_get_boolean (node);
-
-  for (guint i = 0; i < 2; i++)
-    {
-      const char *key = i == 0 ? "rank_pattern" : "alpha_pattern";
-      JsonObject **pattern = i == 0 ? &config->rank_pattern : &config->alpha_pattern;
-
-      node = json_object_get_member (object, key);
-      if (node == NULL || JSON_NODE_HOLDS_NULL (node))
-        continue;
-      if (!JSON_NODE_HOLDS_OBJECT (node))
-        {
-          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                       "adapter_config.json: \"%s\" must be an object", key);
-          return FALSE;
-        }
-      *pattern = json_node_get_object (node);
-    }
-  return TRUE;
+  return lp_lora_peft_config_read (&config->values, json_node_get_object (root), "",
+                                   "adapter_config.json", error);
 }
 
-/* The module's r and alpha in @config. */
-static gboolean
-peft_config_lookup (PeftConfig  *config,
-                    const char  *module,
-                    const char  *key,
-                    double      *r,
-                    double      *alpha,
-                    GError     **error)
+/**
+ * lp_lora_peft_config_lookup:
+ * @config: a config read by lp_lora_peft_config_read()
+ * @where: what to call the config in errors
+ * @module: the module's name, for errors
+ * @key: the module's name in the model, as PEFT matches the patterns
+ * @r: (out): the module's rank
+ * @alpha: (out): the module's alpha
+ * @error: return location for a #GError
+ *
+ * The module's r and alpha as PEFT's LoraModel._create_and_replace takes
+ * them: the pattern entries get_pattern_key picks, else `r`, `lora_alpha`.
+ *
+ * Returns: %TRUE, or %FALSE with @error set
+ */
+gboolean
+lp_lora_peft_config_lookup (const LpLoraPeftConfig  *config,
+                            const char              *where,
+                            const char              *module,
+                            const char              *key,
+                            double                  *r,
+                            double                  *alpha,
+                            GError                 **error)
 {
   JsonNode *node;
 
   *r = config->r;
   *alpha = config->lora_alpha;
 
-  node = peft_pattern_lookup (config->rank_pattern, key);
+  node = lp_lora_peft_pattern_lookup (config->rank_pattern, key);
   if (node != NULL && (!lp_lora_json_get_number (node, r) || *r < 1 || *r != floor (*r)))
     {
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                   "module %s: adapter_config.json: its rank_pattern entry is not "
-                   "a positive integer", module);
+                   "module %s: %s: its rank_pattern entry is not "
+                   "a positive integer", module, where);
       return FALSE;
     }
-  node = peft_pattern_lookup (config->alpha_pattern, key);
+  node = lp_lora_peft_pattern_lookup (config->alpha_pattern, key);
   if (node != NULL && (!lp_lora_json_get_number (node, alpha) || !isfinite (*alpha)))
     {
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                   "module %s: adapter_config.json: its alpha_pattern entry is not "
-                   "a number", module);
+                   "module %s: %s: its alpha_pattern entry is not "
+                   "a number", module, where);
       return FALSE;
     }
   return TRUE;
@@ -238,10 +278,8 @@ lp_lora_update_adapter_config (const char  *json,
                                GError     **error)
 {
   g_auto(PeftConfig) config = { NULL, };
-  g_autoptr(GHashTable) counts = NULL;
-  JsonObject *root, *rank_pattern, *alpha_pattern;
-  guint best_rank = 0, best_count = 0;
-  double new_alpha;
+  g_autoptr(GPtrArray) peft = g_ptr_array_new ();
+  g_autofree guint *peft_ranks = g_new0 (guint, MAX (modules->len, 1));
 
   g_return_val_if_fail (json != NULL, NULL);
   g_return_val_if_fail (modules != NULL, NULL);
@@ -250,13 +288,9 @@ lp_lora_update_adapter_config (const char  *json,
 
   if (!peft_config_parse (&config, json, error))
     return NULL;
-  root = json_node_get_object (json_parser_get_root (config.parser));
-
-  counts = g_hash_table_new (NULL, NULL);
   for (guint i = 0; i < modules->len; i++)
     {
       LpLoraModule *module = g_ptr_array_index (modules, i);
-      guint count;
 
       if (module->family != &lp_lora_family_peft)
         continue;
@@ -266,7 +300,44 @@ lp_lora_update_adapter_config (const char  *json,
                        "module %s: new rank 0", module->name);
           return NULL;
         }
-      count = GPOINTER_TO_UINT (g_hash_table_lookup (counts, GUINT_TO_POINTER (new_ranks[i]))) + 1;
+      peft_ranks[peft->len] = new_ranks[i];
+      g_ptr_array_add (peft, module);
+    }
+  lp_lora_peft_config_rewrite (json_node_get_object (json_parser_get_root (config.parser)), "",
+                               &config.values, peft, peft_ranks);
+  return lp_lora_json_to_text (json_parser_get_root (config.parser));
+}
+
+/**
+ * lp_lora_peft_config_rewrite:
+ * @object: the LoraConfig as JSON, rewritten in place
+ * @prefix: what its keys start with, as for lp_lora_peft_config_read()
+ * @config: what lp_lora_peft_config_read() read from @object
+ * @modules: (element-type LpLoraModule): the modules @object configures,
+ *   each with its peft_key (its name in the model) and alpha_value
+ * @new_ranks: (array): the new rank of each of @modules
+ *
+ * The rule of lp_lora_update_adapter_config(), on a config already read:
+ * `r` the most common new rank, `lora_alpha` scaled to it, `rank_pattern`
+ * and `alpha_pattern` rebuilt with a ^-anchored key for each module that
+ * differs, so that every module keeps its scale.
+ */
+void
+lp_lora_peft_config_rewrite (JsonObject             *object,
+                             const char             *prefix,
+                             const LpLoraPeftConfig *config,
+                             GPtrArray              *modules,
+                             const guint            *new_ranks)
+{
+  g_autoptr(GHashTable) counts = g_hash_table_new (NULL, NULL);
+  JsonObject *rank_pattern, *alpha_pattern;
+  guint best_rank = 0, best_count = 0;
+  double new_alpha;
+
+  for (guint i = 0; i < modules->len; i++)
+    {
+      guint count = GPOINTER_TO_UINT (g_hash_table_lookup (counts, GUINT_TO_POINTER (new_ranks[i]))) + 1;
+
       g_hash_table_insert (counts, GUINT_TO_POINTER (new_ranks[i]), GUINT_TO_POINTER (count));
       if (count > best_count)
         {
@@ -275,10 +346,10 @@ lp_lora_update_adapter_config (const char  *json,
         }
     }
   if (best_count == 0)
-    best_rank = config.r;
+    best_rank = config->r;
 
-  new_alpha = config.use_rslora ? config.lora_alpha * sqrt (best_rank / config.r)
-                                : config.lora_alpha * best_rank / config.r;
+  new_alpha = config->use_rslora ? config->lora_alpha * sqrt (best_rank / config->r)
+                                 : config->lora_alpha * best_rank / config->r;
 
   rank_pattern = json_object_new ();
   alpha_pattern = json_object_new ();
@@ -288,11 +359,9 @@ lp_lora_update_adapter_config (const char  *json,
       g_autofree char *key = NULL;
       double k, alpha;
 
-      if (module->family != &lp_lora_family_peft)
-        continue;
       k = new_ranks[i];
-      alpha = config.use_rslora ? module->alpha_value * sqrt (k / module->rank)
-                                : module->alpha_value * k / module->rank;
+      alpha = config->use_rslora ? module->alpha_value * sqrt (k / module->rank)
+                                 : module->alpha_value * k / module->rank;
       key = lp_lora_peft_pattern_key (module->peft_key);
       if (new_ranks[i] != best_rank)
         json_object_set_int_member (rank_pattern, key, new_ranks[i]);
@@ -300,12 +369,15 @@ lp_lora_update_adapter_config (const char  *json,
         lp_lora_json_set_number (alpha_pattern, key, alpha);
     }
 
-  json_object_set_int_member (root, "r", best_rank);
-  lp_lora_json_set_number (root, "lora_alpha", new_alpha);
-  json_object_set_object_member (root, "rank_pattern", rank_pattern);
-  json_object_set_object_member (root, "alpha_pattern", alpha_pattern);
+  g_autofree char *r_key = g_strconcat (prefix, "r", NULL);
+  g_autofree char *alpha_key = g_strconcat (prefix, "lora_alpha", NULL);
+  g_autofree char *rank_pattern_key = g_strconcat (prefix, "rank_pattern", NULL);
+  g_autofree char *alpha_pattern_key = g_strconcat (prefix, "alpha_pattern", NULL);
 
-  return lp_lora_json_to_text (json_parser_get_root (config.parser));
+  json_object_set_int_member (object, r_key, best_rank);
+  lp_lora_json_set_number (object, alpha_key, new_alpha);
+  json_object_set_object_member (object, rank_pattern_key, rank_pattern);
+  json_object_set_object_member (object, alpha_pattern_key, alpha_pattern);
 }
 
 /* Any adapter config that is not another family's is PEFT's (PEFT's own
@@ -344,7 +416,8 @@ lp_lora_family_peft_init_module (LpLoraModule  *module,
   module->family = &lp_lora_family_peft;
   module->convention = LP_LORA_CONVENTION_PEFT;
   module->peft_key = g_strdup (key);
-  if (!peft_config_lookup (peft, module->name, key, &r, &alpha, error))
+  if (!lp_lora_peft_config_lookup (&peft->values, "adapter_config.json", module->name, key,
+                                   &r, &alpha, error))
     return FALSE;
   if (r != module->rank)
     {
@@ -354,7 +427,7 @@ lp_lora_family_peft_init_module (LpLoraModule  *module,
       return FALSE;
     }
   module->alpha_value = alpha;
-  module->scale = peft->use_rslora ? alpha / sqrt (r) : alpha / r;
+  module->scale = peft->values.use_rslora ? alpha / sqrt (r) : alpha / r;
   return TRUE;
 }
 

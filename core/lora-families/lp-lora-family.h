@@ -53,6 +53,10 @@ typedef struct {
   const LpLoraFamily *config_family; /* the family whose config it is (peft, mlx) */
   gpointer config_data;         /* what config_family parsed from it */
   GDestroyNotify config_data_free;
+  /* diffusers' lora_adapter_metadata, parsed on first use */
+  gboolean lora_metadata_read;
+  JsonParser *lora_metadata_parser;
+  JsonObject *lora_metadata;    /* NULL when the checkpoint has none */
 } LpLoraFinder;
 
 struct _LpLoraModule
@@ -131,6 +135,37 @@ guint     lp_lora_most_common_rank     (GPtrArray     *modules,
                                         const LpLoraFamily *family,
                                         const guint   *new_ranks,
                                         gboolean      *uniform);
+
+/* A LoraConfig's scale entries (PEFT's adapter_config.json, one component
+ * of diffusers' lora_adapter_metadata), read and rewritten by one set of
+ * rules (lp-lora-family-peft.c). */
+typedef struct {
+  double r;
+  double lora_alpha;
+  gboolean use_rslora;
+  JsonObject *rank_pattern;     /* NULL when absent */
+  JsonObject *alpha_pattern;
+} LpLoraPeftConfig;
+
+gboolean  lp_lora_peft_config_read     (LpLoraPeftConfig        *config,
+                                        JsonObject              *object,
+                                        const char              *prefix,
+                                        const char              *where,
+                                        GError                 **error);
+gboolean  lp_lora_peft_config_lookup   (const LpLoraPeftConfig  *config,
+                                        const char              *where,
+                                        const char              *module,
+                                        const char              *key,
+                                        double                  *r,
+                                        double                  *alpha,
+                                        GError                 **error);
+void      lp_lora_peft_config_rewrite  (JsonObject              *object,
+                                        const char              *prefix,
+                                        const LpLoraPeftConfig  *config,
+                                        GPtrArray               *modules,
+                                        const guint             *new_ranks);
+JsonNode *lp_lora_peft_pattern_lookup  (JsonObject              *patterns,
+                                        const char              *key);
 
 /* PEFT's scale for a diffusers-named module beside a PEFT config */
 gboolean  lp_lora_family_peft_init_module (LpLoraModule  *module,

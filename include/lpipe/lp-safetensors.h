@@ -27,5 +27,10 @@ gboolean      lp_safetensors_save            (LpCheckpoint  *checkpoint,
                                               const char    *filename,
                                               LpStage       *stage,
                                               GError       **error);
+gboolean      lp_safetensors_save_sharded    (LpCheckpoint  *checkpoint,
+                                              const char    *location,
+                                              guint64        max_shard_size,
+                                              LpStage       *stage,
+                                              GError       **error);
 
 G_END_DECLS

@@ -105,6 +105,25 @@ void          lp_stage_set_threads          (LpStage       *self,
 GCancellable *lp_stage_get_cancellable      (LpStage       *self);
 void          lp_stage_set_cancellable      (LpStage       *self,
                                              GCancellable  *cancellable);
+/**
+ * LpStageParallelFunc:
+ * @index: which item, 0 ≤ @index < n
+ * @user_data: the data given to lp_stage_parallel_for()
+ * @error: where the item's error goes
+ *
+ * One item of lp_stage_parallel_for().
+ *
+ * Returns: %FALSE with @error set when the item failed
+ */
+typedef gboolean (*LpStageParallelFunc) (guint     index,
+                                         gpointer  user_data,
+                                         GError  **error);
+
+gboolean      lp_stage_parallel_for         (LpStage            *self,
+                                             guint               n,
+                                             LpStageParallelFunc func,
+                                             gpointer            user_data,
+                                             GError            **error);
 const char   *lp_stage_get_provenance       (LpStage       *self);
 void          lp_stage_set_provenance       (LpStage       *self,
                                              const char    *provenance);

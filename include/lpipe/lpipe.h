@@ -12,6 +12,7 @@
 #include <lpipe/lp-tensor.h>
 #include <lpipe/lp-checkpoint.h>
 #include <lpipe/lp-name-filter.h>
+#include <lpipe/lp-model-names.h>
 #include <lpipe/lp-stage.h>
 #include <lpipe/lp-registry.h>
 #include <lpipe/lp-run-stats.h>

@@ -21,6 +21,8 @@ struct _LpLoraStats
   char *method;
   GMutex lock;
   GHashTable *entries;   /* module name -> Entry */
+  /* the ranks read and written, when the stage set them */
+  guint n_modules, in_min, in_max, out_min, out_max;
 };
 
 static int
@@ -98,6 +100,28 @@ lp_lora_stats_get_method (LpLoraStats *stats)
   return stats->method;
 }
 
+/* The ranks of the modules read and written, for the summary: so that lpipe
+ * need not read the files again to tell them. */
+void
+lp_lora_stats_set_ranks (LpLoraStats *stats,
+                         guint        n_modules,
+                         const guint *ranks_in,
+                         const guint *ranks_out)
+{
+  g_mutex_lock (&stats->lock);
+  stats->n_modules = n_modules;
+  stats->in_min = stats->out_min = G_MAXUINT;
+  stats->in_max = stats->out_max = 0;
+  for (guint m = 0; m < n_modules; m++)
+    {
+      stats->in_min = MIN (stats->in_min, ranks_in[m]);
+      stats->in_max = MAX (stats->in_max, ranks_in[m]);
+      stats->out_min = MIN (stats->out_min, ranks_out[m]);
+      stats->out_max = MAX (stats->out_max, ranks_out[m]);
+    }
+  g_mutex_unlock (&stats->lock);
+}
+
 /* What was kept of each module, as JSON for lpipe's summary: per module (by
  * name) the energy kept and the relative error of its update, which for an
  * SVD truncation is sqrt (1 - energy) (Eckart-Young). */
@@ -129,8 +153,13 @@ lp_lora_stats_to_json (LpLoraStats *stats)
       lp_lora_json_number (json, sqrt (MAX (0.0, 1 - energy)));
       g_string_append_c (json, '}');
     }
+  g_string_append_c (json, ']');
+  if (stats->n_modules > 0)
+    g_string_append_printf (json, ", \"summary\": {\"n_modules\": %u, \"min_rank\": %u, \"max_rank\": %u, "
+                            "\"in_min_rank\": %u, \"in_max_rank\": %u}",
+                            stats->n_modules, stats->out_min, stats->out_max, stats->in_min, stats->in_max);
   g_mutex_unlock (&stats->lock);
-  g_string_append (json, "]}");
+  g_string_append_c (json, '}');
   return g_string_free (g_steal_pointer (&json), FALSE);
 }
 

@@ -29,6 +29,10 @@ gboolean      lp_lora_stats_lookup   (LpLoraStats  *stats,
                                       double       *kept,
                                       double       *total);
 const char   *lp_lora_stats_get_method (LpLoraStats *stats);
+void          lp_lora_stats_set_ranks (LpLoraStats *stats,
+                                       guint        n_modules,
+                                       const guint *ranks_in,
+                                       const guint *ranks_out);
 char         *lp_lora_stats_to_json  (LpLoraStats  *stats);
 void          lp_lora_stats_attach   (LpLoraStats  *stats,
                                       LpCheckpoint *checkpoint);

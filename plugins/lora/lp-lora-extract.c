@@ -243,58 +243,39 @@ dynamic_rank (LpLoraExtract        *self,
 typedef struct {
   LpLoraExtract *self;
   GPtrArray *jobs;
-  GError **errors;
 } PlanWork;
 
-static void
-plan_task (gpointer data,
-           gpointer user_data)
+static gboolean
+plan_task (guint     i,
+           gpointer  user_data,
+           GError  **error)
 {
   PlanWork *work = user_data;
-  guint i = GPOINTER_TO_UINT (data) - 1;
   Job *job = g_ptr_array_index (work->jobs, i);
   LpLoraDifference d;
   GBytes *bytes[2];
 
-  if (!job_load (job, &d, bytes, &work->errors[i]))
-    return;
-  g_autoptr (LpLoraDenseSvd) svd = lp_lora_difference_svd (&d, &work->errors[i]);
+  if (!job_load (job, &d, bytes, error))
+    return FALSE;
+  g_autoptr (LpLoraDenseSvd) svd = lp_lora_difference_svd (&d, error);
   if (svd != NULL)
     job->k = dynamic_rank (work->self, svd, MIN (job->out, job->in));
   else
-    g_prefix_error (&work->errors[i], "tensor %s: ", lp_tensor_get_name (job->tuned));
+    g_prefix_error (error, "tensor %s: ", lp_tensor_get_name (job->tuned));
   g_bytes_unref (bytes[0]);
   g_bytes_unref (bytes[1]);
+  return svd != NULL;
 }
 
-/* Every job's rank from its spectrum, on the stage's threads; the first
- * error in checkpoint order wins. */
+/* Every job's rank from its spectrum, on the stage's threads. */
 static gboolean
 plan_ranks (LpLoraExtract  *self,
             GPtrArray      *jobs,
             GError        **error)
 {
-  PlanWork work = { self, jobs, g_new0 (GError *, MAX (jobs->len, 1)) };
-  GThreadPool *pool = g_thread_pool_new (plan_task, &work,
-                                         MAX (lp_stage_get_threads (LP_STAGE (self)), 1),
-                                         FALSE, NULL);
-  GError *first = NULL;
+  PlanWork work = { self, jobs };
 
-  for (guint i = 0; i < jobs->len; i++)
-    g_thread_pool_push (pool, GUINT_TO_POINTER (i + 1), NULL);
-  g_thread_pool_free (pool, FALSE, TRUE);
-  for (guint i = 0; i < jobs->len; i++)
-    if (work.errors[i] != NULL)
-      {
-        if (first == NULL)
-          first = work.errors[i];
-        else
-          g_error_free (work.errors[i]);
-      }
-  g_free (work.errors);
-  if (first != NULL)
-    g_propagate_error (error, first);
-  return first == NULL;
+  return lp_stage_parallel_for (LP_STAGE (self), jobs->len, plan_task, &work, error);
 }
 
 /* ---- the output ------------------------------------------------------------------ */

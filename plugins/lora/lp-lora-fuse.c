@@ -27,7 +27,18 @@
  *   `lora_transformer_`): the weight whose name, with every `.` an `_`, is
  *   `a_b_c` (kohya's networks/lora.py names modules so), which is how kohya
  *   Flux LoRAs meet BFL checkpoints and diffusers-named LoRAs meet diffusers
- *   checkpoints.
+ *   checkpoints;
+ * - onto an original-format Stable Diffusion checkpoint (SD 1.x/2.x ldm,
+ *   SDXL sgm: `model.diffusion_model.input_blocks.1.1.proj_in.weight`,
+ *   `cond_stage_model.transformer.text_model.…`, `conditioner.embedders.0/1.…`),
+ *   kohya and diffusers LoRAs name the modules by diffusers' layout
+ *   (`lora_unet_down_blocks_0_attentions_0_proj_in`,
+ *   `lora_te1_text_model_encoder_layers_0_self_attn_q_proj`,
+ *   `unet.down_blocks.0.…`), which lp_model_name_to_diffusers() maps, as
+ *   ComfyUI's model_lora_keys_unet() and model_lora_keys_clip() do; kohya's
+ *   SDXL LoRAs name them by the checkpoint's own layout
+ *   (`lora_unet_input_blocks_4_1_…`). A q, k or v module of SDXL's OpenCLIP
+ *   text encoder goes into its third of the fused `attn.in_proj_weight`.
  *
  * A module that finds no weight, or one of another shape, fails the run with
  * the list of them, unless `allow-unmatched` is set (then they are named in a
@@ -97,18 +108,90 @@ parse_strengths (LpLoraFuse  *self,
 
 /* ---- matching modules to weights ---------------------------------------------- */
 
+/* Where a module's update goes: rows [row, row + n_rows) of a weight (all
+ * of them but for a stacked q/k/v). */
+typedef struct {
+  LpTensor *weight;
+  guint64 row;
+  guint64 n_rows;
+} Target;
+
 /* The model's weights by name, and by their kohya form (every '.' an '_',
- * without `.weight`); a kohya form two weights share maps to NULL. */
+ * without `.weight`); a kohya form two weights share maps to NULL. An
+ * original-format Stable Diffusion checkpoint adds `aliases`: the module
+ * names LoRAs give its weights (see add_original_names()). */
 typedef struct {
   LpCheckpoint *model;
   GHashTable *kohya;
+  GHashTable *aliases;      /* module name -> Target */
 } Targets;
+
+static void
+add_alias (Targets    *targets,
+           char       *name,
+           LpTensor   *weight,
+           guint       part,
+           guint       n_parts)
+{
+  Target *target = g_new (Target, 1);
+
+  target->n_rows = lp_tensor_get_dim (weight, 0) / n_parts;
+  target->row = part * target->n_rows;
+  target->weight = weight;
+  g_hash_table_replace (targets->aliases, name, target);
+}
+
+/* The names LoRAs give a weight of an original-format SD checkpoint, as
+ * ComfyUI's comfy/lora.py model_lora_keys_unet() and model_lora_keys_clip()
+ * list them: diffusers' (`unet.down_blocks.0.attentions.0.proj_in`), kohya's
+ * form of it (`lora_unet_down_blocks_0_attentions_0_proj_in`), and for the
+ * UNet kohya's form of the checkpoint's own name
+ * (`lora_unet_input_blocks_1_1_proj_in`, how kohya's SDXL LoRAs name it). */
+static void
+add_original_names (Targets    *targets,
+                    LpTensor   *weight)
+{
+  const char *name = lp_tensor_get_name (weight);
+  const char *kohya_prefix = NULL;
+  g_auto(GStrv) parts = lp_model_name_to_diffusers (name, &kohya_prefix);
+  guint n_parts;
+
+  if (parts == NULL)
+    return;
+  n_parts = g_strv_length (parts);
+  if (lp_tensor_get_dim (weight, 0) % n_parts != 0)
+    return;
+  for (guint p = 0; p < n_parts; p++)
+    {
+      const char *dot;
+      char *kohya;
+
+      if (!g_str_has_suffix (parts[p], ".weight"))
+        continue;
+      parts[p][strlen (parts[p]) - strlen (".weight")] = '\0';
+      dot = strchr (parts[p], '.');
+      kohya = g_strconcat (kohya_prefix, dot + 1, NULL);
+      g_strdelimit (kohya + strlen (kohya_prefix), ".", '_');
+      add_alias (targets, g_strdup (parts[p]), weight, p, n_parts);
+      add_alias (targets, kohya, weight, p, n_parts);
+    }
+  if (g_str_has_prefix (name, "model.diffusion_model.") && g_str_has_suffix (name, ".weight"))
+    {
+      const char *rest = name + strlen ("model.diffusion_model.");
+      char *kohya = g_strconcat ("lora_unet_", rest, NULL);
+
+      kohya[strlen (kohya) - strlen (".weight")] = '\0';
+      g_strdelimit (kohya + strlen ("lora_unet_"), ".", '_');
+      add_alias (targets, kohya, weight, 0, 1);
+    }
+}
 
 static void
 targets_init (Targets      *targets,
               LpCheckpoint *model)
 {
   targets->model = model;
+  targets->aliases = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, g_free);
   targets->kohya = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
   for (guint i = 0; i < lp_checkpoint_get_n_tensors (model); i++)
     {
@@ -116,6 +199,7 @@ targets_init (Targets      *targets,
       const char *name = lp_tensor_get_name (t);
       char *key;
 
+      add_original_names (targets, t);
       if (!g_str_has_suffix (name, ".weight"))
         continue;
       key = g_strndup (name, strlen (name) - strlen (".weight"));
@@ -131,6 +215,7 @@ static void
 targets_clear (Targets *targets)
 {
   g_clear_pointer (&targets->kohya, g_hash_table_unref);
+  g_clear_pointer (&targets->aliases, g_hash_table_unref);
 }
 
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (Targets, targets_clear)
@@ -144,7 +229,7 @@ lookup_weight (Targets    *targets,
 }
 
 static LpTensor *
-find_target (Targets      *targets,
+find_weight (Targets      *targets,
              LpLoraModule *module)
 {
   const char *name = lp_lora_module_get_name (module);
@@ -174,11 +259,40 @@ find_target (Targets      *targets,
   return NULL;
 }
 
+/* The weight @module adapts and its rows; FALSE when there is none. */
+static gboolean
+find_target (Targets      *targets,
+             LpLoraModule *module,
+             Target       *target)
+{
+  const char *name = lp_lora_module_get_name (module);
+  const Target *alias = g_hash_table_lookup (targets->aliases, name);
+  g_autofree char *in_unet = NULL;
+
+  if (alias == NULL && lp_lora_module_get_convention (module) != LP_LORA_CONVENTION_KOHYA)
+    {
+      /* a diffusers UNet LoRA without its component's prefix */
+      in_unet = g_strconcat ("unet.", name, NULL);
+      alias = g_hash_table_lookup (targets->aliases, in_unet);
+    }
+  if (alias != NULL)
+    {
+      *target = *alias;
+      return TRUE;
+    }
+  target->weight = find_weight (targets, module);
+  target->row = 0;
+  target->n_rows = target->weight ? lp_tensor_get_dim (target->weight, 0) : 0;
+  return target->weight != NULL;
+}
+
 /* ---- one fused weight --------------------------------------------------------------- */
 
 typedef struct {
   LpLoraModule *module;
   double factor;          /* strength · scale */
+  guint64 row;            /* the weight's rows it updates */
+  guint64 n_rows;
 } Part;
 
 typedef struct {
@@ -252,10 +366,13 @@ fused_data (LpTensor  *tensor,
         {
           const Part *part = &g_array_index (fused->parts, Part, p);
           guint r = lp_lora_module_get_rank (part->module);
+          guint64 lo = MAX (r0, part->row), hi = MIN (r0 + n, part->row + part->n_rows);
 
-          /* block += factor · B[rows] @ A */
-          cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, n, in, r, part->factor,
-                       b[p] + r0 * r, r, a[p], in, 1.0, block, in);
+          if (lo >= hi)
+            continue;
+          /* block[lo..hi) += factor · B[lo - row..hi - row) @ A */
+          cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, hi - lo, in, r, part->factor,
+                       b[p] + (lo - part->row) * r, r, a[p], in, 1.0, block + (lo - r0) * in, in);
         }
       if (!lp_lora_all_finite_f64 (block, n * in))
         {
@@ -317,14 +434,15 @@ lp_lora_fuse_aggregate (LpAggregator  *aggregator,
       for (guint m = 0; m < modules->len; m++)
         {
           LpLoraModule *module = g_ptr_array_index (modules, m);
-          LpTensor *weight = find_target (&targets, module);
+          Target target = { NULL, };
+          LpTensor *weight = find_target (&targets, module, &target) ? target.weight : NULL;
           guint64 out = weight ? lp_tensor_get_dim (weight, 0) : 0;
           Fused *entry;
           Part part;
 
           if (weight == NULL
               || lp_tensor_get_n_dims (weight) != lp_tensor_get_n_dims (lp_lora_module_get_down (module))
-              || out != lp_lora_module_get_out_features (module)
+              || target.n_rows != lp_lora_module_get_out_features (module)
               || lp_tensor_get_n_elements (weight) / MAX (out, 1) != lp_lora_module_get_in_features (module))
             {
               if (n_unmatched < 8)
@@ -356,6 +474,8 @@ lp_lora_fuse_aggregate (LpAggregator  *aggregator,
             }
           part.module = g_object_ref (module);
           part.factor = strengths[i - 1] * lp_lora_module_get_scale (module);
+          part.row = target.row;
+          part.n_rows = target.n_rows;
           g_array_append_val (entry->parts, part);
           n_modules++;
         }

@@ -65,8 +65,6 @@ typedef struct {
 typedef struct {
   GPtrArray *modules;
   ModuleSpectrum *spectra;
-  GError **errors;
-  GCancellable *cancellable;
 } Work;
 
 static gboolean
@@ -113,55 +111,34 @@ module_spectrum (LpLoraModule    *module,
   return TRUE;
 }
 
-static void
-spectrum_task (gpointer data,
-               gpointer user_data)
+static gboolean
+spectrum_task (guint     i,
+               gpointer  user_data,
+               GError  **error)
 {
   Work *work = user_data;
-  guint i = GPOINTER_TO_UINT (data) - 1;
   LpLoraModule *module = g_ptr_array_index (work->modules, i);
 
-  if (g_cancellable_set_error_if_cancelled (work->cancellable, &work->errors[i]))
-    return;
-  if (!module_spectrum (module, &work->spectra[i], &work->errors[i]))
-    lp_lora_prefix_error (&work->errors[i], module);
+  if (module_spectrum (module, &work->spectra[i], error))
+    return TRUE;
+  lp_lora_prefix_error (error, module);
+  return FALSE;
 }
 
-/* Every module's spectrum on the stage's threads; the first error in module
- * order wins, so the message does not depend on scheduling. */
+/* Every module's spectrum on the stage's threads. */
 static ModuleSpectrum *
 compute_spectra (LpLoraSpectrumStage  *self,
                  GPtrArray            *modules,
                  GError              **error)
 {
   guint n = modules->len;
-  Work work = {
-    modules, g_new0 (ModuleSpectrum, n), g_new0 (GError *, n),
-    lp_stage_get_cancellable (LP_STAGE (self)),
-  };
-  guint threads = MAX (lp_stage_get_threads (LP_STAGE (self)), 1);
-  GThreadPool *pool = g_thread_pool_new (spectrum_task, &work, threads, FALSE, NULL);
-  GError *first = NULL;
+  Work work = { modules, g_new0 (ModuleSpectrum, n) };
 
-  for (guint i = 0; i < n; i++)
-    g_thread_pool_push (pool, GUINT_TO_POINTER (i + 1), NULL);
-  g_thread_pool_free (pool, FALSE, TRUE);
-
-  for (guint i = 0; i < n; i++)
-    if (work.errors[i] != NULL)
-      {
-        if (first == NULL)
-          first = work.errors[i];
-        else
-          g_error_free (work.errors[i]);
-      }
-  g_free (work.errors);
-  if (first != NULL)
+  if (!lp_stage_parallel_for (LP_STAGE (self), n, spectrum_task, &work, error))
     {
       for (guint i = 0; i < n; i++)
         g_free (work.spectra[i].sigma);
       g_free (work.spectra);
-      g_propagate_error (error, first);
       return NULL;
     }
   return work.spectra;

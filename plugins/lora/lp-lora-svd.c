@@ -372,58 +372,41 @@ typedef struct {
   LpLoraSvd *self;
   GPtrArray *modules;
   LpLoraSpectrum **spectra;
-  GError **errors;
 } SpectraWork;
 
-static void
-spectrum_task (gpointer data,
-               gpointer user_data)
+static gboolean
+spectrum_task (guint     i,
+               gpointer  user_data,
+               GError  **error)
 {
   SpectraWork *work = user_data;
-  guint i = GPOINTER_TO_UINT (data) - 1;
   LpLoraModule *module = g_ptr_array_index (work->modules, i);
   LpLoraFactors f = { 0, };
   GBytes *bytes[2];
 
-  if (load_stored (module, work->self->compute_dtype, &f, bytes, &work->errors[i]))
+  if (load_stored (module, work->self->compute_dtype, &f, bytes, error))
     {
-      work->spectra[i] = lp_lora_spectrum_compute (&f, 0, TRUE, &work->errors[i]);
+      work->spectra[i] = lp_lora_spectrum_compute (&f, 0, TRUE, error);
       g_bytes_unref (bytes[0]);
       g_bytes_unref (bytes[1]);
     }
-  if (work->errors[i])
-    lp_lora_prefix_error (&work->errors[i], module);
+  if (work->spectra[i] != NULL)
+    return TRUE;
+  lp_lora_prefix_error (error, module);
+  return FALSE;
 }
 
-/* Every module's spectrum, on the stage's threads; the first error by module
- * order wins so the message does not depend on scheduling. */
+/* Every module's spectrum, on the stage's threads. */
 static LpLoraSpectrum **
 compute_spectra (LpLoraSvd  *self,
                  GPtrArray  *modules,
                  GError    **error)
 {
   guint n = modules->len;
-  SpectraWork work = { self, modules, g_new0 (LpLoraSpectrum *, n), g_new0 (GError *, n) };
-  guint threads = MAX (lp_stage_get_threads (LP_STAGE (self)), 1);
-  GThreadPool *pool = g_thread_pool_new (spectrum_task, &work, threads, FALSE, NULL);
+  SpectraWork work = { self, modules, g_new0 (LpLoraSpectrum *, n) };
 
-  for (guint i = 0; i < n; i++)
-    g_thread_pool_push (pool, GUINT_TO_POINTER (i + 1), NULL);
-  g_thread_pool_free (pool, FALSE, TRUE);
-
-  GError *first = NULL;
-  for (guint i = 0; i < n; i++)
-    if (work.errors[i])
-      {
-        if (first == NULL)
-          first = work.errors[i];
-        else
-          g_error_free (work.errors[i]);
-      }
-  g_free (work.errors);
-  if (first)
+  if (!lp_stage_parallel_for (LP_STAGE (self), n, spectrum_task, &work, error))
     {
-      g_propagate_error (error, first);
       for (guint i = 0; i < n; i++)
         lp_lora_spectrum_free (work.spectra[i]);
       g_free (work.spectra);
@@ -732,6 +715,13 @@ lp_lora_svd_transform (LpTransform   *transform,
     }
 
   output = lp_lora_assemble (input, modules, new_down, new_up, new_alpha, new_ranks, error);
+  if (output && g_hash_table_size (lycoris) == 0)
+    {
+      g_autofree guint *old_ranks = g_new (guint, n);
+      for (guint m = 0; m < n; m++)
+        old_ranks[m] = lp_lora_module_get_rank (g_ptr_array_index (modules, m));
+      lp_lora_stats_set_ranks (stats, n, old_ranks, new_ranks);
+    }
   if (output)
     {
       lp_lora_stats_attach (stats, output);

@@ -30,10 +30,14 @@
  * is the first input's, and the others' scales are folded relative to it.
  * Other tensors and the metadata come from the first input that has them.
  *
- * Inputs must name their modules in one convention: merging a kohya file
- * with a diffusers one would write both naming schemes, each loader
- * applying only its half, so that is an error naming both conventions and
- * the `rename` preset that converts the odd input.
+ * The output names its modules in one convention (#LpLoraMerge:convention,
+ * the first input's by default): merging a kohya file with a diffusers one
+ * as they are would write both naming schemes, each loader applying only
+ * its half. An input in another convention is converted first by the
+ * `rename` preset that converts it (chosen by the model its names are of:
+ * Flux, SD 1.5, or SDXL's sgm names when the kohya inputs use them), so a
+ * diffusers Flux module `to_q` meets a kohya `img_attn_qkv` as its part.
+ * An input no preset converts is an error naming both conventions.
  *
  * Errors name the module: a module whose shapes or conventions differ
  * between inputs, a PEFT module absent from the first input, a weight that
@@ -45,6 +49,7 @@ struct _LpLoraMerge
   LpAggregator parent_instance;
 
   LpLoraMergeMethod method;
+  LpLoraMergeConvention convention;
   GStrv weights;
 };
 
@@ -52,6 +57,7 @@ enum {
   PROP_0,
   PROP_METHOD,
   PROP_WEIGHTS,
+  PROP_CONVENTION,
   N_PROPS
 };
 
@@ -61,6 +67,12 @@ G_DEFINE_FINAL_TYPE (LpLoraMerge, lp_lora_merge, LP_TYPE_AGGREGATOR)
 
 G_DEFINE_ENUM_TYPE (LpLoraMergeMethod, lp_lora_merge_method,
   G_DEFINE_ENUM_VALUE (LP_LORA_MERGE_METHOD_CONCAT, "concat"))
+
+G_DEFINE_ENUM_TYPE (LpLoraMergeConvention, lp_lora_merge_convention,
+  G_DEFINE_ENUM_VALUE (LP_LORA_MERGE_CONVENTION_FIRST, "first"),
+  G_DEFINE_ENUM_VALUE (LP_LORA_MERGE_CONVENTION_KOHYA, "kohya"),
+  G_DEFINE_ENUM_VALUE (LP_LORA_MERGE_CONVENTION_DIFFUSERS, "diffusers"),
+  G_DEFINE_ENUM_VALUE (LP_LORA_MERGE_CONVENTION_PEFT, "peft"))
 
 /* Parses #LpLoraMerge:weights, or gives n ones when unset. */
 static gboolean
@@ -208,13 +220,83 @@ check_same_convention (GPtrArray  *all_modules,
   return TRUE;
 }
 
+/* The inputs, each in the output's convention: those in another one
+ * converted by the rename preset that converts them. */
+static GPtrArray *
+convert_inputs (LpLoraMerge   *self,
+                LpCheckpoint **inputs,
+                guint          n_inputs,
+                GError       **error)
+{
+  static const LpLoraConvention conventions[] = {
+    [LP_LORA_MERGE_CONVENTION_KOHYA] = LP_LORA_CONVENTION_KOHYA,
+    [LP_LORA_MERGE_CONVENTION_DIFFUSERS] = LP_LORA_CONVENTION_DIFFUSERS,
+    [LP_LORA_MERGE_CONVENTION_PEFT] = LP_LORA_CONVENTION_PEFT,
+  };
+  g_autoptr(GPtrArray) out = g_ptr_array_new_with_free_func (g_object_unref);
+  g_autoptr(GPtrArray) found = g_ptr_array_new_with_free_func ((GDestroyNotify) g_ptr_array_unref);
+  g_autoptr(GPtrArray) in_target = g_ptr_array_new ();
+  LpLoraConvention target;
+
+  for (guint i = 0; i < n_inputs; i++)
+    {
+      GPtrArray *modules = lp_lora_find_modules_required (inputs[i], NULL, NULL, NULL, error);
+
+      if (modules == NULL)
+        {
+          g_prefix_error (error, "input %u: ", i + 1);
+          return NULL;
+        }
+      g_ptr_array_add (found, modules);
+    }
+  target = self->convention == LP_LORA_MERGE_CONVENTION_FIRST
+    ? lp_lora_module_get_convention (g_ptr_array_index ((GPtrArray *) g_ptr_array_index (found, 0), 0))
+    : conventions[self->convention];
+  for (guint i = 0; i < n_inputs; i++)
+    {
+      GPtrArray *modules = g_ptr_array_index (found, i);
+
+      if (lp_lora_module_get_convention (g_ptr_array_index (modules, 0)) == target)
+        g_ptr_array_extend (in_target, modules, NULL, NULL);
+    }
+
+  for (guint i = 0; i < n_inputs; i++)
+    {
+      GPtrArray *modules = g_ptr_array_index (found, i);
+      LpRenamePreset preset;
+      LpCheckpoint *converted;
+
+      if (lp_lora_module_get_convention (g_ptr_array_index (modules, 0)) == target)
+        {
+          g_ptr_array_add (out, g_object_ref (inputs[i]));
+          continue;
+        }
+      if (!lp_rename_preset_choose (modules, in_target, target, &preset, error))
+        {
+          g_prefix_error (error, "input %u: ", i + 1);
+          return NULL;
+        }
+      converted = lp_rename_convert (inputs[i], preset, error);
+      if (converted == NULL)
+        {
+          g_prefix_error (error, "input %u, converted to %s by rename preset=%s: ", i + 1,
+                          lp_rename_convention_name (target), lp_rename_preset_nick (preset));
+          return NULL;
+        }
+      g_ptr_array_add (out, converted);
+    }
+  return g_steal_pointer (&out);
+}
+
 static LpCheckpoint *
 lp_lora_merge_aggregate (LpAggregator  *aggregator,
-                         LpCheckpoint **inputs,
+                         LpCheckpoint **given_inputs,
                          guint          n_inputs,
                          GError       **error)
 {
   LpLoraMerge *self = LP_LORA_MERGE (aggregator);
+  g_autoptr(GPtrArray) converted = NULL;
+  LpCheckpoint **inputs;
   g_autofree double *weights = NULL;
   g_autoptr(GPtrArray) all_modules = g_ptr_array_new_with_free_func ((GDestroyNotify) g_ptr_array_unref);
   g_autoptr(GPtrArray) all_others = g_ptr_array_new_with_free_func ((GDestroyNotify) g_ptr_array_unref);
@@ -229,6 +311,10 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
 
   if (!parse_weights (self, n_inputs, &weights, error))
     return NULL;
+  converted = convert_inputs (self, given_inputs, n_inputs, error);
+  if (converted == NULL)
+    return NULL;
+  inputs = (LpCheckpoint **) converted->pdata;
 
   for (guint i = 0; i < n_inputs; i++)
     {
@@ -397,6 +483,11 @@ lp_lora_merge_aggregate (LpAggregator  *aggregator,
         }
     }
 
+  /* kohya's hashes and diffusers' LoraConfig described one input's factors;
+   * the merged ones carry their scales themselves */
+  lp_lora_metadata_converted (output, lp_lora_module_get_convention (
+                                ((Merged *) g_ptr_array_index (order, 0))->first));
+
   if (config != NULL)
     {
       g_autofree char *updated = lp_lora_update_adapter_config (config, first_modules,
@@ -441,6 +532,9 @@ lp_lora_merge_set_property (GObject      *object,
       g_strfreev (self->weights);
       self->weights = g_value_dup_boxed (value);
       break;
+    case PROP_CONVENTION:
+      self->convention = g_value_get_enum (value);
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
     }
@@ -461,6 +555,9 @@ lp_lora_merge_get_property (GObject    *object,
       break;
     case PROP_WEIGHTS:
       g_value_set_boxed (value, self->weights);
+      break;
+    case PROP_CONVENTION:
+      g_value_set_enum (value, self->convention);
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
@@ -511,6 +608,18 @@ lp_lora_merge_class_init (LpLoraMergeClass *klass)
                         "The weight of each input's update, one number per input (default: 1 each)",
                         G_TYPE_STRV,
                         G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+
+  /**
+   * LpLoraMerge:convention:
+   *
+   * The key convention of the output; inputs in another are converted to it.
+   */
+  properties[PROP_CONVENTION] =
+    g_param_spec_enum ("convention", "Convention",
+                       "The key convention written: first (the first input's), kohya, diffusers or peft; "
+                       "inputs in another are converted by the rename preset that converts them",
+                       LP_TYPE_LORA_MERGE_CONVENTION, LP_LORA_MERGE_CONVENTION_FIRST,
+                       G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
 
   g_object_class_install_properties (object_class, N_PROPS, properties);
 

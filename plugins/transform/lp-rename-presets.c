@@ -225,6 +225,7 @@ typedef struct {
   const char *kohya;           /* below the block: `img_attn_qkv` */
   const char *diffusers[4];    /* below the block, the parts in fused order */
   guint widths[4];             /* each part's rows, in hidden sizes (= in features); 0: not fused */
+  gboolean swap_halves;        /* the output's two halves in the other order (diffusers' swap_scale_shift) */
 } FluxLayer;
 
 static const FluxLayer flux_double[] = {
@@ -256,6 +257,8 @@ static const FluxLayer flux_global[] = {
   { "vector_in_out_layer", { "time_text_embed.text_embedder.linear_2" }, { 0 } },
   { "guidance_in_in_layer", { "time_text_embed.guidance_embedder.linear_1" }, { 0 } },
   { "guidance_in_out_layer", { "time_text_embed.guidance_embedder.linear_2" }, { 0 } },
+  /* (shift, scale) in BFL's layer, (scale, shift) in diffusers' */
+  { "final_layer_adaLN_modulation_1", { "norm_out.linear" }, { 0 }, TRUE },
 };
 
 typedef struct {
@@ -302,6 +305,7 @@ lp_rename_target_free (LpRenameTarget *target)
   g_free (target->name);
   g_free (target->parts);
   g_free (target->part_rows);
+  g_free (target->keep);
   g_free (target);
 }
 
@@ -322,8 +326,8 @@ target_new (const char       *name,
   return target;
 }
 
-static const char *
-convention_name (LpLoraConvention convention)
+const char *
+lp_rename_convention_name (LpLoraConvention convention)
 {
   switch (convention)
     {
@@ -358,7 +362,7 @@ expect_convention (LpLoraModule    *module,
     g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
                  "module %s: preset %s does not apply to a %s module",
                  lp_lora_module_get_name (module),
-                 g_enum_get_value (klass, preset)->value_nick, convention_name (convention));
+                 g_enum_get_value (klass, preset)->value_nick, lp_rename_convention_name (convention));
   return ok;
 }
 
@@ -405,7 +409,11 @@ kohya_to_diffusers_name (const char  *name,
       set_unknown_prefix (error, name, TRUE);
       return NULL;
     }
-  path = lp_rename_dot_path (name + strlen (prefix->kohya), name, error);
+  /* kohya SDXL: the sgm UNet's names */
+  if (g_str_equal (prefix->kohya, "lora_unet_") && lp_rename_sgm_is_sgm (name + strlen (prefix->kohya)))
+    path = lp_rename_sgm_to_diffusers (name + strlen (prefix->kohya), name, error);
+  else
+    path = lp_rename_dot_path (name + strlen (prefix->kohya), name, error);
   if (path == NULL)
     return NULL;
   return g_strconcat (prefix->diffusers, path, NULL);
@@ -416,6 +424,7 @@ kohya_to_diffusers_name (const char  *name,
 static char *
 diffusers_to_kohya_name (const char  *name,
                          gboolean     sdxl,
+                         gboolean     sgm,
                          GError     **error)
 {
   const char *kohya_prefix;
@@ -428,6 +437,11 @@ diffusers_to_kohya_name (const char  *name,
       return NULL;
     }
   kohya_prefix = prefix->kohya;
+  if (sgm && g_str_equal (prefix->diffusers, "unet."))
+    {
+      g_autofree char *path = lp_rename_diffusers_to_sgm (name + strlen (prefix->diffusers), name, error);
+      return path ? g_strconcat (kohya_prefix, path, NULL) : NULL;
+    }
   if (g_str_equal (prefix->diffusers, "text_encoder."))
     kohya_prefix = sdxl ? "lora_te1_" : "lora_te_";
   out = g_strconcat (kohya_prefix, name + strlen (prefix->diffusers), NULL);
@@ -451,7 +465,8 @@ plan_sd (LpRenamePreset   preset,
          GError         **error)
 {
   gboolean to_diffusers = preset == LP_RENAME_PRESET_SD_KOHYA_TO_DIFFUSERS;
-  gboolean sdxl = has_sdxl_text_encoder (modules);
+  gboolean sgm = preset == LP_RENAME_PRESET_SDXL_DIFFUSERS_TO_KOHYA;
+  gboolean sdxl = sgm || has_sdxl_text_encoder (modules);
 
   for (guint i = 0; i < modules->len; i++)
     {
@@ -462,7 +477,7 @@ plan_sd (LpRenamePreset   preset,
       if (!expect_convention (module, preset, !to_diffusers, error))
         return FALSE;
       target = to_diffusers ? kohya_to_diffusers_name (name, error)
-                            : diffusers_to_kohya_name (name, sdxl, error);
+                            : diffusers_to_kohya_name (name, sdxl, sgm, error);
       if (target == NULL)
         return FALSE;
       g_ptr_array_add (plan, target_new (target, to_diffusers ? LP_LORA_CONVENTION_DIFFUSERS
@@ -511,6 +526,74 @@ flux_kohya_lookup (const char       *rest,
   return FALSE;
 }
 
+/* A layer whose output halves change order needs an even output. */
+static gboolean
+set_swap_halves (LpRenameTarget   *target,
+                 const FluxLayer  *layer,
+                 LpLoraModule     *module,
+                 GError          **error)
+{
+  if (!layer->swap_halves)
+    return TRUE;
+  if (lp_lora_module_get_out_features (module) % 2 != 0 || lp_lora_module_is_conv (module))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                   "module %s: its output is a shift and a scale of equal widths, "
+                   "but it has %" G_GUINT64_FORMAT " output features",
+                   lp_lora_module_get_name (module), lp_lora_module_get_out_features (module));
+      return FALSE;
+    }
+  target->swap_halves = TRUE;
+  return TRUE;
+}
+
+/* The ranks each part of a fused module uses: the columns of the up factor
+ * that are not zero in the part's rows. A part's update is exactly its rows
+ * of the up factor on those columns times those rows of the down factor;
+ * kohya's split_qkv (networks/lora_flux.py) saves q, k and v that way, each
+ * in its own block, and a dense up factor keeps every rank for every part.
+ * A part that is zero keeps one rank (of zeros). */
+static gboolean
+find_part_ranks (LpLoraModule    *module,
+                 LpRenameTarget **parts,
+                 guint            n_parts,
+                 GError         **error)
+{
+  LpTensor *up = lp_lora_module_get_up (module);
+  guint rank = lp_lora_module_get_rank (module);
+  g_autofree double *values = lp_tensor_dup_f64 (up, NULL, error);
+
+  if (values == NULL)
+    {
+      g_prefix_error (error, "module %s: ", lp_lora_module_get_name (module));
+      return FALSE;
+    }
+  for (guint p = 0; p < n_parts; p++)
+    {
+      LpRenameTarget *part = parts[p];
+      g_autofree guint *keep = g_new (guint, rank);
+      guint n_keep = 0;
+
+      for (guint j = 0; j < rank; j++)
+        {
+          gboolean used = FALSE;
+
+          for (guint64 i = part->row_start; i < part->row_start + part->n_rows && !used; i++)
+            used = values[i * rank + j] != 0.0;
+          if (used)
+            keep[n_keep++] = j;
+        }
+      if (n_keep == 0)
+        keep[n_keep++] = 0;
+      if (n_keep < rank)
+        {
+          part->keep = g_steal_pointer (&keep);
+          part->n_keep = n_keep;
+        }
+    }
+  return TRUE;
+}
+
 static gboolean
 plan_flux_kohya_to_diffusers (GPtrArray  *modules,
                               GPtrArray  *plan,
@@ -522,7 +605,7 @@ plan_flux_kohya_to_diffusers (GPtrArray  *modules,
       const char *name = lp_lora_module_get_name (module);
       const FluxGroup *group;
       const FluxLayer *layer;
-      guint block, n_parts;
+      guint block, n_parts, first_part;
       guint64 in, out, total = 0, row = 0;
       g_autofree char *prefix = NULL;
 
@@ -555,7 +638,11 @@ plan_flux_kohya_to_diffusers (GPtrArray  *modules,
       if (n_parts == 1)
         {
           g_autofree char *target = g_strconcat (prefix, layer->diffusers[0], NULL);
-          g_ptr_array_add (plan, target_new (target, LP_LORA_CONVENTION_DIFFUSERS, module));
+          LpRenameTarget *t = target_new (target, LP_LORA_CONVENTION_DIFFUSERS, module);
+
+          g_ptr_array_add (plan, t);
+          if (!set_swap_halves (t, layer, module, error))
+            return FALSE;
           continue;
         }
 
@@ -573,6 +660,7 @@ plan_flux_kohya_to_diffusers (GPtrArray  *modules,
                        name, layer->kohya, total, in, out);
           return FALSE;
         }
+      first_part = plan->len;
       for (guint p = 0; p < n_parts; p++)
         {
           g_autofree char *target = g_strconcat (prefix, layer->diffusers[p], NULL);
@@ -585,6 +673,8 @@ plan_flux_kohya_to_diffusers (GPtrArray  *modules,
           row += t->n_rows;
           g_ptr_array_add (plan, t);
         }
+      if (!find_part_ranks (module, (LpRenameTarget **) plan->pdata + first_part, n_parts, error))
+        return FALSE;
     }
   return TRUE;
 }
@@ -610,7 +700,7 @@ plan_flux_diffusers_to_kohya (GPtrArray  *modules,
 
       if (g_str_has_prefix (name, "text_encoder"))
         {
-          g_autofree char *target = diffusers_to_kohya_name (name, sdxl, error);
+          g_autofree char *target = diffusers_to_kohya_name (name, sdxl, FALSE, error);
           if (target == NULL)
             return FALSE;
           /* kohya's Flux trainer calls CLIP-L te1 */
@@ -664,7 +754,10 @@ plan_flux_diffusers_to_kohya (GPtrArray  *modules,
                     : g_strconcat ("lora_unet_", layer->kohya, NULL);
                   if (n_parts == 1)
                     {
-                      g_ptr_array_add (plan, target_new (target_name, LP_LORA_CONVENTION_KOHYA, module));
+                      target = target_new (target_name, LP_LORA_CONVENTION_KOHYA, module);
+                      g_ptr_array_add (plan, target);
+                      if (!set_swap_halves (target, layer, module, error))
+                        return FALSE;
                       break;
                     }
                   target = g_hash_table_lookup (fused, target_name);
@@ -782,6 +875,82 @@ plan_peft (LpRenamePreset   preset,
   return TRUE;
 }
 
+/* The presets: what each converts, from which conventions to which, for
+ * which model, and the function that plans it. */
+typedef gboolean (*PlanFunc) (LpRenamePreset   preset,
+                              GPtrArray       *modules,
+                              GPtrArray       *plan,
+                              GError         **error);
+
+static gboolean
+plan_flux_to_diffusers (LpRenamePreset preset, GPtrArray *modules, GPtrArray *plan, GError **error)
+{
+  return plan_flux_kohya_to_diffusers (modules, plan, error);
+}
+
+static gboolean
+plan_flux_to_kohya (LpRenamePreset preset, GPtrArray *modules, GPtrArray *plan, GError **error)
+{
+  return plan_flux_diffusers_to_kohya (modules, plan, error);
+}
+
+typedef enum { MODEL_ANY, MODEL_SD, MODEL_SDXL, MODEL_FLUX } Model;
+
+typedef struct {
+  LpRenamePreset preset;
+  LpLoraConvention from;
+  gboolean from_diffusers;    /* also the older diffusers conventions */
+  LpLoraConvention to;
+  Model model;
+  PlanFunc plan;
+} PresetInfo;
+
+static const PresetInfo preset_table[] = {
+  { LP_RENAME_PRESET_SD_KOHYA_TO_DIFFUSERS, LP_LORA_CONVENTION_KOHYA, FALSE,
+    LP_LORA_CONVENTION_DIFFUSERS, MODEL_SD, plan_sd },
+  { LP_RENAME_PRESET_FLUX_KOHYA_TO_DIFFUSERS, LP_LORA_CONVENTION_KOHYA, FALSE,
+    LP_LORA_CONVENTION_DIFFUSERS, MODEL_FLUX, plan_flux_to_diffusers },
+  { LP_RENAME_PRESET_SD_DIFFUSERS_TO_KOHYA, LP_LORA_CONVENTION_DIFFUSERS, TRUE,
+    LP_LORA_CONVENTION_KOHYA, MODEL_SD, plan_sd },
+  { LP_RENAME_PRESET_SDXL_DIFFUSERS_TO_KOHYA, LP_LORA_CONVENTION_DIFFUSERS, TRUE,
+    LP_LORA_CONVENTION_KOHYA, MODEL_SDXL, plan_sd },
+  { LP_RENAME_PRESET_FLUX_DIFFUSERS_TO_KOHYA, LP_LORA_CONVENTION_DIFFUSERS, TRUE,
+    LP_LORA_CONVENTION_KOHYA, MODEL_FLUX, plan_flux_to_kohya },
+  { LP_RENAME_PRESET_PEFT_TO_KOHYA, LP_LORA_CONVENTION_PEFT, FALSE,
+    LP_LORA_CONVENTION_KOHYA, MODEL_ANY, plan_peft },
+  { LP_RENAME_PRESET_KOHYA_TO_PEFT, LP_LORA_CONVENTION_KOHYA, FALSE,
+    LP_LORA_CONVENTION_PEFT, MODEL_ANY, plan_peft },
+};
+
+static const PresetInfo *
+preset_info (LpRenamePreset preset)
+{
+  for (guint i = 0; i < G_N_ELEMENTS (preset_table); i++)
+    if (preset_table[i].preset == preset)
+      return &preset_table[i];
+  return NULL;
+}
+
+static gboolean
+converts (const PresetInfo  *info,
+          LpLoraConvention   from,
+          LpLoraConvention   to)
+{
+  gboolean any_diffusers = from == LP_LORA_CONVENTION_DIFFUSERS || from == LP_LORA_CONVENTION_DIFFUSERS_OLD
+                           || from == LP_LORA_CONVENTION_DIFFUSERS_PROCESSOR;
+
+  return info->to == to && (info->from == from || (info->from_diffusers && any_diffusers));
+}
+
+const char *
+lp_rename_preset_nick (LpRenamePreset preset)
+{
+  g_autoptr(GEnumClass) klass = g_type_class_ref (LP_TYPE_RENAME_PRESET);
+  GEnumValue *value = g_enum_get_value (klass, preset);
+
+  return value ? value->value_nick : "none";
+}
+
 /**
  * lp_rename_preset_plan:
  * @preset: the conversion
@@ -799,29 +968,10 @@ lp_rename_preset_plan (LpRenamePreset   preset,
                        GError         **error)
 {
   g_autoptr(GPtrArray) plan = g_ptr_array_new_with_free_func ((GDestroyNotify) lp_rename_target_free);
-  gboolean ok = FALSE;
 
-  switch (preset)
-    {
-    case LP_RENAME_PRESET_FLUX_KOHYA_TO_DIFFUSERS:
-      ok = plan_flux_kohya_to_diffusers (modules, plan, error);
-      break;
-    case LP_RENAME_PRESET_FLUX_DIFFUSERS_TO_KOHYA:
-      ok = plan_flux_diffusers_to_kohya (modules, plan, error);
-      break;
-    case LP_RENAME_PRESET_SD_KOHYA_TO_DIFFUSERS:
-    case LP_RENAME_PRESET_SD_DIFFUSERS_TO_KOHYA:
-      ok = plan_sd (preset, modules, plan, error);
-      break;
-    case LP_RENAME_PRESET_PEFT_TO_KOHYA:
-    case LP_RENAME_PRESET_KOHYA_TO_PEFT:
-      ok = plan_peft (preset, modules, plan, error);
-      break;
-    case LP_RENAME_PRESET_NONE:
-    default:
-      ok = TRUE;
-      break;
-    }
+  const PresetInfo *info = preset_info (preset);
+  gboolean ok = info == NULL || info->plan (preset, modules, plan, error);
+
   return ok ? g_steal_pointer (&plan) : NULL;
 }
 
@@ -829,16 +979,85 @@ const char *
 lp_rename_presets_between (LpLoraConvention from,
                            LpLoraConvention to)
 {
-  gboolean from_diffusers = from == LP_LORA_CONVENTION_DIFFUSERS || from == LP_LORA_CONVENTION_DIFFUSERS_OLD
-                            || from == LP_LORA_CONVENTION_DIFFUSERS_PROCESSOR;
+  static GHashTable *texts;   /* (from << 8 | to) -> the presets, made once */
+  static GMutex lock;
+  gpointer key = GUINT_TO_POINTER (((guint) from << 8) | (guint) to);
+  const char *text;
 
-  if (from_diffusers && to == LP_LORA_CONVENTION_KOHYA)
-    return "sd-diffusers-to-kohya or flux-diffusers-to-kohya";
-  if (from == LP_LORA_CONVENTION_KOHYA && to == LP_LORA_CONVENTION_DIFFUSERS)
-    return "sd-kohya-to-diffusers or flux-kohya-to-diffusers";
-  if (from == LP_LORA_CONVENTION_PEFT && to == LP_LORA_CONVENTION_KOHYA)
-    return "peft-to-kohya";
-  if (from == LP_LORA_CONVENTION_KOHYA && to == LP_LORA_CONVENTION_PEFT)
-    return "kohya-to-peft";
-  return NULL;
+  g_mutex_lock (&lock);
+  if (texts == NULL)
+    texts = g_hash_table_new_full (NULL, NULL, NULL, g_free);
+  text = g_hash_table_lookup (texts, key);
+  if (text == NULL)
+    {
+      GString *names = g_string_new (NULL);
+
+      for (guint i = 0; i < G_N_ELEMENTS (preset_table); i++)
+        if (converts (&preset_table[i], from, to))
+          g_string_append_printf (names, "%s%s", names->len ? " or " : "",
+                                  lp_rename_preset_nick (preset_table[i].preset));
+      text = names->len ? names->str : NULL;
+      g_string_free (names, names->len == 0);
+      if (text != NULL)
+        g_hash_table_insert (texts, key, (gpointer) text);
+    }
+  g_mutex_unlock (&lock);
+  return text;
+}
+
+/* What model @modules' names are of (the first module that tells). */
+static Model
+model_of (GPtrArray *modules,
+          gboolean  *sgm,
+          gboolean  *sdxl)
+{
+  Model model = MODEL_SD;
+
+  *sgm = *sdxl = FALSE;
+  for (guint i = 0; i < (modules ? modules->len : 0); i++)
+    {
+      const char *name = lp_lora_module_get_name (g_ptr_array_index (modules, i));
+
+      if (g_str_has_prefix (name, "lora_unet_double_blocks_") || g_str_has_prefix (name, "lora_unet_single_blocks_")
+          || g_str_has_prefix (name, "transformer."))
+        model = MODEL_FLUX;
+      if (g_str_has_prefix (name, "lora_unet_") && lp_rename_sgm_is_sgm (name + strlen ("lora_unet_")))
+        *sgm = TRUE;
+      if (g_str_has_prefix (name, "text_encoder_2.") || g_str_has_prefix (name, "lora_te2_")
+          || strstr (name, "add_embedding") != NULL)
+        *sdxl = TRUE;
+    }
+  return model;
+}
+
+gboolean
+lp_rename_preset_choose (GPtrArray         *modules,
+                         GPtrArray         *others,
+                         LpLoraConvention   to,
+                         LpRenamePreset    *preset,
+                         GError           **error)
+{
+  LpLoraConvention from = lp_lora_module_get_convention (g_ptr_array_index (modules, 0));
+  gboolean sgm, sdxl, others_sgm, others_sdxl;
+  Model model = model_of (modules, &sgm, &sdxl);
+  Model want;
+
+  model_of (others, &others_sgm, &others_sdxl);
+  want = model == MODEL_FLUX ? MODEL_FLUX
+         : to == LP_LORA_CONVENTION_KOHYA && (others_sgm || ((others == NULL || others->len == 0) && sdxl))
+         ? MODEL_SDXL : MODEL_SD;
+  for (guint pass = 0; pass < 2; pass++)
+    for (guint i = 0; i < G_N_ELEMENTS (preset_table); i++)
+      if (converts (&preset_table[i], from, to)
+          && (preset_table[i].model == (pass == 0 ? want : MODEL_ANY)))
+        {
+          *preset = preset_table[i].preset;
+          return TRUE;
+        }
+  g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+               "no rename preset converts %s modules (%s) to %s",
+               lp_rename_convention_name (from),
+               lp_lora_module_get_name (g_ptr_array_index (modules, 0)),
+               lp_rename_convention_name (to));
+  return FALSE;
 }

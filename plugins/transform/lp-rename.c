@@ -20,11 +20,14 @@
  *    (`scale · rank`), to a generated `adapter_config.json` for PEFT, or into
  *    the factors for diffusers, which has no alpha (a power of two into the
  *    up factor, the rest into the down one, so a scale of 1 or 2^n is
- *    exact). Flux's fused kohya modules are split (each part gets the whole
- *    down factor and its rows of the up factor: exact, same rank) or fused
- *    (downs stacked, ups block-diagonal: exact, the ranks add up, so a
- *    following lora-svd can bring the rank back). Tensors that belong to no
- *    module pass through with their names.
+ *    exact). Flux's fused kohya modules are split (each part gets its rows
+ *    of the up factor and the ranks they use: all of them for a dense up
+ *    factor, its own block for a file trained with split qkv; exact) or
+ *    fused (downs stacked, ups block-diagonal: exact, the ranks add up, so
+ *    a following lora-svd can bring the rank back). Flux's final
+ *    `adaLN_modulation.1` and diffusers' `norm_out.linear` give shift and
+ *    scale in the other order: the up factor's halves change places.
+ *    Tensors that belong to no module pass through with their names.
  * 2. #LpRename:rules, a list of `pattern=replacement` (GRegex syntax, `\1`
  *    for groups; write `\=` for a `=` in the pattern), rewrite every
  *    tensor's name, each rule in order on the result of the one before.
@@ -60,7 +63,8 @@ G_DEFINE_ENUM_TYPE (LpRenamePreset, lp_rename_preset,
   G_DEFINE_ENUM_VALUE (LP_RENAME_PRESET_SD_KOHYA_TO_DIFFUSERS, "sd-kohya-to-diffusers"),
   G_DEFINE_ENUM_VALUE (LP_RENAME_PRESET_SD_DIFFUSERS_TO_KOHYA, "sd-diffusers-to-kohya"),
   G_DEFINE_ENUM_VALUE (LP_RENAME_PRESET_PEFT_TO_KOHYA, "peft-to-kohya"),
-  G_DEFINE_ENUM_VALUE (LP_RENAME_PRESET_KOHYA_TO_PEFT, "kohya-to-peft"))
+  G_DEFINE_ENUM_VALUE (LP_RENAME_PRESET_KOHYA_TO_PEFT, "kohya-to-peft"),
+  G_DEFINE_ENUM_VALUE (LP_RENAME_PRESET_SDXL_DIFFUSERS_TO_KOHYA, "sdxl-diffusers-to-kohya"))
 
 static gboolean
 lp_rename_prepare (LpStage  *stage,
@@ -179,6 +183,67 @@ factor_block (const char *name,
   return lp_block_tensor_new (name, lp_tensor_get_dtype (source), shape, n_dims, &block, 1, error);
 }
 
+/* The up factor with the two halves of its rows in the other order. */
+static LpTensor *
+swapped_halves (const char *name,
+                LpTensor   *up,
+                double      scale,
+                GError    **error)
+{
+  guint64 half = lp_tensor_get_dim (up, 0) / 2;
+  guint64 shape[2] = { 2 * half, lp_tensor_get_dim (up, 1) };
+  LpBlock blocks[2] = {
+    { up, half, half, 0, 0, scale },
+    { up, 0, half, half, 0, scale },
+  };
+
+  return lp_block_tensor_new (name, lp_tensor_get_dtype (up), shape, 2, blocks, 2, error);
+}
+
+/* A part of a fused module with the ranks it uses (target->keep): those
+ * rows of the down factor, those columns of its rows of the up factor, a
+ * block for each run of consecutive ranks. */
+static gboolean
+kept_ranks (LpRenameTarget  *target,
+            const char      *down_name,
+            const char      *up_name,
+            LpTensor        *in_down,
+            LpTensor        *in_up,
+            double           s_down,
+            double           s_up,
+            LpTensor       **down,
+            LpTensor       **up,
+            GError         **error)
+{
+  g_autofree LpBlock *down_blocks = g_new0 (LpBlock, target->n_keep);
+  g_autofree LpBlock *up_blocks = g_new0 (LpBlock, target->n_keep);
+  guint64 shape[LP_TENSOR_MAX_DIMS];
+  const guint64 *in_shape;
+  guint n_dims, n = 0;
+
+  for (guint i = 0; i < target->n_keep; )
+    {
+      guint start = target->keep[i], len = 1;
+
+      while (i + len < target->n_keep && target->keep[i + len] == start + len)
+        len++;
+      down_blocks[n] = (LpBlock) { in_down, start, len, i, 0, s_down };
+      up_blocks[n] = (LpBlock) { in_up, target->row_start, target->n_rows, 0, i, s_up, NULL, start, len };
+      n++;
+      i += len;
+    }
+  in_shape = lp_tensor_get_shape (in_down, &n_dims);
+  memcpy (shape, in_shape, n_dims * sizeof (guint64));
+  shape[0] = target->n_keep;
+  *down = lp_block_tensor_new (down_name, lp_tensor_get_dtype (in_down), shape, n_dims,
+                               down_blocks, n, error);
+  shape[0] = target->n_rows;
+  shape[1] = target->n_keep;
+  *up = *down ? lp_block_tensor_new (up_name, lp_tensor_get_dtype (in_up), shape, 2, up_blocks, n, error)
+              : NULL;
+  return *up != NULL;
+}
+
 static const char *
 suffix (LpLoraConvention convention,
         gboolean         is_up)
@@ -278,15 +343,25 @@ build_target (LpRenameTarget *target,
       guint64 row_start = target->split ? target->row_start : 0;
       guint64 n_rows = target->split ? target->n_rows : lp_tensor_get_dim (in_up, 0);
 
-      rank = lp_lora_module_get_rank (first);
+      rank = target->keep != NULL ? target->n_keep : lp_lora_module_get_rank (first);
       if (target->convention == LP_LORA_CONVENTION_DIFFUSERS)
         split_scale (scale, &s_down, &s_up);
       else
-        alpha_value = scale * rank;
-      down = factor_block (down_name, in_down, 0, lp_tensor_get_dim (in_down, 0), s_down, error);
-      up = down ? factor_block (up_name, in_up, row_start, n_rows, s_up, error) : NULL;
-      if (up == NULL)
-        return FALSE;
+        alpha_value = scale * lp_lora_module_get_rank (first);
+      if (target->keep != NULL)
+        {
+          if (!kept_ranks (target, down_name, up_name, in_down, in_up, s_down, s_up, &down, &up, error))
+            return FALSE;
+        }
+      else
+        {
+          down = factor_block (down_name, in_down, 0, lp_tensor_get_dim (in_down, 0), s_down, error);
+          if (down != NULL)
+            up = target->swap_halves ? swapped_halves (up_name, in_up, s_up, error)
+                                     : factor_block (up_name, in_up, row_start, n_rows, s_up, error);
+          if (up == NULL)
+            return FALSE;
+        }
     }
 
   if (target->convention == LP_LORA_CONVENTION_KOHYA)
@@ -425,11 +500,21 @@ peft_config (GPtrArray *entries)
   return g_string_free (json, FALSE);
 }
 
-/* Step 1: the preset's conversion, in the input's order. */
-static LpCheckpoint *
-apply_preset (LpRename      *self,
-              LpCheckpoint  *input,
-              GError       **error)
+/**
+ * lp_rename_convert:
+ * @input: a LoRA
+ * @preset: the conversion
+ * @error: return location for a #GError
+ *
+ * Step 1 of the rename stage, also how lora-merge converts its inputs to one
+ * convention: the preset's conversion, in the input's order.
+ *
+ * Returns: (transfer full): the converted checkpoint, or %NULL
+ */
+LpCheckpoint *
+lp_rename_convert (LpCheckpoint    *input,
+                   LpRenamePreset   preset,
+                   GError         **error)
 {
   g_autoptr(GPtrArray) modules = NULL;
   g_autoptr(GPtrArray) plan = NULL;
@@ -446,7 +531,7 @@ apply_preset (LpRename      *self,
                                        NULL, error);
   if (modules == NULL)
     return NULL;
-  plan = lp_rename_preset_plan (self->preset, modules, error);
+  plan = lp_rename_preset_plan (preset, modules, error);
   if (plan == NULL)
     return NULL;
 
@@ -506,7 +591,7 @@ apply_preset (LpRename      *self,
   if (plan->len > 0)
     lp_lora_metadata_converted (output, ((LpRenameTarget *) plan->pdata[0])->convention);
 
-  switch (self->preset)
+  switch (preset)
     {
     case LP_RENAME_PRESET_KOHYA_TO_PEFT:
       {
@@ -574,7 +659,7 @@ lp_rename_transform (LpTransform   *transform,
   if (self->regexes == NULL && !lp_rename_prepare (LP_STAGE (self), error))
     return NULL;
 
-  converted = self->preset != LP_RENAME_PRESET_NONE ? apply_preset (self, input, error)
+  converted = self->preset != LP_RENAME_PRESET_NONE ? lp_rename_convert (input, self->preset, error)
                                                     : g_object_ref (input);
   if (converted == NULL)
     return NULL;
@@ -671,7 +756,8 @@ lp_rename_class_init (LpRenameClass *klass)
   properties[PROP_PRESET] =
     g_param_spec_enum ("preset", "Preset",
                        "Convert between LoRA key conventions: flux-kohya-to-diffusers, flux-diffusers-to-kohya, "
-                       "sd-kohya-to-diffusers, sd-diffusers-to-kohya, peft-to-kohya, kohya-to-peft",
+                       "sd-kohya-to-diffusers (SD 1.5 or SDXL), sd-diffusers-to-kohya, sdxl-diffusers-to-kohya, "
+                       "peft-to-kohya, kohya-to-peft",
                        LP_TYPE_RENAME_PRESET, LP_RENAME_PRESET_NONE,
                        G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
 

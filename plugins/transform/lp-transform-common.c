@@ -132,12 +132,14 @@ assembly_data (LpTensor  *tensor,
 
       if (src == NULL)
         return NULL;
+      guint64 taken = block->n_cols ? block->n_cols : src_columns;
+
       for (guint64 i = 0; i < block->n_rows; i++)
         {
-          const double *from = src + (block->row_start + i) * src_columns;
+          const double *from = src + (block->row_start + i) * src_columns + block->col_start;
           double *to = out + (block->dest_row + i) * columns + block->dest_col;
 
-          for (guint64 j = 0; j < src_columns; j++)
+          for (guint64 j = 0; j < taken; j++)
             to[j] = block->scale * from[j];
         }
     }
@@ -178,7 +180,11 @@ lp_block_tensor_new (const char     *name,
       g_return_val_if_fail (blocks[b].row_start + blocks[b].n_rows
                             <= lp_tensor_get_dim (blocks[b].source, 0), NULL);
       g_return_val_if_fail (blocks[b].dest_row + blocks[b].n_rows <= shape[0], NULL);
-      g_return_val_if_fail (blocks[b].dest_col + n_columns (blocks[b].source) <= columns, NULL);
+      guint64 taken = blocks[b].n_cols ? blocks[b].n_cols : n_columns (blocks[b].source);
+
+      g_return_val_if_fail (blocks[b].n_cols == 0 || blocks[b].what == NULL, NULL);
+      g_return_val_if_fail (blocks[b].col_start + taken <= n_columns (blocks[b].source), NULL);
+      g_return_val_if_fail (blocks[b].dest_col + taken <= columns, NULL);
     }
 
   assembly = g_new0 (Assembly, 1);

@@ -15,7 +15,7 @@ G_BEGIN_DECLS
  * LpBlock:
  * @source: a factor, seen as a 2-D matrix `[dim 0, product of the others]`
  * @row_start: the first row of @source taken
- * @n_rows: how many rows are taken (all columns are)
+ * @n_rows: how many rows are taken
  * @dest_row: where the rows go in the output
  * @dest_col: the column of the output where the source's first column goes
  * @scale: what the values are multiplied by on the way
@@ -23,6 +23,9 @@ G_BEGIN_DECLS
  *   call it ("stage 2 'lora-scale': module x, factor 1e+40"); such a block
  *   must not put infinity or NaN into the output, which is then an error
  *   naming it. Blocks without it are copied as they are.
+ * @col_start: the first column of @source taken
+ * @n_cols: how many columns are taken; 0 means all (then @col_start is 0).
+ *   Only blocks without @what take part of the columns.
  *
  * One piece of an assembled factor. The output is zero where no block writes.
  */
@@ -34,6 +37,8 @@ typedef struct {
   guint64 dest_col;
   double scale;
   const char *what;
+  guint64 col_start;
+  guint64 n_cols;
 } LpBlock;
 
 LpTensor  *lp_block_tensor_new   (const char     *name,

@@ -699,6 +699,70 @@ test_rank_check_zero_size (void)
   g_assert_null (strstr (err, "illegal value"));
 }
 
+/* lp_stage_parallel_for(): every item runs once, on the stage's threads; of
+ * several failures the first by index is reported whatever the scheduling;
+ * a cancelled run fails as cancelled. */
+typedef struct {
+  gint ran[500];
+  GThread *threads[500];
+} ParallelCount;
+
+static gboolean
+parallel_item (guint     i,
+               gpointer  user_data,
+               GError  **error)
+{
+  ParallelCount *count = user_data;
+
+  g_atomic_int_inc (&count->ran[i]);
+  count->threads[i] = g_thread_self ();
+  if (i % 97 == 41)   /* 41, 138, 235, 332, 429 fail; the later ones first, often */
+    {
+      g_usleep (i == 41 ? 2000 : 0);
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED, "item %u failed", i);
+      return FALSE;
+    }
+  return TRUE;
+}
+
+static void
+test_parallel_for (void)
+{
+  g_autoptr(LpStage) stage = lp_registry_create_stage (lp_registry_get_default (), "rank-check", NULL);
+  g_autoptr(GCancellable) cancellable = g_cancellable_new ();
+  g_autoptr(GError) error = NULL;
+  ParallelCount *count = g_new0 (ParallelCount, 1);
+  gboolean several_threads = FALSE;
+
+  g_assert_nonnull (stage);
+  lp_stage_set_threads (stage, 2);
+  for (int round = 0; round < 20; round++)
+    {
+      memset (count, 0, sizeof *count);
+      g_assert_false (lp_stage_parallel_for (stage, 500, parallel_item, count, &error));
+      g_assert_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED);
+      g_assert_cmpstr (error->message, ==, "item 41 failed");
+      g_clear_error (&error);
+      for (guint i = 0; i < 500; i++)
+        {
+          g_assert_cmpint (count->ran[i], ==, 1);
+          several_threads |= count->threads[i] != count->threads[0];
+        }
+    }
+  g_assert_true (several_threads);
+  g_assert_true (lp_stage_parallel_for (stage, 0, parallel_item, count, &error));
+  g_assert_no_error (error);
+
+  g_cancellable_cancel (cancellable);
+  lp_stage_set_cancellable (stage, cancellable);
+  memset (count, 0, sizeof *count);
+  g_assert_false (lp_stage_parallel_for (stage, 500, parallel_item, count, &error));
+  g_assert_error (error, G_IO_ERROR, G_IO_ERROR_CANCELLED);
+  g_assert_cmpint (count->ran[0], ==, 0);
+  lp_stage_set_cancellable (stage, NULL);
+  g_free (count);
+}
+
 int
 main (int argc, char **argv)
 {
@@ -721,6 +785,7 @@ main (int argc, char **argv)
   g_test_add_func ("/stage/property/never-clamped", test_property_checked);
   g_test_add_func ("/pipeline/save/same-file-any-threads", test_save_any_threads);
   g_test_add_func ("/stage/pull-unordered", test_pull_unordered);
+  g_test_add_func ("/stage/parallel-for", test_parallel_for);
 
   return g_test_run ();
 }

@@ -99,31 +99,54 @@ test_errors (void)
   expect_error ("lora-merge", ab, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
                 STRS ("module lora_unet_x: shapes differ", "[2, 4]", "[2, 5]"));
   expect_error ("lora-merge", ac, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                STRS ("module lora_unet_x: inputs 1 and 2", "different conventions"));
+                STRS ("input 2, converted to kohya by rename preset=sd-diffusers-to-kohya: module lora_unet_x"));
 }
 
 /* Files as lora-synth writes them for kohya sd-scripts and for diffusers:
- * merged, they would give a file holding both naming schemes (each loader
- * applies only its own half). The merge refuses, naming both conventions
- * and the rename preset that converts the second input. */
+ * merged as they are, they would give a file holding both naming schemes
+ * (each loader applies only its own half). The merge converts every input
+ * to the first input's convention, or the one `convention` names, through
+ * the rename presets; the update is the sum whatever the names. An input
+ * no preset converts is an error naming both conventions. */
 static void
 test_mixed_conventions (void)
 {
-  g_autoptr(LpCheckpoint) kohya = synth ("preset", "sd15-unet", "format", "kohya", "rank", "2", "dtype", "f32");
-  g_autoptr(LpCheckpoint) diffusers = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "2", "dtype", "f32");
-  g_autoptr(LpCheckpoint) peft = synth ("preset", "llama", "format", "peft", "rank", "2", "dtype", "f32");
-  g_autoptr(LpCheckpoint) kohya_llama = run1 ("rename", peft, "preset", "peft-to-kohya");
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autoptr(LpCheckpoint) kohya = synth ("preset", "sd15-unet", "format", "kohya", "rank", "2", "alpha", "1",
+                                         "dtype", "f32");
+  g_autoptr(LpCheckpoint) diffusers = synth ("preset", "sd15-unet", "format", "diffusers", "rank", "3",
+                                             "seed", "4", "dtype", "f32");
+  g_autoptr(LpCheckpoint) peft = synth ("preset", "llama", "format", "peft", "rank", "2", "alpha", "8", "dtype", "f32");
+  g_autoptr(LpCheckpoint) other_peft = synth ("preset", "llama", "format", "peft", "rank", "2", "seed", "7", "dtype", "f32");
+  g_autoptr(LpCheckpoint) kohya_llama = run1 ("rename", other_peft, "preset", "peft-to-kohya");
   LpCheckpoint *kd[] = { kohya, diffusers }, *dk[] = { diffusers, kohya }, *pk[] = { peft, kohya_llama };
+  g_autoptr(LpCheckpoint) as_kohya = run_ok ("lora-merge", kd, 2, NULL, NULL);
+  g_autoptr(LpCheckpoint) as_diffusers = run_ok ("lora-merge", dk, 2, "weights", "2,-1", NULL);
+  g_autoptr(LpCheckpoint) chosen = run_ok ("lora-merge", dk, 2, "convention", "kohya", NULL);
+  g_autoptr(LpCheckpoint) as_peft = run_ok ("lora-merge", pk, 2, NULL, NULL);
+  g_autofree char *p_kohya = write_file (kohya, dir, "kohya");
+  g_autofree char *p_diffusers = write_file (diffusers, dir, "diffusers");
+  g_autofree char *p_peft = write_file (peft, dir, "peft");
+  g_autofree char *p_other = write_file (other_peft, dir, "other");
+  g_autofree char *p_as_kohya = write_file (as_kohya, dir, "as-kohya");
+  g_autofree char *p_as_diffusers = write_file (as_diffusers, dir, "as-diffusers");
+  g_autofree char *p_chosen = write_file (chosen, dir, "chosen");
+  g_autofree char *p_as_peft = write_file (as_peft, dir, "as-peft");
 
-  expect_error ("lora-merge", kd, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                STRS ("inputs 1 and 2 name their modules in different conventions, kohya "
-                      "(lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight) "
-                      "and diffusers (unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight)",
-                      "Convert input 2 to kohya first with rename preset=sd-diffusers-to-kohya or flux-diffusers-to-kohya"));
-  expect_error ("lora-merge", dk, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                STRS ("Convert input 2 to diffusers first with rename preset=sd-kohya-to-diffusers or flux-kohya-to-diffusers"));
-  expect_error ("lora-merge", pk, 2, NULL, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                STRS ("different conventions, peft", "and kohya", "Convert input 2 to peft first with rename preset=kohya-to-peft"));
+  g_assert_cmpuint (dim (as_kohya, "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight", 0), ==, 5);
+  g_assert_null (lp_checkpoint_lookup (as_kohya, "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"));
+  g_assert_cmpuint (dim (as_diffusers, "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight", 0), ==, 5);
+  g_assert_null (lp_checkpoint_lookup (as_diffusers, "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"));
+  g_assert_nonnull (lp_checkpoint_lookup (chosen, "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.alpha"));
+  g_assert_cmpuint (lp_checkpoint_get_n_tensors (as_kohya), ==, lp_checkpoint_get_n_tensors (kohya));
+  g_assert_nonnull (lp_checkpoint_get_adapter_config (as_peft));
+  oracle ("merge", p_as_kohya, "1", p_kohya, "1", p_diffusers, NULL);
+  oracle ("merge", p_as_diffusers, "2", p_diffusers, "-1", p_kohya, NULL);
+  oracle ("merge", p_chosen, "1", p_diffusers, "1", p_kohya, NULL);
+  oracle ("merge", p_as_peft, "1", p_peft, "1", p_other, NULL);
+
+  expect_error ("lora-merge", pk, 2, STRS ("convention", "diffusers"), LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                STRS ("input 1: no rename preset converts PEFT modules (base_model.model.", ") to diffusers"));
 }
 
 /* Weights that put infinity into the merged up factor are an error naming

@@ -103,9 +103,12 @@ test_flux_fuse_split (void)
   g_assert_cmpuint (dim (kohya, "lora_unet_single_blocks_1_linear2.lora_down.weight", 1), ==, 15360);
   g_assert_cmpfloat (scalar (kohya, "lora_unet_single_blocks_1_linear1.alpha"), ==, 8.0);
   g_assert_nonnull (lp_checkpoint_lookup (kohya, "lora_unet_double_blocks_1_txt_mod_lin.alpha"));
-  /* splitting keeps the fused rank */
-  g_assert_cmpuint (dim (back, "transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight", 0), ==, 8);
+  /* the fused up factor is block-diagonal (as kohya's split_qkv saves
+   * it): each part splits back to its own rank, not the fused one */
+  g_assert_cmpuint (dim (back, "transformer.single_transformer_blocks.1.proj_mlp.lora_A.weight", 0), ==, 2);
   g_assert_cmpuint (dim (back, "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight", 0), ==, 12288);
+  g_assert_cmpuint (dim (back, "transformer.single_transformer_blocks.1.proj_mlp.lora_B.weight", 1), ==, 2);
+  g_assert_cmpuint (dim (back, "transformer.transformer_blocks.1.attn.add_v_proj.lora_A.weight", 0), ==, 2);
 
   oracle ("same", p_orig, p_kohya, NULL);
   oracle ("same", p_orig, p_back, NULL);

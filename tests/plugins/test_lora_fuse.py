@@ -9,7 +9,8 @@
 # (lora_unet_double_blocks_N_img_attn_qkv.lora_down.weight with .alpha:
 # scale alpha / r, sd-scripts networks/lora.py LoRAModule), and a diffusers
 # UNet with a diffusers LoRA (unet.<module>.lora_A.weight, scale 1) including
-# a conv. The oracle forms W + strength * scale * B @ A in f64 and rounds once
+# a conv; kohya SD 1.5 and SDXL LoRAs onto the original CompVis (ldm) and
+# Stability (sgm) checkpoints, real SD 1.5 UNet names and shapes. The oracle forms W + strength * scale * B @ A in f64 and rounds once
 # to the model's dtype, to nearest even: lpipe's bytes must equal it.
 #
 # SPDX-License-Identifier: LGPL-2.1-or-later
@@ -262,6 +263,197 @@ def check_diffusers_conv(tmp):
     check_fused(out, model, updates, "diffusers conv")
 
 
+def sd15_diffusers_to_ldm():
+    """diffusers scripts/convert_diffusers_to_original_stable_diffusion.py,
+    convert_unet_state_dict: (stable-diffusion, diffusers) prefix pairs,
+    written out as there (the direction lpipe's table does not take)."""
+    top = [("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
+           ("input_blocks.0.0.", "conv_in."), ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")]
+    resnet = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
+              ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
+    layer = []
+    for i in range(4):
+        for j in range(2):
+            layer.append(("input_blocks.%d.0." % (3 * i + j + 1), "down_blocks.%d.resnets.%d." % (i, j)))
+            if i < 3:
+                layer.append(("input_blocks.%d.1." % (3 * i + j + 1), "down_blocks.%d.attentions.%d." % (i, j)))
+        for j in range(3):
+            layer.append(("output_blocks.%d.0." % (3 * i + j), "up_blocks.%d.resnets.%d." % (i, j)))
+            if i > 0:
+                layer.append(("output_blocks.%d.1." % (3 * i + j), "up_blocks.%d.attentions.%d." % (i, j)))
+        if i < 3:
+            layer.append(("input_blocks.%d.0.op." % (3 * (i + 1)), "down_blocks.%d.downsamplers.0.conv." % i))
+            layer.append(("output_blocks.%d.%d." % (3 * i + 2, 1 if i == 0 else 2), "up_blocks.%d.upsamplers.0." % i))
+    layer.append(("middle_block.1.", "mid_block.attentions.0."))
+    for j in range(2):
+        layer.append(("middle_block.%d." % (2 * j), "mid_block.resnets.%d." % j))
+
+    def convert(name):
+        for sd, hf in top:
+            if name.startswith(hf):
+                return sd + name[len(hf):]
+        if "resnets" in name:
+            for sd, hf in resnet:
+                name = name.replace(hf, sd)
+        for sd, hf in layer:
+            name = name.replace(hf, sd)
+        return name
+    return convert
+
+
+def kohya_module(lora, rng, stem, shape, r, alpha, updates, target, strength=1.0, rows=None):
+    """a kohya LoRA module (sd-scripts networks/lora.py LoRAModule: lora_down,
+    lora_up, alpha; scale alpha / r; a conv's lora_down has the kernel, its
+    lora_up is 1x1) and its update of the target's rows"""
+    out, inn = shape[0], shape[1]
+    kernel = tuple(shape[2:]) or None
+    a, b = lora_factors(rng, out if rows is None else rows[1] - rows[0], inn, r, kernel)
+    a, b = stored("F16", a), stored("F16", b)
+    lora[stem + ".lora_down.weight"] = ("F16", a)
+    lora[stem + ".lora_up.weight"] = ("F16", b)
+    lora[stem + ".alpha"] = ("F16", np.array(float(alpha)))
+    delta = strength * (alpha / r) * (b.reshape(b.shape[0], r) @ a.reshape(r, -1))
+    full = np.zeros((out, int(np.prod(shape[1:]))))
+    lo, hi = rows if rows is not None else (0, out)
+    full[lo:hi] = delta
+    updates[target] = updates.get(target, 0) + full.reshape(shape)
+
+
+def check_kohya_sd15_onto_ldm(tmp):
+    """A kohya SD 1.5 LoRA (diffusers module names: lora_unet_down_blocks_...,
+    lora_te_text_model_...) onto the original CompVis checkpoint
+    (model.diffusion_model.input_blocks..., cond_stage_model.transformer...),
+    the names and shapes of the real SD 1.5 UNet (tests/bench/sd15_unet.py),
+    a subset, as ComfyUI matches them (comfy/lora.py model_lora_keys_unet
+    through comfy/utils.py unet_to_diffusers; model_lora_keys_clip)."""
+    sys.path.insert(0, os.path.join(os.environ["LPIPE_SOURCE_ROOT"], "tests", "bench"))
+    import sd15_unet
+    shapes = dict(sd15_unet.layout())
+    convert = sd15_diffusers_to_ldm()
+    rng = np.random.default_rng(15)
+    targets = [
+        "down_blocks.0.attentions.0.proj_in.weight",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight",
+        "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj.weight",
+        "down_blocks.1.resnets.0.conv1.weight",
+        "down_blocks.1.resnets.0.conv_shortcut.weight",
+        "down_blocks.2.resnets.1.time_emb_proj.weight",
+        "down_blocks.0.downsamplers.0.conv.weight",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0.weight",
+        "mid_block.resnets.1.conv2.weight",
+        "up_blocks.1.attentions.2.transformer_blocks.0.attn2.to_v.weight",
+        "up_blocks.2.upsamplers.0.conv.weight",
+        "up_blocks.3.resnets.2.conv_shortcut.weight",
+        "up_blocks.3.attentions.2.proj_out.weight",
+        "time_embedding.linear_1.weight",
+    ]
+    model = {}
+    for name in targets + ["down_blocks.0.attentions.0.norm.weight", "mid_block.resnets.1.conv2.bias",
+                           "conv_in.weight", "conv_out.weight"]:
+        model["model.diffusion_model." + convert(name)] = ("F16", rng.normal(size=shapes[name]))
+    te = "cond_stage_model.transformer.text_model.encoder.layers.%d.%s.weight"
+    model[te % (0, "self_attn.q_proj")] = ("F16", rng.normal(size=(768, 768)))
+    model[te % (11, "mlp.fc1")] = ("F16", rng.normal(size=(3072, 768)))
+    model[te % (0, "layer_norm1")] = ("F16", np.ones(768))
+    check("model.diffusion_model.input_blocks.1.1.proj_in.weight" in model
+          and "model.diffusion_model.output_blocks.8.2.conv.weight" in model
+          and "model.diffusion_model.middle_block.2.out_layers.3.weight" in model,
+          "sd15: the model has the original names")
+    mp = os.path.join(tmp, "sd15-ldm.safetensors")
+    write_st(mp, model)
+
+    lora, updates = {}, {}
+    strength = 0.8
+    for name in targets:
+        kohya_module(lora, rng, "lora_unet_" + name[:-len(".weight")].replace(".", "_"), shapes[name], 4, 2,
+                     updates, "model.diffusion_model." + convert(name), strength)
+    kohya_module(lora, rng, "lora_te_text_model_encoder_layers_0_self_attn_q_proj", (768, 768), 4, 4, updates,
+                 te % (0, "self_attn.q_proj"), strength)
+    kohya_module(lora, rng, "lora_te_text_model_encoder_layers_11_mlp_fc1", (3072, 768), 4, 1, updates,
+                 te % (11, "mlp.fc1"), strength)
+    lp = os.path.join(tmp, "sd15-kohya.safetensors")
+    write_st(lp, lora, {"ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_base_model_version": "sd_v1"})
+    out = os.path.join(tmp, "sd15-fused.safetensors")
+    p = run("run", PIPELINE, "model=" + mp, "lora=" + lp, "strength=%g" % strength, "output=" + out)
+    check_fused(out, model, updates, "kohya sd15 onto ldm")
+    check("%d modules of 1 LoRA fused into %d weights" % (len(targets) + 2, len(targets) + 2) in p.stderr,
+          "sd15: every module fused (%r)" % p.stderr)
+
+    # a diffusers LoRA (unet.<module>.lora_A/B, scale 1) onto the same checkpoint
+    name = targets[1]
+    a, b = lora_factors(rng, 320, 320, 2)
+    a, b = stored("F32", a), stored("F32", b)
+    dl = os.path.join(tmp, "sd15-diffusers.safetensors")
+    write_st(dl, {"unet.%s.lora_A.weight" % name[:-7]: ("F32", a), "unet.%s.lora_B.weight" % name[:-7]: ("F32", b)})
+    out = os.path.join(tmp, "sd15-fused-diffusers.safetensors")
+    run("run", PIPELINE, "model=" + mp, "lora=" + dl, "output=" + out)
+    check_fused(out, model, {"model.diffusion_model." + convert(name): b @ a}, "diffusers sd15 onto ldm")
+
+    # a module of a block SD 1.5 does not have fails the run, naming it
+    bad = dict(lora)
+    kohya_module(bad, rng, "lora_unet_down_blocks_3_attentions_0_proj_in", (1280, 1280, 1, 1), 4, 2, {}, "none")
+    bp = os.path.join(tmp, "sd15-bad.safetensors")
+    write_st(bp, bad)
+    p = run("run", PIPELINE, "model=" + mp, "lora=" + bp, "output=" + out + "x", expect_ok=False)
+    check(p.returncode == 1 and "lora_unet_down_blocks_3_attentions_0_proj_in" in p.stderr
+          and not os.path.exists(out + "x"), "sd15: an unmatched module is named (%r)" % p.stderr)
+
+
+def check_kohya_sdxl_onto_sgm(tmp):
+    """A kohya SDXL LoRA onto the original Stability checkpoint (sgm): the
+    UNet by the checkpoint's own names (sd-scripts trains SDXL on
+    library/sdxl_original_unet.py, so lora_unet_input_blocks_4_1_...) and by
+    diffusers' (lora_unet_down_blocks_1_attentions_0_..., which
+    convert_diffusers_to_original_sdxl.py maps to input_blocks.4.1); te1
+    (conditioner.embedders.0.transformer.text_model...) as lora_te1_; te2,
+    OpenCLIP bigG (conditioner.embedders.1.model.transformer.resblocks.N...),
+    as lora_te2_ with transformers' names: q, k and v are the thirds of
+    attn.in_proj_weight, mlp_fc1 is mlp.c_fc, self_attn_out_proj attn.out_proj
+    (sdxl_model_util.py convert_sdxl_text_encoder_2_checkpoint)."""
+    rng = np.random.default_rng(16)
+    unet = "model.diffusion_model."
+    te2 = "conditioner.embedders.1.model.transformer.resblocks.%d."
+    model = {
+        unet + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight": ("F16", rng.normal(size=(640, 640))),
+        unet + "input_blocks.4.1.proj_in.weight": ("F16", rng.normal(size=(640, 640))),
+        unet + "output_blocks.2.2.conv.weight": ("F16", rng.normal(size=(64, 64, 3, 3))),
+        unet + "label_emb.0.0.weight": ("F16", rng.normal(size=(1280, 2816))),
+        unet + "middle_block.1.transformer_blocks.9.attn2.to_k.weight": ("F16", rng.normal(size=(1280, 2048))),
+        "conditioner.embedders.0.transformer.text_model.encoder.layers.3.self_attn.k_proj.weight":
+            ("F16", rng.normal(size=(768, 768))),
+        te2 % 0 + "attn.in_proj_weight": ("F16", rng.normal(size=(3840, 1280))),
+        te2 % 0 + "attn.in_proj_bias": ("F16", rng.normal(size=(3840,))),
+        te2 % 0 + "attn.out_proj.weight": ("F16", rng.normal(size=(1280, 1280))),
+        te2 % 31 + "mlp.c_fc.weight": ("F16", rng.normal(size=(5120, 1280))),
+    }
+    mp = os.path.join(tmp, "sdxl-sgm.safetensors")
+    write_st(mp, model)
+    lora, updates = {}, {}
+    for stem, target in (
+            ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+             unet + "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight"),
+            ("lora_unet_down_blocks_1_attentions_0_proj_in", unet + "input_blocks.4.1.proj_in.weight"),
+            ("lora_unet_up_blocks_0_upsamplers_0_conv", unet + "output_blocks.2.2.conv.weight"),
+            ("lora_unet_add_embedding_linear_1", unet + "label_emb.0.0.weight"),
+            ("lora_unet_middle_block_1_transformer_blocks_9_attn2_to_k",
+             unet + "middle_block.1.transformer_blocks.9.attn2.to_k.weight"),
+            ("lora_te1_text_model_encoder_layers_3_self_attn_k_proj",
+             "conditioner.embedders.0.transformer.text_model.encoder.layers.3.self_attn.k_proj.weight"),
+            ("lora_te2_text_model_encoder_layers_0_self_attn_out_proj", te2 % 0 + "attn.out_proj.weight"),
+            ("lora_te2_text_model_encoder_layers_31_mlp_fc1", te2 % 31 + "mlp.c_fc.weight")):
+        kohya_module(lora, rng, stem, model[target][1].shape, 8, 4, updates, target)
+    for part, proj in ((0, "q"), (2, "v")):
+        kohya_module(lora, rng, "lora_te2_text_model_encoder_layers_0_self_attn_%s_proj" % proj, (3840, 1280),
+                     8, 4, updates, te2 % 0 + "attn.in_proj_weight", rows=(1280 * part, 1280 * (part + 1)))
+    lp = os.path.join(tmp, "sdxl-kohya.safetensors")
+    write_st(lp, lora, {"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0"})
+    out = os.path.join(tmp, "sdxl-fused.safetensors")
+    p = run("run", PIPELINE, "model=" + mp, "lora=" + lp, "output=" + out)
+    check_fused(out, model, updates, "kohya sdxl onto sgm")
+    check("10 modules of 1 LoRA fused into 9 weights" in p.stderr, "sdxl: every module fused (%r)" % p.stderr)
+
+
 def check_errors(tmp):
     rng = np.random.default_rng(4)
     model = {"model.layers.0.self_attn.q_proj.weight": ("F16", rng.normal(size=(8, 8)))}
@@ -319,6 +511,8 @@ def main():
         check_kohya_flux_and_two_loras(tmp)
         check_diffusers_conv(tmp)
         check_diffusers_flux_onto_bfl(tmp)
+        check_kohya_sd15_onto_ldm(tmp)
+        check_kohya_sdxl_onto_sgm(tmp)
         check_errors(tmp)
     finally:
         shutil.rmtree(tmp)
