@@ -82,10 +82,15 @@ gboolean  lp_lora_lokr_reduce     (const LpLoraKronPart *w1,
 gboolean      lp_lora_lycoris_present (LpCheckpoint  *checkpoint);
 
 /* @input with each LoHa and LoKr module replaced by the kohya LoRA of rank
- * @k nearest to its update (lazy tensors, computed when pulled, recorded in
- * @stats). The names of the modules it wrote are added to @converted. */
+ * @rank nearest to its update (lazy tensors, computed when pulled, recorded
+ * in @stats); a module whose update has a lower rank bound (r1·r2 for LoHa,
+ * rank (W1) · rank (W2) for LoKr) is written at that bound, exactly, unless
+ * @pad. A DoRA `.dora_scale` is refused, or with @keep_dora kept as it is.
+ * The names of the modules it wrote are added to @converted. */
 LpCheckpoint *lp_lora_lycoris_reduce  (LpCheckpoint  *input,
-                                       guint          k,
+                                       guint          rank,
+                                       gboolean       pad,
+                                       gboolean       keep_dora,
                                        LpLoraStats   *stats,
                                        GHashTable    *converted,
                                        GError       **error);

@@ -44,10 +44,17 @@ struct _LpLoraSvd
   guint min_rank;
   gboolean pad;
   gboolean per_module_alpha;
+  LpLoraDoraPolicy dora;
   LpLoraComputeDtype compute_dtype;
   char *down_pattern;
   char *up_pattern;
   LpLoraStats *last_stats;   /* what the last run kept, for `result` */
+  /* which of the properties with a default that means something were set,
+   * so that prepare can refuse those that would have no effect */
+  gboolean min_rank_set;
+  gboolean niter_set;
+  gboolean oversample_set;
+  gboolean seed_set;
 };
 
 enum {
@@ -69,6 +76,7 @@ enum {
   PROP_COMPUTE_DTYPE,
   PROP_DOWN_PATTERN,
   PROP_UP_PATTERN,
+  PROP_DORA,
   PROP_RESULT,
   N_PROPS
 };
@@ -626,7 +634,8 @@ lp_lora_svd_transform (LpTransform   *transform,
                        "are for plain LoRAs");
           return NULL;
         }
-      plain = lp_lora_lycoris_reduce (input, self->rank, stats, lycoris, error);
+      plain = lp_lora_lycoris_reduce (input, self->rank, self->pad,
+                                      self->dora == LP_LORA_DORA_KEEP_MAGNITUDE, stats, lycoris, error);
       if (plain == NULL)
         return NULL;
       input = plain;
@@ -635,9 +644,8 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   /* mlx-lm modules are written back in their layout by lp_lora_assemble () */
   modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
-                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN
-                                       | LP_LORA_FIND_REFUSE_DORA, NULL, error);
-  if (modules == NULL)
+                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN, NULL, error);
+  if (modules == NULL || !lp_lora_apply_dora_policy (LP_STAGE (self), self->dora, modules, error))
     return NULL;
 
   guint n = modules->len;
@@ -666,6 +674,11 @@ lp_lora_svd_transform (LpTransform   *transform,
       ranks[m] = self->rank;
 
   shared_alpha = self->per_module_alpha ? 0 : shared_kohya_alpha (self, modules, ranks);
+  if (self->rank > 0 && !self->pad)
+    {
+      g_autofree char *hint = g_strdup_printf ("pad=true pads them to rank %u", self->rank);
+      lp_lora_warn_rank_kept (LP_STAGE (self), modules, self->rank, hint);
+    }
 
   for (guint m = 0; m < n; m++)
     {
@@ -778,6 +791,20 @@ lp_lora_svd_prepare (LpStage  *stage,
                    "pad needs a rank to pad to: set rank, or max-rank with a dynamic criterion");
       return FALSE;
     }
+  /* options that would change nothing: refused rather than ignored */
+  if (self->rank > 0 && (self->min_rank_set || self->max_rank > 0))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                   "rank=%u fixes every module's rank, so %s would have no effect; min-rank "
+                   "and max-rank bound a rank chosen by energy, sv-ratio, sv-fro, sv-cumulative "
+                   "or budget", self->rank,
+                   self->min_rank_set && self->max_rank > 0 ? "min-rank and max-rank"
+                   : self->min_rank_set ? "min-rank" : "max-rank");
+      return FALSE;
+    }
+  if (self->method == LP_LORA_SVD_METHOD_EXACT
+      && !lp_lora_check_exact_options (self->niter_set, self->oversample_set, self->seed_set, error))
+    return FALSE;
   return TRUE;
 }
 
@@ -793,18 +820,19 @@ lp_lora_svd_set_property (GObject      *object,
     {
     case PROP_RANK: self->rank = g_value_get_uint (value); break;
     case PROP_METHOD: self->method = g_value_get_enum (value); break;
-    case PROP_NITER: self->niter = g_value_get_uint (value); break;
-    case PROP_OVERSAMPLE: self->oversample = g_value_get_uint (value); break;
-    case PROP_SEED: self->seed = g_value_get_uint64 (value); break;
+    case PROP_NITER: self->niter = g_value_get_uint (value); self->niter_set = TRUE; break;
+    case PROP_OVERSAMPLE: self->oversample = g_value_get_uint (value); self->oversample_set = TRUE; break;
+    case PROP_SEED: self->seed = g_value_get_uint64 (value); self->seed_set = TRUE; break;
     case PROP_ENERGY: self->energy = g_value_get_double (value); break;
     case PROP_SV_RATIO: self->sv_ratio = g_value_get_double (value); break;
     case PROP_SV_FRO: self->sv_fro = g_value_get_double (value); break;
     case PROP_SV_CUMULATIVE: self->sv_cumulative = g_value_get_double (value); break;
     case PROP_BUDGET: self->budget = g_value_get_uint64 (value); break;
     case PROP_MAX_RANK: self->max_rank = g_value_get_uint (value); break;
-    case PROP_MIN_RANK: self->min_rank = g_value_get_uint (value); break;
+    case PROP_MIN_RANK: self->min_rank = g_value_get_uint (value); self->min_rank_set = TRUE; break;
     case PROP_PAD: self->pad = g_value_get_boolean (value); break;
     case PROP_PER_MODULE_ALPHA: self->per_module_alpha = g_value_get_boolean (value); break;
+    case PROP_DORA: self->dora = g_value_get_enum (value); break;
     case PROP_COMPUTE_DTYPE: self->compute_dtype = g_value_get_enum (value); break;
     case PROP_DOWN_PATTERN:
       g_free (self->down_pattern);
@@ -843,6 +871,7 @@ lp_lora_svd_get_property (GObject    *object,
     case PROP_MIN_RANK: g_value_set_uint (value, self->min_rank); break;
     case PROP_PAD: g_value_set_boolean (value, self->pad); break;
     case PROP_PER_MODULE_ALPHA: g_value_set_boolean (value, self->per_module_alpha); break;
+    case PROP_DORA: g_value_set_enum (value, self->dora); break;
     case PROP_COMPUTE_DTYPE: g_value_set_enum (value, self->compute_dtype); break;
     case PROP_DOWN_PATTERN: g_value_set_string (value, self->down_pattern); break;
     case PROP_UP_PATTERN: g_value_set_string (value, self->up_pattern); break;
@@ -928,6 +957,7 @@ lp_lora_svd_class_init (LpLoraSvdClass *klass)
                        LP_TYPE_LORA_COMPUTE_DTYPE, LP_LORA_COMPUTE_DTYPE_AUTO, flags);
   properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
   properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
+  properties[PROP_DORA] = lp_lora_dora_pspec ();
   properties[PROP_RESULT] =
     g_param_spec_string ("result", "Result",
                          "After a run, per module the energy kept and the relative error, as JSON (read only)",

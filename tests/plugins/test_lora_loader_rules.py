@@ -391,26 +391,45 @@ def maybe_map_sgm_blocks_to_diffusers(sd, layers_per_block=2, delimiter="_", blo
     return new
 
 
+def convert_text_encoder_lora_key(key, lora_name):
+    """diffusers lora_conversion_utils._convert_text_encoder_lora_key"""
+    to_replace = "lora_te2_" if lora_name.startswith("lora_te2_") else \
+        "lora_te_" if lora_name.startswith("lora_te_") else "lora_te1_"
+    d = key.replace(to_replace, "").replace("_", ".")
+    for a, b in (("text.model", "text_model"), ("self.attn", "self_attn"), ("q.proj.lora", "to_q_lora"),
+                 ("k.proj.lora", "to_k_lora"), ("v.proj.lora", "to_v_lora"), ("out.proj.lora", "to_out_lora"),
+                 ("text.projection", "text_projection")):
+        d = d.replace(a, b)
+    if "self_attn" not in d and "text_projection" not in d and "mlp" in d:
+        d = d.replace(".lora.", ".lora_linear_layer.")
+    return d
+
+
 def convert_non_diffusers_lora_to_diffusers(sd):
-    """diffusers _convert_non_diffusers_lora_to_diffusers (the UNet part):
-    names by _convert_unet_lora_key, alphas kept as network_alphas
-    (_get_alpha_name); keys it does not rename are an error"""
+    """diffusers _convert_non_diffusers_lora_to_diffusers: UNet names by
+    _convert_unet_lora_key, text encoders' by _convert_text_encoder_lora_key,
+    alphas kept as network_alphas (_get_alpha_name); keys it does not rename
+    are an error"""
     sd = dict(sd)
-    unet, alphas = {}, {}
+    out, alphas = {}, {}
     for key in list(sd):
         if not key.endswith("lora_down.weight"):
             continue
         lora_name = key.split(".")[0]
-        if not lora_name.startswith("lora_unet_"):
+        if lora_name.startswith("lora_unet_"):
+            name, prefix = convert_unet_lora_key(key), "unet."
+        elif lora_name.startswith(("lora_te_", "lora_te1_", "lora_te2_")):
+            name = convert_text_encoder_lora_key(key, lora_name)
+            prefix = "text_encoder_2." if lora_name.startswith("lora_te2_") else "text_encoder."
+        else:
             continue
-        name = convert_unet_lora_key(key)
-        unet[name] = sd.pop(key)
-        unet[name.replace(".down.", ".up.")] = sd.pop(lora_name + ".lora_up.weight")
+        out[prefix + name] = sd.pop(key)
+        out[prefix + name.replace(".down.", ".up.")] = sd.pop(lora_name + ".lora_up.weight")
         if lora_name + ".alpha" in sd:
-            alphas["unet." + name.split(".lora.")[0] + ".alpha"] = sd.pop(lora_name + ".alpha").item()
+            alphas[prefix + name.split(".lora.")[0] + ".alpha"] = sd.pop(lora_name + ".alpha").item()
     if sd:
         raise ValueError("The following keys have not been correctly renamed: %s" % ", ".join(sd))
-    return {"unet." + k: v for k, v in unet.items()}, alphas
+    return out, alphas
 
 
 UNET_TO_DIFFUSERS = {".to_out_lora.up": ".to_out.0.lora_B", ".to_out_lora.down": ".to_out.0.lora_A",
@@ -421,17 +440,9 @@ UNET_TO_DIFFUSERS = {".to_out_lora.up": ".to_out.0.lora_B", ".to_out_lora.down":
 
 
 def convert_unet_state_dict_to_peft(sd):
-    """diffusers utils/state_dict_utils.py convert_state_dict(UNET_TO_DIFFUSERS),
-    with KEYS_TO_ALWAYS_REPLACE (".processor." -> ".")"""
-    out = {}
-    for k, v in sd.items():
-        k = k.replace(".processor.", ".")
-        for pattern, new in UNET_TO_DIFFUSERS.items():
-            if pattern in k:
-                k = k.replace(pattern, new)
-                break
-        out[k] = v
-    return out
+    """diffusers utils/state_dict_utils.py convert_unet_state_dict_to_peft:
+    convert_state_dict with UNET_TO_DIFFUSERS"""
+    return convert_state_dict(sd, UNET_TO_DIFFUSERS)
 
 
 def diffusers_load(file, model, prefix):
@@ -447,8 +458,11 @@ def diffusers_load(file, model, prefix):
     if any(k.endswith("lora_down.weight") for k in sd):
         sd = maybe_map_sgm_blocks_to_diffusers(sd)
         sd, network_alphas = convert_non_diffusers_lora_to_diffusers(sd)
-    outside = [k for k in sd if not k.startswith(prefix + ".")]
+    # a pipeline loads the other components' keys into them
+    outside = [k for k in sd if not k.startswith((prefix + ".", "text_encoder.", "text_encoder_2."))]
     sd = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+    if network_alphas:
+        network_alphas = {k: v for k, v in network_alphas.items() if k.startswith(prefix + ".")}
     if metadata is not None:
         metadata = {k[len(prefix) + 1:]: v for k, v in metadata.items() if k.startswith(prefix + ".")}
     if "lora_A" not in next(iter(sd)):
@@ -461,7 +475,79 @@ def diffusers_load(file, model, prefix):
     return updates, unloaded + outside
 
 
+DIFFUSERS_OLD_TO_DIFFUSERS = {".to_q_lora.up": ".q_proj.lora_linear_layer.up", ".to_q_lora.down": ".q_proj.lora_linear_layer.down",
+                              ".to_k_lora.up": ".k_proj.lora_linear_layer.up", ".to_k_lora.down": ".k_proj.lora_linear_layer.down",
+                              ".to_v_lora.up": ".v_proj.lora_linear_layer.up", ".to_v_lora.down": ".v_proj.lora_linear_layer.down",
+                              ".to_out_lora.up": ".out_proj.lora_linear_layer.up",
+                              ".to_out_lora.down": ".out_proj.lora_linear_layer.down"}
+PEFT_TO_DIFFUSERS = {".%s.lora_%s" % (p, ab): ".%s.lora_linear_layer.%s" % (p, ud)
+                     for p in ("q_proj", "k_proj", "v_proj", "out_proj") for ab, ud in (("B", "up"), ("A", "down"))}
+DIFFUSERS_TO_PEFT = dict([(".%s.lora_linear_layer.%s" % (p, ud), ".%s.lora_%s" % (p, ab))
+                          for p in ("q_proj", "k_proj", "v_proj", "out_proj") for ab, ud in (("B", "up"), ("A", "down"))]
+                         + [(".lora_linear_layer.up", ".lora_B"), (".lora_linear_layer.down", ".lora_A")])
+
+
+def convert_state_dict(sd, mapping):
+    """diffusers utils/state_dict_utils.py convert_state_dict: the
+    KEYS_TO_ALWAYS_REPLACE (".processor." -> "."), then the first pattern of
+    @mapping found in a key is replaced"""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace(".processor.", ".")
+        for pattern, new in mapping.items():
+            if pattern in k:
+                k = k.replace(pattern, new)
+                break
+        out[k] = v
+    return out
+
+
+def diffusers_load_text_encoder(file, model, prefix="text_encoder"):
+    """diffusers _load_lora_into_text_encoder (loaders/lora_base.py): the
+    state dict of lora_state_dict, the prefix stripped,
+    convert_state_dict_to_diffusers and convert_state_dict_to_peft (the
+    format told by its keys), ranks from the lora_B of the model's
+    q/k/v/out_proj and fc1/fc2, get_peft_kwargs(is_unet=False), PEFT's
+    inject (transformers' load_adapter)."""
+    sd, _ = read_st(file)
+    network_alphas = None
+    if any(k.endswith("lora_down.weight") for k in sd):
+        sd, network_alphas = convert_non_diffusers_lora_to_diffusers(maybe_map_sgm_blocks_to_diffusers(sd))
+    sd = {k[len(prefix) + 1:]: v for k, v in sd.items() if k.startswith(prefix + ".")}
+    if any("to_out_lora" in k for k in sd):
+        sd = convert_state_dict(sd, DIFFUSERS_OLD_TO_DIFFUSERS)
+    elif any(".lora_A.weight" in k for k in sd):
+        sd = convert_state_dict(sd, PEFT_TO_DIFFUSERS)
+    sd = convert_state_dict(sd, DIFFUSERS_TO_PEFT)
+    rank = {}
+    for name in model:
+        if name.endswith((".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")) \
+                and name + ".lora_B.weight" in sd:
+            rank[name + ".lora_B.weight"] = sd[name + ".lora_B.weight"].shape[1]
+    if network_alphas:
+        network_alphas = {k[len(prefix) + 1:]: v for k, v in network_alphas.items() if k.split(".")[0] == prefix}
+    config = get_peft_kwargs(rank, network_alphas, sd, is_unet=False)
+    return peft_inject(config, model, sd)
+
+
 # ComfyUI (comfy/lora.py, comfy/weight_adapter/lora.py)
+
+LORA_CLIP_MAP = {"mlp.fc1": "mlp_fc1", "mlp.fc2": "mlp_fc2", "self_attn.k_proj": "self_attn_k_proj",
+                 "self_attn.q_proj": "self_attn_q_proj", "self_attn.v_proj": "self_attn_v_proj",
+                 "self_attn.out_proj": "self_attn_out_proj"}
+
+
+def comfy_key_map_clip_l(n_layers):
+    """ComfyUI comfy/lora.py model_lora_keys_clip for SD 1.5's CLIP-L"""
+    key_map = {}
+    for b in range(n_layers):
+        for c in LORA_CLIP_MAP:
+            k = "clip_l.transformer.text_model.encoder.layers.%d.%s.weight" % (b, c)
+            key_map["text_encoders." + k[:-len(".weight")]] = k
+            key_map["lora_te_text_model_encoder_layers_%d_%s" % (b, LORA_CLIP_MAP[c])] = k
+            key_map["lora_te1_text_model_encoder_layers_%d_%s" % (b, LORA_CLIP_MAP[c])] = k
+            key_map["text_encoder.text_model.encoder.layers.%d.%s" % (b, c)] = k
+    return key_map
 
 def comfy_key_map_unet(unet):
     """ComfyUI comfy/lora.py model_lora_keys_unet for an SD/SDXL model (whose
@@ -637,73 +723,78 @@ def ranks_of(file, suffix):
 
 
 def test_sd15_kohya():
-    """kohya SD 1.5 (diffusers UNet names): reduced fixed, dynamic, padded;
-    converted to diffusers and back; each output read by kohya, ComfyUI and
-    diffusers."""
+    """kohya SD 1.5 (diffusers UNet names, and CLIP-L's text encoder):
+    reduced fixed, dynamic, padded; converted to diffusers and back; merged
+    with a diffusers file; each output read by kohya, ComfyUI and diffusers."""
     print("# sd15 kohya")
     unet = Unet(SD15)
+    te = {"text_model.encoder.layers.%d.%s" % (b, c): (16, 8) if c == "mlp.fc1" else (8, 16) if c == "mlp.fc2" else (8, 8)
+          for b in range(2) for c in LORA_CLIP_MAP}
     rng = np.random.default_rng(1)
-    kohya_names = {"lora_unet_" + d.replace(".", "_"): s for d, s in unet.shape.items()}
+    kohya_of = {"unet." + d: "lora_unet_" + d.replace(".", "_") for d in unet.shape}
+    kohya_of.update({"text_encoder." + t: "lora_te_" + t.replace(".", "_") for t in te})
+    comfy_of = {"unet." + d: "diffusion_model." + unet.sgm[d] + ".weight" for d in unet.shape}
+    comfy_of.update({"text_encoder." + t: "clip_l.transformer." + t + ".weight" for t in te})
+    shapes = {"unet." + d: s for d, s in unet.shape.items()}
+    shapes.update({"text_encoder." + t: s for t, s in te.items()})
+    kohya_names = {kohya_of[m]: s for m, s in shapes.items()}
+    comfy_shapes = {comfy_of[m]: s for m, s in shapes.items()}
+    key_map = dict(comfy_key_map_unet(unet), **comfy_key_map_clip_l(2))
     src = kohya_file("sd15.safetensors", kohya_names, 8, rng, alpha_of=lambda i: [4.0, 8.0, 2.5][i % 3])
-    sgm_shapes = {"diffusion_model." + unet.sgm[d] + ".weight": s for d, s in unet.shape.items()}
-    meant, unloaded = kohya_load(src, kohya_names)
-    check(not unloaded and len(meant) == len(kohya_names), "sd15: the input loads whole in kohya")
+    loaded, unloaded = kohya_load(src, kohya_names)
+    check(not unloaded and len(loaded) == len(kohya_names), "sd15: the input loads whole in kohya")
+    meant = {m: loaded[kohya_of[m]] for m in shapes}     # by the diffusers pipeline's module names
 
-    def by_diffusers(updates):
-        return {d: updates["lora_unet_" + d.replace(".", "_")] for d in unet.shape}
+    def check_all(label, file, want, comfy=True, comfy_skip=()):
+        got, unloaded = kohya_load(file, kohya_names)
+        compare("sd15 %s, kohya" % label, got, {kohya_of[m]: w for m, w in want.items()}, unloaded)
+        if comfy:
+            got, unloaded = comfy_load(file, key_map, comfy_shapes)
+            compare("sd15 %s, ComfyUI" % label, got, {comfy_of[m]: w for m, w in want.items()}, unloaded)
+        check_diffusers(label, file, want)
 
-    def by_comfy(updates):
-        return {"diffusion_model." + unet.sgm[d] + ".weight": updates["lora_unet_" + d.replace(".", "_")]
-                for d in unet.shape}
+    def check_diffusers(label, file, want):
+        got, unloaded = diffusers_load(file, unet.shape, "unet")
+        got_te, unloaded_te = diffusers_load_text_encoder(file, te)
+        got = dict({"unet." + d: u for d, u in got.items()}, **{"text_encoder." + t: u for t, u in got_te.items()})
+        compare("sd15 %s, diffusers" % label, got, want, unloaded + unloaded_te)
 
     for label, props in (("fixed rank 3", ["rank=3"]), ("dynamic", ["sv-fro=0.95"]),
                          ("dynamic, padded", ["sv-fro=0.95", "max-rank=6", "pad=true"])):
-        dst = transform(src, path("sd15-%s.safetensors" % label.replace(" ", "").replace(",", "")), "lora-svd", *props)
+        dst = transform(src, path("sd15-%s.safetensors" % re.sub(r"\W", "", label)), "lora-svd", *props)
         ranks = ranks_of(dst, ".lora_down.weight")
         if label == "dynamic":
             check(len(set(ranks.values())) > 1, "sd15 dynamic: the ranks differ")
         if "pad" in label:
             check(set(ranks.values()) == {6}, "sd15 padded: every module at rank 6, not %s" % sorted(set(ranks.values())))
-        rank_of = {m: np.linalg.matrix_rank(kohya_load(dst, [m])[0][m], tol=1e-9) for m in kohya_names}
-        want = reduced_reference(meant, rank_of)
-        got, unloaded = kohya_load(dst, kohya_names)
-        compare("sd15 %s, kohya" % label, got, want, unloaded)
-        got, unloaded = comfy_load(dst, comfy_key_map_unet(unet), sgm_shapes)
-        compare("sd15 %s, ComfyUI" % label, got, by_comfy(want), unloaded)
-        got, unloaded = diffusers_load(dst, unet.shape, "unet")
-        compare("sd15 %s, diffusers" % label, got, by_diffusers(want), unloaded)
+        reduced, _ = kohya_load(dst, kohya_names)
+        want = {m: optimum(meant[m], np.linalg.matrix_rank(reduced[kohya_of[m]], tol=1e-9)) for m in shapes}
+        check_all(label, dst, want)
 
     diff = transform(src, path("sd15-diffusers.safetensors"), "rename", "preset=sd-kohya-to-diffusers")
-    got, unloaded = diffusers_load(diff, unet.shape, "unet")
-    compare("sd15 to diffusers, diffusers", got, by_diffusers(meant), unloaded)
+    check_diffusers("to diffusers", diff, meant)
     # ComfyUI's key map knows diffusers' SD attention projections only as
     # attn1.processor.to_q: the guide says so; everything else loads
-    got, unloaded = comfy_load(diff, comfy_key_map_unet(unet), sgm_shapes)
-    attention = [k for d, k in ((d, "diffusion_model." + unet.sgm[d] + ".weight") for d in unet.shape)
-                 if re.search(r"attn[12]\.to_", d)]
-    check(all(k.startswith("unet.") and re.search(r"attn[12]\.to_", k) for k in unloaded),
-          "sd15 to diffusers, ComfyUI: only the attention projections stay out")
-    compare("sd15 to diffusers, ComfyUI (no attention projections)", got,
-            {k: v for k, v in by_comfy(meant).items() if k not in attention}, [])
+    got, unloaded = comfy_load(diff, key_map, comfy_shapes)
+    attention = [m for m in shapes if re.search(r"attn[12]\.to_", m)]
+    check(sorted(k for k in unloaded if k.endswith(".lora_A.weight"))
+          == sorted(m + ".lora_A.weight" for m in attention),
+          "sd15 to diffusers, ComfyUI: exactly the UNet's attention projections stay out")
+    compare("sd15 to diffusers, ComfyUI (no UNet attention projections)", got,
+            {comfy_of[m]: w for m, w in meant.items() if m not in attention}, [])
     back = transform(diff, path("sd15-back.safetensors"), "rename", "preset=sd-diffusers-to-kohya")
-    got, unloaded = kohya_load(back, kohya_names)
-    compare("sd15 to diffusers and back, kohya", got, meant, unloaded)
-    got, unloaded = comfy_load(back, comfy_key_map_unet(unet), sgm_shapes)
-    compare("sd15 to diffusers and back, ComfyUI", got, by_comfy(meant), unloaded)
+    check(sorted(read_st(back)[0]) == sorted(read_st(src)[0]), "sd15 to diffusers and back: kohya's own names")
+    check_all("to diffusers and back", back, meant)
 
     # merged with a diffusers file: the first input's convention (kohya)
-    other = transform(transform(kohya_file("sd15-b.safetensors", kohya_names, 4, np.random.default_rng(5)),
-                                path("sd15-b-diffusers.safetensors"), "rename", "preset=sd-kohya-to-diffusers"),
-                      path("sd15-b-d.safetensors"), "lora-scale", "factor=1")
-    other_updates, _ = diffusers_load(other, unet.shape, "unet")
+    other = transform(kohya_file("sd15-b.safetensors", kohya_names, 4, np.random.default_rng(5)),
+                      path("sd15-b-diffusers.safetensors"), "rename", "preset=sd-kohya-to-diffusers")
+    other_unet, _ = diffusers_load(other, unet.shape, "unet")
+    other_te, _ = diffusers_load_text_encoder(other, te)
+    other_updates = dict({"unet." + d: u for d, u in other_unet.items()},
+                         **{"text_encoder." + t: u for t, u in other_te.items()})
     merged = merge(path("sd15-merged.safetensors"), [src, other], "weights=0.5,2")
-    want = {d: 0.5 * meant["lora_unet_" + d.replace(".", "_")] + 2 * other_updates[d] for d in unet.shape}
-    got, unloaded = kohya_load(merged, kohya_names)
-    compare("sd15 merged kohya + diffusers, kohya", got,
-            {"lora_unet_" + d.replace(".", "_"): w for d, w in want.items()}, unloaded)
-    got, unloaded = comfy_load(merged, comfy_key_map_unet(unet), sgm_shapes)
-    compare("sd15 merged kohya + diffusers, ComfyUI", got,
-            {"diffusion_model." + unet.sgm[d] + ".weight": w for d, w in want.items()}, unloaded)
+    check_all("merged kohya + diffusers", merged, {m: 0.5 * meant[m] + 2 * other_updates[m] for m in shapes})
 
 
 def test_sdxl_sgm():
