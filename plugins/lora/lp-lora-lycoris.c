@@ -253,6 +253,14 @@ typedef struct {
 } KronPair;
 
 static int
+compare_doubles (gconstpointer a,
+                 gconstpointer b)
+{
+  double x = *(const double *) a, y = *(const double *) b;
+  return x < y ? -1 : x > y;
+}
+
+static int
 kron_pair_compare (gconstpointer a,
                    gconstpointer b)
 {
@@ -381,36 +389,17 @@ module_free (gpointer data)
   g_free (m);
 }
 
-/* The part a tensor name ends in, and the module it belongs to. */
-static gboolean
-split_name (const char *name,
-            Part       *part,
-            char      **module)
+guint
+lp_lora_lycoris_count (GPtrArray *modules)
 {
-  const char *dot = strrchr (name, '.');
-  if (dot == NULL || dot == name)
-    return FALSE;
-  for (guint p = 0; p < N_PARTS; p++)
-    if (p != PART_ALPHA && p != PART_DORA_SCALE && strcmp (dot + 1, part_names[p]) == 0)
-      {
-        *part = p;
-        *module = g_strndup (name, dot - name);
-        return TRUE;
-      }
-  return FALSE;
-}
+  guint n = 0;
 
-gboolean
-lp_lora_lycoris_present (LpCheckpoint *checkpoint)
-{
-  for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
+  for (guint i = 0; i < modules->len; i++)
     {
-      Part part;
-      g_autofree char *module = NULL;
-      if (split_name (lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, i)), &part, &module))
-        return TRUE;
+      const char *family = lp_lora_module_get_family (g_ptr_array_index (modules, i));
+      n += g_str_equal (family, "loha") || g_str_equal (family, "lokr");
     }
-  return FALSE;
+  return n;
 }
 
 #define HAS(m, p) ((m)->parts[p] != NULL)
@@ -665,55 +654,53 @@ check_lokr (Module *m, GError **error)
   return TRUE;
 }
 
-/* The LyCORIS modules of @input, in the order of their first tensor. */
+/* The LyCORIS modules among @found (lp_lora_find_modules_full() of @input,
+ * which pairs their parts by the keys the loha and lokr family files
+ * declare), in the order of their first tensor, with what computing them
+ * needs. */
 static GPtrArray *
 find_modules (LpCheckpoint  *input,
+              GPtrArray     *found,
               gboolean       keep_dora,
               GError       **error)
 {
-  g_autoptr (GPtrArray) tensors = lp_checkpoint_get_tensors (input);
   g_autoptr (GPtrArray) modules = g_ptr_array_new_with_free_func (module_free);
-  g_autoptr (GHashTable) by_name = g_hash_table_new (g_str_hash, g_str_equal);
+  g_autoptr (GHashTable) index = g_hash_table_new (NULL, NULL);   /* tensor -> its index + 1 */
 
-  for (guint i = 0; i < tensors->len; i++)
+  for (guint i = 0; i < lp_checkpoint_get_n_tensors (input); i++)
+    g_hash_table_insert (index, lp_checkpoint_get_tensor (input, i), GUINT_TO_POINTER (i + 1));
+
+  for (guint i = 0; i < found->len; i++)
     {
-      LpTensor *tensor = g_ptr_array_index (tensors, i);
-      Part part;
-      char *name = NULL;
+      LpLoraModule *module = g_ptr_array_index (found, i);
+      const char *family = lp_lora_module_get_family (module);
+      gboolean hada = g_str_equal (family, "loha"), lokr = g_str_equal (family, "lokr");
+      Module *m;
 
-      if (!split_name (lp_tensor_get_name (tensor), &part, &name))
+      if (!hada && !lokr)
         continue;
-      Module *m = g_hash_table_lookup (by_name, name);
-      if (m == NULL)
+      m = g_new0 (Module, 1);
+      g_ptr_array_add (modules, m);
+      m->name = g_strdup (lp_lora_module_get_name (module));
+      m->lokr = lokr;
+      m->first = G_MAXUINT;
+      for (Part p = 0; p < N_PARTS; p++)
         {
-          m = g_new0 (Module, 1);
-          m->name = name;
-          m->first = i;
-          g_ptr_array_add (modules, m);
-          g_hash_table_insert (by_name, m->name, m);
+          LpTensor *t = p == PART_DORA_SCALE ? lp_lora_module_get_dora_magnitude (module)
+                                             : lp_lora_module_get_part (module, part_names[p]);
+          if (t == NULL)
+            continue;
+          m->parts[p] = g_object_ref (t);
+          if (p != PART_ALPHA && p != PART_DORA_SCALE)
+            m->first = MIN (m->first, GPOINTER_TO_UINT (g_hash_table_lookup (index, t)) - 1);
         }
-      else
-        g_free (name);
-      m->parts[part] = g_object_ref (tensor);
     }
 
   for (guint i = 0; i < modules->len; i++)
     {
       Module *m = g_ptr_array_index (modules, i);
-      gboolean hada = FALSE, lokr = FALSE;
+      gboolean hada = !m->lokr, lokr = m->lokr;
 
-      for (Part p = PART_HADA_W1_A; p <= PART_HADA_T2; p++)
-        hada |= HAS (m, p);
-      for (Part p = PART_LOKR_W1; p <= PART_LOKR_T2; p++)
-        lokr |= HAS (m, p);
-      m->lokr = lokr;
-      for (Part p = PART_ALPHA; p <= PART_DORA_SCALE; p++)
-        {
-          g_autofree char *key = g_strconcat (m->name, ".", part_names[p], NULL);
-          LpTensor *t = lp_checkpoint_lookup (input, key);
-          if (t)
-            m->parts[p] = g_object_ref (t);
-        }
       if (hada && lokr)
         {
           refuse (error, m, "the module has both hada_* (LoHa) and lokr_* (LoKr) parts");
@@ -721,10 +708,11 @@ find_modules (LpCheckpoint  *input,
         }
       if (HAS (m, PART_DORA_SCALE) && !keep_dora)
         {
-          refuse (error, m, "DoRA magnitude %s.dora_scale: the merged weight m · (W0 + ΔW) / "
+          refuse (error, m, "DoRA magnitude %s: the merged weight m · (W0 + ΔW) / "
                   "‖W0 + ΔW‖ depends on the base weight W0, which this stage does not read, so "
                   "no reduction of ΔW can be made optimal for it; dora=keep-magnitude keeps m as "
-                  "trained and reduces ΔW (docs/methods.md, \"DoRA\")", m->name);
+                  "trained and reduces ΔW (docs/methods.md, \"DoRA\")",
+                  lp_tensor_get_name (m->parts[PART_DORA_SCALE]));
           return NULL;
         }
       if (!(lokr ? check_lokr (m, error) : check_loha (m, error)))
@@ -813,10 +801,16 @@ loha_side (Module *m, gboolean second, double **u, double **v, guint *r, GError 
   return TRUE;
 }
 
+/* A LoHa module's update as the product B A of its Khatri–Rao factors,
+ * [out, r1·r2] and [r1·r2, in], in @f (the data in *@b and *@a, owned by the
+ * caller). */
 static gboolean
-compute_loha (Job *job, double *kept, double *total, GError **error)
+loha_factors (Module        *m,
+              LpLoraFactors *f,
+              gpointer      *b,
+              gpointer      *a,
+              GError       **error)
 {
-  Module *m = job->module;
   g_autofree double *u1 = NULL, *v1 = NULL, *u2 = NULL, *v2 = NULL;
   guint r1, r2;
 
@@ -834,22 +828,31 @@ compute_loha (Job *job, double *kept, double *total, GError **error)
 
   guint R = r1 * r2;
   gsize value = f32 ? sizeof (float) : sizeof (double);
-  g_autofree gpointer b = g_malloc (MAX (m->out * R * value, 1));
-  g_autofree gpointer a = g_malloc (MAX (R * m->in * value, 1));
-  lp_lora_loha_to_factors (u1, v1, r1, u2, v2, r2, m->out, m->in, f32, b, a);
-  g_clear_pointer (&u1, g_free);
-  g_clear_pointer (&v1, g_free);
-  g_clear_pointer (&u2, g_free);
-  g_clear_pointer (&v2, g_free);
+  *b = g_malloc (MAX (m->out * R * value, 1));
+  *a = g_malloc (MAX (R * m->in * value, 1));
+  lp_lora_loha_to_factors (u1, v1, r1, u2, v2, r2, m->out, m->in, f32, *b, *a);
 
-  LpLoraFactors f = { 0, };
-  f.f32 = f32;
-  f.f64_fallback = f32;
-  f.b = b;
-  f.a = a;
-  f.out = m->out;
-  f.in = m->in;
-  f.r = R;
+  memset (f, 0, sizeof *f);
+  f->f32 = f32;
+  f->f64_fallback = f32;
+  f->b = *b;
+  f->a = *a;
+  f->out = m->out;
+  f->in = m->in;
+  f->r = R;
+  return TRUE;
+}
+
+static gboolean
+compute_loha (Job *job, double *kept, double *total, GError **error)
+{
+  Module *m = job->module;
+  g_autofree gpointer b = NULL, a = NULL;
+  LpLoraFactors f;
+
+  if (!loha_factors (m, &f, &b, &a, error))
+    return FALSE;
+  guint R = f.r;
   g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, MIN (job->k, R), TRUE, error);
   if (spectrum == NULL)
     return FALSE;
@@ -872,36 +875,53 @@ compute_loha (Job *job, double *kept, double *total, GError **error)
   return TRUE;
 }
 
-static gboolean
-compute_lokr (Job *job, double *kept, double *total, GError **error)
+/* A LoKr module's two Kronecker sides, their data in @buffers (freed by
+ * kron_sides_clear()). */
+typedef struct {
+  LpLoraKronPart w1;
+  LpLoraKronPart w2;
+  double *buffers[6];
+} KronSides;
+
+static void
+kron_sides_clear (KronSides *ks)
 {
-  Module *m = job->module;
-  LpLoraKronPart w1 = { 0, }, w2 = { 0, };
-  g_autofree double *d1 = NULL, *a1 = NULL, *b1 = NULL, *d2 = NULL, *a2 = NULL, *b2 = NULL;
-  guint k = job->k;
+  for (guint i = 0; i < G_N_ELEMENTS (ks->buffers); i++)
+    g_clear_pointer (&ks->buffers[i], g_free);
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (KronSides, kron_sides_clear)
+
+static gboolean
+lokr_sides (Module     *m,
+            KronSides  *ks,
+            GError    **error)
+{
+  double **d1 = &ks->buffers[0], **a1 = &ks->buffers[1], **b1 = &ks->buffers[2];
+  double **d2 = &ks->buffers[3], **a2 = &ks->buffers[4], **b2 = &ks->buffers[5];
 
   if (HAS (m, PART_LOKR_W1))
     {
-      if ((d1 = dup_part (m, PART_LOKR_W1, error)) == NULL)
+      if ((*d1 = dup_part (m, PART_LOKR_W1, error)) == NULL)
         return FALSE;
-      w1 = (LpLoraKronPart) { d1, NULL, NULL, 0, DIM (m, PART_LOKR_W1, 0), DIM (m, PART_LOKR_W1, 1) };
+      ks->w1 = (LpLoraKronPart) { *d1, NULL, NULL, 0, DIM (m, PART_LOKR_W1, 0), DIM (m, PART_LOKR_W1, 1) };
     }
   else
     {
-      if ((a1 = dup_part (m, PART_LOKR_W1_A, error)) == NULL ||
-          (b1 = dup_part (m, PART_LOKR_W1_B, error)) == NULL)
+      if ((*a1 = dup_part (m, PART_LOKR_W1_A, error)) == NULL ||
+          (*b1 = dup_part (m, PART_LOKR_W1_B, error)) == NULL)
         return FALSE;
-      w1 = (LpLoraKronPart) { NULL, a1, b1, DIM (m, PART_LOKR_W1_B, 0),
-                              DIM (m, PART_LOKR_W1_A, 0), DIM (m, PART_LOKR_W1_B, 1) };
+      ks->w1 = (LpLoraKronPart) { NULL, *a1, *b1, DIM (m, PART_LOKR_W1_B, 0),
+                                  DIM (m, PART_LOKR_W1_A, 0), DIM (m, PART_LOKR_W1_B, 1) };
     }
 
   guint64 kernel = m->in / m->in_channels;
-  guint64 o2 = m->out / w1.rows, i2 = m->in_channels / w1.cols;
+  guint64 o2 = m->out / ks->w1.rows, i2 = m->in_channels / ks->w1.cols;
   if (HAS (m, PART_LOKR_W2))
     {
-      if ((d2 = dup_part (m, PART_LOKR_W2, error)) == NULL)
+      if ((*d2 = dup_part (m, PART_LOKR_W2, error)) == NULL)
         return FALSE;
-      w2 = (LpLoraKronPart) { d2, NULL, NULL, 0, o2, i2 * kernel };
+      ks->w2 = (LpLoraKronPart) { *d2, NULL, NULL, 0, o2, i2 * kernel };
     }
   else
     {
@@ -915,21 +935,32 @@ compute_lokr (Job *job, double *kept, double *total, GError **error)
           g_autofree double *t = dup_part (m, PART_LOKR_T2, error);
           if (t == NULL)
             return FALSE;
-          a2 = transposed (wa, r, o2);
-          b2 = g_new (double, (gsize) r * i2 * kernel);
-          lp_lora_tucker_right (t, wb, r, i2, kernel, b2);
+          *a2 = transposed (wa, r, o2);
+          *b2 = g_new (double, (gsize) r * i2 * kernel);
+          lp_lora_tucker_right (t, wb, r, i2, kernel, *b2);
         }
       else
         {
-          a2 = g_steal_pointer (&wa);
-          b2 = g_steal_pointer (&wb);
+          *a2 = g_steal_pointer (&wa);
+          *b2 = g_steal_pointer (&wb);
         }
-      w2 = (LpLoraKronPart) { NULL, a2, b2, r, o2, i2 * kernel };
+      ks->w2 = (LpLoraKronPart) { NULL, *a2, *b2, r, o2, i2 * kernel };
     }
+  return TRUE;
+}
 
+static gboolean
+compute_lokr (Job *job, double *kept, double *total, GError **error)
+{
+  Module *m = job->module;
+  g_auto (KronSides) ks = { { 0, }, };
+  guint k = job->k;
+
+  if (!lokr_sides (m, &ks, error))
+    return FALSE;
   g_autofree double *b_new = g_new (double, MAX (m->out * k, 1));
   g_autofree double *a_new = g_new (double, MAX ((gsize) k * m->in, 1));
-  if (!lp_lora_lokr_reduce (&w1, &w2, m->scale, k, b_new, a_new, kept, total, error))
+  if (!lp_lora_lokr_reduce (&ks.w1, &ks.w2, m->scale, k, b_new, a_new, kept, total, error))
     return FALSE;
 
   gsize overflow_up = 0, overflow_down = 0;
@@ -961,6 +992,59 @@ job_compute (gpointer   user_data,
   *down = g_steal_pointer (&job->held[0]);
   *up = g_steal_pointer (&job->held[1]);
   return TRUE;
+}
+
+/* Every non-zero singular value of the module's scaled update, descending,
+ * for choosing its rank: the factored SVD of LoHa's Khatri–Rao factors, or
+ * LoKr's products σ_i(W1)·σ_j(W2) of both sides' whole spectra. */
+static double *
+module_sigma (Module  *m,
+              guint   *n,
+              GError **error)
+{
+  double *sigma = NULL;
+
+  if (!m->lokr)
+    {
+      g_autofree gpointer b = NULL, a = NULL;
+      LpLoraFactors f;
+
+      if (!loha_factors (m, &f, &b, &a, error))
+        return NULL;
+      g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, 0, FALSE, error);
+      if (spectrum == NULL)
+        return NULL;
+      *n = spectrum->n;
+      sigma = g_new (double, MAX (*n, 1));
+      for (guint i = 0; i < *n; i++)
+        sigma[i] = fabs (m->scale) * spectrum->sigma[i];
+      return sigma;
+    }
+
+  g_auto (KronSides) ks = { { 0, }, };
+  PartSvd s1, s2;
+
+  if (!lokr_sides (m, &ks, error) || !part_svd (&ks.w1, G_MAXUINT, &s1, error))
+    return NULL;
+  if (!part_svd (&ks.w2, G_MAXUINT, &s2, error))
+    {
+      part_svd_clear (&s1);
+      return NULL;
+    }
+  *n = s1.n * s2.n;
+  sigma = g_new (double, MAX (*n, 1));
+  for (guint i = 0; i < s1.n; i++)
+    for (guint j = 0; j < s2.n; j++)
+      sigma[(gsize) i * s2.n + j] = fabs (m->scale) * s1.sigma[i] * s2.sigma[j];
+  part_svd_clear (&s1);
+  part_svd_clear (&s2);
+  /* descending */
+  for (guint i = 0; i < *n; i++)
+    sigma[i] = -sigma[i];
+  qsort (sigma, *n, sizeof (double), compare_doubles);
+  for (guint i = 0; i < *n; i++)
+    sigma[i] = -sigma[i];
+  return sigma;
 }
 
 /* kohya's layout: down [k, in] or a conv's [k, in, *kernel]; up [out, k] or
@@ -1015,15 +1099,18 @@ rewrite_metadata (LpCheckpoint *output,
 }
 
 LpCheckpoint *
-lp_lora_lycoris_reduce (LpCheckpoint  *input,
-                        guint          rank,
-                        gboolean       pad,
-                        gboolean       keep_dora,
+lp_lora_lycoris_reduce (LpCheckpoint      *input,
+                        GPtrArray         *found,
+                        guint              rank,
+                        LpLoraRankChooser  choose,
+                        gpointer           choose_data,
+                        gboolean           pad,
+                        gboolean           keep_dora,
                         LpLoraStats   *stats,
                         GHashTable    *converted,
                         GError       **error)
 {
-  g_autoptr (GPtrArray) modules = find_modules (input, keep_dora, error);
+  g_autoptr (GPtrArray) modules = find_modules (input, found, keep_dora, error);
   if (modules == NULL)
     return NULL;
 
@@ -1062,7 +1149,26 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
           Module *m = g_ptr_array_index (modules, index - 1);
           /* written at the rank asked for, or the update's own when that is
            * lower and pad is not set (lora-svd then says so) */
-          guint k = pad ? rank : (guint) MIN (rank, m->bound);
+          guint k;
+
+          if (choose != NULL)
+            {
+              /* a rank chosen from the update's whole spectrum */
+              guint n_sigma = 0;
+              g_autofree double *sigma = module_sigma (m, &n_sigma, error);
+
+              if (sigma == NULL)
+                {
+                  g_prefix_error (error, "module %s (LyCORIS %s): ", m->name, m->lokr ? "LoKr" : "LoHa");
+                  return NULL;
+                }
+              k = MIN (choose (sigma, n_sigma, MIN (m->out, m->in), choose_data), m->bound);
+              k = MAX (k, 1);
+              if (pad)
+                k = MAX (k, rank);
+            }
+          else
+            k = pad ? rank : (guint) MIN (rank, m->bound);
 
           if (written_rank == G_MAXUINT)
             written_rank = k;

@@ -379,6 +379,7 @@ factor_data (LpTensor  *tensor,
 typedef struct {
   LpLoraSvd *self;
   GPtrArray *modules;
+  GHashTable *skip;     /* LyCORIS modules, whose rank is chosen already */
   LpLoraSpectrum **spectra;
 } SpectraWork;
 
@@ -392,6 +393,8 @@ spectrum_task (guint     i,
   LpLoraFactors f = { 0, };
   GBytes *bytes[2];
 
+  if (g_hash_table_contains (work->skip, lp_lora_module_get_name (module)))
+    return TRUE;
   if (load_stored (module, work->self->compute_dtype, &f, bytes, error))
     {
       work->spectra[i] = lp_lora_spectrum_compute (&f, 0, TRUE, error);
@@ -408,10 +411,11 @@ spectrum_task (guint     i,
 static LpLoraSpectrum **
 compute_spectra (LpLoraSvd  *self,
                  GPtrArray  *modules,
+                 GHashTable *skip,
                  GError    **error)
 {
   guint n = modules->len;
-  SpectraWork work = { self, modules, g_new0 (LpLoraSpectrum *, n) };
+  SpectraWork work = { self, modules, skip, g_new0 (LpLoraSpectrum *, n) };
 
   if (!lp_stage_parallel_for (LP_STAGE (self), n, spectrum_task, &work, error))
     {
@@ -429,27 +433,47 @@ is_dynamic (LpLoraSvd *self)
   return self->energy > 0 || self->sv_ratio > 0 || self->sv_fro > 0 || self->sv_cumulative > 0;
 }
 
+/* The rank the dynamic criterion picks from @r singular values (descending;
+ * zeros at the end are fine), within max-rank and min-rank. */
+static guint
+choose_rank (LpLoraSvd    *self,
+             const double *sigma,
+             guint         r,
+             guint64       full)
+{
+  guint k;
+
+  if (self->energy > 0)
+    k = lp_lora_rank_for_energy (sigma, r, self->energy);
+  else if (self->sv_ratio > 0)
+    k = lp_lora_rank_sv_ratio (sigma, r, full, self->sv_ratio);
+  else if (self->sv_fro > 0)
+    k = lp_lora_rank_sv_fro (sigma, r, full, self->sv_fro);
+  else
+    k = lp_lora_rank_sv_cumulative (sigma, r, full, self->sv_cumulative);
+
+  if (self->max_rank > 0)
+    k = MIN (k, self->max_rank);
+  return MAX (k, self->min_rank);
+}
+
 static guint
 dynamic_rank (LpLoraSvd            *self,
               LpLoraModule         *module,
               const LpLoraSpectrum *s)
 {
-  guint64 full = MIN (lp_lora_module_get_in_features (module),
-                      lp_lora_module_get_out_features (module));
-  guint k;
+  return choose_rank (self, s->sigma, s->r, MIN (lp_lora_module_get_in_features (module),
+                                                 lp_lora_module_get_out_features (module)));
+}
 
-  if (self->energy > 0)
-    k = lp_lora_rank_for_energy (s->sigma, s->r, self->energy);
-  else if (self->sv_ratio > 0)
-    k = lp_lora_rank_sv_ratio (s->sigma, s->r, full, self->sv_ratio);
-  else if (self->sv_fro > 0)
-    k = lp_lora_rank_sv_fro (s->sigma, s->r, full, self->sv_fro);
-  else
-    k = lp_lora_rank_sv_cumulative (s->sigma, s->r, full, self->sv_cumulative);
-
-  if (self->max_rank > 0)
-    k = MIN (k, self->max_rank);
-  return MAX (k, self->min_rank);
+/* The same for a LyCORIS module, from its update's whole spectrum. */
+static guint
+lycoris_rank (const double *sigma,
+              guint         n,
+              guint64       full,
+              gpointer      user_data)
+{
+  return choose_rank (user_data, sigma, n, full);
 }
 
 typedef struct {
@@ -624,17 +648,22 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   /* LyCORIS LoHa and LoKr modules become plain LoRAs of the rank first (exactly,
    * see lp-lora-lycoris.c); the modules written pass through below. */
-  if (lp_lora_lycoris_present (input))
+  g_autoptr (GPtrArray) found = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
+                                                           LP_LORA_FIND_NONE, NULL, error);
+  if (found == NULL)
+    return NULL;
+  if (lp_lora_lycoris_count (found) > 0)
     {
-      if (self->rank == 0 || self->method != LP_LORA_SVD_METHOD_EXACT)
+      if (self->budget > 0 || self->method != LP_LORA_SVD_METHOD_EXACT)
         {
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
-                       "LyCORIS LoHa and LoKr modules are reduced exactly to a fixed rank: "
-                       "set rank (and method=exact); energy, sv-*, budget and method=randomized "
-                       "are for plain LoRAs");
+                       "LyCORIS LoHa and LoKr modules are reduced exactly, to a rank set "
+                       "(rank) or chosen per module (energy, sv-*); budget and "
+                       "method=randomized are for plain LoRAs");
           return NULL;
         }
-      plain = lp_lora_lycoris_reduce (input, self->rank, self->pad,
+      plain = lp_lora_lycoris_reduce (input, found, self->rank > 0 ? self->rank : self->max_rank,
+                                      is_dynamic (self) ? lycoris_rank : NULL, self, self->pad,
                                       self->dora == LP_LORA_DORA_KEEP_MAGNITUDE, stats, lycoris, error);
       if (plain == NULL)
         return NULL;
@@ -657,7 +686,7 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   if (is_dynamic (self) || self->budget > 0)
     {
-      spectra = compute_spectra (self, modules, error);
+      spectra = compute_spectra (self, modules, lycoris, error);
       if (spectra == NULL)
         goto out;
       if (self->budget > 0)
@@ -667,7 +696,13 @@ lp_lora_svd_transform (LpTransform   *transform,
         }
       else
         for (guint m = 0; m < n; m++)
-          ranks[m] = dynamic_rank (self, g_ptr_array_index (modules, m), spectra[m]);
+          {
+            LpLoraModule *module = g_ptr_array_index (modules, m);
+
+            /* a converted LyCORIS module has the rank chosen for it */
+            ranks[m] = spectra[m] != NULL ? dynamic_rank (self, module, spectra[m])
+                                          : lp_lora_module_get_rank (module);
+          }
     }
   else
     for (guint m = 0; m < n; m++)

@@ -307,6 +307,35 @@ def main():
                              ("lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn1_to_out_0", 1280, 1280)):
             check_module("synth %s %s" % (fmt, name), inp, out, name, delta_fn, k, [k, dn], [up, k])
 
+    # ---- a rank chosen per module from the whole update's spectrum -------------
+    # energy: the smallest k whose sigma_1..k hold the fraction of sum sigma^2
+    # (as lora-svd energy= on plain modules), within max-rank
+    for src, delta_fn, names in ((f("loha.safetensors"), loha_delta, (q, v, c, cf)),
+                                 (f("lokr.safetensors"), lokr_delta, (a, b, d, e, g, h))):
+        inp, _ = read_st(src)
+        for props in (("energy=0.9",), ("energy=0.99", "max-rank=5")):
+            dst = src.replace(".safetensors", "-dyn.safetensors")
+            res = reduce(src, dst, *props)
+            check(res.returncode == 0, "%s %s exits 0: %s" % (os.path.basename(src), props, res.stderr))
+            if res.returncode != 0:
+                continue
+            out, _ = read_st(dst)
+            fraction = float(props[0].split("=")[1])
+            cap = int(props[1].split("=")[1]) if len(props) > 1 else None
+            for name in names:
+                dd = delta_fn(parts_of(inp), name)
+                sv = np.linalg.svd(dd, compute_uv=False)
+                energy = np.cumsum(sv ** 2) / np.sum(sv ** 2)
+                want = int(np.searchsorted(energy, fraction * (1 - 1e-9)) + 1)
+                if cap:
+                    want = min(want, cap)
+                got = out[name + ".lora_down.weight"][1].shape[0]
+                # rounding of the stored parts may move a sigma across the line
+                near = abs(energy[min(got, len(energy)) - 1] - fraction) < 1e-3
+                check(got == want or near, "%s %s %s: rank %d, numpy's choice %d" % (os.path.basename(src), props, name, got, want))
+                check_module("%s %s %s" % (os.path.basename(src), props, name), inp, out, name, delta_fn, got,
+                             list(out[name + ".lora_down.weight"][1].shape), list(out[name + ".lora_up.weight"][1].shape))
+
     # ---- refused by name -------------------------------------------------------
     def refused(label, tensors, needle, *props):
         path, outp = f(label + ".safetensors"), f(label + "-out.safetensors")
@@ -326,7 +355,8 @@ def main():
     half = {n: x for n, x in rng_parts(rng, {q + ".hada_w1_a": (96, 4), q + ".hada_w1_b": (4, 80),
                                              q + ".hada_w2_a": (96, 4)}, "F32").items()}
     refused("loha-missing", half, [q, "hada_w2_b", "missing"])
-    refused("lokr-energy", base, ["LyCORIS", "rank"], "energy=0.9")
+    refused("lokr-budget", base, ["LyCORIS", "budget"], "budget=100000")
+    refused("lokr-randomized", base, ["LyCORIS", "method=randomized"], "rank=2", "method=randomized", "seed=1")
     nan = dict(base)
     bad = base[a + ".lokr_w2_b"][1].copy()
     bad[1, 2] = np.nan
