@@ -471,6 +471,81 @@ test_stale_temp_files (void)
   g_unlink (link);
 }
 
+/* ---- a file system without O_TMPFILE ------------------------------------ */
+
+/* Runs lpipe with no-tmpfile.so preloaded: O_TMPFILE fails, as on NFS or
+ * FUSE, so the temporary file is named (and locked) from the start. */
+static Run
+start_lpipe_without_tmpfile (const char * const *args)
+{
+  g_autofree char *shim = g_test_build_filename (G_TEST_BUILT, "reliability", "no-tmpfile.so", NULL);
+  g_autofree char *asan = g_strdup (g_getenv ("ASAN_OPTIONS"));
+  g_autofree char *asan_child = g_strconcat (asan ? asan : "", asan ? ":" : "",
+                                             "verify_asan_link_order=0", NULL);
+  Run run;
+
+  g_assert_true (g_file_test (shim, G_FILE_TEST_IS_REGULAR));
+  g_setenv ("LD_PRELOAD", shim, TRUE);
+  /* A sanitizer's runtime loaded after the shim must not refuse to start. */
+  g_setenv ("ASAN_OPTIONS", asan_child, TRUE);
+  run = start_lpipe (args, 0);
+  g_unsetenv ("LD_PRELOAD");
+  if (asan)
+    g_setenv ("ASAN_OPTIONS", asan, TRUE);
+  else
+    g_unsetenv ("ASAN_OPTIONS");
+  return run;
+}
+
+/* The named temporary file is locked while its run lives; SIGKILL leaves it
+ * (nothing runs then), the next run removes it; SIGTERM removes its own. */
+static void
+test_named_temp_fallback (void)
+{
+  g_autoptr(GPtrArray) temp = NULL;
+  g_autoptr(GPtrArray) left = NULL;
+  g_autofree char *err = NULL;
+  gboolean renamed;
+  int status, fd;
+  Run run;
+
+  reset_output ();
+  run = start_lpipe_without_tmpfile (synth_args ("2", fx.out));
+  wait_for_progress (&run, fx.dir, OUT_NAME, 0.3, fx.new_size, &renamed);
+  g_assert_false (renamed);
+  temp = list_temp_files (fx.dir, OUT_NAME);
+  g_assert_cmpuint (temp->len, ==, 1);
+  g_assert_nonnull (strstr (temp->pdata[0], "/." OUT_NAME ".lpipe-"));
+  fd = open (temp->pdata[0], O_RDONLY | O_CLOEXEC);
+  g_assert_cmpint (fd, >=, 0);
+  g_assert_cmpint (flock (fd, LOCK_EX | LOCK_NB), ==, -1);
+  g_assert_cmpint (errno, ==, EWOULDBLOCK);
+  close (fd);
+  kill (run.pid, SIGKILL);
+  status = finish_lpipe (&run, NULL);
+  g_assert_true (WIFSIGNALED (status) && WTERMSIG (status) == SIGKILL);
+  g_assert_true (same_bytes (fx.out, fx.old_ref));
+  left = list_temp_files (fx.dir, OUT_NAME);
+  g_assert_cmpuint (left->len, ==, 1);
+
+  /* The next run, without O_TMPFILE too, removes the stale file. */
+  run = start_lpipe_without_tmpfile (synth_args ("2", fx.out));
+  status = finish_lpipe (&run, &err);
+  g_assert_true (WIFEXITED (status) && WEXITSTATUS (status) == 0);
+  g_assert_true (same_bytes (fx.out, fx.new_ref));
+  assert_no_temp_files (fx.dir, OUT_NAME);
+
+  /* SIGTERM: the run removes its own. */
+  reset_output ();
+  run = start_lpipe_without_tmpfile (synth_args ("2", fx.out));
+  wait_for_progress (&run, fx.dir, OUT_NAME, 0.2, fx.new_size, &renamed);
+  kill (run.pid, SIGTERM);
+  status = finish_lpipe (&run, NULL);
+  g_assert_true (WIFEXITED (status) && WEXITSTATUS (status) == 143);
+  g_assert_true (same_bytes (fx.out, fx.old_ref));
+  assert_no_temp_files (fx.dir, OUT_NAME);
+}
+
 /* ---- SIGINT and SIGTERM ------------------------------------------------- */
 
 static void
@@ -613,6 +688,7 @@ main (int argc, char **argv)
   g_test_add_data_func ("/crash-safety/sigterm", GINT_TO_POINTER (SIGTERM), test_interrupt);
   g_test_add_data_func ("/crash-safety/sighup", GINT_TO_POINTER (SIGHUP), test_interrupt);
   g_test_add_func ("/crash-safety/stale-temp-files", test_stale_temp_files);
+  g_test_add_func ("/crash-safety/named-temp-fallback", test_named_temp_fallback);
   g_test_add_func ("/crash-safety/full-disk", test_full_disk);
   g_test_add_func ("/crash-safety/over-input", test_over_input);
   g_test_add_func ("/crash-safety/over-input-killed", test_over_input_killed);
