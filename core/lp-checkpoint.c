@@ -25,6 +25,9 @@ struct _LpCheckpoint
   GHashTable *metadata;   /* key -> value */
   char *adapter_config;
   char *origin;
+  /* The files the tensors' bytes come from, directly or through the stages
+   * that made them (LpSourceFile): a sink checks them before it commits. */
+  GPtrArray *sources;
 };
 
 G_DEFINE_FINAL_TYPE (LpCheckpoint, lp_checkpoint, G_TYPE_OBJECT)
@@ -36,6 +39,7 @@ lp_checkpoint_dispose (GObject *object)
 
   g_clear_pointer (&self->by_name, g_hash_table_unref);
   g_clear_pointer (&self->tensors, g_ptr_array_unref);
+  g_clear_pointer (&self->sources, g_ptr_array_unref);
 
   G_OBJECT_CLASS (lp_checkpoint_parent_class)->dispose (object);
 }
@@ -102,6 +106,7 @@ lp_checkpoint_new_like (LpCheckpoint *other)
   lp_checkpoint_copy_metadata (self, other);
   lp_checkpoint_set_adapter_config (self, other->adapter_config);
   lp_checkpoint_set_origin (self, other->origin);
+  lp_checkpoint_inherit_sources (self, other);
   return self;
 }
 
@@ -382,4 +387,59 @@ lp_checkpoint_get_origin (LpCheckpoint *self)
 {
   g_return_val_if_fail (LP_IS_CHECKPOINT (self), NULL);
   return self->origin;
+}
+
+/* ---- the input files behind the tensors (lp-private.h) ----------------- */
+
+void
+lp_checkpoint_add_source (LpCheckpoint *self,
+                          LpSourceFile *source)
+{
+  if (self->sources == NULL)
+    self->sources = g_ptr_array_new_with_free_func ((GDestroyNotify) lp_source_file_unref);
+  /* A handful at most (a file, its shards, a merge's inputs). */
+  for (guint i = 0; i < self->sources->len; i++)
+    if (g_ptr_array_index (self->sources, i) == source)
+      return;
+  g_ptr_array_add (self->sources, lp_source_file_ref (source));
+}
+
+void
+lp_checkpoint_inherit_sources (LpCheckpoint *self,
+                               LpCheckpoint *from)
+{
+  if (from == NULL || from == self || from->sources == NULL)
+    return;
+  for (guint i = 0; i < from->sources->len; i++)
+    lp_checkpoint_add_source (self, g_ptr_array_index (from->sources, i));
+}
+
+gboolean
+lp_checkpoint_check_sources (LpCheckpoint  *self,
+                             GError       **error)
+{
+  if (self->sources == NULL)
+    return TRUE;
+  for (guint i = 0; i < self->sources->len; i++)
+    if (!lp_source_file_check (g_ptr_array_index (self->sources, i), error))
+      return FALSE;
+  return TRUE;
+}
+
+void
+lp_checkpoint_explain_error (LpCheckpoint  *self,
+                             GError       **error)
+{
+  g_autoptr(GError) cause = NULL;
+
+  /* A cancelled run stays cancelled, and the check's own error (which may
+   * name the tensor) stays as it is. */
+  if (error == NULL || *error == NULL || g_error_matches (*error, G_IO_ERROR, G_IO_ERROR_CANCELLED)
+      || g_error_matches (*error, LP_FORMAT_ERROR, LP_FORMAT_ERROR_CHANGED))
+    return;
+  if (!lp_checkpoint_check_sources (self, &cause))
+    {
+      g_clear_error (error);
+      g_propagate_error (error, g_steal_pointer (&cause));
+    }
 }

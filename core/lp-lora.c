@@ -214,6 +214,22 @@ lp_lora_module_is_dora (LpLoraModule *self)
 }
 
 /**
+ * lp_lora_module_get_dora_magnitude:
+ * @self: a module
+ *
+ * The module's DoRA magnitude tensor (`.dora_scale`,
+ * `.lora_magnitude_vector[.weight]`), if it has one.
+ *
+ * Returns: (transfer none) (nullable): the magnitude, or %NULL
+ */
+LpTensor *
+lp_lora_module_get_dora_magnitude (LpLoraModule *self)
+{
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), NULL);
+  return self->magnitude;
+}
+
+/**
  * lp_lora_module_get_down:
  * @self: a module
  *
@@ -1177,9 +1193,10 @@ check_flags (GPtrArray         *modules,
         {
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
                        "module %s: DoRA magnitude %s: it rescales each row of the base "
-                       "weight plus the update to a learned norm, so it depends on the "
-                       "base weight and no longer matches a changed update (lpipe has no "
-                       "policy for DoRA modules yet: they are refused rather than written wrong)",
+                       "weight plus the update to a learned norm, so the module's effect "
+                       "depends on the base weight, which this stage does not read; it is "
+                       "refused rather than changed (lora-svd and lora-project take a "
+                       "dora policy)",
                        module->name, lp_tensor_get_name (module->magnitude));
           return FALSE;
         }

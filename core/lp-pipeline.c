@@ -1039,6 +1039,8 @@ lp_pipeline_run (LpPipeline    *self,
       lp_stage_set_cancellable (node->stage, NULL);
       if (!ok)
         {
+          for (guint j = 0; j < inputs->len; j++)
+            lp_checkpoint_explain_error (g_ptr_array_index (inputs, j), error);
           prefix_error (self, node->stage, error);
           break;
         }
@@ -1140,6 +1142,11 @@ lp_pipeline_emit_progress (gpointer pipeline,
       p->values[2] = bytes_done;
       p->values[3] = bytes_total;
       g_source_set_callback (source, progress_idle, p, progress_idle_free);
+      /* At the priority of the run's completion, which is then dispatched
+       * after the reports made before it: at the idle priority the last
+       * report could come after the run had finished (and a caller that
+       * stops its loop there never saw it; flaky under load). */
+      g_source_set_priority (source, G_PRIORITY_DEFAULT);
       g_source_attach (source, self->progress_context);
       g_source_unref (source);
     }

@@ -32,6 +32,14 @@ void      lp_stage_set_pipeline_context (LpStage       *self,
                                          LpCheckpoint **extra_inputs,
                                          guint          n_extra);
 guint     lp_stage_get_index            (LpStage       *self);
+/* Several pulls that make one whole (the shards of a checkpoint) report
+ * their progress as the whole's: @tensors_before and @bytes_before are what
+ * the earlier pulls did, the totals the whole's; a total of 0 ends it. */
+void      lp_stage_set_progress_span    (LpStage       *self,
+                                         guint64        tensors_before,
+                                         guint64        bytes_before,
+                                         guint64        tensors_total,
+                                         guint64        bytes_total);
 gpointer  lp_stage_get_pipeline_context (LpStage       *self);
 
 /* lp-tensor.c: the stage (and file) a failure to compute the tensor's data
@@ -83,6 +91,33 @@ void      lp_pipeline_clear             (LpPipeline    *self);
 gboolean  lp_atomic_write_contents      (const char    *path,
                                          gconstpointer  data,
                                          gsize          len,
+                                         GError       **error);
+
+/* lp-safetensors.c: an input file while its tensors are read. It keeps the
+ * descriptor (reads go to the file that was opened, whatever replaces its
+ * name), the mapping, and what fstat() said at the open. A shortened file
+ * (SIGBUS under the mapping, or a short read) or one rewritten in place
+ * (size, modification or change time differ) fails the check. */
+typedef struct _LpSourceFile LpSourceFile;
+LpSourceFile *lp_source_file_ref        (LpSourceFile  *source);
+void      lp_source_file_unref          (LpSourceFile  *source);
+gboolean  lp_source_file_check          (LpSourceFile  *source,
+                                         GError       **error);
+
+/* lp-checkpoint.c: the input files a checkpoint's tensors depend on. Sources
+ * add theirs, lp_checkpoint_new_like() and the transform and aggregator base
+ * classes pass them on from inputs to outputs, and sinks check them before
+ * they commit. */
+void      lp_checkpoint_add_source      (LpCheckpoint  *self,
+                                         LpSourceFile  *source);
+void      lp_checkpoint_inherit_sources (LpCheckpoint  *self,
+                                         LpCheckpoint  *from);
+gboolean  lp_checkpoint_check_sources   (LpCheckpoint  *self,
+                                         GError       **error);
+/* A stage that failed while an input changed under it failed because of the
+ * change (zeros read from a shortened file, EFAULT writing from its mapping):
+ * replaces *@error with the change, when there is one. */
+void      lp_checkpoint_explain_error   (LpCheckpoint  *self,
                                          GError       **error);
 
 /* lp-safetensors.c: files written beside their final names, complete and

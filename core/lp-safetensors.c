@@ -11,8 +11,10 @@
 #include <pthread.h>
 #include <signal.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <dirent.h>
 #include <unistd.h>
 #include <glib/gstdio.h>
 
@@ -1062,46 +1064,290 @@ check_tiling (Header      *h,
  * pages are given back. A tensor holding one slice for its whole life would
  * keep every page it was ever read through resident, and a 2 GiB checkpoint
  * would end with 2 GiB of RSS. */
-/* An open descriptor of the mapped file, shared by its tensors: small
+/* An input file while its tensors are read (LpSourceFile, lp-private.h),
+ * shared by its tensors and by every checkpoint made from them. Small
  * tensors are read with pread() into memory the allocator reuses, which on
  * virtual machines costs far less than faulting in the mapping's pages one
- * by one. The descriptor keeps reading the file it opened even when the
- * output replaces it (writing over the input). */
-typedef struct {
+ * by one; bigger ones are views of the mapping. The descriptor keeps reading
+ * the file it opened even when the output replaces its name (writing over
+ * the input), so a file replaced by another is read whole and consistently,
+ * and is no error; what can mix old and new data is the same file changed in
+ * place, which the check below sees in fstat(). */
+struct _LpSourceFile {
   gatomicrefcount ref;
   int fd;
   char *display;
-} SourceFile;
+  guchar *map;          /* the whole file, or NULL when empty */
+  gsize map_size;
+  int slot;             /* in the registry of mappings below, or -1 */
+  struct stat opened;   /* fstat() at the open */
+  gint shortened;       /* set by the SIGBUS handler, read atomically */
+  gint64 fault_offset;  /* the first page read as zeros, or -1 (atomic) */
+  GMutex lock;
+  char *fault_tensor;   /* the tensor that read it, once known */
+};
 
-static SourceFile *
-source_file_ref (SourceFile *f)
+/* ---- reading a mapping that shrinks under it --------------------------- */
+
+/* A page of a mapping past the end of its file raises SIGBUS, which kills
+ * the process where it stands, temporary file and all. Reading big tensors
+ * with pread() instead would cost a copy of every byte; checking the size
+ * before each read would still race with a truncation during the read. So
+ * the mappings lpipe reads are registered here, and a SIGBUS inside one puts
+ * a page of zeros over the faulting page (the read goes on, on zeros) and
+ * marks the file as shortened; lp_source_file_check() then fails the run,
+ * before any sink commits, naming the file and the tensor. A SIGBUS anywhere
+ * else goes to the handler that was there before, or kills as it would
+ * have. The registry is a fixed table read by the handler without locks:
+ * a slot is claimed with a compare-and-swap, and published by storing its
+ * start address last. */
+#define MAX_MAPPINGS 1024
+
+typedef struct {
+  gint used;
+  guintptr start;       /* 0: not published */
+  gsize size;
+  LpSourceFile *source;
+} MappingSlot;
+
+static MappingSlot mappings[MAX_MAPPINGS];
+static struct sigaction previous_sigbus;
+static gsize sigbus_page_size;
+
+static void
+on_sigbus (int        signum,
+           siginfo_t *info,
+           void      *context)
+{
+  guintptr addr = (guintptr) info->si_addr;
+
+  for (guint i = 0; info->si_code == BUS_ADRERR && i < MAX_MAPPINGS; i++)
+    {
+      guintptr start = __atomic_load_n (&mappings[i].start, __ATOMIC_ACQUIRE);
+
+      if (start != 0 && addr >= start && addr - start < mappings[i].size)
+        {
+          LpSourceFile *source = mappings[i].source;
+          guintptr page = addr & ~(guintptr) (sigbus_page_size - 1);
+          gint64 none = -1;
+          int saved_errno = errno;
+          void *p = mmap ((void *) page, sigbus_page_size, PROT_READ,
+                          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
+
+          errno = saved_errno;
+          if (p == MAP_FAILED)
+            break;
+          __atomic_compare_exchange_n (&source->fault_offset, &none, (gint64) (page - start), FALSE,
+                                       __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+          __atomic_store_n (&source->shortened, 1, __ATOMIC_RELEASE);
+          return;
+        }
+    }
+
+  /* Not ours. */
+  if (previous_sigbus.sa_flags & SA_SIGINFO)
+    previous_sigbus.sa_sigaction (signum, info, context);
+  else if (previous_sigbus.sa_handler != SIG_DFL && previous_sigbus.sa_handler != SIG_IGN)
+    previous_sigbus.sa_handler (signum);
+  else
+    {
+      /* A fault comes again when the handler returns, and now kills; a
+       * SIGBUS that was sent is sent again (blocked until then). */
+      signal (SIGBUS, SIG_DFL);
+      if (info->si_code <= 0)
+        raise (SIGBUS);
+    }
+}
+
+static void
+install_sigbus_handler (void)
+{
+  static gsize once = 0;
+
+  if (g_once_init_enter (&once))
+    {
+      struct sigaction sa = { 0, };
+
+      sigbus_page_size = sysconf (_SC_PAGESIZE);
+      sa.sa_sigaction = on_sigbus;
+      sa.sa_flags = SA_SIGINFO | SA_RESTART;
+      sigemptyset (&sa.sa_mask);
+      sigaction (SIGBUS, &sa, &previous_sigbus);
+      g_once_init_leave (&once, 1);
+    }
+}
+
+static int
+register_mapping (LpSourceFile *source)
+{
+  install_sigbus_handler ();
+  for (int i = 0; i < MAX_MAPPINGS; i++)
+    {
+      gint free_slot = 0;
+
+      if (__atomic_compare_exchange_n (&mappings[i].used, &free_slot, 1, FALSE,
+                                       __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        {
+          mappings[i].size = source->map_size;
+          mappings[i].source = source;
+          __atomic_store_n (&mappings[i].start, (guintptr) source->map, __ATOMIC_RELEASE);
+          return i;
+        }
+    }
+  /* More than MAX_MAPPINGS files open at once: this one is read unguarded,
+   * as before there was a guard. */
+  return -1;
+}
+
+static void
+unregister_mapping (int slot)
+{
+  if (slot < 0)
+    return;
+  __atomic_store_n (&mappings[slot].start, 0, __ATOMIC_RELEASE);
+  __atomic_store_n (&mappings[slot].used, 0, __ATOMIC_RELEASE);
+}
+
+LpSourceFile *
+lp_source_file_ref (LpSourceFile *f)
 {
   g_atomic_ref_count_inc (&f->ref);
   return f;
 }
 
-static void
-source_file_unref (SourceFile *f)
+void
+lp_source_file_unref (LpSourceFile *f)
 {
   if (f && g_atomic_ref_count_dec (&f->ref))
     {
+      if (f->map != NULL)
+        {
+          unregister_mapping (f->slot);
+          munmap (f->map, f->map_size);
+        }
       close (f->fd);
+      g_mutex_clear (&f->lock);
+      g_free (f->fault_tensor);
       g_free (f->display);
       g_free (f);
     }
 }
 
-/* Opens @filename for reading, refusing anything but a regular file: a FIFO
- * would block open() until a writer came (for ever, past Ctrl-C), and a
- * device or a directory is not a file of tensors. The type is checked on
- * the open descriptor (opened non-blocking so that a FIFO returns at once),
- * so the file looked at is the file read. */
-static SourceFile *
+static gboolean
+same_time (const struct timespec *a,
+           const struct timespec *b)
+{
+  return a->tv_sec == b->tv_sec && a->tv_nsec == b->tv_nsec;
+}
+
+static void
+set_shortened_error (LpSourceFile  *f,
+                     const char    *tensor,
+                     GError       **error)
+{
+  g_set_error (error, LP_FORMAT_ERROR, LP_FORMAT_ERROR_CHANGED,
+               "Could not read “%s”: the file was shortened while open%s%s%s; nothing was written",
+               f->display, tensor ? " (tensor '" : "", tensor ? tensor : "", tensor ? "')" : "");
+}
+
+/* Remembers which tensor read the zeros, for the message: called when a
+ * view of [offset, offset + size) is dropped. */
+static void
+note_fault (LpSourceFile *f,
+            gsize         offset,
+            gsize         size,
+            const char   *tensor)
+{
+  gint64 at;
+
+  if (!__atomic_load_n (&f->shortened, __ATOMIC_ACQUIRE))
+    return;
+  at = __atomic_load_n (&f->fault_offset, __ATOMIC_RELAXED);
+  /* The faulting page may begin before the tensor's first byte. */
+  if (at < 0 || (guint64) at >= offset + size || (guint64) at + sigbus_page_size <= offset)
+    return;
+  g_mutex_lock (&f->lock);
+  if (f->fault_tensor == NULL)
+    f->fault_tensor = g_strdup (tensor);
+  g_mutex_unlock (&f->lock);
+}
+
+/* @tensor, when given, is the one being read, for the message. */
+static gboolean
+source_file_check (LpSourceFile  *f,
+                   const char    *tensor,
+                   GError       **error)
+{
+  struct stat st;
+
+  if (__atomic_load_n (&f->shortened, __ATOMIC_ACQUIRE))
+    {
+      g_autofree char *faulted = NULL;
+
+      g_mutex_lock (&f->lock);
+      faulted = g_strdup (f->fault_tensor);
+      g_mutex_unlock (&f->lock);
+      set_shortened_error (f, faulted ? faulted : tensor, error);
+      return FALSE;
+    }
+  if (fstat (f->fd, &st) != 0)
+    {
+      int saved_errno = errno;
+      g_set_error (error, G_IO_ERROR, g_io_error_from_errno (saved_errno),
+                   "Could not look at “%s”: %s", f->display, g_strerror (saved_errno));
+      return FALSE;
+    }
+  if (st.st_size < f->opened.st_size)
+    {
+      set_shortened_error (f, tensor, error);
+      return FALSE;
+    }
+  /* The kernel sets both times on every write (and, since Linux 6.13, finely
+   * enough once they were looked at). The change time also catches a writer
+   * that puts the modification time back (rsync --inplace, touch -r); it
+   * changes with chmod too, which fails a run that could have gone on but
+   * never lets a mixed one pass. It changes as well when the name is taken
+   * away (a file renamed over it, the sink writing over its input), which
+   * leaves the bytes alone: with the link count changed, only the size and
+   * the modification time count. */
+  if (st.st_size != f->opened.st_size || !same_time (&st.st_mtim, &f->opened.st_mtim) ||
+      (st.st_nlink == f->opened.st_nlink && !same_time (&st.st_ctim, &f->opened.st_ctim)))
+    {
+      g_set_error (error, LP_FORMAT_ERROR, LP_FORMAT_ERROR_CHANGED,
+                   "“%s” was changed while it was read (its %s differs from when it was "
+                   "opened); the output would mix old and new data, so nothing was written",
+                   f->display, st.st_size != f->opened.st_size ? "size"
+                   : !same_time (&st.st_mtim, &f->opened.st_mtim) ? "modification time"
+                   : "change time");
+      return FALSE;
+    }
+  return TRUE;
+}
+
+gboolean
+lp_source_file_check (LpSourceFile  *f,
+                      GError       **error)
+{
+  return source_file_check (f, NULL, error);
+}
+
+static void
+source_file_unref_notify (gpointer data)
+{
+  lp_source_file_unref (data);
+}
+
+/* Opens and maps @filename for reading, refusing anything but a regular
+ * file: a FIFO would block open() until a writer came (for ever, past
+ * Ctrl-C), and a device or a directory is not a file of tensors. The type is
+ * checked on the open descriptor (opened non-blocking so that a FIFO returns
+ * at once), so the file looked at is the file read. */
+static LpSourceFile *
 source_file_open (const char  *filename,
                   const char  *display,
                   GError     **error)
 {
-  SourceFile *source;
+  LpSourceFile *source;
   struct stat st;
   const char *kind = NULL;
   int fd;
@@ -1143,14 +1389,40 @@ source_file_open (const char  *filename,
                    "“%s” is %s, not a safetensors file", display, kind);
       return NULL;
     }
+  if ((guint64) st.st_size > G_MAXSIZE)
+    {
+      close (fd);
+      g_set_error (error, G_FILE_ERROR, G_FILE_ERROR_FAILED, "“%s” is too large to map", display);
+      return NULL;
+    }
   /* Reads of a regular file never block; pread() should not see O_NONBLOCK
    * all the same. */
   (void) fcntl (fd, F_SETFL, fcntl (fd, F_GETFL) & ~O_NONBLOCK);
 
-  source = g_new0 (SourceFile, 1);
+  source = g_new0 (LpSourceFile, 1);
   g_atomic_ref_count_init (&source->ref);
+  g_mutex_init (&source->lock);
   source->fd = fd;
   source->display = g_strdup (display);
+  source->opened = st;
+  source->slot = -1;
+  source->fault_offset = -1;
+  if (st.st_size > 0)
+    {
+      void *map = mmap (NULL, st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+
+      if (map == MAP_FAILED)
+        {
+          int saved_errno = errno;
+          g_set_error (error, G_FILE_ERROR, g_file_error_from_errno (saved_errno),
+                       "Could not map “%s”: %s", display, g_strerror (saved_errno));
+          lp_source_file_unref (source);
+          return NULL;
+        }
+      source->map = map;
+      source->map_size = st.st_size;
+      source->slot = register_mapping (source);
+    }
   return source;
 }
 
@@ -1159,7 +1431,7 @@ source_file_open (const char  *filename,
 
 typedef struct {
   GBytes *file;
-  SourceFile *source;   /* NULL when not read from a file */
+  LpSourceFile *source;   /* NULL when not read from a file */
   gsize offset;
   gsize size;
   gboolean mapped;
@@ -1171,13 +1443,15 @@ slice_free (gpointer data)
   Slice *slice = data;
 
   g_bytes_unref (slice->file);
-  source_file_unref (slice->source);
+  if (slice->source)
+    lp_source_file_unref (slice->source);
   g_free (slice);
 }
 
 static GBytes *
-slice_pread (Slice   *slice,
-             GError **error)
+slice_pread (Slice     *slice,
+             LpTensor  *tensor,
+             GError   **error)
 {
   guchar *buf = g_malloc (MAX (slice->size, 1));
   gsize done = 0;
@@ -1191,9 +1465,11 @@ slice_pread (Slice   *slice,
         {
           int saved_errno = n < 0 ? errno : EIO;
           g_free (buf);
-          g_set_error (error, G_IO_ERROR, g_io_error_from_errno (saved_errno),
-                       "Could not read “%s”: %s", slice->source->display,
-                       n < 0 ? g_strerror (saved_errno) : "the file was shortened while open");
+          if (n == 0)
+            set_shortened_error (slice->source, lp_tensor_get_name (tensor), error);
+          else
+            g_set_error (error, G_IO_ERROR, g_io_error_from_errno (saved_errno),
+                         "Could not read “%s”: %s", slice->source->display, g_strerror (saved_errno));
           return NULL;
         }
       done += n;
@@ -1203,8 +1479,10 @@ slice_pread (Slice   *slice,
 
 typedef struct {
   GBytes *file;
+  LpSourceFile *source;
   const guchar *start;
   gsize size;
+  char *tensor;
 } MappedView;
 
 static void
@@ -1215,12 +1493,15 @@ mapped_view_release (gpointer data)
   guintptr lo = ((guintptr) view->start + page - 1) & ~(guintptr) (page - 1);
   guintptr hi = ((guintptr) view->start + view->size) & ~(guintptr) (page - 1);
 
+  if (view->source)
+    note_fault (view->source, view->start - view->source->map, view->size, view->tensor);
   /* Only whole pages inside the range: neighbours keep theirs. The mapping is
    * private, read-only and never written, so dropped pages are re-read from
    * the file if anybody asks again. */
   if (hi > lo)
     madvise ((void *) lo, hi - lo, MADV_DONTNEED);
   g_bytes_unref (view->file);
+  g_free (view->tensor);
   g_free (view);
 }
 
@@ -1236,19 +1517,26 @@ slice_get_data (LpTensor  *tensor,
   if (!slice->mapped)
     return g_bytes_new_from_bytes (slice->file, slice->offset, slice->size);
   if (slice->source && slice->size <= PREAD_MAX)
-    return slice_pread (slice, error);
+    return slice_pread (slice, tensor, error);
 
+  /* One fstat() per big tensor: a file that has already shrunk or changed
+   * fails here, before its pages are read (a change during the read is
+   * caught before the sink commits). */
+  if (slice->source && !source_file_check (slice->source, lp_tensor_get_name (tensor), error))
+    return NULL;
   view = g_new (MappedView, 1);
   view->file = g_bytes_ref (slice->file);
+  view->source = slice->source;   /* alive while view->file is */
   view->start = base + slice->offset;
   view->size = slice->size;
+  view->tensor = g_strdup (lp_tensor_get_name (tensor));
   return g_bytes_new_with_free_func (view->start, view->size, mapped_view_release, view);
 }
 
 static LpCheckpoint *
 load_bytes (GBytes      *bytes,
             gboolean     mapped,
-            SourceFile  *source,
+            LpSourceFile *source,
             const char  *origin,
             GError     **error)
 {
@@ -1326,7 +1614,7 @@ load_bytes (GBytes      *bytes,
       slice->offset = 8 + n + e->begin;
       slice->size = e->end - e->begin;
       slice->mapped = mapped;
-      slice->source = source ? source_file_ref (source) : NULL;
+      slice->source = source ? lp_source_file_ref (source) : NULL;
       /* A scalar has no dims, and h.dims may have no storage at all: no
        * pointer arithmetic on it then (undefined behaviour on NULL). */
       tensor = lp_tensor_new_lazy (e->name, e->dtype,
@@ -1466,11 +1754,10 @@ LpCheckpoint *
 lp_safetensors_load (const char  *filename,
                      GError     **error)
 {
-  g_autoptr(GMappedFile) mapped = NULL;
   g_autoptr(GBytes) bytes = NULL;
   g_autoptr(LpCheckpoint) checkpoint = NULL;
   g_autofree char *display = NULL;
-  SourceFile *source;
+  LpSourceFile *source;
 
   g_return_val_if_fail (filename != NULL, NULL);
   g_return_val_if_fail (error == NULL || *error == NULL, NULL);
@@ -1479,16 +1766,29 @@ lp_safetensors_load (const char  *filename,
   source = source_file_open (filename, display, error);
   if (source == NULL)
     return NULL;
-  mapped = g_mapped_file_new_from_fd (source->fd, FALSE, error);
-  if (mapped == NULL)
+  if (source->map != NULL)
+    bytes = g_bytes_new_with_free_func (source->map, source->map_size, source_file_unref_notify,
+                                        lp_source_file_ref (source));
+  else
+    bytes = g_bytes_new_static ("", 0);
+  checkpoint = load_bytes (bytes, source->map != NULL, source, display, error);
+  if (checkpoint != NULL)
     {
-      g_prefix_error (error, "%s: ", display);
-      source_file_unref (source);
-      return NULL;
+      lp_checkpoint_add_source (checkpoint, source);
+      /* The header itself may have been cut off under the parser. */
+      if (!lp_checkpoint_check_sources (checkpoint, error))
+        g_clear_object (&checkpoint);
     }
-  bytes = g_mapped_file_get_bytes (mapped);
-  checkpoint = load_bytes (bytes, g_mapped_file_get_length (mapped) > 0, source, display, error);
-  source_file_unref (source);
+  else
+    {
+      g_autoptr(GError) cause = NULL;
+      if (!lp_source_file_check (source, &cause))
+        {
+          g_clear_error (error);
+          g_propagate_error (error, g_steal_pointer (&cause));
+        }
+    }
+  lp_source_file_unref (source);
   if (checkpoint == NULL)
     return NULL;
   if (!read_adapter_config (checkpoint, filename, error))
@@ -1517,10 +1817,11 @@ lp_safetensors_load (const char  *filename,
  * refused. */
 typedef struct {
   char *path;           /* the file to replace: the end of any symlinks */
-  char *tmp_path;
+  char *tmp_path;       /* the temporary file's name; NULL while it has none */
   char *display;        /* as the user named it */
   int fd;
   gboolean stream;      /* written through, never renamed */
+  gboolean unnamed;     /* an O_TMPFILE, linked in by atomic_file_rename() */
   GCancellable *cancellable;
   guchar *buffer;
   gsize buffered;
@@ -1644,10 +1945,11 @@ resolve_output (const char  *path,
 static void
 atomic_file_free (AtomicFile *f)
 {
-  if (f->fd >= 0)
-    close (f->fd);
+  /* Unlinked while still locked, so no cleaner of another run races us. */
   if (f->tmp_path)
     g_unlink (f->tmp_path);
+  if (f->fd >= 0)
+    close (f->fd);
   g_free (f->path);
   g_free (f->tmp_path);
   g_free (f->display);
@@ -1727,6 +2029,122 @@ open_stream (AtomicFile  *f,
   return TRUE;
 }
 
+/* The temporary file. Where the file system allows it is an unnamed
+ * O_TMPFILE in the output's directory: a run killed by anything, SIGKILL
+ * included, leaves nothing behind, since nothing but the open descriptor
+ * holds it. Once complete it is linked in under a temporary name and renamed
+ * over the output (linkat() cannot replace a file, rename() can, atomically).
+ * Elsewhere (file systems without O_TMPFILE) it is named from the start. A
+ * named temporary file is locked (flock) for as long as its writer lives, so
+ * that a later run can tell a stale one, left by a killed run, from one that
+ * a live run is writing, and remove it: TEMP_MARK in the name says it is
+ * lpipe's, and nothing else of that name is touched. */
+#define TEMP_MARK ".lpipe-"
+#define TEMP_RANDOM 6
+
+/* ".NAME.lpipe-XXXXXX" must fit NAME_MAX (255 bytes) when NAME does: a long
+ * name is cut, at a character boundary. */
+static char *
+temp_prefix (const char *base)
+{
+  gsize room = 255 - 1 - strlen (TEMP_MARK) - TEMP_RANDOM;
+  gsize n = strlen (base);
+
+  if (n > room)
+    {
+      n = room;
+      while (n > 0 && ((guchar) base[n] & 0xc0) == 0x80)
+        n--;
+    }
+  return g_strdup_printf (".%.*s" TEMP_MARK, (int) n, base);
+}
+
+/* Removes the temporary files of earlier runs writing @prefix's output that
+ * no process holds any more (a run killed where no handler runs). Only
+ * regular files of ours, of exactly our naming; one a live run holds is
+ * locked and kept. Failures are not errors: this is tidying. */
+static void
+remove_stale_temp_files (const char *dir,
+                         const char *prefix)
+{
+  gsize prefix_len = strlen (prefix);
+  DIR *d = opendir (dir);
+  struct dirent *entry;
+
+  if (d == NULL)
+    return;
+  while ((entry = readdir (d)) != NULL)
+    {
+      const char *name = entry->d_name;
+      struct stat st, now;
+      int fd;
+
+      if (strncmp (name, prefix, prefix_len) != 0 || strlen (name + prefix_len) != TEMP_RANDOM)
+        continue;
+      fd = openat (dirfd (d), name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+      if (fd < 0)
+        continue;
+      if (fstat (fd, &st) == 0 && S_ISREG (st.st_mode) && st.st_uid == geteuid ()
+          && flock (fd, LOCK_EX | LOCK_NB) == 0
+          /* Still the file we locked under that name. */
+          && fstatat (dirfd (d), name, &now, AT_SYMLINK_NOFOLLOW) == 0
+          && now.st_dev == st.st_dev && now.st_ino == st.st_ino)
+        (void) unlinkat (dirfd (d), name, 0);
+      close (fd);
+    }
+  closedir (d);
+}
+
+static char *
+random_temp_name (const char *dir,
+                  const char *prefix)
+{
+  static const char letters[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+  char suffix[TEMP_RANDOM + 1];
+  g_autofree char *name = NULL;
+
+  for (guint i = 0; i < TEMP_RANDOM; i++)
+    suffix[i] = letters[g_random_int_range (0, sizeof letters - 1)];
+  suffix[TEMP_RANDOM] = '\0';
+  name = g_strconcat (prefix, suffix, NULL);
+  return g_build_filename (dir, name, NULL);
+}
+
+/* A named temporary file, locked. A cleaner of another run may remove it
+ * between its creation and the lock: then it is made again. */
+static gboolean
+create_named_temp (AtomicFile  *f,
+                   const char  *dir,
+                   const char  *prefix,
+                   GError     **error)
+{
+  for (guint attempt = 0; attempt < 100; attempt++)
+    {
+      char *tmpl = g_strconcat (dir, G_DIR_SEPARATOR_S, prefix, "XXXXXX", NULL);
+      struct stat st;
+
+      /* 0666 less the umask, as for any new file. */
+      f->fd = g_mkstemp_full (tmpl, O_WRONLY | O_CLOEXEC, 0666);
+      if (f->fd < 0)
+        {
+          int saved_errno = errno;
+          g_free (tmpl);
+          set_io_error (error, saved_errno, "Could not create a temporary file beside", f->display);
+          return FALSE;
+        }
+      if (flock (f->fd, LOCK_EX) == 0 && fstat (f->fd, &st) == 0 && st.st_nlink > 0)
+        {
+          f->tmp_path = tmpl;
+          return TRUE;
+        }
+      close (f->fd);
+      f->fd = -1;
+      g_free (tmpl);
+    }
+  set_io_error (error, EAGAIN, "Could not create a temporary file beside", f->display);
+  return FALSE;
+}
+
 static AtomicFile *
 atomic_file_new (const char    *path,
                  GCancellable  *cancellable,
@@ -1735,8 +2153,7 @@ atomic_file_new (const char    *path,
   g_autoptr(AtomicFile) f = g_new0 (AtomicFile, 1);
   g_autofree char *dir = NULL;
   g_autofree char *base = NULL;
-  g_autofree char *tmpl_base = NULL;
-  char *tmpl;
+  g_autofree char *prefix = NULL;
   struct stat st;
 
   f->fd = -1;
@@ -1749,27 +2166,19 @@ atomic_file_new (const char    *path,
 
   dir = g_path_get_dirname (f->path);
   base = g_path_get_basename (f->path);
-  /* ".NAME.XXXXXX" must fit NAME_MAX (255 bytes) when NAME does: a long
-   * name is cut, at a character boundary. */
-  if (strlen (base) > 255 - 8)
-    {
-      gsize n = 255 - 8;
-      while (n > 0 && ((guchar) base[n] & 0xc0) == 0x80)
-        n--;
-      base[n] = '\0';
-    }
-  tmpl_base = g_strconcat (".", base, ".XXXXXX", NULL);
-  tmpl = g_build_filename (dir, tmpl_base, NULL);
+  prefix = temp_prefix (base);
+  remove_stale_temp_files (dir, prefix);
+
   /* 0666 less the umask, as for any new file. */
-  f->fd = g_mkstemp_full (tmpl, O_WRONLY | O_CLOEXEC, 0666);
-  if (f->fd < 0)
+  f->fd = open (dir, O_TMPFILE | O_WRONLY | O_CLOEXEC, 0666);
+  if (f->fd >= 0)
     {
-      int saved_errno = errno;
-      g_free (tmpl);
-      set_io_error (error, saved_errno, "Could not create a temporary file beside", f->display);
-      return NULL;
+      f->unnamed = TRUE;
+      /* Locked before it has a name, so it is never seen unlocked. */
+      (void) flock (f->fd, LOCK_EX);
     }
-  f->tmp_path = tmpl;
+  else if (!create_named_temp (f, dir, prefix, error))
+    return NULL;
   /* Replacing a file keeps its permissions. */
   if (g_stat (f->path, &st) == 0 && S_ISREG (st.st_mode))
     (void) fchmod (f->fd, st.st_mode & 07777);
@@ -1858,15 +2267,14 @@ atomic_file_write (AtomicFile     *f,
   return write_all (f, data, len, error);
 }
 
-/* Puts the data on disk and closes the file; atomic_file_rename() then puts
- * it in place. Two files committed together (the weights and their PEFT
- * config) are both finished before either is renamed. */
+/* Puts the data on disk; atomic_file_rename() then puts it in place. Two
+ * files committed together (the weights and their PEFT config) are both
+ * finished before either is renamed. A file keeps its descriptor (and its
+ * lock, and an unnamed file its existence) until it is renamed. */
 static gboolean
 atomic_file_finish (AtomicFile  *f,
                     GError     **error)
 {
-  int fd;
-
   if (!atomic_file_flush (f, error))
     return FALSE;
   /* A FIFO or a device has nothing to make durable (fsync fails on most). */
@@ -1875,14 +2283,55 @@ atomic_file_finish (AtomicFile  *f,
       set_io_error (error, errno, "Could not write", f->display);
       return FALSE;
     }
-  fd = f->fd;
-  f->fd = -1;
-  if (close (fd) != 0)
+  if (f->stream)
     {
-      set_io_error (error, errno, "Could not write", f->display);
-      return FALSE;
+      int fd = f->fd;
+
+      f->fd = -1;
+      if (close (fd) != 0)
+        {
+          set_io_error (error, errno, "Could not write", f->display);
+          return FALSE;
+        }
     }
   return TRUE;
+}
+
+/* Gives the unnamed temporary file a name beside the output. linkat() of
+ * /proc/self/fd/N needs no privilege; AT_EMPTY_PATH is the way without
+ * /proc (it needs CAP_DAC_READ_SEARCH). */
+static gboolean
+link_unnamed (AtomicFile  *f,
+              GError     **error)
+{
+  g_autofree char *dir = g_path_get_dirname (f->path);
+  g_autofree char *base = g_path_get_basename (f->path);
+  g_autofree char *prefix = temp_prefix (base);
+  char proc[64];
+
+  g_snprintf (proc, sizeof proc, "/proc/self/fd/%d", f->fd);
+  for (guint attempt = 0; attempt < 100; attempt++)
+    {
+      char *name = random_temp_name (dir, prefix);
+      int rc = linkat (AT_FDCWD, proc, AT_FDCWD, name, AT_SYMLINK_FOLLOW);
+
+      if (rc != 0 && errno == ENOENT)
+        rc = linkat (f->fd, "", AT_FDCWD, name, AT_EMPTY_PATH);
+      if (rc == 0)
+        {
+          f->tmp_path = name;
+          f->unnamed = FALSE;
+          return TRUE;
+        }
+      g_free (name);
+      if (errno != EEXIST)
+        {
+          set_io_error (error, errno, "Could not replace", f->display);
+          return FALSE;
+        }
+    }
+  set_io_error (error, EEXIST, "Could not replace", f->display);
+  return FALSE;
 }
 
 static gboolean
@@ -1890,16 +2339,22 @@ atomic_file_rename (AtomicFile  *f,
                     GError     **error)
 {
   g_autofree char *dir = NULL;
-  int dir_fd;
+  int dir_fd, fd;
 
   if (f->stream)
     return TRUE;
+  if (f->unnamed && !link_unnamed (f, error))
+    return FALSE;
   if (g_rename (f->tmp_path, f->path) != 0)
     {
       set_io_error (error, errno, "Could not replace", f->display);
       return FALSE;
     }
   g_clear_pointer (&f->tmp_path, g_free);
+  /* In place and synced: the lock has done its work. */
+  fd = f->fd;
+  f->fd = -1;
+  close (fd);
 
   /* The rename is durable only once the directory is. */
   dir = g_path_get_dirname (f->path);
@@ -2281,7 +2736,10 @@ write_checkpoint (LpCheckpoint  *checkpoint,
     {
       /* A stream takes its bytes in order. */
       if (!lp_stage_pull_tensors (stage, checkpoint, write_tensor_data, &ctx, error))
-        return NULL;
+        {
+          lp_checkpoint_explain_error (checkpoint, error);
+          return NULL;
+        }
     }
   else if (stage != NULL)
     {
@@ -2307,7 +2765,10 @@ write_checkpoint (LpCheckpoint  *checkpoint,
       sync_error = syncer_finish (ctx.syncer);
       g_hash_table_unref (ctx.offsets);
       if (!ok)
-        return NULL;
+        {
+          lp_checkpoint_explain_error (checkpoint, error);
+          return NULL;
+        }
       if (sync_error != 0)
         {
           set_io_error (error, sync_error, "Could not write", file->display);
@@ -2322,7 +2783,10 @@ write_checkpoint (LpCheckpoint  *checkpoint,
         g_autoptr(GBytes) data = lp_tensor_dup_data (tensor, error);
 
         if (data == NULL || !write_tensor_data (tensor, data, &ctx, error))
-          return NULL;
+          {
+            lp_checkpoint_explain_error (checkpoint, error);
+            return NULL;
+          }
       }
   if (ctx.next != lp_checkpoint_get_n_tensors (checkpoint))
     {
@@ -2331,6 +2795,10 @@ write_checkpoint (LpCheckpoint  *checkpoint,
                    lp_checkpoint_get_n_tensors (checkpoint));
       return NULL;
     }
+  /* Every byte came from input files that still hold what they held when
+   * opened: none was shortened (read as zeros) or rewritten in place. */
+  if (!lp_checkpoint_check_sources (checkpoint, error))
+    return NULL;
   if (!atomic_file_finish (file, error))
     return NULL;
   return g_steal_pointer (&file);

@@ -14,6 +14,7 @@ enum {
   EXIT_OK = 0,
   EXIT_FAILED = 1,
   EXIT_USAGE = 2,
+  EXIT_SIGHUP = 129,
   EXIT_SIGINT = 130,
   EXIT_SIGTERM = 143,
 };

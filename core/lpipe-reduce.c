@@ -278,6 +278,12 @@ make_plan (Plan    *plan,
                    "--niter and --oversample are for --method randomized");
       return FALSE;
     }
+  if (g_str_equal (method, "exact") && opt.seed >= 0)
+    {
+      g_set_error (error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
+                   "--seed is for --method randomized and the projections: the exact SVD draws nothing");
+      return FALSE;
+    }
 
   plan->method = method;
   plan->stage_words = w = g_ptr_array_new_with_free_func (g_free);

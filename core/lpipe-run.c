@@ -498,21 +498,34 @@ start_next (Batch *batch)
     }
 }
 
+/* SIGINT (Ctrl-C), SIGTERM and SIGHUP (the terminal went away) cancel the
+ * runs: each removes its temporary file and leaves its output as it was. */
+static void
+on_signal (Batch *batch,
+           int    signum)
+{
+  batch->signal_number = signum;
+  g_cancellable_cancel (batch->cancellable);
+}
+
 static gboolean
 on_sigint (gpointer user_data)
 {
-  Batch *batch = user_data;
-  batch->signal_number = SIGINT;
-  g_cancellable_cancel (batch->cancellable);
+  on_signal (user_data, SIGINT);
   return G_SOURCE_CONTINUE;
 }
 
 static gboolean
 on_sigterm (gpointer user_data)
 {
-  Batch *batch = user_data;
-  batch->signal_number = SIGTERM;
-  g_cancellable_cancel (batch->cancellable);
+  on_signal (user_data, SIGTERM);
+  return G_SOURCE_CONTINUE;
+}
+
+static gboolean
+on_sighup (gpointer user_data)
+{
+  on_signal (user_data, SIGHUP);
   return G_SOURCE_CONTINUE;
 }
 
@@ -530,11 +543,11 @@ on_sigterm (gpointer user_data)
  * threads each pipeline computes one tensor at a time on one thread and up
  * to four pipelines per thread are in flight, so that waiting for the disk
  * overlaps computing (with --verbose one at a time, so their tables do not
- * mix); one file's failure does not stop the others. Ctrl-C
- * or SIGTERM cancels them all (none leaves a partial file).
+ * mix); one file's failure does not stop the others. Ctrl-C, SIGTERM or
+ * SIGHUP cancels them all (none leaves a partial file).
  *
- * Returns: the exit status: 0 if all succeeded, 1 if any failed, 130/143
- *   when interrupted
+ * Returns: the exit status: 0 if all succeeded, 1 if any failed, 129/130/143
+ *   when interrupted by SIGHUP/SIGINT/SIGTERM
  */
 int
 lp_cli_run_jobs (guint           n,
@@ -544,7 +557,7 @@ lp_cli_run_jobs (guint           n,
 {
   Batch batch = { 0, };
   guint threads = lp_cli.threads > 0 ? (guint) lp_cli.threads : g_get_num_processors ();
-  guint sigint_id, sigterm_id;
+  guint sigint_id, sigterm_id, sighup_id;
 
   batch.build = build;
   batch.build_data = user_data;
@@ -565,6 +578,7 @@ lp_cli_run_jobs (guint           n,
   batch.show_progress = !lp_cli.quiet && isatty (STDERR_FILENO);
   sigint_id = g_unix_signal_add (SIGINT, on_sigint, &batch);
   sigterm_id = g_unix_signal_add (SIGTERM, on_sigterm, &batch);
+  sighup_id = g_unix_signal_add (SIGHUP, on_sighup, &batch);
 
   start_next (&batch);
   if (batch.running > 0)
@@ -572,6 +586,7 @@ lp_cli_run_jobs (guint           n,
 
   g_source_remove (sigint_id);
   g_source_remove (sigterm_id);
+  g_source_remove (sighup_id);
   lp_cli_clear_status ();
   for (guint i = batch.next; i < n; i++)
     {
@@ -583,7 +598,8 @@ lp_cli_run_jobs (guint           n,
   g_free (batch.slots);
 
   if (batch.signal_number)
-    return batch.signal_number == SIGINT ? EXIT_SIGINT : EXIT_SIGTERM;
+    return batch.signal_number == SIGINT ? EXIT_SIGINT
+           : batch.signal_number == SIGHUP ? EXIT_SIGHUP : EXIT_SIGTERM;
   return batch.n_failed > 0 ? EXIT_FAILED : EXIT_OK;
 }
 

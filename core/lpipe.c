@@ -513,6 +513,11 @@ main (int argc, char **argv)
   /* A full disk under `ulimit -f` must be an error we can report and clean
    * up after, not a signal that kills us with a half-written temp file. */
   signal (SIGXFSZ, SIG_IGN);
+  /* Nor may a closed pipe kill a run half way (`lpipe reduce -v ... | head`):
+   * writes to it fail with EPIPE instead. Where the pipe is the output
+   * (safetensors-sink location=/dev/stdout), that ends the run in an error,
+   * as SIGTERM would; a closed standard output or error only loses text. */
+  signal (SIGPIPE, SIG_IGN);
   /* lpipe computes tensors in parallel itself. A BLAS library that a plugin
    * links starts its own threads when it is loaded, and OpenBLAS's spin on
    * sched_yield for a while: on 2 cores that takes one away from the work.

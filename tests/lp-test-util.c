@@ -154,6 +154,30 @@ lp_test_spawn_lpipe (const char * const *args,
   return run;
 }
 
+char *
+lp_test_find_temp_fd (GPid        pid,
+                      const char *dir,
+                      const char *base)
+{
+  g_autofree char *fd_dir = g_strdup_printf ("/proc/%d/fd", (int) pid);
+  g_autofree char *named = g_strconcat (dir, "/.", base, ".", NULL);
+  g_autofree char *unnamed = g_strconcat (dir, "/#", NULL);
+  g_autoptr(GDir) d = g_dir_open (fd_dir, 0, NULL);
+  const char *name;
+
+  if (d == NULL)
+    return NULL;
+  while ((name = g_dir_read_name (d)))
+    {
+      g_autofree char *path = g_build_filename (fd_dir, name, NULL);
+      g_autofree char *target = g_file_read_link (path, NULL);
+
+      if (target && (g_str_has_prefix (target, named) || g_str_has_prefix (target, unnamed)))
+        return g_steal_pointer (&path);
+    }
+  return NULL;
+}
+
 int
 lp_test_wait_lpipe (LpTestRun  *run,
                     guint       timeout_s,

@@ -35,6 +35,13 @@ LpTestRun   lp_test_spawn_lpipe    (const char * const *args,
 int         lp_test_wait_lpipe     (LpTestRun          *run,
                                     guint               timeout_s,
                                     char              **err_text);
+/* The descriptor process @pid holds on its temporary output for @base in
+ * @dir, as a path stat() follows (/proc/PID/fd/N): an unnamed O_TMPFILE in
+ * @dir (`#INODE (deleted)`) or a file named .@base.* there; NULL when it has
+ * none open. */
+char       *lp_test_find_temp_fd   (GPid                pid,
+                                    const char         *dir,
+                                    const char         *base);
 /* The default registry, which the test environment points at the build tree. */
 LpRegistry *lp_test_registry       (void);
 /* A tensor of @dtype from float values. */

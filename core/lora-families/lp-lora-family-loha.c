@@ -2,8 +2,10 @@
  *
  * ΔW = (w1a @ w1b) ⊙ (w2a @ w2b) · alpha / r, parts `X.hada_w1_a` [out, r],
  * `X.hada_w1_b` [r, in], `X.hada_w2_a`, `X.hada_w2_b`, with Tucker cores
- * `X.hada_t1`/`X.hada_t2` for conv modules and an `X.alpha` (r when
- * missing). Not plain: no single down and up; the stages that know the
+ * `X.hada_t1`/`X.hada_t2` [r, r, *kernel] for conv modules (w_a then
+ * [r, out]) and an `X.alpha` (r when missing). These declarations are the
+ * only list of LoHa's keys: plugins/lora/lp-lora-lycoris.c reads the parts
+ * of the modules the finder made from them. Not plain: no single down and up; the stages that know the
  * structure read the parts (lp_lora_module_get_part()).
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
@@ -16,20 +18,25 @@ loha_init_module (LpLoraModule  *module,
                   GError       **error)
 {
   static const char *const required[] = { "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b" };
-  LpTensor *w1a, *w1b;
+  LpTensor *w1a, *w1b, *t1;
+  gboolean tucker;
 
   for (guint i = 0; i < G_N_ELEMENTS (required); i++)
     if (lp_lora_module_get_part (module, required[i]) == NULL)
       {
         g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
-                     "module %s: LoHa module without its %s.%s part",
+                     "module %s: LoHa part %s.%s is missing",
                      module->name, module->name, required[i]);
         return FALSE;
       }
   w1a = lp_lora_module_get_part (module, "hada_w1_a");
   w1b = lp_lora_module_get_part (module, "hada_w1_b");
+  t1 = lp_lora_module_get_part (module, "hada_t1");
+  /* LohaModule with use_tucker: t1 [r, r, *kernel], w1a [r, out], w1b [r, in];
+   * else w1a [out, r], w1b [r, in] or [r, in, *kernel] */
+  tucker = t1 != NULL && lp_tensor_get_n_dims (t1) >= 3;
   if (lp_tensor_get_n_dims (w1a) != 2 || lp_tensor_get_n_dims (w1b) < 2
-      || lp_tensor_get_dim (w1a, 1) != lp_tensor_get_dim (w1b, 0)
+      || lp_tensor_get_dim (w1a, tucker ? 0 : 1) != lp_tensor_get_dim (w1b, 0)
       || lp_tensor_get_dim (w1b, 0) == 0 || lp_tensor_get_dim (w1b, 0) > G_MAXUINT)
     {
       g_autofree char *sa = lp_tensor_describe_shape (w1a);
@@ -40,8 +47,10 @@ loha_init_module (LpLoraModule  *module,
       return FALSE;
     }
   module->rank = lp_tensor_get_dim (w1b, 0);
-  module->out_features = lp_tensor_get_dim (w1a, 0);
+  module->out_features = lp_tensor_get_dim (w1a, tucker ? 1 : 0);
   module->in_features = lp_tensor_get_n_elements (w1b) / module->rank;
+  if (tucker)
+    module->in_features *= lp_tensor_get_n_elements (t1) / ((guint64) module->rank * module->rank);
   module->alpha_value = module->rank;
   module->scale = 1.0;
   return lp_lora_module_read_alpha (module, error);

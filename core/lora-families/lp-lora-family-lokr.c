@@ -6,6 +6,9 @@
  * LokrModule's scale is alpha / lora_dim when a side is a product (lora_dim
  * the rows of its _b part) and 1 when both sides are whole. Not plain; the
  * module's rank is the Kronecker product's bound rank(W1) · rank(W2).
+ * These declarations are the only list of LoKr's keys:
+ * plugins/lora/lp-lora-lycoris.c reads the parts of the modules the finder
+ * made from them.
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
@@ -26,6 +29,7 @@ lokr_side (LpLoraModule *module,
   LpTensor *w = lp_lora_module_get_part (module, whole);
   LpTensor *a = lp_lora_module_get_part (module, a_name);
   LpTensor *b = lp_lora_module_get_part (module, b_name);
+  LpTensor *t = lp_lora_module_get_part (module, "lokr_t2");
 
   if (w != NULL && lp_tensor_get_n_dims (w) >= 2)
     {
@@ -40,6 +44,18 @@ lokr_side (LpLoraModule *module,
       *rows = lp_tensor_get_dim (a, 0);
       *lora_dim = lp_tensor_get_dim (b, 0);
       *cols = lp_tensor_get_n_elements (b) / *lora_dim;
+      *rank = MIN (MIN (*rows, *cols), *lora_dim);
+      return TRUE;
+    }
+  /* a Tucker W2 (LokrModule use_tucker): t2 [r, r, *kernel], w2_a [r, out],
+   * w2_b [r, in] */
+  if (side == 2 && a != NULL && b != NULL && t != NULL && lp_tensor_get_n_dims (a) == 2
+      && lp_tensor_get_n_dims (b) == 2 && lp_tensor_get_n_dims (t) >= 3
+      && lp_tensor_get_dim (a, 0) == lp_tensor_get_dim (b, 0) && lp_tensor_get_dim (b, 0) > 0)
+    {
+      *lora_dim = lp_tensor_get_dim (b, 0);
+      *rows = lp_tensor_get_dim (a, 1);
+      *cols = lp_tensor_get_dim (b, 1) * (lp_tensor_get_n_elements (t) / (*lora_dim * *lora_dim));
       *rank = MIN (MIN (*rows, *cols), *lora_dim);
       return TRUE;
     }
@@ -94,6 +110,9 @@ static const LpLoraPart lokr_parts[] = {
   { ".lokr_w2", LP_LORA_ROLE_OTHER, FALSE },
   { ".lokr_w2_a", LP_LORA_ROLE_OTHER, FALSE },
   { ".lokr_w2_b", LP_LORA_ROLE_OTHER, FALSE },
+  /* a Tucker core of W1, which neither LyCORIS nor ComfyUI reads: found,
+   * so that the stages refuse it by name */
+  { ".lokr_t1", LP_LORA_ROLE_OTHER, FALSE },
   { ".lokr_t2", LP_LORA_ROLE_OTHER, FALSE },
   { ".alpha", LP_LORA_ROLE_OTHER, TRUE },
 };

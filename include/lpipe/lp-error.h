@@ -77,6 +77,8 @@ typedef enum {
  * @LP_FORMAT_ERROR_TOO_DEEP: the header nests deeper than the format allows
  * @LP_FORMAT_ERROR_UNSUPPORTED: a conversion that this dtype does not support
  * @LP_FORMAT_ERROR_INDEX: a sharded checkpoint's index and its shards disagree
+ * @LP_FORMAT_ERROR_CHANGED: the file was shortened or rewritten in place while
+ *   it was read
  *
  * Errors in a checkpoint file's contents.
  */
@@ -94,6 +96,7 @@ typedef enum {
   LP_FORMAT_ERROR_TOO_DEEP,
   LP_FORMAT_ERROR_UNSUPPORTED,
   LP_FORMAT_ERROR_INDEX,
+  LP_FORMAT_ERROR_CHANGED,
 } LpFormatError;
 
 /**

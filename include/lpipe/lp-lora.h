@@ -79,6 +79,7 @@ LpTensor         *lp_lora_module_get_part         (LpLoraModule *self,
 gboolean          lp_lora_module_is_plain         (LpLoraModule *self);
 gboolean          lp_lora_module_is_transposed    (LpLoraModule *self);
 gboolean          lp_lora_module_is_dora          (LpLoraModule *self);
+LpTensor         *lp_lora_module_get_dora_magnitude (LpLoraModule *self);
 LpTensor         *lp_lora_module_get_down         (LpLoraModule *self);
 LpTensor         *lp_lora_module_get_up           (LpLoraModule *self);
 LpTensor         *lp_lora_module_get_alpha        (LpLoraModule *self);

@@ -4,6 +4,7 @@
  */
 #include "lp-lora-common.h"
 #include "lp-lora-report.h"
+#include "lp-lora-stages.h"
 
 #include <math.h>
 #include <string.h>
@@ -265,4 +266,113 @@ lp_lora_assemble (LpCheckpoint  *input,
     return NULL;
 
   return g_steal_pointer (&output);
+}
+
+void
+lp_lora_warn_rank_kept (LpStage    *stage,
+                        GPtrArray  *modules,
+                        guint       rank,
+                        const char *hint)
+{
+  guint n = 0, lowest = G_MAXUINT, highest = 0;
+  g_autofree char *where = NULL;
+  g_autofree char *kept = NULL;
+
+  for (guint i = 0; i < modules->len; i++)
+    {
+      guint r = lp_lora_module_get_rank (g_ptr_array_index (modules, i));
+
+      if (r > rank)
+        continue;
+      n++;
+      lowest = MIN (lowest, r);
+      highest = MAX (highest, r);
+    }
+  if (n == 0)
+    return;
+  where = lp_stage_describe (stage);
+  kept = lowest == highest ? g_strdup_printf ("rank %u", lowest)
+                           : g_strdup_printf ("ranks %u to %u", lowest, highest);
+  g_warning ("%s: %u of %u modules have %s, at or below rank=%u: kept at %s%s%s%s",
+             where, n, modules->len, kept, rank, lowest == highest ? kept : "their ranks",
+             lowest < rank ? " (" : "", lowest < rank ? hint : "", lowest < rank ? ")" : "");
+}
+
+gboolean
+lp_lora_check_exact_options (gboolean  niter_set,
+                             gboolean  oversample_set,
+                             gboolean  seed_set,
+                             GError  **error)
+{
+  if (!niter_set && !oversample_set && !seed_set)
+    return TRUE;
+  g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+               "%s would have no effect: niter, oversample and seed steer method=randomized, "
+               "and the exact SVD draws nothing",
+               niter_set ? "niter" : oversample_set ? "oversample" : "seed");
+  return FALSE;
+}
+
+G_DEFINE_ENUM_TYPE (LpLoraDoraPolicy, lp_lora_dora_policy,
+  G_DEFINE_ENUM_VALUE (LP_LORA_DORA_REFUSE, "refuse"),
+  G_DEFINE_ENUM_VALUE (LP_LORA_DORA_KEEP_MAGNITUDE, "keep-magnitude"))
+
+GParamSpec *
+lp_lora_dora_pspec (void)
+{
+  return g_param_spec_enum ("dora", "DoRA",
+                            "DoRA modules (dora_scale, lora_magnitude_vector): refuse (their merged weight "
+                            "depends on the base weight), or keep-magnitude (keep the trained magnitude, "
+                            "reduce the update: the merged weight keeps its norms, its direction follows "
+                            "the reduced update)",
+                            LP_TYPE_LORA_DORA_POLICY, LP_LORA_DORA_REFUSE,
+                            G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+}
+
+/* DoRA (Liu et al. 2024; PEFT's DoraLinearLayer, ComfyUI's weight_decompose)
+ * merges W' = m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖, the norms taken per output row
+ * (LyCORIS wd_on_out=False: per input column) and recomputed by the loader.
+ * A reduced ΔW' leaves W' with the norms m exactly whatever W0 is; its
+ * direction moves by at most 2 ‖ΔW − ΔW'‖ / ‖W0 + ΔW‖ per row, which needs
+ * W0 to be known. */
+gboolean
+lp_lora_apply_dora_policy (LpStage    *stage,
+                           int         policy,
+                           GPtrArray  *modules,
+                           GError    **error)
+{
+  LpLoraModule *first = NULL;
+  guint n = 0;
+
+  for (guint i = 0; i < modules->len; i++)
+    {
+      LpLoraModule *module = g_ptr_array_index (modules, i);
+
+      if (!lp_lora_module_is_dora (module))
+        continue;
+      if (first == NULL)
+        first = module;
+      n++;
+    }
+  if (n == 0)
+    return TRUE;
+  if (policy == LP_LORA_DORA_REFUSE)
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
+                   "module %s: DoRA magnitude %s: the merged weight m · (W0 + ΔW) / ‖W0 + ΔW‖ "
+                   "depends on the base weight W0, which this stage does not read, so no "
+                   "reduction of ΔW can be made optimal for it (%u DoRA modules in all); "
+                   "dora=keep-magnitude keeps each m as trained and reduces ΔW "
+                   "(docs/methods.md, \"DoRA\")",
+                   lp_lora_module_get_name (first),
+                   lp_tensor_get_name (lp_lora_module_get_dora_magnitude (first)), n);
+      return FALSE;
+    }
+  g_autofree char *where = lp_stage_describe (stage);
+  g_warning ("%s: %u DoRA modules (the first: %s): dora=keep-magnitude keeps their trained "
+             "magnitudes, so the merged weights keep their norms exactly; their directions follow "
+             "the reduced update by an amount that depends on the base weight, which is not read "
+             "here (the errors reported are those of the update)",
+             where, n, lp_lora_module_get_name (first));
+  return TRUE;
 }

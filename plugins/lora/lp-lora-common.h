@@ -67,6 +67,33 @@ LpCheckpoint *lp_lora_assemble       (LpCheckpoint  *input,
  * handed to lp_lora_find_modules() for custom key conventions. */
 GParamSpec   *lp_lora_pattern_pspec  (gboolean      up);
 
+/* A fixed rank @rank at or above some modules' own: tells once, as a
+ * `lpipe: warning:` line naming @stage, how many modules keep their rank and
+ * which, and @hint (what would pad them) when some are below @rank.
+ * Nothing when there is none. */
+void          lp_lora_warn_rank_kept (LpStage      *stage,
+                                      GPtrArray    *modules,
+                                      guint         rank,
+                                      const char   *hint);
+
+/* The randomized method's options, set with method=exact where they would
+ * change nothing: an error naming the first. */
+gboolean      lp_lora_check_exact_options (gboolean  niter_set,
+                                           gboolean  oversample_set,
+                                           gboolean  seed_set,
+                                           GError  **error);
+
+/* The `dora` property of the rank stages (an LpLoraDoraPolicy). */
+GParamSpec   *lp_lora_dora_pspec     (void);
+
+/* Applies the stage's DoRA policy (an LpLoraDoraPolicy) to @modules, found
+ * without LP_LORA_FIND_REFUSE_DORA: refuse, naming the first DoRA module and
+ * why, or keep the magnitudes, saying once how many and what that keeps. */
+gboolean      lp_lora_apply_dora_policy (LpStage    *stage,
+                                         int         policy,
+                                         GPtrArray  *modules,
+                                         GError    **error);
+
 /* Prefixes an error with the module's name. */
 void          lp_lora_prefix_error   (GError      **error,
                                       LpLoraModule *module);

@@ -62,6 +62,12 @@ struct _LpLoraExtract
   double sv_cumulative;
   guint max_rank;
   guint min_rank;
+  /* set by the user (their defaults mean something): prepare refuses the
+   * ones that would have no effect */
+  gboolean rank_set;
+  gboolean niter_set;
+  gboolean oversample_set;
+  gboolean seed_set;
 };
 
 enum {
@@ -539,6 +545,33 @@ lp_lora_extract_aggregate (LpAggregator  *aggregator,
     }
   if (is_dynamic (self) && !plan_ranks (self, jobs, error))
     return NULL;
+  if (!is_dynamic (self))
+    {
+      guint n_small = 0;
+      guint64 smallest = G_MAXUINT64, largest = 0;
+
+      for (guint i = 0; i < jobs->len; i++)
+        {
+          Job *job = g_ptr_array_index (jobs, i);
+
+          if (job->k == self->rank)
+            continue;
+          n_small++;
+          smallest = MIN (smallest, job->k);
+          largest = MAX (largest, job->k);
+        }
+      if (n_small > 0)
+        {
+          g_autofree char *where = lp_stage_describe (LP_STAGE (self));
+          g_autofree char *kept = largest > smallest
+            ? g_strdup_printf ("%" G_GUINT64_FORMAT " to %" G_GUINT64_FORMAT, smallest, largest)
+            : g_strdup_printf ("%" G_GUINT64_FORMAT, smallest);
+
+          g_warning ("%s: %u of %u weights have a side shorter than rank=%u: extracted at their "
+                     "full rank (%s), which no rank can exceed", where, n_small, jobs->len,
+                     self->rank, kept);
+        }
+    }
 
   /* what the metadata and the config say, while the jobs are ours */
   g_autoptr (LpCheckpoint) output = lp_checkpoint_new ();
@@ -614,6 +647,17 @@ lp_lora_extract_prepare (LpStage  *stage,
                    "min-rank %u is above max-rank %u", self->min_rank, self->max_rank);
       return FALSE;
     }
+  /* options that would change nothing: refused rather than ignored */
+  if (n_criteria == 1 && self->rank_set)
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                   "rank=%u would have no effect: energy and sv-* choose each weight's rank; "
+                   "bound it with max-rank=%u instead", self->rank, self->rank);
+      return FALSE;
+    }
+  if (self->method == LP_LORA_SVD_METHOD_EXACT
+      && !lp_lora_check_exact_options (self->niter_set, self->oversample_set, self->seed_set, error))
+    return FALSE;
   return TRUE;
 }
 
@@ -627,11 +671,11 @@ lp_lora_extract_set_property (GObject      *object,
 
   switch (prop_id)
     {
-    case PROP_RANK: self->rank = g_value_get_uint (value); break;
+    case PROP_RANK: self->rank = g_value_get_uint (value); self->rank_set = TRUE; break;
     case PROP_METHOD: self->method = g_value_get_enum (value); break;
-    case PROP_NITER: self->niter = g_value_get_uint (value); break;
-    case PROP_OVERSAMPLE: self->oversample = g_value_get_uint (value); break;
-    case PROP_SEED: self->seed = g_value_get_uint64 (value); break;
+    case PROP_NITER: self->niter = g_value_get_uint (value); self->niter_set = TRUE; break;
+    case PROP_OVERSAMPLE: self->oversample = g_value_get_uint (value); self->oversample_set = TRUE; break;
+    case PROP_SEED: self->seed = g_value_get_uint64 (value); self->seed_set = TRUE; break;
     case PROP_FORMAT: self->format = g_value_get_enum (value); break;
     case PROP_PREFIX:
       g_free (self->prefix);

@@ -24,6 +24,32 @@
 
 /* ---- the mathematics, on plain arrays ----------------------------------- */
 
+/* Row o of the face-splitting product: x[i·r2 + j] = p[i] · q[j]. Written
+ * once per dtype, so that the inner loop has no branch and vectorises. */
+#define FACE_SPLIT_ROW(type, x, p, r1, q, r2) \
+  G_STMT_START { \
+    for (guint i_ = 0; i_ < (r1); i_++) \
+      { \
+        double pi_ = (p)[i_]; \
+        type *row_ = (x) + (gsize) i_ * (r2); \
+        for (guint j_ = 0; j_ < (r2); j_++) \
+          row_[j_] = (type) (pi_ * (q)[j_]); \
+      } \
+  } G_STMT_END
+
+/* Row i·r2 + j of A: v1[i] ⊙ v2[j]. */
+#define HADAMARD_ROWS(type, a, v1, r1, v2, r2, in) \
+  G_STMT_START { \
+    for (guint i_ = 0; i_ < (r1); i_++) \
+      for (guint j_ = 0; j_ < (r2); j_++) \
+        { \
+          const double *x_ = (v1) + (gsize) i_ * (in), *y_ = (v2) + (gsize) j_ * (in); \
+          type *row_ = (a) + ((gsize) i_ * (r2) + j_) * (in); \
+          for (guint64 c_ = 0; c_ < (in); c_++) \
+            row_[c_] = (type) (x_[c_] * y_[c_]); \
+        } \
+  } G_STMT_END
+
 void
 lp_lora_loha_to_factors (const double *u1,
                          const double *v1,
@@ -40,29 +66,16 @@ lp_lora_loha_to_factors (const double *u1,
   gsize rr = (gsize) r1 * r2;
 
   for (guint64 o = 0; o < out; o++)
-    for (guint i = 0; i < r1; i++)
-      for (guint j = 0; j < r2; j++)
-        {
-          double x = u1[o * r1 + i] * u2[o * r2 + j];
-          gsize at = o * rr + (gsize) i * r2 + j;
-          if (f32)
-            ((float *) b)[at] = x;
-          else
-            ((double *) b)[at] = x;
-        }
-  for (guint i = 0; i < r1; i++)
-    for (guint j = 0; j < r2; j++)
-      {
-        gsize row = ((gsize) i * r2 + j) * in;
-        for (guint64 c = 0; c < in; c++)
-          {
-            double x = v1[i * in + c] * v2[j * in + c];
-            if (f32)
-              ((float *) a)[row + c] = x;
-            else
-              ((double *) a)[row + c] = x;
-          }
-      }
+    {
+      if (f32)
+        FACE_SPLIT_ROW (float, (float *) b + o * rr, u1 + o * r1, r1, u2 + o * r2, r2);
+      else
+        FACE_SPLIT_ROW (double, (double *) b + o * rr, u1 + o * r1, r1, u2 + o * r2, r2);
+    }
+  if (f32)
+    HADAMARD_ROWS (float, (float *) a, v1, r1, v2, r2, in);
+  else
+    HADAMARD_ROWS (double, (double *) a, v1, r1, v2, r2, in);
 }
 
 void
@@ -88,10 +101,11 @@ lp_lora_tucker_right (const double *t,
       }
 }
 
-/* The SVD of one Kronecker side: @n singular values, U [rows, n] and
- * Vᵀ [n, cols], row-major. */
+/* The SVD of one Kronecker side, or its top part: @n singular values,
+ * U [rows, stride] and Vᵀ [n, cols], row-major. */
 typedef struct {
   guint n;
+  guint stride;         /* columns of u */
   double *sigma;
   double *u;
   double *vt;
@@ -106,33 +120,100 @@ part_svd_clear (PartSvd *s)
   g_clear_pointer (&s->vt, g_free);
 }
 
+/* The @top largest singular triplets of a dense rows × cols side, from the
+ * Gram matrix of its smaller side: only the top k products σ_i(W1)·σ_j(W2)
+ * are kept, and none of them uses a direction beyond the k-th of its side,
+ * so the full SVD (dgesdd, a few hundred MFLOP for a 1344 × 192 side of a
+ * Flux LoKr with factor 16) is not needed. The kept part σ_i u_i v_iᵀ =
+ * u_i u_iᵀ W is the projection onto accurate eigenvectors even where a
+ * small σ_i is not accurate to full precision. */
+static gboolean
+dense_top_svd (const LpLoraKronPart *p,
+               guint                 top,
+               PartSvd              *s,
+               GError              **error)
+{
+  gboolean tall = p->rows >= p->cols;    /* the Gram of the columns is the smaller */
+  guint64 side = tall ? p->cols : p->rows, other = tall ? p->rows : p->cols;
+  g_autofree double *gram = g_new0 (double, MAX (side * side, 1));
+  g_autofree double *w = g_new (double, MAX (top, 1));
+  g_autofree double *z = g_new (double, MAX (side * top, 1));
+
+  for (gsize i = 0; i < p->rows * p->cols; i++)
+    s->total += p->dense[i] * p->dense[i];
+  s->sigma = g_new0 (double, MAX (top, 1));
+  s->u = g_new0 (double, MAX (p->rows * top, 1));
+  s->vt = g_new0 (double, MAX (top * p->cols, 1));
+  if (top == 0 || s->total == 0)
+    return TRUE;
+
+  /* Wᵀ W or W Wᵀ; its row-major lower triangle is the column-major upper
+   * one lp_lora_top_eigenpairs() reads */
+  cblas_dsyrk (CblasRowMajor, CblasLower, tall ? CblasTrans : CblasNoTrans, side, other,
+               1.0, p->dense, p->cols, 0.0, gram, side);
+  if (!lp_lora_top_eigenpairs (gram, side, top, w, z))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                   "eigendecomposition of the Gram matrix of a %" G_GUINT64_FORMAT " × %"
+                   G_GUINT64_FORMAT " Kronecker factor failed", p->rows, p->cols);
+      return FALSE;
+    }
+  /* ascending: the largest is the last; σ² at rounding level is zero */
+  double w_max = MAX (w[top - 1], 0);
+  g_autofree double *vecs = g_new (double, MAX (side * top, 1));   /* [n, side], descending */
+  for (guint i = 0; i < top; i++)
+    {
+      double sigma2 = w[top - 1 - i];
+
+      if (!(sigma2 > side * 1e-15 * w_max))
+        break;
+      s->sigma[i] = sqrt (sigma2);
+      s->n = i + 1;
+      memcpy (vecs + (gsize) i * side, z + (gsize) (top - 1 - i) * side, sizeof (double) * side);
+    }
+  if (s->n == 0)
+    return TRUE;
+  /* the small side's vectors as they are, the other side's W v / σ (or Wᵀ u / σ) */
+  if (tall)
+    {
+      memcpy (s->vt, vecs, sizeof (double) * s->n * side);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasTrans, p->rows, s->n, p->cols,
+                   1.0, p->dense, p->cols, vecs, side, 0.0, s->u, top);
+      for (guint64 o = 0; o < p->rows; o++)
+        for (guint i = 0; i < s->n; i++)
+          s->u[o * top + i] /= s->sigma[i];
+    }
+  else
+    {
+      for (guint64 t = 0; t < side; t++)
+        for (guint i = 0; i < s->n; i++)
+          s->u[t * top + i] = vecs[(gsize) i * side + t];
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, s->n, p->cols, p->rows,
+                   1.0, vecs, side, p->dense, p->cols, 0.0, s->vt, p->cols);
+      for (guint i = 0; i < s->n; i++)
+        for (guint64 c = 0; c < p->cols; c++)
+          s->vt[i * p->cols + c] /= s->sigma[i];
+    }
+  /* u is [rows, top]: its stride is top, however many are non-zero */
+  return TRUE;
+}
+
 static gboolean
 part_svd (const LpLoraKronPart *p,
+          guint                 top,
           PartSvd              *s,
           GError              **error)
 {
   memset (s, 0, sizeof *s);
   if (p->dense != NULL)
     {
-      guint64 mn = MIN (p->rows, p->cols);
-      g_autofree double *copy = g_memdup2 (p->dense, sizeof (double) * p->rows * p->cols);
-      s->sigma = g_new (double, MAX (mn, 1));
-      s->u = g_new (double, MAX (p->rows * mn, 1));
-      s->vt = g_new (double, MAX (mn * p->cols, 1));
-      lapack_int info = LAPACKE_dgesdd (LAPACK_ROW_MAJOR, 'S', p->rows, p->cols, copy, p->cols,
-                                        s->sigma, s->u, mn, s->vt, p->cols);
-      if (info != 0)
+      top = MIN (top, MIN (p->rows, p->cols));
+      if (!dense_top_svd (p, top, s, error))
         {
-          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
-                       "SVD of a %" G_GUINT64_FORMAT " × %" G_GUINT64_FORMAT
-                       " Kronecker factor did not converge (LAPACK info %d)",
-                       p->rows, p->cols, (int) info);
           part_svd_clear (s);
           return FALSE;
         }
-      s->n = mn;
-      for (guint i = 0; i < mn; i++)
-        s->total += s->sigma[i] * s->sigma[i];
+      s->stride = top;
       return TRUE;
     }
 
@@ -149,6 +230,7 @@ part_svd (const LpLoraKronPart *p,
 
   guint r = p->r, n = spectrum->n;
   s->n = n;
+  s->stride = n;
   s->total = spectrum->total;
   s->sigma = g_memdup2 (spectrum->sigma, sizeof (double) * MAX (r, 1));
   s->u = g_new0 (double, MAX (p->rows * n, 1));
@@ -169,6 +251,14 @@ typedef struct {
   guint i;
   guint j;
 } KronPair;
+
+static int
+compare_doubles (gconstpointer a,
+                 gconstpointer b)
+{
+  double x = *(const double *) a, y = *(const double *) b;
+  return x < y ? -1 : x > y;
+}
 
 static int
 kron_pair_compare (gconstpointer a,
@@ -196,9 +286,9 @@ lp_lora_lokr_reduce (const LpLoraKronPart *w1,
   PartSvd s1, s2;
   guint64 rows = w1->rows * w2->rows, cols = w1->cols * w2->cols;
 
-  if (!part_svd (w1, &s1, error))
+  if (!part_svd (w1, k, &s1, error))
     return FALSE;
-  if (!part_svd (w2, &s2, error))
+  if (!part_svd (w2, k, &s2, error))
     {
       part_svd_clear (&s1);
       return FALSE;
@@ -225,9 +315,9 @@ lp_lora_lokr_reduce (const LpLoraKronPart *w1,
       *kept += sigma * sigma;
       for (guint64 p = 0; p < w1->rows; p++)
         {
-          double x = sign * root * s1.u[p * s1.n + i];
+          double x = sign * root * s1.u[p * s1.stride + i];
           for (guint64 q = 0; q < w2->rows; q++)
-            b_new[(p * w2->rows + q) * k + t] = x * s2.u[q * s2.n + j];
+            b_new[(p * w2->rows + q) * k + t] = x * s2.u[q * s2.stride + j];
         }
       for (guint64 c = 0; c < w1->cols; c++)
         {
@@ -284,6 +374,7 @@ typedef struct {
   guint64 kernel[LP_TENSOR_MAX_DIMS];
   guint n_kernel;         /* 0: the kernel (if any) is not known, 2-D factors */
   double scale;
+  guint64 bound;          /* the update's rank is at most this */
 } Module;
 
 static void
@@ -298,36 +389,17 @@ module_free (gpointer data)
   g_free (m);
 }
 
-/* The part a tensor name ends in, and the module it belongs to. */
-static gboolean
-split_name (const char *name,
-            Part       *part,
-            char      **module)
+guint
+lp_lora_lycoris_count (GPtrArray *modules)
 {
-  const char *dot = strrchr (name, '.');
-  if (dot == NULL || dot == name)
-    return FALSE;
-  for (guint p = 0; p < N_PARTS; p++)
-    if (p != PART_ALPHA && p != PART_DORA_SCALE && strcmp (dot + 1, part_names[p]) == 0)
-      {
-        *part = p;
-        *module = g_strndup (name, dot - name);
-        return TRUE;
-      }
-  return FALSE;
-}
+  guint n = 0;
 
-gboolean
-lp_lora_lycoris_present (LpCheckpoint *checkpoint)
-{
-  for (guint i = 0; i < lp_checkpoint_get_n_tensors (checkpoint); i++)
+  for (guint i = 0; i < modules->len; i++)
     {
-      Part part;
-      g_autofree char *module = NULL;
-      if (split_name (lp_tensor_get_name (lp_checkpoint_get_tensor (checkpoint, i)), &part, &module))
-        return TRUE;
+      const char *family = lp_lora_module_get_family (g_ptr_array_index (modules, i));
+      n += g_str_equal (family, "loha") || g_str_equal (family, "lokr");
     }
-  return FALSE;
+  return n;
 }
 
 #define HAS(m, p) ((m)->parts[p] != NULL)
@@ -461,6 +533,8 @@ check_loha (Module *m, GError **error)
     m->scale = 1.0;
   m->up_dtype = lp_tensor_get_dtype (m->parts[PART_HADA_W1_A]);
   m->down_dtype = lp_tensor_get_dtype (m->parts[PART_HADA_W1_B]);
+  /* a Hadamard product of ranks r1 and r2 has rank at most r1·r2 */
+  m->bound = MIN ((guint64) DIM (m, PART_HADA_W1_B, 0) * DIM (m, PART_HADA_W2_B, 0), MIN (m->out, m->in));
   return TRUE;
 }
 
@@ -570,66 +644,75 @@ check_lokr (Module *m, GError **error)
   Part down = w2_full ? PART_LOKR_W2 : PART_LOKR_W2_B;
   m->up_dtype = lp_tensor_get_dtype (m->parts[up]);
   m->down_dtype = lp_tensor_get_dtype (m->parts[down]);
+  /* rank (kron (W1, W2)) = rank (W1) · rank (W2) */
+  guint64 rank1 = MIN (o1, i1), rank2 = MIN (o2, i2 * kernel);
+  if (!w1_full)
+    rank1 = MIN (rank1, DIM (m, PART_LOKR_W1_B, 0));
+  if (!w2_full)
+    rank2 = MIN (rank2, DIM (m, PART_LOKR_W2_B, 0));
+  m->bound = rank1 * rank2;
   return TRUE;
 }
 
-/* The LyCORIS modules of @input, in the order of their first tensor. */
+/* The LyCORIS modules among @found (lp_lora_find_modules_full() of @input,
+ * which pairs their parts by the keys the loha and lokr family files
+ * declare), in the order of their first tensor, with what computing them
+ * needs. */
 static GPtrArray *
 find_modules (LpCheckpoint  *input,
+              GPtrArray     *found,
+              gboolean       keep_dora,
               GError       **error)
 {
-  g_autoptr (GPtrArray) tensors = lp_checkpoint_get_tensors (input);
   g_autoptr (GPtrArray) modules = g_ptr_array_new_with_free_func (module_free);
-  g_autoptr (GHashTable) by_name = g_hash_table_new (g_str_hash, g_str_equal);
+  g_autoptr (GHashTable) index = g_hash_table_new (NULL, NULL);   /* tensor -> its index + 1 */
 
-  for (guint i = 0; i < tensors->len; i++)
+  for (guint i = 0; i < lp_checkpoint_get_n_tensors (input); i++)
+    g_hash_table_insert (index, lp_checkpoint_get_tensor (input, i), GUINT_TO_POINTER (i + 1));
+
+  for (guint i = 0; i < found->len; i++)
     {
-      LpTensor *tensor = g_ptr_array_index (tensors, i);
-      Part part;
-      char *name = NULL;
+      LpLoraModule *module = g_ptr_array_index (found, i);
+      const char *family = lp_lora_module_get_family (module);
+      gboolean hada = g_str_equal (family, "loha"), lokr = g_str_equal (family, "lokr");
+      Module *m;
 
-      if (!split_name (lp_tensor_get_name (tensor), &part, &name))
+      if (!hada && !lokr)
         continue;
-      Module *m = g_hash_table_lookup (by_name, name);
-      if (m == NULL)
+      m = g_new0 (Module, 1);
+      g_ptr_array_add (modules, m);
+      m->name = g_strdup (lp_lora_module_get_name (module));
+      m->lokr = lokr;
+      m->first = G_MAXUINT;
+      for (Part p = 0; p < N_PARTS; p++)
         {
-          m = g_new0 (Module, 1);
-          m->name = name;
-          m->first = i;
-          g_ptr_array_add (modules, m);
-          g_hash_table_insert (by_name, m->name, m);
+          LpTensor *t = p == PART_DORA_SCALE ? lp_lora_module_get_dora_magnitude (module)
+                                             : lp_lora_module_get_part (module, part_names[p]);
+          if (t == NULL)
+            continue;
+          m->parts[p] = g_object_ref (t);
+          if (p != PART_ALPHA && p != PART_DORA_SCALE)
+            m->first = MIN (m->first, GPOINTER_TO_UINT (g_hash_table_lookup (index, t)) - 1);
         }
-      else
-        g_free (name);
-      m->parts[part] = g_object_ref (tensor);
     }
 
   for (guint i = 0; i < modules->len; i++)
     {
       Module *m = g_ptr_array_index (modules, i);
-      gboolean hada = FALSE, lokr = FALSE;
+      gboolean hada = !m->lokr, lokr = m->lokr;
 
-      for (Part p = PART_HADA_W1_A; p <= PART_HADA_T2; p++)
-        hada |= HAS (m, p);
-      for (Part p = PART_LOKR_W1; p <= PART_LOKR_T2; p++)
-        lokr |= HAS (m, p);
-      m->lokr = lokr;
-      for (Part p = PART_ALPHA; p <= PART_DORA_SCALE; p++)
-        {
-          g_autofree char *key = g_strconcat (m->name, ".", part_names[p], NULL);
-          LpTensor *t = lp_checkpoint_lookup (input, key);
-          if (t)
-            m->parts[p] = g_object_ref (t);
-        }
       if (hada && lokr)
         {
           refuse (error, m, "the module has both hada_* (LoHa) and lokr_* (LoKr) parts");
           return NULL;
         }
-      if (HAS (m, PART_DORA_SCALE))
+      if (HAS (m, PART_DORA_SCALE) && !keep_dora)
         {
-          refuse (error, m, "dora_scale (DoRA) rescales W0 + ΔW by a magnitude that depends on the "
-                  "base weight, which a plain LoRA cannot carry; the module cannot be reduced");
+          refuse (error, m, "DoRA magnitude %s: the merged weight m · (W0 + ΔW) / "
+                  "‖W0 + ΔW‖ depends on the base weight W0, which this stage does not read, so "
+                  "no reduction of ΔW can be made optimal for it; dora=keep-magnitude keeps m as "
+                  "trained and reduces ΔW (docs/methods.md, \"DoRA\")",
+                  lp_tensor_get_name (m->parts[PART_DORA_SCALE]));
           return NULL;
         }
       if (!(lokr ? check_lokr (m, error) : check_loha (m, error)))
@@ -718,10 +801,16 @@ loha_side (Module *m, gboolean second, double **u, double **v, guint *r, GError 
   return TRUE;
 }
 
+/* A LoHa module's update as the product B A of its Khatri–Rao factors,
+ * [out, r1·r2] and [r1·r2, in], in @f (the data in *@b and *@a, owned by the
+ * caller). */
 static gboolean
-compute_loha (Job *job, double *kept, double *total, GError **error)
+loha_factors (Module        *m,
+              LpLoraFactors *f,
+              gpointer      *b,
+              gpointer      *a,
+              GError       **error)
 {
-  Module *m = job->module;
   g_autofree double *u1 = NULL, *v1 = NULL, *u2 = NULL, *v2 = NULL;
   guint r1, r2;
 
@@ -739,22 +828,31 @@ compute_loha (Job *job, double *kept, double *total, GError **error)
 
   guint R = r1 * r2;
   gsize value = f32 ? sizeof (float) : sizeof (double);
-  g_autofree gpointer b = g_malloc (MAX (m->out * R * value, 1));
-  g_autofree gpointer a = g_malloc (MAX (R * m->in * value, 1));
-  lp_lora_loha_to_factors (u1, v1, r1, u2, v2, r2, m->out, m->in, f32, b, a);
-  g_clear_pointer (&u1, g_free);
-  g_clear_pointer (&v1, g_free);
-  g_clear_pointer (&u2, g_free);
-  g_clear_pointer (&v2, g_free);
+  *b = g_malloc (MAX (m->out * R * value, 1));
+  *a = g_malloc (MAX (R * m->in * value, 1));
+  lp_lora_loha_to_factors (u1, v1, r1, u2, v2, r2, m->out, m->in, f32, *b, *a);
 
-  LpLoraFactors f = { 0, };
-  f.f32 = f32;
-  f.f64_fallback = f32;
-  f.b = b;
-  f.a = a;
-  f.out = m->out;
-  f.in = m->in;
-  f.r = R;
+  memset (f, 0, sizeof *f);
+  f->f32 = f32;
+  f->f64_fallback = f32;
+  f->b = *b;
+  f->a = *a;
+  f->out = m->out;
+  f->in = m->in;
+  f->r = R;
+  return TRUE;
+}
+
+static gboolean
+compute_loha (Job *job, double *kept, double *total, GError **error)
+{
+  Module *m = job->module;
+  g_autofree gpointer b = NULL, a = NULL;
+  LpLoraFactors f;
+
+  if (!loha_factors (m, &f, &b, &a, error))
+    return FALSE;
+  guint R = f.r;
   g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, MIN (job->k, R), TRUE, error);
   if (spectrum == NULL)
     return FALSE;
@@ -777,36 +875,53 @@ compute_loha (Job *job, double *kept, double *total, GError **error)
   return TRUE;
 }
 
-static gboolean
-compute_lokr (Job *job, double *kept, double *total, GError **error)
+/* A LoKr module's two Kronecker sides, their data in @buffers (freed by
+ * kron_sides_clear()). */
+typedef struct {
+  LpLoraKronPart w1;
+  LpLoraKronPart w2;
+  double *buffers[6];
+} KronSides;
+
+static void
+kron_sides_clear (KronSides *ks)
 {
-  Module *m = job->module;
-  LpLoraKronPart w1 = { 0, }, w2 = { 0, };
-  g_autofree double *d1 = NULL, *a1 = NULL, *b1 = NULL, *d2 = NULL, *a2 = NULL, *b2 = NULL;
-  guint k = job->k;
+  for (guint i = 0; i < G_N_ELEMENTS (ks->buffers); i++)
+    g_clear_pointer (&ks->buffers[i], g_free);
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (KronSides, kron_sides_clear)
+
+static gboolean
+lokr_sides (Module     *m,
+            KronSides  *ks,
+            GError    **error)
+{
+  double **d1 = &ks->buffers[0], **a1 = &ks->buffers[1], **b1 = &ks->buffers[2];
+  double **d2 = &ks->buffers[3], **a2 = &ks->buffers[4], **b2 = &ks->buffers[5];
 
   if (HAS (m, PART_LOKR_W1))
     {
-      if ((d1 = dup_part (m, PART_LOKR_W1, error)) == NULL)
+      if ((*d1 = dup_part (m, PART_LOKR_W1, error)) == NULL)
         return FALSE;
-      w1 = (LpLoraKronPart) { d1, NULL, NULL, 0, DIM (m, PART_LOKR_W1, 0), DIM (m, PART_LOKR_W1, 1) };
+      ks->w1 = (LpLoraKronPart) { *d1, NULL, NULL, 0, DIM (m, PART_LOKR_W1, 0), DIM (m, PART_LOKR_W1, 1) };
     }
   else
     {
-      if ((a1 = dup_part (m, PART_LOKR_W1_A, error)) == NULL ||
-          (b1 = dup_part (m, PART_LOKR_W1_B, error)) == NULL)
+      if ((*a1 = dup_part (m, PART_LOKR_W1_A, error)) == NULL ||
+          (*b1 = dup_part (m, PART_LOKR_W1_B, error)) == NULL)
         return FALSE;
-      w1 = (LpLoraKronPart) { NULL, a1, b1, DIM (m, PART_LOKR_W1_B, 0),
-                              DIM (m, PART_LOKR_W1_A, 0), DIM (m, PART_LOKR_W1_B, 1) };
+      ks->w1 = (LpLoraKronPart) { NULL, *a1, *b1, DIM (m, PART_LOKR_W1_B, 0),
+                                  DIM (m, PART_LOKR_W1_A, 0), DIM (m, PART_LOKR_W1_B, 1) };
     }
 
   guint64 kernel = m->in / m->in_channels;
-  guint64 o2 = m->out / w1.rows, i2 = m->in_channels / w1.cols;
+  guint64 o2 = m->out / ks->w1.rows, i2 = m->in_channels / ks->w1.cols;
   if (HAS (m, PART_LOKR_W2))
     {
-      if ((d2 = dup_part (m, PART_LOKR_W2, error)) == NULL)
+      if ((*d2 = dup_part (m, PART_LOKR_W2, error)) == NULL)
         return FALSE;
-      w2 = (LpLoraKronPart) { d2, NULL, NULL, 0, o2, i2 * kernel };
+      ks->w2 = (LpLoraKronPart) { *d2, NULL, NULL, 0, o2, i2 * kernel };
     }
   else
     {
@@ -820,21 +935,32 @@ compute_lokr (Job *job, double *kept, double *total, GError **error)
           g_autofree double *t = dup_part (m, PART_LOKR_T2, error);
           if (t == NULL)
             return FALSE;
-          a2 = transposed (wa, r, o2);
-          b2 = g_new (double, (gsize) r * i2 * kernel);
-          lp_lora_tucker_right (t, wb, r, i2, kernel, b2);
+          *a2 = transposed (wa, r, o2);
+          *b2 = g_new (double, (gsize) r * i2 * kernel);
+          lp_lora_tucker_right (t, wb, r, i2, kernel, *b2);
         }
       else
         {
-          a2 = g_steal_pointer (&wa);
-          b2 = g_steal_pointer (&wb);
+          *a2 = g_steal_pointer (&wa);
+          *b2 = g_steal_pointer (&wb);
         }
-      w2 = (LpLoraKronPart) { NULL, a2, b2, r, o2, i2 * kernel };
+      ks->w2 = (LpLoraKronPart) { NULL, *a2, *b2, r, o2, i2 * kernel };
     }
+  return TRUE;
+}
 
+static gboolean
+compute_lokr (Job *job, double *kept, double *total, GError **error)
+{
+  Module *m = job->module;
+  g_auto (KronSides) ks = { { 0, }, };
+  guint k = job->k;
+
+  if (!lokr_sides (m, &ks, error))
+    return FALSE;
   g_autofree double *b_new = g_new (double, MAX (m->out * k, 1));
   g_autofree double *a_new = g_new (double, MAX ((gsize) k * m->in, 1));
-  if (!lp_lora_lokr_reduce (&w1, &w2, m->scale, k, b_new, a_new, kept, total, error))
+  if (!lp_lora_lokr_reduce (&ks.w1, &ks.w2, m->scale, k, b_new, a_new, kept, total, error))
     return FALSE;
 
   gsize overflow_up = 0, overflow_down = 0;
@@ -866,6 +992,59 @@ job_compute (gpointer   user_data,
   *down = g_steal_pointer (&job->held[0]);
   *up = g_steal_pointer (&job->held[1]);
   return TRUE;
+}
+
+/* Every non-zero singular value of the module's scaled update, descending,
+ * for choosing its rank: the factored SVD of LoHa's Khatri–Rao factors, or
+ * LoKr's products σ_i(W1)·σ_j(W2) of both sides' whole spectra. */
+static double *
+module_sigma (Module  *m,
+              guint   *n,
+              GError **error)
+{
+  double *sigma = NULL;
+
+  if (!m->lokr)
+    {
+      g_autofree gpointer b = NULL, a = NULL;
+      LpLoraFactors f;
+
+      if (!loha_factors (m, &f, &b, &a, error))
+        return NULL;
+      g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, 0, FALSE, error);
+      if (spectrum == NULL)
+        return NULL;
+      *n = spectrum->n;
+      sigma = g_new (double, MAX (*n, 1));
+      for (guint i = 0; i < *n; i++)
+        sigma[i] = fabs (m->scale) * spectrum->sigma[i];
+      return sigma;
+    }
+
+  g_auto (KronSides) ks = { { 0, }, };
+  PartSvd s1, s2;
+
+  if (!lokr_sides (m, &ks, error) || !part_svd (&ks.w1, G_MAXUINT, &s1, error))
+    return NULL;
+  if (!part_svd (&ks.w2, G_MAXUINT, &s2, error))
+    {
+      part_svd_clear (&s1);
+      return NULL;
+    }
+  *n = s1.n * s2.n;
+  sigma = g_new (double, MAX (*n, 1));
+  for (guint i = 0; i < s1.n; i++)
+    for (guint j = 0; j < s2.n; j++)
+      sigma[(gsize) i * s2.n + j] = fabs (m->scale) * s1.sigma[i] * s2.sigma[j];
+  part_svd_clear (&s1);
+  part_svd_clear (&s2);
+  /* descending */
+  for (guint i = 0; i < *n; i++)
+    sigma[i] = -sigma[i];
+  qsort (sigma, *n, sizeof (double), compare_doubles);
+  for (guint i = 0; i < *n; i++)
+    sigma[i] = -sigma[i];
+  return sigma;
 }
 
 /* kohya's layout: down [k, in] or a conv's [k, in, *kernel]; up [out, k] or
@@ -900,13 +1079,15 @@ factor_shape (Module *m, guint k, gboolean up, guint64 *shape)
   return n;
 }
 
-/* kohya's metadata names the network; a file now holding plain LoRAs says so. */
+/* kohya's metadata names the network; a file now holding plain LoRAs says
+ * so: of rank @k (alpha = k), or "Dynamic" (0) when the modules were written
+ * at different ranks, as kohya's resize_lora.py writes a dynamic resize. */
 static void
 rewrite_metadata (LpCheckpoint *output,
                   guint         k)
 {
   const char *network = lp_checkpoint_get_metadata (output, "ss_network_module");
-  g_autofree char *rank = g_strdup_printf ("%u", k);
+  g_autofree char *rank = k > 0 ? g_strdup_printf ("%u", k) : g_strdup ("Dynamic");
 
   if (network == NULL)
     return;
@@ -918,13 +1099,18 @@ rewrite_metadata (LpCheckpoint *output,
 }
 
 LpCheckpoint *
-lp_lora_lycoris_reduce (LpCheckpoint  *input,
-                        guint          k,
+lp_lora_lycoris_reduce (LpCheckpoint      *input,
+                        GPtrArray         *found,
+                        guint              rank,
+                        LpLoraRankChooser  choose,
+                        gpointer           choose_data,
+                        gboolean           pad,
+                        gboolean           keep_dora,
                         LpLoraStats   *stats,
                         GHashTable    *converted,
                         GError       **error)
 {
-  g_autoptr (GPtrArray) modules = find_modules (input, error);
+  g_autoptr (GPtrArray) modules = find_modules (input, found, keep_dora, error);
   if (modules == NULL)
     return NULL;
 
@@ -932,12 +1118,14 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
   g_autoptr (GHashTable) used = g_hash_table_new (NULL, NULL);     /* input tensors replaced */
   g_autoptr (GHashTable) at = g_hash_table_new (NULL, NULL);       /* first index + 1 -> module index + 1 */
   g_autoptr (LpCheckpoint) output = lp_checkpoint_new_like (input);
+  guint written_rank = G_MAXUINT;   /* the one rank written, 0 for several */
 
   for (guint i = 0; i < modules->len; i++)
     {
       Module *m = g_ptr_array_index (modules, i);
+      /* a kept DoRA magnitude stays beside the plain module of the same name */
       for (Part p = 0; p < N_PARTS; p++)
-        if (HAS (m, p))
+        if (HAS (m, p) && p != PART_DORA_SCALE)
           g_hash_table_add (used, m->parts[p]);
       g_hash_table_insert (at, GUINT_TO_POINTER (m->first + 1), GUINT_TO_POINTER (i + 1));
       for (guint s = 0; s < 2; s++)
@@ -959,6 +1147,33 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
       if (index > 0)
         {
           Module *m = g_ptr_array_index (modules, index - 1);
+          /* written at the rank asked for, or the update's own when that is
+           * lower and pad is not set (lora-svd then says so) */
+          guint k;
+
+          if (choose != NULL)
+            {
+              /* a rank chosen from the update's whole spectrum */
+              guint n_sigma = 0;
+              g_autofree double *sigma = module_sigma (m, &n_sigma, error);
+
+              if (sigma == NULL)
+                {
+                  g_prefix_error (error, "module %s (LyCORIS %s): ", m->name, m->lokr ? "LoKr" : "LoHa");
+                  return NULL;
+                }
+              k = MIN (choose (sigma, n_sigma, MIN (m->out, m->in), choose_data), m->bound);
+              k = MAX (k, 1);
+              if (pad)
+                k = MAX (k, rank);
+            }
+          else
+            k = pad ? rank : (guint) MIN (rank, m->bound);
+
+          if (written_rank == G_MAXUINT)
+            written_rank = k;
+          else if (written_rank != k)
+            written_rank = 0;
           LpDtype alpha_dtype = HAS (m, PART_ALPHA) ? lp_tensor_get_dtype (m->parts[PART_ALPHA]) : m->up_dtype;
           g_autofree char *alpha_name = g_strconcat (m->name, ".alpha", NULL);
           float alpha = k;
@@ -995,6 +1210,6 @@ lp_lora_lycoris_reduce (LpCheckpoint  *input,
       if (!g_hash_table_contains (used, tensor) && !lp_checkpoint_add_tensor (output, tensor, error))
         return NULL;
     }
-  rewrite_metadata (output, k);
+  rewrite_metadata (output, written_rank == G_MAXUINT ? rank : written_rank);
   return g_steal_pointer (&output);
 }

@@ -11,9 +11,10 @@
  * - LoKr: the singular values of kron (W1, W2) are the products
  *   σ_i(W1)·σ_j(W2), with singular vectors u_i ⊗ u_j and v_i ⊗ v_j.
  *
- * The first half works on plain f64 arrays; the second finds the modules of
- * a checkpoint (until the families table of core/lp-lora.c knows them) and
- * writes each one as a kohya LoRA (`lora_down`, `lora_up`, `.alpha`).
+ * The first half works on plain f64 arrays; the second takes the LoHa and
+ * LoKr modules the finder of core/lp-lora.c paired (by the keys
+ * core/lora-families/lp-lora-family-loha.c and -lokr.c declare) and writes
+ * each one as a kohya LoRA (`lora_down`, `lora_up`, `.alpha`).
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
@@ -78,14 +79,30 @@ gboolean  lp_lora_lokr_reduce     (const LpLoraKronPart *w1,
                                    double               *total,
                                    GError              **error);
 
-/* TRUE iff @checkpoint holds a LoHa or LoKr part (`.hada_*`, `.lokr_*`). */
-gboolean      lp_lora_lycoris_present (LpCheckpoint  *checkpoint);
+/* How many of @modules (lp_lora_find_modules_full()) are LoHa or LoKr. */
+guint         lp_lora_lycoris_count   (GPtrArray     *modules);
+
+/* A rank for a module from every non-zero singular value of its update
+ * (@n, descending), @full = min (out, in). */
+typedef guint (*LpLoraRankChooser) (const double *sigma,
+                                    guint         n,
+                                    guint64       full,
+                                    gpointer      user_data);
 
 /* @input with each LoHa and LoKr module replaced by the kohya LoRA of rank
- * @k nearest to its update (lazy tensors, computed when pulled, recorded in
- * @stats). The names of the modules it wrote are added to @converted. */
-LpCheckpoint *lp_lora_lycoris_reduce  (LpCheckpoint  *input,
-                                       guint          k,
+ * @rank (or the one @choose picks from its spectrum, when not NULL; @rank is
+ * then what pad pads to) nearest to its update (lazy tensors, computed when pulled, recorded
+ * in @stats); a module whose update has a lower rank bound (r1·r2 for LoHa,
+ * rank (W1) · rank (W2) for LoKr) is written at that bound, exactly, unless
+ * @pad. A DoRA `.dora_scale` is refused, or with @keep_dora kept as it is.
+ * The names of the modules it wrote are added to @converted. */
+LpCheckpoint *lp_lora_lycoris_reduce  (LpCheckpoint      *input,
+                                       GPtrArray         *found,
+                                       guint              rank,
+                                       LpLoraRankChooser  choose,
+                                       gpointer           choose_data,
+                                       gboolean           pad,
+                                       gboolean       keep_dora,
                                        LpLoraStats   *stats,
                                        GHashTable    *converted,
                                        GError       **error);

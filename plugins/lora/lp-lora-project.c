@@ -28,6 +28,7 @@ struct _LpLoraProject
   guint64 seed;
   char *down_pattern;
   char *up_pattern;
+  LpLoraDoraPolicy dora;
 };
 
 enum {
@@ -37,6 +38,7 @@ enum {
   PROP_SEED,
   PROP_DOWN_PATTERN,
   PROP_UP_PATTERN,
+  PROP_DORA,
   N_PROPS
 };
 
@@ -149,13 +151,16 @@ lp_lora_project_transform (LpTransform   *transform,
 
   /* mlx-lm modules are written back in their layout by lp_lora_assemble () */
   modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
-                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN
-                                       | LP_LORA_FIND_REFUSE_DORA, NULL, error);
-  if (modules == NULL)
+                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN, NULL, error);
+  if (modules == NULL || !lp_lora_apply_dora_policy (LP_STAGE (self), self->dora, modules, error))
     return NULL;
 
   guint n = modules->len;
   g_autofree guint *new_ranks = g_new0 (guint, n);
+  g_autofree char *hint = g_strdup_printf ("lora-project does not pad; lora-svd rank=%u pad=true does",
+                                           self->rank);
+
+  lp_lora_warn_rank_kept (LP_STAGE (self), modules, self->rank, hint);
   LpTensor **new_down = g_new0 (LpTensor *, n);
   LpTensor **new_up = g_new0 (LpTensor *, n);
   LpTensor **new_alpha = g_new0 (LpTensor *, n);
@@ -203,6 +208,7 @@ lp_lora_project_set_property (GObject      *object,
     case PROP_RANK: self->rank = g_value_get_uint (value); break;
     case PROP_PROJECTION: self->projection = g_value_get_enum (value); break;
     case PROP_SEED: self->seed = g_value_get_uint64 (value); break;
+    case PROP_DORA: self->dora = g_value_get_enum (value); break;
     case PROP_DOWN_PATTERN:
       g_free (self->down_pattern);
       self->down_pattern = g_value_dup_string (value);
@@ -229,6 +235,7 @@ lp_lora_project_get_property (GObject    *object,
     case PROP_RANK: g_value_set_uint (value, self->rank); break;
     case PROP_PROJECTION: g_value_set_enum (value, self->projection); break;
     case PROP_SEED: g_value_set_uint64 (value, self->seed); break;
+    case PROP_DORA: g_value_set_enum (value, self->dora); break;
     case PROP_DOWN_PATTERN: g_value_set_string (value, self->down_pattern); break;
     case PROP_UP_PATTERN: g_value_set_string (value, self->up_pattern); break;
     default:
@@ -270,6 +277,7 @@ lp_lora_project_class_init (LpLoraProjectClass *klass)
                          0, G_MAXUINT64, 0, flags);
   properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
   properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
+  properties[PROP_DORA] = lp_lora_dora_pspec ();
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
   lp_stage_class_set_property_required (stage_class, "rank");

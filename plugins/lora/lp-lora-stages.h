@@ -49,6 +49,26 @@ typedef enum {
   LP_LORA_PROJECTION_SPARSE,
 } LpLoraProjection;
 
+/**
+ * LpLoraDoraPolicy:
+ * @LP_LORA_DORA_REFUSE: a module with a DoRA magnitude is an error naming
+ *   the module and why
+ * @LP_LORA_DORA_KEEP_MAGNITUDE: the magnitude is kept as trained and the
+ *   update ΔW reduced as any other; the merged weight m · (W0 + ΔW') /
+ *   ‖W0 + ΔW'‖ then has exactly the trained norms m, and its direction
+ *   follows the reduced update (docs/methods.md, "DoRA")
+ *
+ * What the rank stages do with DoRA modules (kohya/LyCORIS `.dora_scale`,
+ * PEFT `lora_magnitude_vector`), whose merged weight depends on a base
+ * weight the stages do not read.
+ */
+typedef enum {
+  LP_LORA_DORA_REFUSE,
+  LP_LORA_DORA_KEEP_MAGNITUDE,
+} LpLoraDoraPolicy;
+
+GType lp_lora_dora_policy_get_type (void);
+#define LP_TYPE_LORA_DORA_POLICY (lp_lora_dora_policy_get_type ())
 GType lp_lora_svd_method_get_type (void);
 #define LP_TYPE_LORA_SVD_METHOD (lp_lora_svd_method_get_type ())
 GType lp_lora_compute_dtype_get_type (void);

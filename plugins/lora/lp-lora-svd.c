@@ -45,10 +45,17 @@ struct _LpLoraSvd
   guint min_rank;
   gboolean pad;
   gboolean per_module_alpha;
+  LpLoraDoraPolicy dora;
   LpLoraComputeDtype compute_dtype;
   char *down_pattern;
   char *up_pattern;
   LpLoraStats *last_stats;   /* what the last run kept, for `result` */
+  /* which of the properties with a default that means something were set,
+   * so that prepare can refuse those that would have no effect */
+  gboolean min_rank_set;
+  gboolean niter_set;
+  gboolean oversample_set;
+  gboolean seed_set;
 };
 
 enum {
@@ -70,6 +77,7 @@ enum {
   PROP_COMPUTE_DTYPE,
   PROP_DOWN_PATTERN,
   PROP_UP_PATTERN,
+  PROP_DORA,
   PROP_RESULT,
   N_PROPS
 };
@@ -372,6 +380,7 @@ factor_data (LpTensor  *tensor,
 typedef struct {
   LpLoraSvd *self;
   GPtrArray *modules;
+  GHashTable *skip;     /* LyCORIS modules, whose rank is chosen already */
   LpLoraSpectrum **spectra;
 } SpectraWork;
 
@@ -385,6 +394,8 @@ spectrum_task (guint     i,
   LpLoraFactors f = { 0, };
   GBytes *bytes[2];
 
+  if (g_hash_table_contains (work->skip, lp_lora_module_get_name (module)))
+    return TRUE;
   if (load_stored (module, work->self->compute_dtype, &f, bytes, error))
     {
       work->spectra[i] = lp_lora_spectrum_compute (&f, 0, TRUE, error);
@@ -401,10 +412,11 @@ spectrum_task (guint     i,
 static LpLoraSpectrum **
 compute_spectra (LpLoraSvd  *self,
                  GPtrArray  *modules,
+                 GHashTable *skip,
                  GError    **error)
 {
   guint n = modules->len;
-  SpectraWork work = { self, modules, g_new0 (LpLoraSpectrum *, n) };
+  SpectraWork work = { self, modules, skip, g_new0 (LpLoraSpectrum *, n) };
 
   if (!lp_stage_parallel_for (LP_STAGE (self), n, spectrum_task, &work, error))
     {
@@ -422,27 +434,47 @@ is_dynamic (LpLoraSvd *self)
   return self->energy > 0 || self->sv_ratio > 0 || self->sv_fro > 0 || self->sv_cumulative > 0;
 }
 
+/* The rank the dynamic criterion picks from @r singular values (descending;
+ * zeros at the end are fine), within max-rank and min-rank. */
+static guint
+choose_rank (LpLoraSvd    *self,
+             const double *sigma,
+             guint         r,
+             guint64       full)
+{
+  guint k;
+
+  if (self->energy > 0)
+    k = lp_lora_rank_for_energy (sigma, r, self->energy);
+  else if (self->sv_ratio > 0)
+    k = lp_lora_rank_sv_ratio (sigma, r, full, self->sv_ratio);
+  else if (self->sv_fro > 0)
+    k = lp_lora_rank_sv_fro (sigma, r, full, self->sv_fro);
+  else
+    k = lp_lora_rank_sv_cumulative (sigma, r, full, self->sv_cumulative);
+
+  if (self->max_rank > 0)
+    k = MIN (k, self->max_rank);
+  return MAX (k, self->min_rank);
+}
+
 static guint
 dynamic_rank (LpLoraSvd            *self,
               LpLoraModule         *module,
               const LpLoraSpectrum *s)
 {
-  guint64 full = MIN (lp_lora_module_get_in_features (module),
-                      lp_lora_module_get_out_features (module));
-  guint k;
+  return choose_rank (self, s->sigma, s->r, MIN (lp_lora_module_get_in_features (module),
+                                                 lp_lora_module_get_out_features (module)));
+}
 
-  if (self->energy > 0)
-    k = lp_lora_rank_for_energy (s->sigma, s->r, self->energy);
-  else if (self->sv_ratio > 0)
-    k = lp_lora_rank_sv_ratio (s->sigma, s->r, full, self->sv_ratio);
-  else if (self->sv_fro > 0)
-    k = lp_lora_rank_sv_fro (s->sigma, s->r, full, self->sv_fro);
-  else
-    k = lp_lora_rank_sv_cumulative (s->sigma, s->r, full, self->sv_cumulative);
-
-  if (self->max_rank > 0)
-    k = MIN (k, self->max_rank);
-  return MAX (k, self->min_rank);
+/* The same for a LyCORIS module, from its update's whole spectrum. */
+static guint
+lycoris_rank (const double *sigma,
+              guint         n,
+              guint64       full,
+              gpointer      user_data)
+{
+  return choose_rank (user_data, sigma, n, full);
 }
 
 typedef struct {
@@ -620,17 +652,23 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   /* LyCORIS LoHa and LoKr modules become plain LoRAs of the rank first (exactly,
    * see lp-lora-lycoris.c); the modules written pass through below. */
-  if (lp_lora_lycoris_present (input))
+  g_autoptr (GPtrArray) found = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
+                                                           LP_LORA_FIND_NONE, NULL, error);
+  if (found == NULL)
+    return NULL;
+  if (lp_lora_lycoris_count (found) > 0)
     {
-      if (self->rank == 0 || self->method != LP_LORA_SVD_METHOD_EXACT)
+      if (self->budget > 0 || self->method != LP_LORA_SVD_METHOD_EXACT)
         {
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
-                       "LyCORIS LoHa and LoKr modules are reduced exactly to a fixed rank: "
-                       "set rank (and method=exact); energy, sv-*, budget and method=randomized "
-                       "are for plain LoRAs");
+                       "LyCORIS LoHa and LoKr modules are reduced exactly, to a rank set "
+                       "(rank) or chosen per module (energy, sv-*); budget and "
+                       "method=randomized are for plain LoRAs");
           return NULL;
         }
-      plain = lp_lora_lycoris_reduce (input, self->rank, stats, lycoris, error);
+      plain = lp_lora_lycoris_reduce (input, found, self->rank > 0 ? self->rank : self->max_rank,
+                                      is_dynamic (self) ? lycoris_rank : NULL, self, self->pad,
+                                      self->dora == LP_LORA_DORA_KEEP_MAGNITUDE, stats, lycoris, error);
       if (plain == NULL)
         return NULL;
       input = plain;
@@ -639,9 +677,8 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   /* mlx-lm modules are written back in their layout by lp_lora_assemble () */
   modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
-                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN
-                                       | LP_LORA_FIND_REFUSE_DORA, NULL, error);
-  if (modules == NULL)
+                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN, NULL, error);
+  if (modules == NULL || !lp_lora_apply_dora_policy (LP_STAGE (self), self->dora, modules, error))
     return NULL;
 
   guint n = modules->len;
@@ -653,7 +690,7 @@ lp_lora_svd_transform (LpTransform   *transform,
 
   if (is_dynamic (self) || self->budget > 0)
     {
-      spectra = compute_spectra (self, modules, error);
+      spectra = compute_spectra (self, modules, lycoris, error);
       if (spectra == NULL)
         goto out;
       if (self->budget > 0)
@@ -663,13 +700,24 @@ lp_lora_svd_transform (LpTransform   *transform,
         }
       else
         for (guint m = 0; m < n; m++)
-          ranks[m] = dynamic_rank (self, g_ptr_array_index (modules, m), spectra[m]);
+          {
+            LpLoraModule *module = g_ptr_array_index (modules, m);
+
+            /* a converted LyCORIS module has the rank chosen for it */
+            ranks[m] = spectra[m] != NULL ? dynamic_rank (self, module, spectra[m])
+                                          : lp_lora_module_get_rank (module);
+          }
     }
   else
     for (guint m = 0; m < n; m++)
       ranks[m] = self->rank;
 
   shared_alpha = self->per_module_alpha ? 0 : shared_kohya_alpha (self, modules, ranks);
+  if (self->rank > 0 && !self->pad)
+    {
+      g_autofree char *hint = g_strdup_printf ("pad=true pads them to rank %u", self->rank);
+      lp_lora_warn_rank_kept (LP_STAGE (self), modules, self->rank, hint);
+    }
 
   for (guint m = 0; m < n; m++)
     {
@@ -782,6 +830,20 @@ lp_lora_svd_prepare (LpStage  *stage,
                    "pad needs a rank to pad to: set rank, or max-rank with a dynamic criterion");
       return FALSE;
     }
+  /* options that would change nothing: refused rather than ignored */
+  if (self->rank > 0 && (self->min_rank_set || self->max_rank > 0))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                   "rank=%u fixes every module's rank, so %s would have no effect; min-rank "
+                   "and max-rank bound a rank chosen by energy, sv-ratio, sv-fro, sv-cumulative "
+                   "or budget", self->rank,
+                   self->min_rank_set && self->max_rank > 0 ? "min-rank and max-rank"
+                   : self->min_rank_set ? "min-rank" : "max-rank");
+      return FALSE;
+    }
+  if (self->method == LP_LORA_SVD_METHOD_EXACT
+      && !lp_lora_check_exact_options (self->niter_set, self->oversample_set, self->seed_set, error))
+    return FALSE;
   return TRUE;
 }
 
@@ -797,18 +859,19 @@ lp_lora_svd_set_property (GObject      *object,
     {
     case PROP_RANK: self->rank = g_value_get_uint (value); break;
     case PROP_METHOD: self->method = g_value_get_enum (value); break;
-    case PROP_NITER: self->niter = g_value_get_uint (value); break;
-    case PROP_OVERSAMPLE: self->oversample = g_value_get_uint (value); break;
-    case PROP_SEED: self->seed = g_value_get_uint64 (value); break;
+    case PROP_NITER: self->niter = g_value_get_uint (value); self->niter_set = TRUE; break;
+    case PROP_OVERSAMPLE: self->oversample = g_value_get_uint (value); self->oversample_set = TRUE; break;
+    case PROP_SEED: self->seed = g_value_get_uint64 (value); self->seed_set = TRUE; break;
     case PROP_ENERGY: self->energy = g_value_get_double (value); break;
     case PROP_SV_RATIO: self->sv_ratio = g_value_get_double (value); break;
     case PROP_SV_FRO: self->sv_fro = g_value_get_double (value); break;
     case PROP_SV_CUMULATIVE: self->sv_cumulative = g_value_get_double (value); break;
     case PROP_BUDGET: self->budget = g_value_get_uint64 (value); break;
     case PROP_MAX_RANK: self->max_rank = g_value_get_uint (value); break;
-    case PROP_MIN_RANK: self->min_rank = g_value_get_uint (value); break;
+    case PROP_MIN_RANK: self->min_rank = g_value_get_uint (value); self->min_rank_set = TRUE; break;
     case PROP_PAD: self->pad = g_value_get_boolean (value); break;
     case PROP_PER_MODULE_ALPHA: self->per_module_alpha = g_value_get_boolean (value); break;
+    case PROP_DORA: self->dora = g_value_get_enum (value); break;
     case PROP_COMPUTE_DTYPE: self->compute_dtype = g_value_get_enum (value); break;
     case PROP_DOWN_PATTERN:
       g_free (self->down_pattern);
@@ -847,6 +910,7 @@ lp_lora_svd_get_property (GObject    *object,
     case PROP_MIN_RANK: g_value_set_uint (value, self->min_rank); break;
     case PROP_PAD: g_value_set_boolean (value, self->pad); break;
     case PROP_PER_MODULE_ALPHA: g_value_set_boolean (value, self->per_module_alpha); break;
+    case PROP_DORA: g_value_set_enum (value, self->dora); break;
     case PROP_COMPUTE_DTYPE: g_value_set_enum (value, self->compute_dtype); break;
     case PROP_DOWN_PATTERN: g_value_set_string (value, self->down_pattern); break;
     case PROP_UP_PATTERN: g_value_set_string (value, self->up_pattern); break;
@@ -932,6 +996,7 @@ lp_lora_svd_class_init (LpLoraSvdClass *klass)
                        LP_TYPE_LORA_COMPUTE_DTYPE, LP_LORA_COMPUTE_DTYPE_AUTO, flags);
   properties[PROP_DOWN_PATTERN] = lp_lora_pattern_pspec (FALSE);
   properties[PROP_UP_PATTERN] = lp_lora_pattern_pspec (TRUE);
+  properties[PROP_DORA] = lp_lora_dora_pspec ();
   properties[PROP_RESULT] =
     g_param_spec_string ("result", "Result",
                          "After a run, per module the energy kept and the relative error, as JSON (read only)",

@@ -10,9 +10,16 @@
 /**
  * LpLoraSynth:
  *
- * Makes a LoRA with the modules of a real model (#LpLoraSynth:preset), in one
- * of three naming conventions (#LpLoraSynth:format), so that pipelines can be
- * tested and timed on model-sized data without downloading any.
+ * Makes a LoRA with the modules of a real model (#LpLoraSynth:preset), in the
+ * naming and layout one tool writes (#LpLoraSynth:format), so that pipelines
+ * can be tested and timed on model-sized data without downloading any.
+ *
+ * The kohya and LyCORIS formats use the names sd-scripts gives the modules:
+ * for Flux the BFL layers of its own model code (networks/lora_flux.py
+ * create_modules over library/flux_models.py: `double_blocks_N_img_attn_qkv`
+ * with q, k and v fused, `single_blocks_N_linear1` fusing them with the MLP
+ * input), for SD 1.5 the diffusers UNet paths with underscores. PEFT,
+ * diffusers and mlx-lm use the diffusers (or transformers) paths.
  *
  * Each module's update `B @ A` has singular values close to
  * `σ_i = decay^i` (i = 0 … rank-1): A's rows are `√σ_i · g_i / √in` and B's
@@ -31,7 +38,21 @@
  * Scale: kohya files get an `.alpha` tensor (0-dim, in the LoRA's dtype) of
  * #LpLoraSynth:alpha, PEFT files an `adapter_config.json` with `r` and
  * `lora_alpha`; the effective update is then `alpha / rank · B @ A`.
- * Diffusers files have no alpha (scale 1).
+ * Diffusers files have no alpha (scale 1). mlx-lm files hold `lora_a` = Aᵀ
+ * [in, r] and `lora_b` = Bᵀ [r, out] and an `adapter_config.json` whose
+ * `lora_parameters.scale` is alpha / rank (mlx uses it as is), so the update
+ * is the same as kohya's.
+ *
+ * LyCORIS files are written as LyCORIS's LohaModule and LokrModule name
+ * their parameters (lycoris/modules/loha.py, lokr.py), with the `ss_network_*`
+ * metadata of its kohya wrapper. LoHa: `hada_w1_a` [out, r], `hada_w1_b`
+ * [r, in], `hada_w2_a`, `hada_w2_b`, `.alpha`: ΔW = alpha / r ·
+ * (w1a @ w1b) ⊙ (w2a @ w2b), each product with the decaying spectrum above.
+ * LoKr: out and in are split by LyCORIS's factorization() with
+ * #LpLoraSynth:factor; `lokr_w1` [out₁, in₁] is a whole matrix and W2 the
+ * product `lokr_w2_a` [out₂, r] @ `lokr_w2_b` [r, in₂] while r is below half
+ * of out₂ and in₂ (a whole `lokr_w2` otherwise, as LokrModule decides):
+ * ΔW = alpha / r · kron (W1, W2), scale 1 when both are whole.
  */
 
 struct _LpLoraSynth
@@ -45,6 +66,7 @@ struct _LpLoraSynth
   double alpha;
   double decay;
   guint64 seed;
+  gint factor;
 };
 
 enum {
@@ -56,6 +78,7 @@ enum {
   PROP_ALPHA,
   PROP_DECAY,
   PROP_SEED,
+  PROP_FACTOR,
   N_PROPS
 };
 
@@ -71,7 +94,10 @@ G_DEFINE_ENUM_TYPE (LpLoraSynthPreset, lp_lora_synth_preset,
 G_DEFINE_ENUM_TYPE (LpLoraSynthFormat, lp_lora_synth_format,
   G_DEFINE_ENUM_VALUE (LP_LORA_SYNTH_FORMAT_DIFFUSERS, "diffusers"),
   G_DEFINE_ENUM_VALUE (LP_LORA_SYNTH_FORMAT_KOHYA, "kohya"),
-  G_DEFINE_ENUM_VALUE (LP_LORA_SYNTH_FORMAT_PEFT, "peft"))
+  G_DEFINE_ENUM_VALUE (LP_LORA_SYNTH_FORMAT_PEFT, "peft"),
+  G_DEFINE_ENUM_VALUE (LP_LORA_SYNTH_FORMAT_LOHA, "loha"),
+  G_DEFINE_ENUM_VALUE (LP_LORA_SYNTH_FORMAT_LOKR, "lokr"),
+  G_DEFINE_ENUM_VALUE (LP_LORA_SYNTH_FORMAT_MLX, "mlx"))
 
 /* The model layouts */
 
@@ -120,6 +146,33 @@ static const BlockGroup flux_groups[] = {
   { "single_transformer_blocks.%u", 38, flux_single, G_N_ELEMENTS (flux_single) },
 };
 
+/* The same model in BFL's own code (library/flux_models.py of sd-scripts),
+ * whose module paths kohya's networks/lora_flux.py names its LoRAs after, in
+ * the order named_modules() visits them: DoubleStreamBlock's img_mod.lin
+ * (Modulation, 6 × 3072), img_attn.qkv (fused, 3 × 3072), img_attn.proj,
+ * img_mlp.0 and img_mlp.2, then the same for txt; SingleStreamBlock's
+ * linear1 (q, k, v and the MLP input fused: 3 × 3072 + 12288), linear2
+ * (attention and MLP output: 3072 + 12288 → 3072) and modulation.lin. */
+#define FLUX_BFL_STREAM(s) \
+  { s "_mod.lin", 3072, 18432 }, \
+  { s "_attn.qkv", 3072, 9216 }, \
+  { s "_attn.proj", 3072, 3072 }, \
+  { s "_mlp.0", 3072, 12288 }, \
+  { s "_mlp.2", 12288, 3072 }
+
+static const Layer flux_bfl_double[] = { FLUX_BFL_STREAM ("img"), FLUX_BFL_STREAM ("txt") };
+
+static const Layer flux_bfl_single[] = {
+  { "linear1", 3072, 21504 },
+  { "linear2", 15360, 3072 },
+  { "modulation.lin", 3072, 9216 },
+};
+
+static const BlockGroup flux_bfl_groups[] = {
+  { "double_blocks.%u", 19, flux_bfl_double, G_N_ELEMENTS (flux_bfl_double) },
+  { "single_blocks.%u", 38, flux_bfl_single, G_N_ELEMENTS (flux_bfl_single) },
+};
+
 /* SD 1.5 UNet: one transformer block per attention; self-attention attn1 and
  * cross-attention attn2 over the 768-wide CLIP text states. */
 #define SD15_ATTENTION(dim) \
@@ -164,6 +217,8 @@ static const BlockGroup llama_groups[] = {
 typedef struct {
   const BlockGroup *groups;
   guint n_groups;
+  const BlockGroup *kohya_groups; /* the layers as kohya names them; NULL: @groups */
+  guint n_kohya_groups;
   const char *diffusers_root;   /* prefix of diffusers names, with its dot */
   const char *kohya_prefix;
   const char *base_model;       /* for the PEFT adapter config */
@@ -172,13 +227,14 @@ typedef struct {
 
 static const Preset presets[] = {
   [LP_LORA_SYNTH_PRESET_FLUX_DEV] = {
-    flux_groups, G_N_ELEMENTS (flux_groups), "transformer.", "lora_unet_",
+    flux_groups, G_N_ELEMENTS (flux_groups), flux_bfl_groups, G_N_ELEMENTS (flux_bfl_groups),
+    "transformer.", "lora_unet_",
     "black-forest-labs/FLUX.1-dev", "null" },
   [LP_LORA_SYNTH_PRESET_SD15_UNET] = {
-    sd15_groups, G_N_ELEMENTS (sd15_groups), "unet.", "lora_unet_",
+    sd15_groups, G_N_ELEMENTS (sd15_groups), NULL, 0, "unet.", "lora_unet_",
     "stable-diffusion-v1-5/stable-diffusion-v1-5", "null" },
   [LP_LORA_SYNTH_PRESET_LLAMA] = {
-    llama_groups, G_N_ELEMENTS (llama_groups), "", "lora_te_",
+    llama_groups, G_N_ELEMENTS (llama_groups), NULL, 0, "", "lora_te_",
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0", "\"CAUSAL_LM\"" },
 };
 
@@ -240,13 +296,97 @@ hash_string (guint64     h,
 
 /* Lazy factor data */
 
+/* What a tensor's numbers are: the rows of A = diag(√σ) · G / √in
+ * (@FACTOR_DOWN, [r, in]), the columns of B = H · diag(√σ) / √out
+ * (@FACTOR_UP, [out, r]), or a whole matrix of numbers of variance 1 / cols
+ * (@FACTOR_DENSE, a LoKr W1). @transposed: the tensor holds the transpose
+ * of that matrix (mlx-lm's lora_a = Aᵀ, lora_b = Bᵀ). */
+typedef enum {
+  FACTOR_DOWN,
+  FACTOR_UP,
+  FACTOR_DENSE,
+} FactorKind;
+
 typedef struct {
   guint64 seed;         /* from the stage's seed, the module and the factor */
   double decay;
-  gboolean is_up;
+  FactorKind kind;
+  gboolean transposed;
 } Factor;
 
 #define CHUNK 4096
+
+/* The numbers of a rows × cols factor in row-major order, drawn in turn. */
+typedef struct {
+  guint64 s[4];
+  guint64 rows, cols, row, col;
+  FactorKind kind;
+  float *mult;          /* per rank index (DOWN, UP), or one value (DENSE) */
+} Stream;
+
+static void
+stream_init (Stream       *stream,
+             const Factor *factor,
+             guint64       rows,
+             guint64       cols)
+{
+  guint64 state = factor->seed;
+  guint64 rank = factor->kind == FACTOR_UP ? cols : rows;
+  double dim = factor->kind == FACTOR_UP ? rows : cols;
+
+  for (guint i = 0; i < 4; i++)
+    stream->s[i] = splitmix64 (&state);
+  stream->rows = rows;
+  stream->cols = cols;
+  stream->row = stream->col = 0;
+  stream->kind = factor->kind;
+  if (factor->kind == FACTOR_DENSE)
+    {
+      stream->mult = g_new (float, 1);
+      stream->mult[0] = sqrt (1.0 / dim);
+      return;
+    }
+  stream->mult = g_new (float, MAX (rank, 1));
+  for (guint64 i = 0; i < rank; i++)
+    stream->mult[i] = sqrt (pow (factor->decay, (double) i) / dim);
+}
+
+/* The next @m numbers; (row, col) followed without dividing, the state in
+ * locals so that it stays in registers. */
+static void
+stream_fill (Stream  *stream,
+             float   *chunk,
+             guint64  m)
+{
+  guint64 st[4] = { stream->s[0], stream->s[1], stream->s[2], stream->s[3] };
+  guint64 row = stream->row, col = stream->col, cols = stream->cols;
+  const float *mult = stream->mult;
+
+  for (guint64 j = 0; j < m; )
+    {
+      guint64 run = MIN (m - j, cols - col);
+
+      if (stream->kind == FACTOR_UP)
+        for (guint64 c = 0; c < run; c++)
+          chunk[j + c] = approx_gaussian (st) * mult[col + c];
+      else
+        {
+          float rm = stream->kind == FACTOR_DOWN ? mult[row] : mult[0];
+          for (guint64 c = 0; c < run; c++)
+            chunk[j + c] = approx_gaussian (st) * rm;
+        }
+      j += run;
+      col += run;
+      if (col == cols)
+        {
+          col = 0;
+          row++;
+        }
+    }
+  memcpy (stream->s, st, sizeof st);
+  stream->row = row;
+  stream->col = col;
+}
 
 static GBytes *
 factor_data (LpTensor  *tensor,
@@ -257,58 +397,40 @@ factor_data (LpTensor  *tensor,
   LpDtype dtype = lp_tensor_get_dtype (tensor);
   guint64 rows = lp_tensor_get_dim (tensor, 0);
   guint64 cols = lp_tensor_get_dim (tensor, 1);
-  guint64 rank = factor->is_up ? cols : rows;
-  guint64 n = rows * cols, done = 0, row = 0, col = 0;
+  guint64 n = rows * cols;
   gsize n_bytes = lp_tensor_get_n_bytes (tensor);
   gsize elem_bits = lp_dtype_get_bits (dtype);
-  g_autofree float *mult = g_new (float, rank);
-  float chunk[CHUNK];
-  guint64 state = factor->seed, s[4];
-  guint8 *out;
-  double dim;
+  guint8 *out = g_malloc (MAX (n_bytes, 1));
+  Stream stream;
 
-  for (guint i = 0; i < 4; i++)
-    s[i] = splitmix64 (&state);
-
-  /* A = diag(√σ) · G / √in;  B = H · diag(√σ) / √out */
-  dim = factor->is_up ? rows : cols;
-  for (guint64 i = 0; i < rank; i++)
-    mult[i] = sqrt (pow (factor->decay, (double) i) / dim);
-
-  out = g_malloc (MAX (n_bytes, 1));
-  while (done < n)
+  if (factor->transposed)
     {
-      guint64 m = MIN (n - done, CHUNK);
+      /* drawn in the order of the matrix, stored transposed */
+      g_autofree float *values = g_new (float, MAX (n, 1));
+      g_autofree float *stored = g_new (float, MAX (n, 1));
 
-      /* (row, col) of element done + j, followed without dividing; the
-       * state in locals so that it stays in registers */
-      guint64 st[4] = { s[0], s[1], s[2], s[3] };
-
-      for (guint64 j = 0; j < m; )
-        {
-          guint64 run = MIN (m - j, cols - col);
-
-          if (factor->is_up)
-            for (guint64 c = 0; c < run; c++)
-              chunk[j + c] = approx_gaussian (st) * mult[col + c];
-          else
-            {
-              float rm = mult[row];
-              for (guint64 c = 0; c < run; c++)
-                chunk[j + c] = approx_gaussian (st) * rm;
-            }
-          j += run;
-          col += run;
-          if (col == cols)
-            {
-              col = 0;
-              row++;
-            }
-        }
-      memcpy (s, st, sizeof st);
-      lp_dtype_from_f32 (dtype, chunk, out + done * elem_bits / 8, m);
-      done += m;
+      stream_init (&stream, factor, cols, rows);
+      stream_fill (&stream, values, n);
+      for (guint64 i = 0; i < cols; i++)
+        for (guint64 j = 0; j < rows; j++)
+          stored[j * cols + i] = values[i * rows + j];
+      lp_dtype_from_f32 (dtype, stored, out, n);
     }
+  else
+    {
+      float chunk[CHUNK];
+
+      stream_init (&stream, factor, rows, cols);
+      for (guint64 done = 0; done < n; )
+        {
+          guint64 m = MIN (n - done, CHUNK);
+
+          stream_fill (&stream, chunk, m);
+          lp_dtype_from_f32 (dtype, chunk, out + done * elem_bits / 8, m);
+          done += m;
+        }
+    }
+  g_free (stream.mult);
   return g_bytes_new_take (out, n_bytes);
 }
 
@@ -320,16 +442,18 @@ add_factor (LpCheckpoint  *checkpoint,
             guint64        cols,
             guint64        seed,
             double         decay,
-            gboolean       is_up,
+            FactorKind     kind,
+            gboolean       transposed,
             GError       **error)
 {
   g_autoptr(LpTensor) tensor = NULL;
-  guint64 shape[2] = { rows, cols };
+  guint64 shape[2] = { transposed ? cols : rows, transposed ? rows : cols };
   Factor *factor = g_new (Factor, 1);
 
   factor->seed = seed;
   factor->decay = decay;
-  factor->is_up = is_up;
+  factor->kind = kind;
+  factor->transposed = transposed;
   tensor = lp_tensor_new_lazy (name, dtype, shape, 2, factor_data, factor, g_free, error);
   return tensor != NULL && lp_checkpoint_add_tensor (checkpoint, tensor, error);
 }
@@ -384,6 +508,231 @@ adapter_config (const Preset *preset,
   return g_string_free (json, FALSE);
 }
 
+/* A number as Python's str() of a float writes it: "4.0", "0.5". */
+static char *
+python_float (double value)
+{
+  char buf[G_ASCII_DTOSTR_BUF_SIZE];
+
+  if (value == floor (value) && fabs (value) < 1e16)
+    return g_strdup_printf ("%.1f", value);
+  return g_strdup (g_ascii_dtostr (buf, sizeof buf, value));
+}
+
+/* The adapter_config.json mlx_lm.lora writes (lora.py, save_config:
+ * vars(args) sorted by key, json.dump with indent 4), with the training
+ * arguments a run of its defaults leaves, every block adapted. */
+static char *
+mlx_adapter_config (const Preset *preset,
+                    guint         rank,
+                    double        scale)
+{
+  g_autofree char *scale_text = python_float (scale);
+  guint n_blocks = 0;
+
+  for (guint g = 0; g < preset->n_groups; g++)
+    n_blocks += preset->groups[g].n_blocks;
+  return g_strdup_printf ("{\n"
+                          "    \"adapter_path\": \"adapters\",\n"
+                          "    \"batch_size\": 4,\n"
+                          "    \"data\": \"mlx-community/WikiSQL\",\n"
+                          "    \"fine_tune_type\": \"lora\",\n"
+                          "    \"iters\": 1000,\n"
+                          "    \"learning_rate\": 1e-05,\n"
+                          "    \"lora_parameters\": {\n"
+                          "        \"rank\": %u,\n"
+                          "        \"dropout\": 0.0,\n"
+                          "        \"scale\": %s\n"
+                          "    },\n"
+                          "    \"model\": \"%s\",\n"
+                          "    \"num_layers\": %u,\n"
+                          "    \"seed\": 0,\n"
+                          "    \"train\": true\n"
+                          "}", rank, scale_text, preset->base_model, n_blocks);
+}
+
+/* LyCORIS functional/general.py factorization(): dimension = m · n with
+ * m ≤ n, m = factor when it divides, else the split nearest the square root
+ * whose m is at most factor (any when factor < 0). */
+static void
+lycoris_factorization (guint64  dimension,
+                       gint     factor,
+                       guint64 *first,
+                       guint64 *second)
+{
+  guint64 m = 1, n = dimension, limit;
+
+  if (factor > 0 && dimension % factor == 0)
+    {
+      m = factor;
+      n = dimension / factor;
+      *first = MIN (m, n);
+      *second = MAX (m, n);
+      return;
+    }
+  limit = factor < 0 ? dimension : (guint64) factor;
+  while (m < n)
+    {
+      guint64 new_m = m + 1, new_n;
+
+      while (dimension % new_m != 0)
+        new_m++;
+      new_n = dimension / new_m;
+      if (new_m + new_n > m + n || new_m > limit)
+        break;
+      m = new_m;
+      n = new_n;
+    }
+  *first = MIN (m, n);
+  *second = MAX (m, n);
+}
+
+/* A 0-dim tensor, as kohya's and LyCORIS's torch.tensor(alpha) is. */
+static gboolean
+add_scalar (LpCheckpoint  *checkpoint,
+            const char    *name,
+            LpDtype        dtype,
+            float          value,
+            GError       **error)
+{
+  g_autoptr(LpTensor) tensor = NULL;
+  guint64 scalar_shape[1] = { 1 };
+
+  tensor = lp_tensor_new_from_f32 (name, dtype, scalar_shape, 0, &value, 1, error);
+  return tensor != NULL && lp_checkpoint_add_tensor (checkpoint, tensor, error);
+}
+
+/* One module of the LoRA, named @base in the format's convention. Each
+ * tool's keys come sorted, as safetensors' writer leaves them. */
+static gboolean
+add_module (LpLoraSynth   *self,
+            LpCheckpoint  *checkpoint,
+            const char    *base,
+            const Layer   *layer,
+            guint64        module_seed,
+            double         alpha,
+            GError       **error)
+{
+  g_autofree char *alpha_name = g_strconcat (base, ".alpha", NULL);
+  guint r = self->rank;
+  LpDtype dtype = self->dtype;
+  double decay = self->decay;
+
+#define PART(suffix) g_autofree char *suffix = g_strconcat (base, "." #suffix, NULL)
+#define SEED(text) hash_string (module_seed, text)
+  switch (self->format)
+    {
+    case LP_LORA_SYNTH_FORMAT_KOHYA:
+      {
+        g_autofree char *down = g_strconcat (base, ".lora_down.weight", NULL);
+        g_autofree char *up = g_strconcat (base, ".lora_up.weight", NULL);
+
+        return add_scalar (checkpoint, alpha_name, dtype, alpha, error)
+               && add_factor (checkpoint, down, dtype, r, layer->in, SEED (":down"), decay,
+                              FACTOR_DOWN, FALSE, error)
+               && add_factor (checkpoint, up, dtype, layer->out, r, SEED (":up"), decay,
+                              FACTOR_UP, FALSE, error);
+      }
+    case LP_LORA_SYNTH_FORMAT_MLX:
+      {
+        PART (lora_a);
+        PART (lora_b);
+
+        /* the same A and B as the other formats, stored transposed */
+        return add_factor (checkpoint, lora_a, dtype, r, layer->in, SEED (":down"), decay,
+                           FACTOR_DOWN, TRUE, error)
+               && add_factor (checkpoint, lora_b, dtype, layer->out, r, SEED (":up"), decay,
+                              FACTOR_UP, TRUE, error);
+      }
+    case LP_LORA_SYNTH_FORMAT_LOHA:
+      {
+        PART (hada_w1_a);
+        PART (hada_w1_b);
+        PART (hada_w2_a);
+        PART (hada_w2_b);
+
+        return add_scalar (checkpoint, alpha_name, dtype, alpha, error)
+               && add_factor (checkpoint, hada_w1_a, dtype, layer->out, r, SEED (":up"), decay,
+                              FACTOR_UP, FALSE, error)
+               && add_factor (checkpoint, hada_w1_b, dtype, r, layer->in, SEED (":down"), decay,
+                              FACTOR_DOWN, FALSE, error)
+               && add_factor (checkpoint, hada_w2_a, dtype, layer->out, r, SEED (":up2"), decay,
+                              FACTOR_UP, FALSE, error)
+               && add_factor (checkpoint, hada_w2_b, dtype, r, layer->in, SEED (":down2"), decay,
+                              FACTOR_DOWN, FALSE, error);
+      }
+    case LP_LORA_SYNTH_FORMAT_LOKR:
+      {
+        guint64 out1, out2, in1, in2;
+        gboolean whole_w2;
+        PART (lokr_w1);
+        PART (lokr_w2);
+        PART (lokr_w2_a);
+        PART (lokr_w2_b);
+
+        /* LokrModule (Linear): out = out₁·out₂, in = in₁·in₂, the larger
+         * halves in W2; W2 is whole unless the rank is below half of both */
+        lycoris_factorization (layer->out, self->factor, &out1, &out2);
+        lycoris_factorization (layer->in, self->factor, &in1, &in2);
+        whole_w2 = r >= MAX (out2, in2) / 2.0;
+        /* "use scale = 1" with two whole matrices: alpha = lora_dim */
+        if (!add_scalar (checkpoint, alpha_name, dtype, whole_w2 ? r : alpha, error)
+            || !add_factor (checkpoint, lokr_w1, dtype, out1, in1, SEED (":w1"), decay,
+                            FACTOR_DENSE, FALSE, error))
+          return FALSE;
+        if (whole_w2)
+          return add_factor (checkpoint, lokr_w2, dtype, out2, in2, SEED (":w2"), decay,
+                             FACTOR_DENSE, FALSE, error);
+        return add_factor (checkpoint, lokr_w2_a, dtype, out2, r, SEED (":up"), decay,
+                           FACTOR_UP, FALSE, error)
+               && add_factor (checkpoint, lokr_w2_b, dtype, r, in2, SEED (":down"), decay,
+                              FACTOR_DOWN, FALSE, error);
+      }
+    case LP_LORA_SYNTH_FORMAT_PEFT:
+    case LP_LORA_SYNTH_FORMAT_DIFFUSERS:
+    default:
+      {
+        g_autofree char *down = g_strconcat (base, ".lora_A.weight", NULL);
+        g_autofree char *up = g_strconcat (base, ".lora_B.weight", NULL);
+
+        return add_factor (checkpoint, down, dtype, r, layer->in, SEED (":down"), decay,
+                           FACTOR_DOWN, FALSE, error)
+               && add_factor (checkpoint, up, dtype, layer->out, r, SEED (":up"), decay,
+                              FACTOR_UP, FALSE, error);
+      }
+    }
+#undef PART
+#undef SEED
+}
+
+static gboolean
+uses_kohya_names (LpLoraSynthFormat format)
+{
+  return format == LP_LORA_SYNTH_FORMAT_KOHYA || format == LP_LORA_SYNTH_FORMAT_LOHA
+         || format == LP_LORA_SYNTH_FORMAT_LOKR;
+}
+
+/* What LyCORIS's kohya wrapper (network_module lycoris.kohya) records:
+ * train_network.py's ss_network_* with the network_args as JSON. */
+static void
+set_lycoris_metadata (LpLoraSynth  *self,
+                      LpCheckpoint *checkpoint,
+                      double        alpha)
+{
+  g_autofree char *dim = g_strdup_printf ("%u", self->rank);
+  g_autofree char *alpha_text = python_float (alpha);
+  g_autofree char *args = NULL;
+
+  if (self->format == LP_LORA_SYNTH_FORMAT_LOHA)
+    args = g_strdup ("{\"algo\": \"loha\"}");
+  else
+    args = g_strdup_printf ("{\"algo\": \"lokr\", \"factor\": \"%d\"}", self->factor);
+  lp_checkpoint_set_metadata (checkpoint, "ss_network_module", "lycoris.kohya");
+  lp_checkpoint_set_metadata (checkpoint, "ss_network_dim", dim);
+  lp_checkpoint_set_metadata (checkpoint, "ss_network_alpha", alpha_text);
+  lp_checkpoint_set_metadata (checkpoint, "ss_network_args", args);
+}
+
 static LpCheckpoint *
 lp_lora_synth_create (LpSource  *source,
                       GError   **error)
@@ -393,10 +742,13 @@ lp_lora_synth_create (LpSource  *source,
   g_autoptr(LpCheckpoint) checkpoint = lp_checkpoint_new ();
   double alpha = self->alpha > 0 ? self->alpha : self->rank / 2.0;
   guint64 seed = hash_string (G_GUINT64_CONSTANT (0xcbf29ce484222325) ^ self->seed, "lora-synth");
+  gboolean kohya = uses_kohya_names (self->format);
+  const BlockGroup *groups = kohya && preset->kohya_groups ? preset->kohya_groups : preset->groups;
+  guint n_groups = kohya && preset->kohya_groups ? preset->n_kohya_groups : preset->n_groups;
 
-  for (guint g = 0; g < preset->n_groups; g++)
+  for (guint g = 0; g < n_groups; g++)
     {
-      const BlockGroup *group = &preset->groups[g];
+      const BlockGroup *group = &groups[g];
 
       for (guint b = 0; b < group->n_blocks; b++)
         {
@@ -407,62 +759,45 @@ lp_lora_synth_create (LpSource  *source,
               const Layer *layer = &group->layers[l];
               g_autofree char *module = g_strconcat (block, ".", layer->leaf, NULL);
               g_autofree char *base = NULL;
-              const char *down_suffix, *up_suffix;
-              g_autofree char *down = NULL, *up = NULL;
-              guint64 module_seed = hash_string (seed, module);
 
-              switch (self->format)
+              if (kohya)
                 {
-                case LP_LORA_SYNTH_FORMAT_KOHYA:
                   base = g_strconcat (preset->kohya_prefix, module, NULL);
                   g_strdelimit (base, ".", '_');
-                  down_suffix = ".lora_down.weight";
-                  up_suffix = ".lora_up.weight";
-                  break;
-                case LP_LORA_SYNTH_FORMAT_PEFT:
-                  base = g_strconcat ("base_model.model.", module, NULL);
-                  down_suffix = ".lora_A.weight";
-                  up_suffix = ".lora_B.weight";
-                  break;
-                case LP_LORA_SYNTH_FORMAT_DIFFUSERS:
-                default:
-                  base = g_strconcat (preset->diffusers_root, module, NULL);
-                  down_suffix = ".lora_A.weight";
-                  up_suffix = ".lora_B.weight";
-                  break;
                 }
-
-              /* kohya writes its keys sorted: alpha, lora_down, lora_up */
-              if (self->format == LP_LORA_SYNTH_FORMAT_KOHYA)
-                {
-                  g_autofree char *name = g_strconcat (base, ".alpha", NULL);
-                  g_autoptr(LpTensor) tensor = NULL;
-                  float value = alpha;
-                  guint64 scalar_shape[1] = { 1 };
-
-                  /* 0-dim, as kohya's torch.tensor(alpha) is */
-                  tensor = lp_tensor_new_from_f32 (name, self->dtype, scalar_shape, 0,
-                                                   &value, 1, error);
-                  if (tensor == NULL || !lp_checkpoint_add_tensor (checkpoint, tensor, error))
-                    return NULL;
-                }
-
-              down = g_strconcat (base, down_suffix, NULL);
-              up = g_strconcat (base, up_suffix, NULL);
-              if (!add_factor (checkpoint, down, self->dtype, self->rank, layer->in,
-                               hash_string (module_seed, ":down"), self->decay, FALSE, error)
-                  || !add_factor (checkpoint, up, self->dtype, layer->out, self->rank,
-                                  hash_string (module_seed, ":up"), self->decay, TRUE, error))
+              else if (self->format == LP_LORA_SYNTH_FORMAT_PEFT)
+                base = g_strconcat ("base_model.model.", module, NULL);
+              else
+                base = g_strconcat (preset->diffusers_root, module, NULL);
+              if (!add_module (self, checkpoint, base, layer, hash_string (seed, module), alpha, error))
                 return NULL;
             }
         }
     }
 
-  lp_checkpoint_set_metadata (checkpoint, "format", "pt");
-  if (self->format == LP_LORA_SYNTH_FORMAT_PEFT)
+  switch (self->format)
     {
-      g_autofree char *config = adapter_config (preset, self->rank, alpha);
-      lp_checkpoint_set_adapter_config (checkpoint, config);
+    case LP_LORA_SYNTH_FORMAT_MLX:
+      {
+        /* mlx's save_safetensors writes no metadata ("__metadata__": null) */
+        g_autofree char *config = mlx_adapter_config (preset, self->rank, alpha / self->rank);
+        lp_checkpoint_set_adapter_config (checkpoint, config);
+      }
+      break;
+    case LP_LORA_SYNTH_FORMAT_PEFT:
+      {
+        g_autofree char *config = adapter_config (preset, self->rank, alpha);
+        lp_checkpoint_set_metadata (checkpoint, "format", "pt");
+        lp_checkpoint_set_adapter_config (checkpoint, config);
+      }
+      break;
+    case LP_LORA_SYNTH_FORMAT_LOHA:
+    case LP_LORA_SYNTH_FORMAT_LOKR:
+      set_lycoris_metadata (self, checkpoint, alpha);
+      lp_checkpoint_set_metadata (checkpoint, "format", "pt");
+      break;
+    default:
+      lp_checkpoint_set_metadata (checkpoint, "format", "pt");
     }
   return g_steal_pointer (&checkpoint);
 }
@@ -479,6 +814,25 @@ lp_lora_synth_prepare (LpStage  *stage,
                    "dtype %s: a LoRA needs a float dtype lpipe can write "
                    "(F64, F32, F16, BF16, F8_E4M3, F8_E5M2)",
                    lp_dtype_to_string (self->dtype));
+      return FALSE;
+    }
+  if (self->factor != -1 && self->format != LP_LORA_SYNTH_FORMAT_LOKR)
+    {
+      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                           "factor splits LoKr modules; it has no effect without format=lokr");
+      return FALSE;
+    }
+  if (self->factor == 0)
+    {
+      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                           "factor 0 splits nothing: give the size of the W1 side, or -1");
+      return FALSE;
+    }
+  if (self->alpha > 0 && self->format == LP_LORA_SYNTH_FORMAT_DIFFUSERS)
+    {
+      g_set_error_literal (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                           "diffusers files keep no alpha (their scale is 1): alpha has no "
+                           "effect with format=diffusers");
       return FALSE;
     }
   return TRUE;
@@ -514,6 +868,9 @@ lp_lora_synth_set_property (GObject      *object,
       break;
     case PROP_SEED:
       self->seed = g_value_get_uint64 (value);
+      break;
+    case PROP_FACTOR:
+      self->factor = g_value_get_int (value);
       break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
@@ -551,6 +908,9 @@ lp_lora_synth_get_property (GObject    *object,
     case PROP_SEED:
       g_value_set_uint64 (value, self->seed);
       break;
+    case PROP_FACTOR:
+      g_value_set_int (value, self->factor);
+      break;
     default:
       G_OBJECT_WARN_INVALID_PROPERTY_ID (object, prop_id, pspec);
     }
@@ -583,7 +943,7 @@ lp_lora_synth_class_init (LpLoraSynthClass *klass)
    * The key convention of the tensors, and where the scale is kept.
    */
   properties[PROP_FORMAT] =
-    g_param_spec_enum ("format", "Format", "Key convention: diffusers, kohya (with .alpha) or peft (with adapter_config.json)",
+    g_param_spec_enum ("format", "Format", "Key convention: diffusers, kohya (with .alpha), peft (with adapter_config.json), loha or lokr (LyCORIS, kohya names), mlx (mlx-lm, with adapter_config.json)",
                        LP_TYPE_LORA_SYNTH_FORMAT, LP_LORA_SYNTH_FORMAT_DIFFUSERS,
                        G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
   /**
@@ -633,6 +993,17 @@ lp_lora_synth_class_init (LpLoraSynthClass *klass)
     g_param_spec_uint64 ("seed", "Seed", "Seed of the random factors",
                          0, G_MAXUINT64, 0,
                          G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
+  /**
+   * LpLoraSynth:factor:
+   *
+   * LyCORIS LoKr's `factor`: each of out and in is split into a W1 side of
+   * about this size and a W2 side (LyCORIS factorization(); -1: nearest the
+   * square root). Only format=lokr reads it.
+   */
+  properties[PROP_FACTOR] =
+    g_param_spec_int ("factor", "Factor", "LoKr (format=lokr): split out and in as LyCORIS factorization() does, the W1 side at most this (-1: nearest the square root)",
+                      -1, 65536, -1,
+                      G_PARAM_READWRITE | G_PARAM_STATIC_STRINGS);
 
   g_object_class_install_properties (object_class, N_PROPS, properties);
 
@@ -650,4 +1021,5 @@ lp_lora_synth_init (LpLoraSynth *self)
   self->alpha = 0.0;
   self->decay = 0.8;
   self->seed = 0;
+  self->factor = -1;
 }

@@ -29,9 +29,15 @@ typedef enum {
  * LpLoraSynthFormat:
  * @LP_LORA_SYNTH_FORMAT_DIFFUSERS: `<root>.<module>.lora_A.weight`, no alpha
  * @LP_LORA_SYNTH_FORMAT_KOHYA: `lora_unet_<module_with_underscores>.lora_down.weight`
- *   and a 0-dim `.alpha`
+ *   and a 0-dim `.alpha`, kohya's module names (BFL layers for Flux)
  * @LP_LORA_SYNTH_FORMAT_PEFT: `base_model.model.<module>.lora_A.weight` and an
  *   `adapter_config.json`
+ * @LP_LORA_SYNTH_FORMAT_LOHA: LyCORIS LoHa, kohya's names: `.hada_w1_a`,
+ *   `.hada_w1_b`, `.hada_w2_a`, `.hada_w2_b` and a 0-dim `.alpha`
+ * @LP_LORA_SYNTH_FORMAT_LOKR: LyCORIS LoKr, kohya's names: `.lokr_w1` and
+ *   `.lokr_w2_a`/`.lokr_w2_b` (or a whole `.lokr_w2`), a 0-dim `.alpha`
+ * @LP_LORA_SYNTH_FORMAT_MLX: mlx-lm, `<module>.lora_a` [in, r] and
+ *   `.lora_b` [r, out] with mlx_lm.lora's `adapter_config.json`
  *
  * How a synthetic LoRA names its tensors and keeps its scale.
  */
@@ -39,6 +45,9 @@ typedef enum {
   LP_LORA_SYNTH_FORMAT_DIFFUSERS,
   LP_LORA_SYNTH_FORMAT_KOHYA,
   LP_LORA_SYNTH_FORMAT_PEFT,
+  LP_LORA_SYNTH_FORMAT_LOHA,
+  LP_LORA_SYNTH_FORMAT_LOKR,
+  LP_LORA_SYNTH_FORMAT_MLX,
 } LpLoraSynthFormat;
 
 GType lp_lora_synth_preset_get_type (void);

@@ -477,6 +477,23 @@ lp_rank_check_finalize (GObject *object)
   G_OBJECT_CLASS (lp_rank_check_parent_class)->finalize (object);
 }
 
+/* Options that would change nothing are refused rather than ignored. */
+static gboolean
+lp_rank_check_prepare (LpStage  *stage,
+                       GError  **error)
+{
+  LpRankCheck *self = LP_RANK_CHECK (stage);
+
+  if (self->expect_rank > 0 && self->require_uniform)
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_PROPERTY,
+                   "require-uniform would have no effect: expect-rank=%u already requires "
+                   "every module to have that one rank", self->expect_rank);
+      return FALSE;
+    }
+  return TRUE;
+}
+
 static void
 lp_rank_check_class_init (LpRankCheckClass *klass)
 {
@@ -488,6 +505,7 @@ lp_rank_check_class_init (LpRankCheckClass *klass)
   object_class->set_property = lp_rank_check_set_property;
   object_class->get_property = lp_rank_check_get_property;
   object_class->finalize = lp_rank_check_finalize;
+  stage_class->prepare = lp_rank_check_prepare;
   transform_class->transform = lp_rank_check_transform;
 
   properties[PROP_EXPECT_RANK] =

@@ -249,6 +249,36 @@ test_diffusers (void)
   g_assert_null (lp_lora_module_get_peft_key (g_ptr_array_index (modules, 0)));
 }
 
+/* LyCORIS Tucker modules (LohaModule / LokrModule with use_tucker): the
+ * out side of each product is stored [r, out], the in side [r, in] with a
+ * core [r, r, kh, kw]; the finder read them as products of [r, out] by
+ * [r, in] and found no module. */
+static void
+test_lycoris_tucker (void)
+{
+  const Spec specs[] = {
+    { "lora_unet_c.alpha", 0, { 0 }, LP_DTYPE_F16, 1.5 },
+    { "lora_unet_c.hada_t1", 4, { 3, 3, 3, 3 } },
+    { "lora_unet_c.hada_t2", 4, { 3, 3, 3, 3 } },
+    { "lora_unet_c.hada_w1_a", 2, { 3, 24 } },
+    { "lora_unet_c.hada_w1_b", 2, { 3, 8 } },
+    { "lora_unet_c.hada_w2_a", 2, { 3, 24 } },
+    { "lora_unet_c.hada_w2_b", 2, { 3, 8 } },
+    { "lora_unet_e.alpha", 0, { 0 }, LP_DTYPE_F16, 3.0 },
+    { "lora_unet_e.lokr_t2", 4, { 3, 3, 3, 3 } },
+    { "lora_unet_e.lokr_w1", 2, { 2, 2 } },
+    { "lora_unet_e.lokr_w2_a", 2, { 3, 16 } },
+    { "lora_unet_e.lokr_w2_b", 2, { 3, 8 } },
+  };
+  g_autoptr(GPtrArray) modules = find (specs, G_N_ELEMENTS (specs), NULL, NULL);
+
+  g_assert_cmpuint (modules->len, ==, 2);
+  /* LoHa: out 24, in 8 · 3 · 3, scale alpha / r */
+  assert_module (modules, 0, "lora_unet_c", LP_LORA_CONVENTION_LOHA, 3, 72, 24, 0.5);
+  /* LoKr: kron ([2, 2], [16, 8 · 9]), rank bound 2 · 3, scale alpha / lora_dim */
+  assert_module (modules, 1, "lora_unet_e", LP_LORA_CONVENTION_LOKR, 6, 144, 32, 1.0);
+}
+
 static void
 test_kohya (void)
 {
@@ -814,6 +844,7 @@ main (int   argc,
   g_test_add_func ("/lora/find/diffusers", test_diffusers);
   g_test_add_func ("/lora/find/kohya", test_kohya);
   g_test_add_func ("/lora/find/locon", test_locon);
+  g_test_add_func ("/lora/find/lycoris-tucker", test_lycoris_tucker);
   g_test_add_func ("/lora/find/factor-shape", test_factor_shape_linear);
   g_test_add_func ("/lora/find/cloneofsimo", test_cloneofsimo);
   g_test_add_func ("/lora/find/custom", test_custom);

@@ -64,4 +64,54 @@ expect 1 "stage 3 'lora-merge': module unet.down_blocks.0.attentions.0.transform
   run "$TMP/merge.pipeline"
 test ! -e "$TMP/m.safetensors"
 
+# a fixed rank at or above the modules' own: told once per stage, how many
+# and at which rank they stay; -q silences it; pad=true pads instead
+expect 0 "lpipe: warning: stage 2 'lora-svd': 128 of 128 modules have rank 8, at or below rank=16: kept at rank 8 (pad=true pads them to rank 16)" \
+  launch lora-synth preset=sd15-unet rank=8 ! lora-svd rank=16 ! safetensors-sink location="$TMP/r16.safetensors"
+test "$(grep -c "warning" "$TMP/err")" = 1
+"$LPIPE" info "$TMP/r16.safetensors" | grep -q "rank        8 (128)"
+"$LPIPE" -q launch lora-synth preset=sd15-unet rank=8 ! lora-svd rank=16 ! safetensors-sink location="$TMP/r16q.safetensors" 2>"$TMP/err"
+if [ -s "$TMP/err" ]; then echo "FAIL: -q printed:"; cat "$TMP/err"; exit 1; fi
+expect 0 "" launch lora-synth preset=sd15-unet rank=8 ! lora-svd rank=16 pad=true ! safetensors-sink location="$TMP/p16.safetensors"
+if grep -q warning "$TMP/err"; then echo "FAIL: pad=true warned"; exit 1; fi
+"$LPIPE" info "$TMP/p16.safetensors" | grep -q "rank        16 (128)"
+expect 0 "lpipe: warning: stage 2 'lora-project': 128 of 128 modules have rank 8, at or below rank=8: kept at rank 8" \
+  launch lora-synth preset=sd15-unet rank=8 ! lora-project rank=8 ! safetensors-sink location="$TMP/p8.safetensors"
+expect 0 "(lora-project does not pad; lora-svd rank=12 pad=true does)" \
+  launch lora-synth preset=sd15-unet rank=8 ! lora-project rank=12 ! safetensors-sink location="$TMP/p12.safetensors"
+# a LyCORIS module whose update has a lower rank (LoHa 3 x 3 = 9) is written
+# exactly at it, and said so; pad=true pads it
+expect 0 "lpipe: warning: stage 2 'lora-svd': 304 of 304 modules have rank 9, at or below rank=32: kept at rank 9 (pad=true pads them to rank 32)" \
+  launch lora-synth preset=flux-dev format=loha rank=3 ! lora-svd rank=32 ! safetensors-sink location="$TMP/l32.safetensors"
+"$LPIPE" info "$TMP/l32.safetensors" | grep -q "rank        9 (304)"
+"$LPIPE" -q launch lora-synth preset=flux-dev format=loha rank=3 ! lora-svd rank=32 pad=true ! safetensors-sink location="$TMP/l32p.safetensors"
+"$LPIPE" info "$TMP/l32p.safetensors" | grep -q "rank        32 (304)"
+
+# options that would have no effect together: refused before anything runs
+noeffect () {
+  needle=$1
+  shift
+  expect 1 "$needle" launch lora-synth preset=sd15-unet rank=8 ! "$@" ! safetensors-sink location="$TMP/no.safetensors"
+  test ! -e "$TMP/no.safetensors"
+}
+noeffect "stage 2 'lora-svd': rank=4 fixes every module's rank, so min-rank would have no effect" lora-svd rank=4 min-rank=2
+noeffect "stage 2 'lora-svd': rank=4 fixes every module's rank, so max-rank would have no effect" lora-svd rank=4 max-rank=6
+noeffect "so min-rank and max-rank would have no effect" lora-svd rank=4 min-rank=1 max-rank=6
+noeffect "stage 2 'lora-svd': niter would have no effect: niter, oversample and seed steer method=randomized" lora-svd rank=4 niter=4
+noeffect "stage 2 'lora-svd': oversample would have no effect" lora-svd energy=0.9 oversample=4
+noeffect "stage 2 'lora-svd': seed would have no effect" lora-svd rank=4 method=exact seed=1
+noeffect "stage 2 'rank-check': require-uniform would have no effect: expect-rank=8 already requires" \
+  rank-check expect-rank=8 require-uniform=true
+expect 1 "factor splits LoKr modules; it has no effect without format=lokr" \
+  launch lora-synth format=loha factor=4 ! safetensors-sink location="$TMP/no.safetensors"
+# the same, said by lpipe reduce in its own options
+"$LPIPE" -q launch lora-synth preset=sd15-unet rank=8 ! safetensors-sink location="$TMP/in.safetensors"
+expect 2 "--seed is for --method randomized and the projections" reduce "$TMP/in.safetensors" --rank 4 --seed 3 -o "$TMP/no.safetensors"
+test ! -e "$TMP/no.safetensors"
+# and still fine where they mean something
+expect 0 "" launch lora-synth preset=sd15-unet rank=8 ! lora-svd rank=4 method=randomized seed=1 niter=1 \
+  ! rank-check expect-rank=4 ! safetensors-sink location="$TMP/ok.safetensors"
+expect 0 "" launch lora-synth preset=sd15-unet rank=8 ! lora-svd energy=0.9 min-rank=2 max-rank=6 pad=true \
+  ! rank-check require-uniform=true ! safetensors-sink location="$TMP/ok2.safetensors"
+
 echo "nothing silent"

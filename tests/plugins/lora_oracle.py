@@ -18,6 +18,7 @@ Tolerances follow from the dtypes of the factors (their machine epsilon).
 """
 import json
 import os
+import re
 import struct
 import sys
 
@@ -77,6 +78,15 @@ PREFIXES = [("base_model.model.", ""), ("unet.", ""), ("transformer.", ""),
             ("lora_unet_", ""), ("lora_te2_", "te2:"), ("lora_te1_", "te:"), ("lora_te_", "te:")]
 
 
+def get_pattern_key(pattern_keys, key_to_match):
+    """PEFT utils/other.py get_pattern_key: the first key K for which
+    (.*\\.)?(K)$ matches the module's name"""
+    for key in pattern_keys:
+        if re.match(r"(.*\.)?(%s)$" % key, key_to_match):
+            return key
+    return key_to_match
+
+
 def canonical(name):
     for prefix, tag in PREFIXES:
         if name.startswith(prefix):
@@ -102,8 +112,9 @@ def modules(path):
                     scale = float(alpha.reshape(-1)[0]) / r if alpha is not None else 1.0
                 elif config is not None:
                     key = mod[len("base_model.model."):]
-                    lr = config.get("rank_pattern", {}).get(key.replace(".", "\\."), config["r"])
-                    la = config.get("alpha_pattern", {}).get(key.replace(".", "\\."), config["lora_alpha"])
+                    rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+                    lr = rp.get(get_pattern_key(rp, key), config["r"])
+                    la = ap.get(get_pattern_key(ap, key), config["lora_alpha"])
                     assert lr == r, (mod, lr, r)
                     scale = la / r
                 else:

@@ -80,6 +80,29 @@ test_peft (void)
   oracle ("merge", p_merged, "1", p_a, "2", p_b, NULL);
 }
 
+/* PEFT inputs covering different modules: the merged ranks differ, so the
+ * rewritten config has ^-anchored rank_pattern and alpha_pattern entries,
+ * which the oracle reads by PEFT's get_pattern_key */
+static void
+test_peft_patterns (void)
+{
+  g_autofree char *dir = lp_test_make_tmpdir ();
+  g_autoptr(LpCheckpoint) a_all = synth ("preset", "llama", "format", "peft", "rank", "4", "alpha", "8", "dtype", "f32");
+  g_autoptr(LpCheckpoint) b_all = synth ("preset", "llama", "format", "peft", "rank", "2", "alpha", "1", "seed", "5", "dtype", "f32");
+  g_autoptr(LpCheckpoint) a = run1 ("select", a_all, "include", "*layers.1.*");
+  g_autoptr(LpCheckpoint) b = run1 ("select", b_all, "include", "*layers.1.self_attn.*");
+  LpCheckpoint *inputs[] = { a, b };
+  g_autoptr(LpCheckpoint) merged = run_ok ("lora-merge", inputs, 2, "weights", "1,3", NULL);
+  g_autofree char *p_a = write_file (a, dir, "a");
+  g_autofree char *p_b = write_file (b, dir, "b");
+  g_autofree char *p_merged = write_file (merged, dir, "merged");
+  const char *config = lp_checkpoint_get_adapter_config (merged);
+
+  g_assert_nonnull (strstr (config, "\"r\" : 6"));
+  g_assert_nonnull (strstr (config, "\"^model\\\\.layers\\\\.1\\\\.mlp\\\\.up_proj\" : 4"));
+  oracle ("merge", p_merged, "1", p_a, "3", p_b, NULL);
+}
+
 static void
 test_errors (void)
 {
@@ -209,6 +232,7 @@ main (int argc, char **argv)
   g_test_add_func ("/stage/lora-merge/errors", test_errors);
   g_test_add_func ("/stage/lora-merge/overflow", test_overflow);
   g_test_add_func ("/stage/lora-merge/mixed-conventions", test_mixed_conventions);
+  g_test_add_func ("/stage/lora-merge/peft-patterns", test_peft_patterns);
 
   return g_test_run ();
 }

@@ -308,6 +308,36 @@ def check_errors(tmp):
     p = run("run", pipeline, expect_ok=False)
     check(p.returncode != 0 and "method=exact" in p.stderr, "errors: dynamic ranks need method=exact")
 
+    # options that would have no effect together are refused, nothing written
+    def custom(props, quiet=True):
+        json.dump({"lpipe": 1, "stages": [
+            {"id": "b", "stage": "safetensors-source", "location": base},
+            {"id": "t", "stage": "safetensors-source", "location": tuned},
+            dict({"stage": "lora-extract", "inputs": ["b", "t"]}, **props),
+            {"stage": "safetensors-sink", "location": out}]}, open(pipeline, "w"))
+        return run(*(["-q"] if quiet else []), "run", pipeline, expect_ok=False)
+    for props, needle in (({"method": "exact", "energy": 0.9, "rank": 8},
+                           "stage 3 'lora-extract': rank=8 would have no effect: energy and sv-* choose "
+                           "each weight's rank; bound it with max-rank=8 instead"),
+                          ({"method": "exact", "rank": 8, "seed": 3},
+                           "stage 3 'lora-extract': seed would have no effect: niter, oversample and seed "
+                           "steer method=randomized"),
+                          ({"method": "exact", "rank": 8, "niter": 1}, "niter would have no effect")):
+        p = custom(props)
+        check(p.returncode == 1 and needle in p.stderr and not os.path.exists(out),
+              "errors: %s refused, nothing written (%r)" % (props, p.stderr))
+    # a rank beyond a weight's smaller side: told once, extracted at full rank
+    p = custom({"method": "exact", "rank": 300}, quiet=False)
+    needle = ("lpipe: warning: stage 3 'lora-extract': 1 of 1 weights have a side shorter than rank=300: "
+              "extracted at their full rank (256), which no rank can exceed")
+    check(p.returncode == 0 and p.stderr.count(needle) == 1, "errors: rank 300 > 256 is told once (%r)" % p.stderr)
+    tensors, _ = read_st(out)
+    check(tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"][1].shape[0] == 256,
+          "errors: written at rank 256")
+    p = custom({"method": "exact", "rank": 300})
+    check(p.returncode == 0 and p.stderr == "", "errors: -q silences the warning (%r)" % p.stderr)
+    os.unlink(out)
+
 
 def check_mixed_dtypes(tmp):
     """a bf16 base and an f32 tuned model (a fine-tune saved in full

@@ -12,13 +12,18 @@
  * leave no temporary file.
  *
  * The points of interference are found by watching the sink's temporary file
- * (.NAME.XXXXXX beside the output) grow, so the tests do not depend on the
- * machine's speed.
+ * grow, so the tests do not depend on the machine's speed. The file is found
+ * through the child's open descriptors (/proc/PID/fd): an unnamed O_TMPFILE
+ * in the output's folder (`#INODE (deleted)`) or a named .NAME.* beside it.
+ * SIGKILL, SIGINT, SIGTERM and SIGHUP all leave no temporary file, and a run
+ * removes the stale ones a killed run of the old naming scheme could leave.
  */
 #include "lp-test-util.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -294,13 +299,13 @@ wait_for_progress (Run        *run,
     return;
   while (g_get_monotonic_time () < deadline)
     {
-      g_autoptr(GPtrArray) found = list_temp_files (dir, base);
+      g_autofree char *found = lp_test_find_temp_fd (run->pid, dir, base);
       int status;
 
-      if (found->len > 0)
+      if (found != NULL)
         {
           seen = TRUE;
-          if (written_bytes (found->pdata[0]) >= (goffset) (fraction * final_size))
+          if (written_bytes (found) >= (goffset) (fraction * final_size))
             return;
         }
       else if (seen)
@@ -378,11 +383,12 @@ test_sigkill (gconstpointer data)
   run = start_lpipe (synth_args ("2", fx.out), 0);
   wait_for_progress (&run, fx.dir, OUT_NAME, point->fraction, fx.new_size, &renamed);
   {
-    g_autoptr(GPtrArray) temp = list_temp_files (fx.dir, OUT_NAME);
+    g_autofree char *temp = lp_test_find_temp_fd (run.pid, fx.dir, OUT_NAME);
+    goffset written = temp ? written_bytes (temp) : 0;
 
     kill (run.pid, SIGKILL);
     g_test_message ("%s: killed with %" G_GOFFSET_FORMAT " of %" G_GOFFSET_FORMAT " bytes written",
-                    point->name, temp->len ? written_bytes (temp->pdata[0]) : 0, fx.new_size);
+                    point->name, written, fx.new_size);
   }
   status = finish_lpipe (&run, NULL);
 
@@ -403,17 +409,141 @@ test_sigkill (gconstpointer data)
   if (renamed)
     g_assert_true (same_bytes (fx.out, fx.new_ref));
 
-  /* A killed run's temporary file may remain (nothing runs after SIGKILL),
-   * but it must not stop the next run. */
-  if (point->fraction == 0.5)
-    {
-      g_autoptr(GPtrArray) left = list_temp_files (fx.dir, OUT_NAME);
+  /* Nothing runs after SIGKILL, so nothing may be left to clean up: the
+   * temporary file has no name until it is complete. Only in the moment
+   * between naming it and the rename can a named one remain, and the next
+   * run of the same output removes it. */
+  if (point->fraction < 1.0 && !renamed)
+    assert_no_temp_files (fx.dir, OUT_NAME);
+  run_lpipe_ok (synth_args ("2", fx.out));
+  g_assert_true (same_bytes (fx.out, fx.new_ref));
+  assert_no_temp_files (fx.dir, OUT_NAME);
+}
 
-      g_assert_cmpuint (left->len, ==, 1);
-      run_lpipe_ok (synth_args ("2", fx.out));
-      g_assert_true (same_bytes (fx.out, fx.new_ref));
+/* ---- stale temporary files ------------------------------------------------ */
+
+/* What a run killed between naming its temporary file and the rename (or
+ * one on a file system without O_TMPFILE) leaves: the next run of the same
+ * output removes it, unless a live process holds it (locked), and touches
+ * nothing that is not exactly of its naming. */
+static void
+test_stale_temp_files (void)
+{
+  static const char *kept_names[] = {
+    ".lora.safetensors.lpipe-abc",       /* not 6 random letters */
+    ".lora.safetensors.lpipe-abcdefg",
+    ".lora.safetensors.backup",          /* not ours */
+    ".other.safetensors.lpipe-abcdef",   /* another output's */
+  };
+  g_autofree char *stale = g_build_filename (fx.dir, ".lora.safetensors.lpipe-Stale1", NULL);
+  g_autofree char *live = g_build_filename (fx.dir, ".lora.safetensors.lpipe-Live01", NULL);
+  g_autofree char *link = g_build_filename (fx.dir, ".lora.safetensors.lpipe-Link01", NULL);
+  int live_fd;
+
+  reset_output ();
+  g_assert_true (g_file_set_contents (stale, "partial", -1, NULL));
+  g_assert_true (g_file_set_contents (live, "being written", -1, NULL));
+  live_fd = open (live, O_RDONLY | O_CLOEXEC);
+  g_assert_cmpint (live_fd, >=, 0);
+  g_assert_cmpint (flock (live_fd, LOCK_EX), ==, 0);
+  g_assert_cmpint (symlink (fx.old_ref, link), ==, 0);
+  for (guint i = 0; i < G_N_ELEMENTS (kept_names); i++)
+    {
+      g_autofree char *path = g_build_filename (fx.dir, kept_names[i], NULL);
+      g_assert_true (g_file_set_contents (path, "user's", -1, NULL));
     }
-  remove_temp_files (fx.dir, OUT_NAME);
+
+  run_lpipe_ok (synth_args ("2", fx.out));
+  g_assert_true (same_bytes (fx.out, fx.new_ref));
+
+  g_assert_false (g_file_test (stale, G_FILE_TEST_EXISTS));
+  g_assert_true (g_file_test (live, G_FILE_TEST_EXISTS));
+  g_assert_true (g_file_test (link, G_FILE_TEST_IS_SYMLINK));
+  g_assert_true (g_file_test (fx.old_ref, G_FILE_TEST_IS_REGULAR));
+  for (guint i = 0; i < G_N_ELEMENTS (kept_names); i++)
+    {
+      g_autofree char *path = g_build_filename (fx.dir, kept_names[i], NULL);
+      g_assert_true (g_file_test (path, G_FILE_TEST_EXISTS));
+      g_unlink (path);
+    }
+  close (live_fd);
+  g_unlink (live);
+  g_unlink (link);
+}
+
+/* ---- a file system without O_TMPFILE ------------------------------------ */
+
+/* Runs lpipe with no-tmpfile.so preloaded: O_TMPFILE fails, as on NFS or
+ * FUSE, so the temporary file is named (and locked) from the start. */
+static Run
+start_lpipe_without_tmpfile (const char * const *args)
+{
+  g_autofree char *shim = g_test_build_filename (G_TEST_BUILT, "reliability", "no-tmpfile.so", NULL);
+  g_autofree char *asan = g_strdup (g_getenv ("ASAN_OPTIONS"));
+  g_autofree char *asan_child = g_strconcat (asan ? asan : "", asan ? ":" : "",
+                                             "verify_asan_link_order=0", NULL);
+  Run run;
+
+  g_assert_true (g_file_test (shim, G_FILE_TEST_IS_REGULAR));
+  g_setenv ("LD_PRELOAD", shim, TRUE);
+  /* A sanitizer's runtime loaded after the shim must not refuse to start. */
+  g_setenv ("ASAN_OPTIONS", asan_child, TRUE);
+  run = start_lpipe (args, 0);
+  g_unsetenv ("LD_PRELOAD");
+  if (asan)
+    g_setenv ("ASAN_OPTIONS", asan, TRUE);
+  else
+    g_unsetenv ("ASAN_OPTIONS");
+  return run;
+}
+
+/* The named temporary file is locked while its run lives; SIGKILL leaves it
+ * (nothing runs then), the next run removes it; SIGTERM removes its own. */
+static void
+test_named_temp_fallback (void)
+{
+  g_autoptr(GPtrArray) temp = NULL;
+  g_autoptr(GPtrArray) left = NULL;
+  g_autofree char *err = NULL;
+  gboolean renamed;
+  int status, fd;
+  Run run;
+
+  reset_output ();
+  run = start_lpipe_without_tmpfile (synth_args ("2", fx.out));
+  wait_for_progress (&run, fx.dir, OUT_NAME, 0.3, fx.new_size, &renamed);
+  g_assert_false (renamed);
+  temp = list_temp_files (fx.dir, OUT_NAME);
+  g_assert_cmpuint (temp->len, ==, 1);
+  g_assert_nonnull (strstr (temp->pdata[0], "/." OUT_NAME ".lpipe-"));
+  fd = open (temp->pdata[0], O_RDONLY | O_CLOEXEC);
+  g_assert_cmpint (fd, >=, 0);
+  g_assert_cmpint (flock (fd, LOCK_EX | LOCK_NB), ==, -1);
+  g_assert_cmpint (errno, ==, EWOULDBLOCK);
+  close (fd);
+  kill (run.pid, SIGKILL);
+  status = finish_lpipe (&run, NULL);
+  g_assert_true (WIFSIGNALED (status) && WTERMSIG (status) == SIGKILL);
+  g_assert_true (same_bytes (fx.out, fx.old_ref));
+  left = list_temp_files (fx.dir, OUT_NAME);
+  g_assert_cmpuint (left->len, ==, 1);
+
+  /* The next run, without O_TMPFILE too, removes the stale file. */
+  run = start_lpipe_without_tmpfile (synth_args ("2", fx.out));
+  status = finish_lpipe (&run, &err);
+  g_assert_true (WIFEXITED (status) && WEXITSTATUS (status) == 0);
+  g_assert_true (same_bytes (fx.out, fx.new_ref));
+  assert_no_temp_files (fx.dir, OUT_NAME);
+
+  /* SIGTERM: the run removes its own. */
+  reset_output ();
+  run = start_lpipe_without_tmpfile (synth_args ("2", fx.out));
+  wait_for_progress (&run, fx.dir, OUT_NAME, 0.2, fx.new_size, &renamed);
+  kill (run.pid, SIGTERM);
+  status = finish_lpipe (&run, NULL);
+  g_assert_true (WIFEXITED (status) && WEXITSTATUS (status) == 143);
+  g_assert_true (same_bytes (fx.out, fx.old_ref));
+  assert_no_temp_files (fx.dir, OUT_NAME);
 }
 
 /* ---- SIGINT and SIGTERM ------------------------------------------------- */
@@ -436,7 +566,7 @@ test_interrupt (gconstpointer data)
 
   g_test_message ("stderr: %s", err);
   g_assert_true (WIFEXITED (status));
-  g_assert_cmpint (WEXITSTATUS (status), ==, signum == SIGINT ? 130 : 143);
+  g_assert_cmpint (WEXITSTATUS (status), ==, 128 + signum);
   g_assert_true (same_bytes (fx.out, fx.old_ref));
   assert_no_temp_files (fx.dir, OUT_NAME);
 }
@@ -556,6 +686,9 @@ main (int argc, char **argv)
     }
   g_test_add_data_func ("/crash-safety/sigint", GINT_TO_POINTER (SIGINT), test_interrupt);
   g_test_add_data_func ("/crash-safety/sigterm", GINT_TO_POINTER (SIGTERM), test_interrupt);
+  g_test_add_data_func ("/crash-safety/sighup", GINT_TO_POINTER (SIGHUP), test_interrupt);
+  g_test_add_func ("/crash-safety/stale-temp-files", test_stale_temp_files);
+  g_test_add_func ("/crash-safety/named-temp-fallback", test_named_temp_fallback);
   g_test_add_func ("/crash-safety/full-disk", test_full_disk);
   g_test_add_func ("/crash-safety/over-input", test_over_input);
   g_test_add_func ("/crash-safety/over-input-killed", test_over_input_killed);
