@@ -790,13 +790,15 @@ lp_stage_prepare (LpStage  *self,
 /* The tensors a stage returns that no earlier stage made (the data of a
  * transform's new tensors, a source's reads) are computed later, when a sink
  * pulls them; a failure then is this stage's, on the file the checkpoint
- * came from, and says so (lp_tensor_dup_data()). One string for them all. */
+ * came from, and says so (lp_tensor_dup_data()). One string for them all.
+ * The output of several inputs came from several files: none is named. */
 static void
 mark_producer (LpStage      *self,
-               LpCheckpoint *out)
+               LpCheckpoint *out,
+               guint         n_inputs)
 {
   g_autofree char *text = lp_stage_describe (self);
-  const char *origin = lp_checkpoint_get_origin (out);
+  const char *origin = n_inputs <= 1 ? lp_checkpoint_get_origin (out) : NULL;
   char *stage = g_ref_string_new (text);
   char *file = origin ? g_ref_string_new (origin) : NULL;
 
@@ -854,7 +856,7 @@ lp_stage_run (LpStage       *self,
   ok = klass->run (self, inputs, n_inputs, &out, error);
   g_return_val_if_fail (ok == (error == NULL || *error == NULL), FALSE);
   if (out != NULL)
-    mark_producer (self, out);
+    mark_producer (self, out, n_inputs);
   if (output)
     *output = out;
   else
