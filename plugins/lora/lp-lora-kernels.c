@@ -243,6 +243,309 @@ LP_DEFINE_VOID_KERNEL (lp_lora_gram_cols_f32,
                        (const float *y, guint r, gsize h, double *g),
                        (y, r, h, g))
 
+/* ---- blocked Gram kernels, for large r ----------------------------------- */
+
+/* At large r the kernels above re-read their blocks once per tile, and the
+ * tiles are small: the cost grows past the arithmetic. These work like a
+ * GEMM: a panel of GRAM_PANEL steps of the long dimension is packed once
+ * (converted if need be) into groups of 16 Gram columns, panel[g][t][lane]
+ * = value t of column 16 g + lane (zero past r), which stays in L2; a tile
+ * of 6 Gram rows (broadcast) by up to 4 vectors of 16 columns is summed
+ * over the panel in registers, and only tiles that reach the upper triangle
+ * are computed. Each j block of 4 vectors stays in L1 while the row tiles
+ * pass over it. The f32 sums go to f64 after every panel: GRAM_PANEL
+ * products per lane (bf16: twice that, in pairs). */
+#define GRAM_PANEL 128
+/* Floats from one group of a panel to the next: a cache line more than the
+ * group holds, so that the lines of one step of all groups fall in
+ * different sets of the L1 cache (at 8 KiB apart they would all share
+ * one, and a j block's lines evict each other). */
+#define GRAM_GROUP ((gsize) GRAM_PANEL * 16 + 16)
+#define GRAM_TILE_ROWS 6
+
+typedef double LpD16 __attribute__ ((vector_size (128)));
+
+/* G[i][j … j + 15] += the lanes of @acc that are on or above the diagonal
+ * and inside the matrix. */
+LP_INLINE void
+add_tile_row (double      *g,
+              guint        r,
+              guint        i,
+              guint        j,
+              const LpV16 *acc)
+{
+  if (i >= r)
+    return;
+  if (i <= j && j + 16 <= r)
+    {
+      LpD16 sum, wide = __builtin_convertvector (*acc, LpD16);
+      memcpy (&sum, g + (gsize) i * r + j, sizeof sum);
+      sum += wide;
+      memcpy (g + (gsize) i * r + j, &sum, sizeof sum);
+      return;
+    }
+  for (guint lane = i > j ? i - j : 0; lane < 16 && j + lane < r; lane++)
+    g[(gsize) i * r + j + lane] += (*acc)[lane];
+}
+
+/* Rows i0 … i0 + 5 by the columns of groups g0 … g0 + nv - 1, over @len
+ * steps of the panel. Rows past r repeat the last one and are dropped. */
+LP_INLINE void
+blocked_tile_f32 (const float *panel,
+                  gsize        len,
+                  guint        r,
+                  guint        i0,
+                  guint        g0,
+                  const int    nv,
+                  double      *g)
+{
+  const float *bi[GRAM_TILE_ROWS];
+  const float *bj = panel + g0 * GRAM_GROUP;
+  LpV16 acc[GRAM_TILE_ROWS][4];
+
+  for (guint a = 0; a < GRAM_TILE_ROWS; a++)
+    {
+      guint i = MIN (i0 + a, r - 1);
+      bi[a] = panel + (i / 16) * GRAM_GROUP + i % 16;
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; v++)
+        acc[a][v] = (LpV16) { 0 };
+    }
+  for (gsize t = 0; t < len; t++)
+    {
+      LpV16 c[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; v++)
+        LOAD16 (c[v], bj + v * GRAM_GROUP + t * 16);
+#pragma GCC unroll 6
+      for (guint a = 0; a < GRAM_TILE_ROWS; a++)
+        {
+          float s = bi[a][t * 16];
+#pragma GCC unroll 4
+          for (int v = 0; v < nv; v++)
+            acc[a][v] += s * c[v];
+        }
+    }
+  for (guint a = 0; a < GRAM_TILE_ROWS; a++)
+    for (int v = 0; v < nv; v++)
+      add_tile_row (g, r, i0 + a, 16 * (g0 + v), &acc[a][v]);
+}
+
+/* Runs TILE (i0, g0, nv) over the tiles of the upper triangle, j blocks of
+ * @max_nv vectors (what the level's registers hold) outermost, and AFTER
+ * once after each tile. A tile starts at the group holding column i0, so
+ * no tile lies wholly below the diagonal. */
+#define FOR_EACH_TILE(r, max_nv, TILE, AFTER) \
+  do { \
+    guint groups_ = ((r) + 15) / 16; \
+    for (guint gb_ = 0; gb_ < groups_; gb_ += (max_nv)) \
+      { \
+        guint gend_ = MIN (gb_ + (max_nv), groups_); \
+        for (guint i0_ = 0; i0_ < MIN ((r), 16 * gend_); i0_ += GRAM_TILE_ROWS) \
+          { \
+            guint g0_ = MAX (gb_, i0_ / 16); \
+            switch (gend_ - g0_) \
+              { \
+              case 4: TILE (i0_, g0_, 4); break; \
+              case 3: TILE (i0_, g0_, 3); break; \
+              case 2: TILE (i0_, g0_, 2); break; \
+              default: TILE (i0_, g0_, 1); break; \
+              } \
+            AFTER; \
+          } \
+      } \
+  } while (0)
+
+/* G += Pᵀ P over the upper triangle for the packed panel P (@len ≤
+ * GRAM_PANEL steps), with j blocks of @max_nv vectors: AVX-512 holds 24
+ * accumulators in its 32 registers, AVX2 and below 6 in their 16. */
+LP_INLINE void
+blocked_panel_f32 (const float *panel,
+                   gsize        len,
+                   guint        r,
+                   double      *g,
+                   const guint  max_nv)
+{
+#define F32_TILE(i0, g0, nv) blocked_tile_f32 (panel, len, r, i0, g0, nv, g)
+  FOR_EACH_TILE (r, max_nv, F32_TILE, (void) 0);
+#undef F32_TILE
+}
+
+/* Transposes 16 vectors of 16 (lane c of row i to lane i of row c) in four
+ * steps, each swapping one bit of the row index with the same bit of the
+ * lane index: rows i and i + m trade their lanes c + m and c. */
+#define SWAP_STEP(x, m, lo, hi) \
+  do { \
+    _Pragma ("GCC unroll 16") \
+    for (int i_ = 0; i_ < 16; i_++) \
+      if (!(i_ & (m))) \
+        { \
+          LpV16 a_ = (x)[i_], b_ = (x)[i_ + (m)]; \
+          (x)[i_] = __builtin_shufflevector (a_, b_, lo); \
+          (x)[i_ + (m)] = __builtin_shufflevector (a_, b_, hi); \
+        } \
+  } while (0)
+#define LO1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define HI1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+#define LO2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define HI2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LO4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define HI4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LO8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define HI8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+
+LP_INLINE void
+transpose16 (LpV16 x[16])
+{
+  SWAP_STEP (x, 1, LO1, HI1);
+  SWAP_STEP (x, 2, LO2, HI2);
+  SWAP_STEP (x, 4, LO4, HI4);
+  SWAP_STEP (x, 8, LO8, HI8);
+}
+
+/* Packs columns t0 … t0 + len of the @r rows of X (stride @ld): group g,
+ * step t, lane l = X[16 g + l][t0 + t]. Whole 16 × 16 blocks are
+ * transposed in registers; the edges go value by value. */
+LP_INLINE void
+pack_rows_f32 (const float *x,
+               gsize        ld,
+               guint        r,
+               gsize        t0,
+               gsize        len,
+               float       *panel)
+{
+  guint groups = (r + 15) / 16;
+
+  for (guint gi = 0; gi < groups; gi++)
+    {
+      float *dst = panel + gi * GRAM_GROUP;
+      guint rows = MIN (16, r - 16 * gi);
+      gsize t = 0;
+
+      if (rows == 16)
+        for (; t + 16 <= len; t += 16)
+          {
+            LpV16 block[16];
+            for (int i = 0; i < 16; i++)
+              LOAD16 (block[i], x + (16 * gi + i) * ld + t0 + t);
+            transpose16 (block);
+            memcpy (dst + t * 16, block, sizeof block);
+          }
+      for (; t < len; t++)
+        for (guint l = 0; l < 16; l++)
+          dst[t * 16 + l] = l < rows ? x[(16 * gi + l) * ld + t0 + t] : 0.f;
+    }
+}
+
+/* Packs rows t0 … t0 + len of Y [n, r] (rows one after the other). */
+LP_INLINE void
+pack_cols_f32 (const float *y,
+               guint        r,
+               gsize        t0,
+               gsize        len,
+               float       *panel)
+{
+  guint groups = (r + 15) / 16;
+
+  for (gsize t = 0; t < len; t++)
+    {
+      const float *row = y + (t0 + t) * r;
+      for (guint gi = 0; gi < groups; gi++)
+        {
+          float *dst = panel + gi * GRAM_GROUP + t * 16;
+          guint cols = MIN (16, r - 16 * gi);
+          memcpy (dst, row + 16 * gi, sizeof (float) * cols);
+          if (cols < 16)
+            memset (dst + cols, 0, sizeof (float) * (16 - cols));
+        }
+    }
+}
+
+LP_INLINE void
+gram_blocked_f32_body (const float *x,
+                       gsize        ld,
+                       guint        r,
+                       gsize        n,
+                       gboolean     up,
+                       double      *g,
+                       float       *panel,
+                       const guint  max_nv)
+{
+  for (gsize t0 = 0; t0 < n; t0 += GRAM_PANEL)
+    {
+      gsize len = MIN (GRAM_PANEL, n - t0);
+      if (up)
+        pack_cols_f32 (x, r, t0, len, panel);
+      else
+        pack_rows_f32 (x, ld, r, t0, len, panel);
+      blocked_panel_f32 (panel, len, r, g, max_nv);
+    }
+}
+
+#ifdef LP_X86_LEVELS
+__attribute__ ((target ("arch=x86-64-v4"))) static void
+gram_blocked_f32_v4 (const float *x, gsize ld, guint r, gsize n, gboolean up, double *g, float *panel)
+{
+  gram_blocked_f32_body (x, ld, r, n, up, g, panel, 4);
+}
+
+__attribute__ ((target ("arch=x86-64-v3"))) static void
+gram_blocked_f32_v3 (const float *x, gsize ld, guint r, gsize n, gboolean up, double *g, float *panel)
+{
+  gram_blocked_f32_body (x, ld, r, n, up, g, panel, 1);
+}
+#endif
+
+static void
+gram_blocked_f32 (const float *x, gsize ld, guint r, gsize n, gboolean up, double *g, float *panel)
+{
+#ifdef LP_X86_LEVELS
+  switch (kernel_level ())
+    {
+    case 4: gram_blocked_f32_v4 (x, ld, r, n, up, g, panel); return;
+    case 3: gram_blocked_f32_v3 (x, ld, r, n, up, g, panel); return;
+    default: break;
+    }
+#endif
+  gram_blocked_f32_body (x, ld, r, n, up, g, panel, 1);
+}
+
+gsize
+lp_lora_gram_blocked_scratch_size (guint r)
+{
+  return sizeof (float) * GRAM_GROUP * ((r + 15) / 16) + 64;
+}
+
+/* The panel at a 64-byte boundary of the scratch (it is read in vectors). */
+static float *
+panel_of (gpointer scratch)
+{
+  return (float *) (((guintptr) scratch + 63) & ~(guintptr) 63);
+}
+
+void
+lp_lora_gram_blocked_rows_f32 (const float *x,
+                               gsize        ld,
+                               guint        r,
+                               gsize        n,
+                               double      *g,
+                               gpointer     scratch)
+{
+  if (r > 0)
+    gram_blocked_f32 (x, ld, r, n, FALSE, g, panel_of (scratch));
+}
+
+void
+lp_lora_gram_blocked_cols_f32 (const float *y,
+                               guint        r,
+                               gsize        n,
+                               double      *g,
+                               gpointer     scratch)
+{
+  if (r > 0)
+    gram_blocked_f32 (y, r, r, n, TRUE, g, panel_of (scratch));
+}
+
 /* ---- applying a small map to a factor ------------------------------------ */
 
 /* Y = M X, 4 rows of M at a time against 16 columns of X: k × r small, X a
@@ -635,6 +938,198 @@ gram_cols_bf16_avx512 (const guint16 *b,
         }
     }
 }
+
+/* The blocked kernel (see blocked_panel_f32) on bf16 pairs: step p of a
+ * column in the panel holds its values 2p and 2p + 1 (low and high half),
+ * and one VDPBF16PS adds both products. */
+LP_BF16_TARGET LP_INLINE void
+blocked_tile_bf16 (const guint32 *panel,
+                   gsize          pairs,
+                   guint          r,
+                   guint          i0,
+                   guint          g0,
+                   const int      nv,
+                   double        *g)
+{
+  const guint32 *bi[GRAM_TILE_ROWS];
+  const guint32 *bj = panel + g0 * GRAM_GROUP;
+  __m512 acc[GRAM_TILE_ROWS][4];
+
+  for (guint q = 0; q < GRAM_TILE_ROWS; q++)
+    {
+      guint i = MIN (i0 + q, r - 1);
+      bi[q] = panel + (i / 16) * GRAM_GROUP + i % 16;
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; v++)
+        acc[q][v] = _mm512_setzero_ps ();
+    }
+  for (gsize p = 0; p < pairs; p++)
+    {
+      __m512i c[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; v++)
+        c[v] = _mm512_loadu_si512 (bj + v * GRAM_GROUP + p * 16);
+#pragma GCC unroll 6
+      for (guint q = 0; q < GRAM_TILE_ROWS; q++)
+        {
+          __m512i s = _mm512_set1_epi32 ((int) bi[q][p * 16]);
+#pragma GCC unroll 4
+          for (int v = 0; v < nv; v++)
+            acc[q][v] = dot_bf16 (acc[q][v], s, c[v]);
+        }
+    }
+  for (guint q = 0; q < GRAM_TILE_ROWS; q++)
+    for (int v = 0; v < nv; v++)
+      {
+        LpV16 lanes;
+        memcpy (&lanes, &acc[q][v], sizeof lanes);
+        add_tile_row (g, r, i0 + q, 16 * (g0 + v), &lanes);
+      }
+}
+
+/* What the next panel will pack: @rows runs of @bytes, @stride apart. The
+ * source comes from memory once; fetching it while the current panel is
+ * summed hides that, where packing it cold would wait on every line. */
+typedef struct {
+  const char *base;
+  gsize stride;
+  gsize bytes;
+  guint rows;
+} NextPanel;
+
+LP_BF16_TARGET static void
+blocked_panel_bf16 (const guint32   *panel,
+                    gsize            pairs,
+                    guint            r,
+                    double          *g,
+                    const NextPanel *next)
+{
+  /* the next panel's lines, spread evenly over this panel's tiles */
+  gsize lines_per_row = (next->bytes + 63) / 64, lines = lines_per_row * next->rows, line = 0;
+  gsize tiles = 0;
+
+#define COUNT_TILE(i0, g0, nv) tiles++
+  FOR_EACH_TILE (r, 4, COUNT_TILE, (void) 0);
+#undef COUNT_TILE
+  gsize quota = (lines + tiles - 1) / MAX (tiles, 1);
+
+#define BF16_TILE(i0, g0, nv) blocked_tile_bf16 (panel, pairs, r, i0, g0, nv, g)
+#define PREFETCH_SOME \
+  for (gsize q = 0; q < quota && line < lines; q++, line++) \
+    _mm_prefetch (next->base + (line / lines_per_row) * next->stride + (line % lines_per_row) * 64, _MM_HINT_T1)
+  FOR_EACH_TILE (r, 4, BF16_TILE, PREFETCH_SOME);
+#undef BF16_TILE
+#undef PREFETCH_SOME
+}
+
+/* Packs values t0 … t0 + h of the @r rows of A (stride @ld) as pairs:
+ * 16 rows by 16 pairs are loaded (each pair a 32-bit word) and transposed
+ * in registers. Values past a row's end and rows past r are zero. */
+LP_BF16_TARGET static void
+pack_rows_bf16 (const guint16 *a,
+                gsize          ld,
+                guint          r,
+                gsize          t0,
+                gsize          h,
+                guint32       *panel)
+{
+  guint groups = (r + 15) / 16;
+  gsize pairs = (h + 1) / 2;
+
+  for (guint gi = 0; gi < groups; gi++)
+    {
+      guint rows = MIN (16, r - 16 * gi);
+      guint32 *dst = panel + gi * GRAM_GROUP;
+
+      for (gsize q0 = 0; q0 < pairs; q0 += 16)
+        {
+          gsize count = MIN (32, h - 2 * q0);
+          __mmask32 m = count == 32 ? (__mmask32) ~0u : (__mmask32) ((1u << count) - 1);
+          LpV16 block[16];
+
+          for (guint i = 0; i < 16; i++)
+            {
+              __m512i v = _mm512_maskz_loadu_epi16 (i < rows ? m : 0,
+                                                    a + (16 * gi + MIN (i, rows - 1)) * ld + t0 + 2 * q0);
+              memcpy (&block[i], &v, sizeof v);
+            }
+          transpose16 (block);   /* moves bits, whatever the lanes hold */
+          memcpy (dst + q0 * 16, block, sizeof (guint32) * 16 * MIN (16, pairs - q0));
+        }
+    }
+}
+
+/* Packs rows t0 … t0 + h of B [n, r] as pairs of rows: word c of pair p
+ * holds B[t0 + 2p][c] in its low half and B[t0 + 2p + 1][c] in its high
+ * half (zero past the panel). */
+LP_BF16_TARGET static void
+pack_cols_bf16 (const guint16 *b,
+                guint          r,
+                gsize          t0,
+                gsize          h,
+                guint32       *panel)
+{
+  /* word k of the result: row 0's column k/2 (k even) or row 1's (k odd),
+   * for the first 16 columns of the two rows, then for the next 16 */
+  static const guint16 order[2][32] = {
+    { 0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47 },
+    { 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63 },
+  };
+  const __m512i first = _mm512_loadu_si512 (order[0]);
+  const __m512i second = _mm512_loadu_si512 (order[1]);
+  guint groups = (r + 15) / 16;
+
+  for (gsize p = 0; p < (h + 1) / 2; p++)
+    {
+      const guint16 *row0 = b + (t0 + 2 * p) * r;
+      gboolean odd = 2 * p + 1 < h;
+
+      for (guint c = 0; c < r; c += 32)
+        {
+          __mmask32 m = c + 32 <= r ? (__mmask32) ~0u : (__mmask32) ((1u << (r - c)) - 1);
+          __m512i x0 = _mm512_maskz_loadu_epi16 (m, row0 + c);
+          __m512i x1 = _mm512_maskz_loadu_epi16 (odd ? m : 0, row0 + r + c);
+          guint gi = c / 16;
+          _mm512_storeu_si512 (panel + gi * GRAM_GROUP + p * 16, _mm512_permutex2var_epi16 (x0, first, x1));
+          if (gi + 1 < groups)
+            _mm512_storeu_si512 (panel + (gi + 1) * GRAM_GROUP + p * 16,
+                                 _mm512_permutex2var_epi16 (x0, second, x1));
+        }
+    }
+}
+
+LP_BF16_TARGET static void
+gram_blocked_bf16 (const guint16 *x,
+                   guint          r,
+                   gsize          n,
+                   gboolean       up,
+                   double        *g,
+                   guint32       *panel)
+{
+  const gsize step = 2 * GRAM_PANEL;
+
+  for (gsize t0 = 0; t0 < n; t0 += step)
+    {
+      gsize h = MIN (step, n - t0);
+      gsize next_h = t0 + step < n ? MIN (step, n - t0 - step) : 0;
+      NextPanel next;
+
+      if (up)
+        {
+          pack_cols_bf16 (x, r, t0, h, panel);
+          /* rows of B, one after the other */
+          next = (NextPanel) { (const char *) (x + (t0 + step) * r), 0, next_h * r * 2, next_h ? 1 : 0 };
+        }
+      else
+        {
+          pack_rows_bf16 (x, n, r, t0, h, panel);
+          next = (NextPanel) { (const char *) (x + t0 + step), n * 2, next_h * 2, next_h ? r : 0 };
+        }
+      blocked_panel_bf16 (panel, (h + 1) / 2, r, g, &next);
+    }
+}
 #endif
 
 gboolean
@@ -687,6 +1182,38 @@ lp_lora_gram_cols_bf16 (const guint16 *b,
 #ifdef LP_HAVE_BF16_DOT
   g_return_if_fail (lp_lora_have_bf16_dot ());
   gram_cols_bf16_avx512 (b, r, n, g, scratch);
+#else
+  g_return_if_reached ();
+#endif
+}
+
+void
+lp_lora_gram_blocked_rows_bf16 (const guint16 *a,
+                                guint          r,
+                                gsize          n,
+                                double        *g,
+                                gpointer       scratch)
+{
+#ifdef LP_HAVE_BF16_DOT
+  g_return_if_fail (lp_lora_have_bf16_dot ());
+  if (r > 0)
+    gram_blocked_bf16 (a, r, n, FALSE, g, (guint32 *) panel_of (scratch));
+#else
+  g_return_if_reached ();
+#endif
+}
+
+void
+lp_lora_gram_blocked_cols_bf16 (const guint16 *b,
+                                guint          r,
+                                gsize          n,
+                                double        *g,
+                                gpointer       scratch)
+{
+#ifdef LP_HAVE_BF16_DOT
+  g_return_if_fail (lp_lora_have_bf16_dot ());
+  if (r > 0)
+    gram_blocked_bf16 (b, r, n, TRUE, g, (guint32 *) panel_of (scratch));
 #else
   g_return_if_reached ();
 #endif

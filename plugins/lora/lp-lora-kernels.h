@@ -97,4 +97,36 @@ void     lp_lora_gram_cols_bf16         (const guint16 *b,
                                          double        *g,
                                          gpointer       scratch);
 
+/* The same Gram matrices, register- and cache-blocked for large r: a panel
+ * of the long dimension is packed once into a scratch buffer of
+ * lp_lora_gram_blocked_scratch_size() bytes (bf16 as stored, in pairs), and
+ * summed over tiles of the upper triangle. They read exactly what they are
+ * given (no padding, no slack), X [r, n] at a stride of @ld or Y [n, r]. At
+ * and above LP_LORA_GRAM_BLOCKED_RANK they are the faster ones; the bf16
+ * pair needs lp_lora_have_bf16_dot(). */
+#define LP_LORA_GRAM_BLOCKED_RANK 64
+
+gsize lp_lora_gram_blocked_scratch_size (guint          r);
+void  lp_lora_gram_blocked_rows_f32     (const float   *x,
+                                         gsize          ld,
+                                         guint          r,
+                                         gsize          n,
+                                         double        *g,
+                                         gpointer       scratch);
+void  lp_lora_gram_blocked_cols_f32     (const float   *y,
+                                         guint          r,
+                                         gsize          n,
+                                         double        *g,
+                                         gpointer       scratch);
+void  lp_lora_gram_blocked_rows_bf16    (const guint16 *a,
+                                         guint          r,
+                                         gsize          n,
+                                         double        *g,
+                                         gpointer       scratch);
+void  lp_lora_gram_blocked_cols_bf16    (const guint16 *b,
+                                         guint          r,
+                                         gsize          n,
+                                         double        *g,
+                                         gpointer       scratch);
+
 G_END_DECLS

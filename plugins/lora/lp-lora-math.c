@@ -217,8 +217,13 @@ block_len (guint r)
  * a rank-64 factor stays within L2, and each tile of it within L1. */
 #define GRAM_ROWS_BLOCK 512
 #define GRAM_COLS_BLOCK 128
+/* The same for the blocked kernels (r ≥ LP_LORA_GRAM_BLOCKED_RANK): a
+ * block of a rank-256 factor and its packed panel stay within L2 together. */
+#define GRAM_BLOCKED_LEN 128
 
-/* The f32 Gram matrix (see lp-lora-kernels.c), a block at a time. */
+/* The f32 Gram matrix (see lp-lora-kernels.c), a block at a time; bf16
+ * read in place where the machine has the bf16 dot product, the blocked
+ * kernels from LP_LORA_GRAM_BLOCKED_RANK on. */
 static void
 gram_f32 (const LpLoraFactors *f,
           gboolean             up,
@@ -233,11 +238,43 @@ gram_f32 (const LpLoraFactors *f,
   memset (g, 0, sizeof (double) * r * r);
   if (src == LP_DTYPE_BF16 && lp_lora_have_bf16_dot ())
     {
-      if (up)
+      if (r >= LP_LORA_GRAM_BLOCKED_RANK)
+        {
+          gpointer scratch = scratch_get (lp_lora_gram_blocked_scratch_size (r));
+          if (up)
+            lp_lora_gram_blocked_cols_bf16 ((const guint16 *) data, r, n, g, scratch);
+          else
+            lp_lora_gram_blocked_rows_bf16 ((const guint16 *) data, r, n, g, scratch);
+        }
+      else if (up)
         lp_lora_gram_cols_bf16 ((const guint16 *) data, r, n, g,
                                 scratch_get (lp_lora_gram_bf16_scratch_size (r)));
       else
         lp_lora_gram_rows_bf16 ((const guint16 *) data, r, n, g);
+      return;
+    }
+  if (r >= LP_LORA_GRAM_BLOCKED_RANK)
+    {
+      /* blocks of GRAM_BLOCKED_LEN along the factor's long side, converted,
+       * then packed by the kernel into the panel after them */
+      gsize block = ALIGN_UP ((gsize) r * GRAM_BLOCKED_LEN);
+      float *buf = scratch_get (sizeof (float) * block + lp_lora_gram_blocked_scratch_size (r));
+      gpointer panel = buf + block;
+      for (guint64 j0 = 0; j0 < n; j0 += GRAM_BLOCKED_LEN)
+        {
+          gsize w = MIN (GRAM_BLOCKED_LEN, n - j0);
+          if (up)
+            {
+              lp_dtype_to_f32 (src, data + j0 * r * ssize, buf, w * r);
+              lp_lora_gram_blocked_cols_f32 (buf, r, w, g, panel);
+            }
+          else
+            {
+              for (guint t = 0; t < r; t++)
+                lp_dtype_to_f32 (src, data + (t * n + j0) * ssize, buf + (gsize) t * w, w);
+              lp_lora_gram_blocked_rows_f32 (buf, w, r, w, g, panel);
+            }
+        }
       return;
     }
   if (up)
@@ -314,6 +351,15 @@ gram (const LpLoraFactors *f,
           lp_dtype_to_f64 (src, data + (t * n + j0) * ssize, buf + t * w, w);
       cblas_dsyrk (CblasRowMajor, CblasUpper, trans, r, w, 1.0, buf, up ? r : w, 1.0, g, r);
     }
+}
+
+/* Fills the lower triangle of an r × r Gram matrix from its upper one. */
+static void
+symmetrize (double *g, guint r)
+{
+  for (guint i = 0; i < r; i++)
+    for (guint j = 0; j < i; j++)
+      g[i * r + j] = g[j * r + i];
 }
 
 /* Relative size below which an eigenvalue of a Gram matrix is rounding:
@@ -627,6 +673,252 @@ spectrum_by_cholesky (LpLoraSpectrum *s,
   return TRUE;
 }
 
+/* Given t [r, l], returns t V Λ^-½ [r, l'] over the eigenpairs of tᵀ m t
+ * above a rounding floor, so that (B t')ᵀ (B t') = I when m = Bᵀ B: an
+ * orthonormalization in r-space that drops dependent columns instead of
+ * failing on them. */
+static double *
+orthonormalize_metric (const double *t,
+                       guint         r,
+                       guint         l,
+                       const double *m,
+                       guint        *l_out,
+                       double      **m_out,
+                       GError      **error)
+{
+  g_autofree double *mt = g_new (double, (gsize) r * l);
+  g_autofree double *h = g_new (double, (gsize) l * l);
+  g_autofree double *w = g_new (double, l);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, m, r, t, l, 0.0, mt, l);
+  cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, l, l, r, 1.0, t, l, mt, l, 0.0, h, l);
+
+  guint kept;
+  if (!eigen (h, l, w, FALSE, &kept, error))
+    return NULL;
+
+  /* the kept eigenvectors are the last columns; take them largest first */
+  double *out = g_new0 (double, (gsize) r * MAX (kept, 1));
+  g_autofree double *v = g_new0 (double, (gsize) l * MAX (kept, 1));
+  for (guint j = 0; j < kept; j++)
+    {
+      guint col = l - 1 - j;
+      double inv = 1.0 / sqrt (w[col]);
+      for (guint i = 0; i < l; i++)
+        v[i * kept + j] = h[i * l + col] * inv;
+    }
+  if (kept > 0)
+    cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, t, l, v, kept, 0.0, out, kept);
+  if (m_out)
+    {
+      /* m t' from m t, for free */
+      *m_out = g_new0 (double, (gsize) r * MAX (kept, 1));
+      if (kept > 0)
+        cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, mt, l, v, kept, 0.0, *m_out, kept);
+    }
+  *l_out = kept;
+  return out;
+}
+
+/* The exact top singular triplets by block iteration in r-space, for large
+ * r and few of them: every dense r × r factorization (Cholesky, the core's
+ * tridiagonal form) costs r³ flops, which at r = 256 is more than the Gram
+ * matrices' share of a module. With K = B A and x = Aᵀ y, KᵀK x =
+ * Aᵀ (G_B G_A y), so subspace iteration on KᵀK runs on r × l blocks Y with
+ * the inner product ⟨y, y'⟩ = yᵀ G_A y' and two r × r × l products a step
+ * (4 r² l flops). Each step orthonormalizes Y in that inner product (dropping
+ * directions at rounding level, so rank-deficient factors need no special
+ * route), takes the Rayleigh–Ritz pairs (θ, Q c) of T = Qᵀ G_A G_B G_A Q,
+ * and stops when every wanted pair's residual ‖KᵀK x − θ x‖ (= dᵀ G_A d for
+ * d = G_B G_A q − θ q) is below @tol θ₁: each θ is then that close to an
+ * eigenvalue of KᵀK (and, for a gap g around it, within ‖ρ‖²/g). @ga and
+ * @gb are whole (both triangles). *@converged is FALSE, with @s untouched,
+ * when it has not converged within ITERATION_STEPS: the caller then takes
+ * a dense route. FALSE when LAPACK fails. */
+#define ITERATION_STEPS 40
+/* Used from this rank on, for top ≤ r / ITERATION_MAX_SHARE; below, the
+ * dense routes cost less. */
+#define ITERATION_MIN_RANK 64
+#define ITERATION_MAX_SHARE 4
+/* Residuals ‖ρ‖ ≤ this · θ₁: σ good to ~1e-10 σ₁ even without a gap. */
+#define ITERATION_TOLERANCE 1e-10
+
+static gboolean
+spectrum_by_iteration (LpLoraSpectrum *s,
+                       const double   *ga,
+                       const double   *gb,
+                       guint           r,
+                       guint           top,
+                       double          tol,
+                       gboolean       *converged_out,
+                       GError        **error)
+{
+  guint l = MIN (r, 2 * top + 8);
+  gsize rl = (gsize) r * l;
+  g_autofree double *y = g_new (double, rl);
+  g_autofree double *w = g_new (double, rl);
+  g_autofree double *qc = g_new (double, rl);
+  g_autofree double *wc = g_new (double, rl);
+  g_autofree double *zc = g_new (double, rl);
+  g_autofree double *h = g_new (double, (gsize) l * l);
+  g_autofree double *v = g_new (double, (gsize) l * l);
+  g_autofree double *lambda = g_new (double, l);
+  g_autofree double *d = g_new (double, (gsize) r * top);
+  g_autofree double *gd = g_new (double, (gsize) r * top);
+  LpLoraRng rng;
+
+  /* the start depends on r alone: the same module gives the same bytes */
+  double last_excess = G_MAXDOUBLE;
+
+  *converged_out = FALSE;
+  lp_lora_rng_init (&rng, r, "exact top singular vectors");
+  for (gsize i = 0; i < rl; i++)
+    y[i] = lp_lora_rng_normal (&rng);
+
+  for (guint step = 0; step < ITERATION_STEPS; step++)
+    {
+      guint kept, m;
+      g_autofree double *zq = NULL;
+
+      /* Q (G_A-orthonormal, largest directions first) and G_A Q */
+      g_autofree double *q = orthonormalize_metric (y, r, l, ga, &kept, &zq, error);
+      if (q == NULL)
+        return FALSE;
+      if (kept == 0)
+        {
+          s->n = 0;   /* A = 0: a zero update */
+          *converged_out = TRUE;
+          return TRUE;
+        }
+
+      /* W = G_B G_A Q; T = (G_A Q)ᵀ W and its eigenpairs (ascending) */
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, r, 1.0, gb, r, zq, kept, 0.0, w, kept);
+      cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, kept, kept, r, 1.0, zq, kept, w, kept, 0.0, h, kept);
+      guint nonzero;
+      if (!eigen (h, kept, lambda, FALSE, &nonzero, error))
+        return FALSE;
+      /* the Ritz vectors largest first: Q C, W C = G_B G_A Q C, G_A Q C */
+      for (guint i = 0; i < kept; i++)
+        for (guint j = 0; j < kept; j++)
+          v[i * kept + j] = h[i * kept + kept - 1 - j];
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, kept, 1.0, q, kept, v, kept, 0.0, qc, kept);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, kept, 1.0, w, kept, v, kept, 0.0, wc, kept);
+
+      double theta_max = MAX (lambda[kept - 1], 0);
+      m = MIN (top, kept);
+      for (guint t = 0; t < r; t++)
+        for (guint j = 0; j < m; j++)
+          d[t * m + j] = wc[t * kept + j] - lambda[kept - 1 - j] * qc[t * kept + j];
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, m, r, 1.0, ga, r, d, m, 0.0, gd, m);
+      /* the largest residual, in units of the tolerance */
+      double excess = 0;
+      for (guint j = 0; j < m; j++)
+        {
+          double rho2 = 0;
+          for (guint t = 0; t < r; t++)
+            rho2 += d[t * m + j] * gd[t * m + j];
+          excess = MAX (excess, sqrt (MAX (rho2, 0)) / MAX (tol * theta_max, DBL_MIN));
+        }
+      gboolean converged = excess <= 1;
+      /* A spectrum too flat past the block converges slowly: where the
+       * last step's rate would not get there in the steps left, stop now
+       * and leave the module to a dense route. */
+      if (!converged && step >= 3 &&
+          (excess >= last_excess ||
+           log (excess) / -log (excess / last_excess) > ITERATION_STEPS - 1 - step))
+        return TRUE;
+      last_excess = excess;
+
+      if (converged)
+        {
+          cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, kept, 1.0, zq, kept, v, kept, 0.0, zc, kept);
+          s->n = 0;
+          for (guint j = 0; j < m; j++)
+            {
+              double theta = lambda[kept - 1 - j];
+              /* σ² at rounding level (of the largest) is a zero singular value */
+              if (!(theta > r * 1e-15 * theta_max))
+                break;
+              s->sigma[j] = sqrt (theta);
+              s->n = j + 1;
+            }
+          if (s->map_a)
+            {
+              /* v_jᵀ = (Q c_j)ᵀ A is a unit vector; u_j = K v_j / σ_j = B (G_A Q c_j) / σ_j;
+               * the other columns and rows stay as allocated, zero */
+              for (guint j = 0; j < s->n; j++)
+                for (guint t = 0; t < r; t++)
+                  {
+                    s->map_a[j * r + t] = qc[t * kept + j];
+                    s->map_b[t * r + j] = zc[t * kept + j] / s->sigma[j];
+                  }
+            }
+          *converged_out = TRUE;
+          return TRUE;
+        }
+
+      /* the next block: W C, column j scaled by 1/θ_j (≈ Q c_j plus the
+       * residual, so the block stays well conditioned), or Q c_j where θ_j
+       * is at rounding level; columns past a rank-deficient A's rank stay 0
+       * and are dropped again */
+      memset (y, 0, sizeof (double) * rl);
+      for (guint t = 0; t < r; t++)
+        for (guint j = 0; j < kept; j++)
+          {
+            double theta = lambda[kept - 1 - j];
+            y[t * l + j] = theta > r * 1e-15 * theta_max ? wc[t * kept + j] / theta : qc[t * kept + j];
+          }
+    }
+  return FALSE;
+}
+
+/* Both Gram matrices of the factors again, read as stored and summed in
+ * f64: for modules whose f32 sums are not accurate enough. */
+static void
+gram_f64 (const LpLoraFactors *f,
+          double              *ga,
+          double              *gb)
+{
+  LpLoraFactors wide = *f;
+
+  wide.f32 = FALSE;
+  if (!wide.stored)
+    {
+      wide.stored = TRUE;
+      wide.a_dtype = wide.b_dtype = LP_DTYPE_F32;
+    }
+  gram (&wide, FALSE, ga);
+  gram (&wide, TRUE, gb);
+}
+
+/* Whether Gram matrices summed in f32 give the @top singular values of
+ * @s to 1e-3 of σ²: their sums are good to about F32_GRAM_ERROR of each
+ * entry's scale, which moves an eigenvalue of G_B G_A by up to about
+ * F32_GRAM_ERROR · tr (G_A) · tr (G_B). For factors that share the
+ * spectrum between them that is far below σ_k²; a direction that one
+ * factor shrinks and the other blows up is lost in the rounding, and the
+ * module is summed again in f64. */
+#define F32_GRAM_ERROR 1e-6
+
+static gboolean
+f32_sums_suffice (const double         *ga,
+                  const double         *gb,
+                  guint                 r,
+                  const LpLoraSpectrum *s,
+                  guint                 top)
+{
+  double trace_a = 0, trace_b = 0;
+
+  for (guint i = 0; i < r; i++)
+    {
+      trace_a += ga[i * r + i];
+      trace_b += gb[i * r + i];
+    }
+  if (s->n == 0)
+    return TRUE;   /* a zero update */
+  guint last = MIN (s->n, top) - 1;
+  return F32_GRAM_ERROR * trace_a * trace_b <= 1e-3 * s->sigma[last] * s->sigma[last];
+}
+
 LpLoraSpectrum *
 lp_lora_spectrum_compute (const LpLoraFactors *f,
                           guint                top,
@@ -672,24 +964,35 @@ lp_lora_spectrum_compute (const LpLoraFactors *f,
       total += (j == i ? 1 : 2) * ga[i * r + j] * gb[i * r + j];
   total = MAX (total, 0);
 
+  gboolean converged = FALSE;
   GError *local_error = NULL;
   gboolean f32 = f->f32;
+  s->total = total;
+  if (top > 0 && r >= ITERATION_MIN_RANK && ITERATION_MAX_SHARE * top <= r)
+    {
+      symmetrize (ga, r);
+      symmetrize (gb, r);
+      if (!spectrum_by_iteration (s, ga, gb, r, top, ITERATION_TOLERANCE, &converged, error))
+        return NULL;
+      if (converged && f32 && f->f64_fallback && !f32_sums_suffice (ga, gb, r, s, top))
+        {
+          f32 = FALSE;
+          gram_f64 (f, ga, gb);
+          symmetrize (ga, r);
+          symmetrize (gb, r);
+          if (!spectrum_by_iteration (s, ga, gb, r, top, ITERATION_TOLERANCE, &converged, error))
+            return NULL;
+        }
+      if (converged)
+        return g_steal_pointer (&s);
+    }
   if (spectrum_by_cholesky (s, ga, gb, r, f32, top, want_maps, &local_error))
     return g_steal_pointer (&s);
 
   if (local_error == NULL && f32 && f->f64_fallback)
     {
-      /* The same factors, read as stored, summed in f64. */
-      LpLoraFactors wide = *f;
-      wide.f32 = FALSE;
-      if (!wide.stored)
-        {
-          wide.stored = TRUE;
-          wide.a_dtype = wide.b_dtype = LP_DTYPE_F32;
-        }
       f32 = FALSE;
-      gram (&wide, FALSE, ga);
-      gram (&wide, TRUE, gb);
+      gram_f64 (f, ga, gb);
       if (spectrum_by_cholesky (s, ga, gb, r, f32, top, want_maps, &local_error))
         return g_steal_pointer (&s);
     }
@@ -1138,53 +1441,6 @@ lp_lora_project_factor (gboolean       up,
 
 /* ---- randomized SVD ---------------------------------------------------- */
 
-/* Fills the lower triangle of an r × r Gram matrix from its upper one. */
-static void
-symmetrize (double *g, guint r)
-{
-  for (guint i = 0; i < r; i++)
-    for (guint j = 0; j < i; j++)
-      g[i * r + j] = g[j * r + i];
-}
-
-/* Given t [r, l], returns t V Λ^-½ [r, l'] over the eigenpairs of tᵀ m t
- * above a rounding floor, so that (B t')ᵀ (B t') = I when m = Bᵀ B: an
- * orthonormalization in r-space that drops dependent columns instead of
- * failing on them. */
-static double *
-orthonormalize_metric (const double *t,
-                       guint         r,
-                       guint         l,
-                       const double *m,
-                       guint        *l_out,
-                       GError      **error)
-{
-  g_autofree double *mt = g_new (double, (gsize) r * l);
-  g_autofree double *h = g_new (double, (gsize) l * l);
-  g_autofree double *w = g_new (double, l);
-  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, m, r, t, l, 0.0, mt, l);
-  cblas_dgemm (CblasRowMajor, CblasTrans, CblasNoTrans, l, l, r, 1.0, t, l, mt, l, 0.0, h, l);
-
-  guint kept;
-  if (!eigen (h, l, w, FALSE, &kept, error))
-    return NULL;
-
-  /* the kept eigenvectors are the last columns; take them largest first */
-  double *out = g_new0 (double, (gsize) r * MAX (kept, 1));
-  g_autofree double *v = g_new0 (double, (gsize) l * MAX (kept, 1));
-  for (guint j = 0; j < kept; j++)
-    {
-      guint col = l - 1 - j;
-      double inv = 1.0 / sqrt (w[col]);
-      for (guint i = 0; i < l; i++)
-        v[i * kept + j] = h[i * l + col] * inv;
-    }
-  if (kept > 0)
-    cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, kept, l, 1.0, t, l, v, kept, 0.0, out, kept);
-  *l_out = kept;
-  return out;
-}
-
 LpLoraSpectrum *
 lp_lora_randomized_spectrum (const LpLoraFactors *f,
                              guint                k,
@@ -1226,8 +1482,8 @@ lp_lora_randomized_spectrum (const LpLoraFactors *f,
   g_autofree double *omega = g_new (double, (gsize) r * l);
   for (gsize i = 0; i < (gsize) r * l; i++)
     omega[i] = lp_lora_rng_normal (rng);
-  g_autofree double *gagb = g_new (double, (gsize) r * r);
-  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, r, r, 1.0, ga, r, gb, r, 0.0, gagb, r);
+  /* G_A G_B is applied as two products (4 r² l flops), never formed (2 r³) */
+  g_autofree double *gbq = g_new (double, (gsize) r * l);
 
   g_autofree double *t = g_new (double, (gsize) r * l);
   cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, ga, r, omega, l, 0.0, t, l);
@@ -1235,7 +1491,7 @@ lp_lora_randomized_spectrum (const LpLoraFactors *f,
   for (guint it = 0; it <= niter; it++)
     {
       guint l2;
-      g_autofree double *q = orthonormalize_metric (t, r, l, gb, &l2, error);
+      g_autofree double *q = orthonormalize_metric (t, r, l, gb, &l2, NULL, error);
       if (q == NULL)
         return NULL;
       l = l2;
@@ -1248,7 +1504,8 @@ lp_lora_randomized_spectrum (const LpLoraFactors *f,
           break;
         }
       t = g_new (double, (gsize) r * l);
-      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, gagb, r, q, l, 0.0, t, l);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, gb, r, q, l, 0.0, gbq, l);
+      cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, r, l, r, 1.0, ga, r, gbq, l, 0.0, t, l);
     }
 
   /* Q = B T has orthonormal columns. Z = Qᵀ B A = C A with C = Tᵀ G_B;

@@ -64,7 +64,18 @@ typedef struct {
   gboolean f32;
   guint top;         /* ask for only this many singular values (0: all) */
   gboolean fallback; /* f32 sums, redone in f64 where too ill-conditioned */
+  gboolean flat;     /* orthonormal factors, σ_j = 1 − j/500: too flat for the block iteration */
 } SvdCase;
+
+/* Orthonormalizes the columns of the row-major @rows × @cols matrix @m
+ * (rows ≥ cols) in place: Householder QR. */
+static void
+orthonormal_columns (double *m, guint64 rows, guint cols)
+{
+  g_autofree double *tau = g_new (double, cols);
+  g_assert_cmpint (LAPACKE_dgeqrf (LAPACK_ROW_MAJOR, rows, cols, m, cols, tau), ==, 0);
+  g_assert_cmpint (LAPACKE_dorgqr (LAPACK_ROW_MAJOR, rows, cols, cols, m, cols, tau), ==, 0);
+}
 
 static void
 check_exact (const SvdCase *c, guint64 seed)
@@ -74,10 +85,27 @@ check_exact (const SvdCase *c, guint64 seed)
   g_autofree double *b = random_matrix (&rng, c->out, c->r);
   g_autofree double *a = random_matrix (&rng, c->r, c->in);
 
-  /* spread the spectrum so truncation is meaningful */
-  for (guint j = 0; j < c->r; j++)
-    for (guint64 i = 0; i < c->out; i++)
-      b[i * c->r + j] *= pow (0.7, j);
+  if (c->flat)
+    {
+      /* B = Q_B diag (σ), A = Q_Aᵀ: exactly that spectrum */
+      g_autofree double *at = g_new (double, c->in * c->r);
+      orthonormal_columns (b, c->out, c->r);
+      for (guint j = 0; j < c->r; j++)
+        for (guint64 i = 0; i < c->in; i++)
+          at[i * c->r + j] = a[j * c->in + i];
+      orthonormal_columns (at, c->in, c->r);
+      for (guint j = 0; j < c->r; j++)
+        for (guint64 i = 0; i < c->in; i++)
+          a[j * c->in + i] = at[i * c->r + j];
+      for (guint j = 0; j < c->r; j++)
+        for (guint64 i = 0; i < c->out; i++)
+          b[i * c->r + j] *= 1.0 - j / 500.0;
+    }
+  else
+    /* spread the spectrum so truncation is meaningful */
+    for (guint j = 0; j < c->r; j++)
+      for (guint64 i = 0; i < c->out; i++)
+        b[i * c->r + j] *= pow (0.7, j);
   if (c->deficient)
     for (guint j = c->deficient; j < c->r; j++)
       for (guint64 i = 0; i < c->out; i++)
@@ -200,6 +228,22 @@ test_exact (void)
     { 40, 30, 8, 2, 3, FALSE, TRUE, 2, TRUE },
     { 40, 30, 8, 3, 0, TRUE, TRUE, 3, TRUE },
     { 33, 70, 17, 5, 0, FALSE, TRUE, 5, TRUE },
+    /* r ≥ 64 with few singular values: the block iteration (f64 and f32
+     * sums, ill-conditioned B, rank-deficient, zero B, r above in), and the
+     * blocked Gram kernels under every route */
+    { 300, 200, 64, 4, 0, FALSE, FALSE, 4 },
+    { 300, 200, 96, 4, 0, FALSE, TRUE, 4 },
+    { 300, 200, 96, 4, 0, FALSE, TRUE, 4, TRUE },
+    { 300, 200, 80, 6, 20, FALSE, FALSE, 6 },
+    { 300, 200, 80, 6, 2, FALSE, TRUE, 6, TRUE },
+    { 300, 200, 80, 3, 0, TRUE, FALSE, 3 },
+    { 150, 100, 129, 4, 0, FALSE, TRUE, 4, TRUE },
+    { 300, 200, 129, 5, 0, FALSE, FALSE, 5 },
+    { 300, 200, 64, 4, 0, FALSE, TRUE },
+    { 300, 200, 70, 4, 0, FALSE, TRUE, 0, TRUE },
+    /* a spectrum on which the iteration gives up: the dense route */
+    { 300, 200, 96, 4, 0, FALSE, FALSE, 4, FALSE, TRUE },
+    { 300, 200, 96, 4, 0, FALSE, TRUE, 4, TRUE, TRUE },
   };
   for (guint i = 0; i < G_N_ELEMENTS (cases); i++)
     check_exact (&cases[i], 1000 + i);
@@ -286,6 +330,128 @@ test_gram_kernels (void)
                        r, i, j, g_rows[i * r + j], g_cols[i * r + j], e);
           }
     }
+}
+
+/* bf16 as f32 (exactly) */
+static float
+bf16_value (guint16 bits)
+{
+  guint32 wide = (guint32) bits << 16;
+  float f;
+  memcpy (&f, &wide, sizeof f);
+  return f;
+}
+
+/* The upper triangle of Yᵀ Y summed in f64, and the sums of |products|. */
+static void
+reference_gram (const float *y, guint r, gsize n, double *expect, double *bound)
+{
+  memset (expect, 0, sizeof (double) * r * r);
+  if (bound)
+    memset (bound, 0, sizeof (double) * r * r);
+  for (guint i = 0; i < r; i++)
+    for (guint j = i; j < r; j++)
+      for (gsize t = 0; t < n; t++)
+        {
+          double p = (double) y[t * r + i] * y[t * r + j];
+          expect[i * r + j] += p;
+          if (bound)
+            bound[i * r + j] += fabs (p);
+        }
+}
+
+/* One run of each blocked kernel on Y [n, r] (and X = Yᵀ [r, n] at a
+ * stride of @ld ≥ n; and both as bf16, truncated, where the machine has
+ * the bf16 kernels), each into a G that holds a base value: checks that
+ * they add their products to the upper triangle, to within @tol times the
+ * sum of |products| of each entry (0: exactly), and leave the lower one. */
+static void
+check_blocked (const float *y, const float *x, gsize ld, guint r, gsize n, double tol, const char *what)
+{
+  gsize rr = (gsize) r * r;
+  g_autofree double *expect = g_new (double, rr);
+  g_autofree double *expect_bf16 = g_new (double, rr);
+  g_autofree double *bound = g_new (double, rr);
+  g_autofree double *got = g_new (double, rr);
+  g_autofree gpointer scratch = g_malloc (lp_lora_gram_blocked_scratch_size (r));
+  /* the bf16 copies in buffers of exactly their size */
+  g_autofree guint16 *yb = g_new (guint16, MAX (n * r, 1));
+  g_autofree guint16 *xb = g_new (guint16, MAX (r * n, 1));
+  g_autofree float *yt = g_new (float, MAX (n * r, 1));   /* what bf16 holds, as f32 */
+  static const char *names[4] = { "rows f32", "cols f32", "rows bf16", "cols bf16" };
+
+  for (gsize t = 0; t < n; t++)
+    for (guint i = 0; i < r; i++)
+      {
+        guint32 bits;
+        memcpy (&bits, &y[t * r + i], 4);
+        yb[t * r + i] = xb[i * n + t] = bits >> 16;
+        yt[t * r + i] = bf16_value (bits >> 16);
+      }
+  reference_gram (y, r, n, expect, bound);
+  reference_gram (yt, r, n, expect_bf16, NULL);
+
+  for (guint k = 0; k < (lp_lora_have_bf16_dot () ? 4u : 2u); k++)
+    {
+      for (gsize i = 0; i < rr; i++)
+        got[i] = i / r <= i % r ? 0.5 : -7.0;
+      switch (k)
+        {
+        case 0: lp_lora_gram_blocked_rows_f32 (x, ld, r, n, got, scratch); break;
+        case 1: lp_lora_gram_blocked_cols_f32 (y, r, n, got, scratch); break;
+        case 2: lp_lora_gram_blocked_rows_bf16 (xb, r, n, got, scratch); break;
+        default: lp_lora_gram_blocked_cols_bf16 (yb, r, n, got, scratch); break;
+        }
+      for (guint i = 0; i < r; i++)
+        for (guint j = 0; j < r; j++)
+          {
+            double have = got[i * r + j];
+            double want = j < i ? -7.0 : 0.5 + (k < 2 ? expect : expect_bf16)[i * r + j];
+            double allowed = j < i ? 0 : tol * bound[i * r + j];
+            if (!(fabs (have - want) <= allowed))
+              g_error ("%s, %s, r %u n %u: G[%u][%u] = %.17g, expected %.17g (tolerance %g)",
+                       what, names[k], r, (guint) n, i, j, have, want, allowed);
+          }
+    }
+}
+
+/* The blocked Gram kernels against a plain f64 sum, at ranks around their
+ * tile (6 rows by 4 × 16 columns) and panel (128 steps, 256 bf16 values)
+ * sizes and at odd lengths: small integers, whose f32 sums are exact, must
+ * come out exactly; Gaussian values within the f32 rounding of one panel's
+ * sums (2 × 256 × 2⁻²⁴ of the sum of |products|). */
+static void
+test_blocked_gram_kernels (void)
+{
+  static const guint ranks[] = { 1, 3, 17, 64, 129, 256, 512 };
+  static const gsize lengths[] = { 1, 37, 301, 777 };
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, 14, "blocked kernels");
+
+  for (guint c = 0; c < G_N_ELEMENTS (ranks); c++)
+    for (guint d = 0; d < G_N_ELEMENTS (lengths); d++)
+      for (int gaussian = 0; gaussian < 2; gaussian++)
+        {
+          guint r = ranks[c];
+          gsize n = lengths[d], ld = n + (d & 1) * 3;   /* X also at a stride past its rows */
+          if (gaussian && r * n > 256 * 301)
+            continue;   /* the exact cases cover the large sizes */
+          g_autofree float *y = g_new (float, n * r);
+          g_autofree float *x = g_new (float, r * ld);
+          for (gsize t = 0; t < n; t++)
+            for (guint i = 0; i < r; i++)
+              {
+                float v = gaussian ? (float) lp_lora_rng_normal (&rng)
+                                   : (float) (lp_lora_rng_next (&rng) % 17) - 8.f;
+                y[t * r + i] = v;
+                x[i * ld + t] = v;
+              }
+          for (guint i = 0; i < r; i++)
+            for (gsize t = n; t < ld; t++)
+              x[i * ld + t] = 1e30f;   /* past the rows: must not count */
+          check_blocked (y, x, ld, r, n, gaussian ? 2.0 * 256 * 0x1.0p-24 : 0.0,
+                         gaussian ? "gaussian" : "integers");
+        }
 }
 
 /* The map kernels (A' = M A, B' = B M) on small integers, exact in f32,
@@ -618,6 +784,7 @@ main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
   g_test_add_func ("/lora-math/gram-kernels", test_gram_kernels);
+  g_test_add_func ("/lora-math/blocked-gram-kernels", test_blocked_gram_kernels);
   g_test_add_func ("/lora-math/map-kernels", test_map_kernels);
   g_test_add_func ("/lora-math/top-eigenpairs", test_top_eigenpairs);
   g_test_add_func ("/lora-math/exact", test_exact);
