@@ -446,14 +446,69 @@ def check_pipelines(tmp):
           "the sharded fuse of the sharded model reads back as the fuse of the whole model")
 
 
+def check_progress(tmp):
+    """a sharded write reports one progress for the whole checkpoint, and the
+    run counts every shard's tensors and bytes"""
+    import gi
+    gi.require_version("Lpipe", "1.0")
+    from gi.repository import Lpipe
+    tensors = model(31)
+    whole = os.path.join(tmp, "g-model.safetensors")
+    write_model(whole, tensors, {"format": "pt"})
+    folder = os.path.join(tmp, "g-sharded")
+    os.makedirs(folder)
+    pipeline = Lpipe.Pipeline.parse_launch(
+        "safetensors-source location=%s ! safetensors-sink max-shard-size=5000 location=%s" % (whole, folder))
+    seen = []
+    stats = pipeline.run(progress=lambda *values: seen.append(values))
+    n, total = len(tensors), sum(x.nbytes for x in tensors.values())
+    shards = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    check(len(shards) > 3, "progress: the model is written in %d shards" % len(shards))
+    check(stats.props.tensors_written == n and stats.props.bytes_written == total,
+          "progress: the run counts every shard (%d of %d tensors, %d of %d bytes)"
+          % (stats.props.tensors_written, n, stats.props.bytes_written, total))
+    check(seen and seen[-1] == (n, n, total, total) and all(v[1] == n and v[3] == total for v in seen)
+          and all(a[0] <= b[0] and a[2] <= b[2] for a, b in zip(seen, seen[1:])),
+          "progress: one count over all the shards, never going back (%s)" % seen[-3:])
+
+
+def check_summary(tmp):
+    """the CLI's summary gives a sharded checkpoint's size (its tensors'
+    bytes), read or written, not the size of a folder or of a name with no
+    file behind it"""
+    def fmt(n):  # lpipe-output.c lp_cli_format_bytes
+        return "%.1f kB" % (n / 1e3) if n >= 1e3 else "%d B" % n
+    tensors = model(41)
+    total = sum(x.nbytes for x in tensors.values())
+    whole = os.path.join(tmp, "c-model.safetensors")
+    write_model(whole, tensors, {"format": "pt"})
+    folder = os.path.join(tmp, "c-sharded")
+    os.makedirs(folder)
+    location = os.path.join(folder, "model.safetensors")
+    p = run("launch", "safetensors-source", "location=" + whole, "!", "safetensors-sink",
+            "location=" + location, "max-shard-size=5000")
+    check(p.returncode == 0 and "wrote  %s: %s\n" % (location, fmt(total)) in p.stderr,
+          "summary: a sharded write's size (%r)" % p.stderr)
+    p = run("launch", "safetensors-source", "location=" + folder, "!", "safetensors-sink",
+            "location=" + os.path.join(tmp, "c-back.safetensors"))
+    check(p.returncode == 0 and "read   %s: %s\n" % (folder, fmt(total)) in p.stderr,
+          "summary: a sharded read's size (%r)" % p.stderr)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-sharded-")
     try:
-        check_read(tmp)
-        check_errors(tmp)
-        check_write(tmp)
-        check_stale(tmp)
-        check_pipelines(tmp)
+        if sys.argv[1:] == ["--progress"]:
+            # needs the typelib: a test of its own, which a build without
+            # introspection does not have
+            check_progress(tmp)
+        else:
+            check_read(tmp)
+            check_errors(tmp)
+            check_write(tmp)
+            check_stale(tmp)
+            check_pipelines(tmp)
+            check_summary(tmp)
     finally:
         shutil.rmtree(tmp)
     if FAILURES:
