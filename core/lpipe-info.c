@@ -438,7 +438,14 @@ print_summary (const char   *path,
   }
   g_print ("\n");
   if (lp_checkpoint_get_adapter_config (ckpt))
-    g_print ("  %-11s PEFT adapter_config.json beside it\n", "config");
+    {
+      /* mlx-lm writes its own adapter_config.json, which the mlx family
+       * claims; any other is PEFT's */
+      gboolean mlx = FALSE;
+      for (guint i = 0; modules && i < modules->len; i++)
+        mlx |= g_strcmp0 (module_family (g_ptr_array_index (modules, i)), "mlx") == 0;
+      g_print ("  %-11s %s adapter_config.json beside it\n", "config", mlx ? "mlx-lm" : "PEFT");
+    }
   print_metadata_digest (ckpt, keys);
   if (opt_tensors)
     print_tensors (ckpt);

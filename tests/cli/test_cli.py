@@ -375,6 +375,13 @@ def main():
     p = lpipe("info", peft)
     check(p.returncode == 0 and "adapter_model.safetensors" in p.stdout.splitlines()[0]
           and "PEFT adapter_config.json" in p.stdout, "info: a PEFT folder stands for its adapter_model.safetensors")
+    # mlx-lm writes an adapter_config.json of its own (mlx_lm.tuner.utils), claimed by the mlx family
+    os.mkdir(os.path.join(tmp, "mlx"))
+    mlx = os.path.join(tmp, "mlx", "adapters.safetensors")
+    synth(mlx, preset="llama", fmt="mlx")
+    p = lpipe("info", mlx)
+    check(p.returncode == 0 and "mlx-lm adapter_config.json beside it" in p.stdout and "PEFT" not in p.stdout,
+          "info: mlx-lm's adapter_config.json is named mlx-lm's, not PEFT's")
 
     # ---- control characters are escaped ------------------------------------------------
     evil = os.path.join(tmp, "evil.safetensors")
