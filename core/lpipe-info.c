@@ -137,7 +137,20 @@ sniff_not_safetensors (const char *path)
   return NULL;
 }
 
-/* A PEFT folder stands for its adapter_model.safetensors. */
+static gboolean
+folder_has_index (const char *folder)
+{
+  g_autoptr(GDir) dir = g_dir_open (folder, 0, NULL);
+  const char *name;
+
+  while (dir && (name = g_dir_read_name (dir)) != NULL)
+    if (g_str_has_suffix (name, ".safetensors.index.json"))
+      return TRUE;
+  return FALSE;
+}
+
+/* A PEFT folder stands for its adapter_model.safetensors; a folder with a
+ * `*.safetensors.index.json` for its sharded checkpoint. */
 static char *
 resolve_input (const char  *path,
                GError     **error)
@@ -149,6 +162,8 @@ resolve_input (const char  *path,
       g_autofree char *inner = g_build_filename (path, "adapter_model.safetensors", NULL);
       if (g_file_test (inner, G_FILE_TEST_IS_REGULAR))
         return g_steal_pointer (&inner);
+      if (folder_has_index (path))
+        return g_strdup (path);   /* a sharded checkpoint's folder */
       g_set_error (error, G_FILE_ERROR, G_FILE_ERROR_ISDIR,
                    "%s: a folder, not a safetensors file (a PEFT folder holds adapter_model.safetensors; "
                    "this one does not)", shown);
@@ -162,7 +177,8 @@ load_checkpoint (const char  *path,
                  GError     **error)
 {
   GError *local = NULL;
-  LpCheckpoint *ckpt = lp_safetensors_load (path, &local);
+  LpCheckpoint *ckpt = lp_safetensors_is_index (path) ? lp_safetensors_load_index (path, &local)
+                                                      : lp_safetensors_load (path, &local);
   g_autofree char *what = NULL;
 
   if (ckpt != NULL)

@@ -34,7 +34,8 @@ lp_cli_count_ranks (const char *filename,
                     guint      *min_rank,
                     guint      *max_rank)
 {
-  g_autoptr(LpCheckpoint) ckpt = lp_safetensors_load (filename, NULL);
+  g_autoptr(LpCheckpoint) ckpt = lp_safetensors_is_index (filename) ? lp_safetensors_load_index (filename, NULL)
+                                                                    : lp_safetensors_load (filename, NULL);
   g_autoptr(GPtrArray) modules = NULL;
 
   *n_modules = *min_rank = *max_rank = 0;
@@ -66,10 +67,18 @@ lp_cli_describe_ranks (guint n_modules,
   return g_strdup_printf ("%u-%u", min_rank, max_rank);
 }
 
+/* The bytes of a file, or of a sharded checkpoint's tensors (an index or
+ * its folder: the index alone says nothing of the size). */
 static guint64
 file_size (const char *path)
 {
   GStatBuf st;
+
+  if (path && lp_safetensors_is_index (path))
+    {
+      g_autoptr(LpCheckpoint) ckpt = lp_safetensors_load_index (path, NULL);
+      return ckpt ? lp_checkpoint_get_n_bytes (ckpt) : 0;
+    }
   return path && g_stat (path, &st) == 0 ? (guint64) st.st_size : 0;
 }
 
