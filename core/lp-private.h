@@ -32,6 +32,14 @@ void      lp_stage_set_pipeline_context (LpStage       *self,
                                          LpCheckpoint **extra_inputs,
                                          guint          n_extra);
 guint     lp_stage_get_index            (LpStage       *self);
+/* Several pulls that make one whole (the shards of a checkpoint) report
+ * their progress as the whole's: @tensors_before and @bytes_before are what
+ * the earlier pulls did, the totals the whole's; a total of 0 ends it. */
+void      lp_stage_set_progress_span    (LpStage       *self,
+                                         guint64        tensors_before,
+                                         guint64        bytes_before,
+                                         guint64        tensors_total,
+                                         guint64        bytes_total);
 gpointer  lp_stage_get_pipeline_context (LpStage       *self);
 
 /* lp-run-stats.c: made by lp_pipeline_run(); @outputs holds strings */

@@ -497,7 +497,7 @@ lp_safetensors_save_sharded (LpCheckpoint  *checkpoint,
   g_autoptr(GPtrArray) pending = g_ptr_array_new_with_free_func ((GDestroyNotify) lp_pending_file_free);
   g_autoptr(LpPendingFile) index_file = NULL;
   g_autoptr(GHashTable) written = g_hash_table_new (g_str_hash, g_str_equal);
-  guint64 total_size = 0;
+  guint64 total_size = 0, tensors_done = 0, bytes_done = 0;
 
   g_return_val_if_fail (LP_IS_CHECKPOINT (checkpoint), FALSE);
   g_return_val_if_fail (location != NULL, FALSE);
@@ -538,9 +538,18 @@ lp_safetensors_save_sharded (LpCheckpoint  *checkpoint,
             return FALSE;
         }
       path = g_build_filename (folder, name, NULL);
+      /* one progress for the whole checkpoint, and the run's count of
+       * tensors and bytes written is the whole's */
+      if (stage != NULL)
+        lp_stage_set_progress_span (stage, tensors_done, bytes_done, lp_checkpoint_get_n_tensors (checkpoint),
+                                    lp_checkpoint_get_n_bytes (checkpoint));
       file = lp_safetensors_write_pending (part, path, stage, error);
+      if (stage != NULL)
+        lp_stage_set_progress_span (stage, 0, 0, 0, 0);
       if (file == NULL)
         return FALSE;
+      tensors_done += shard->len;
+      bytes_done += lp_checkpoint_get_n_bytes (part);
       g_ptr_array_add (pending, file);
       if (lp_pending_file_is_stream (file))
         {

@@ -24,6 +24,9 @@ typedef struct
   char *provenance;          /* a GRefString, shared by a pipeline's stages */
   gpointer pipeline;         /* weak: the pipeline outlives its run */
   GPtrArray *extra_inputs;   /* LpCheckpoint, during a run */
+  /* lp_stage_set_progress_span(): what earlier pulls of one whole did, and
+   * the whole's totals (tensors_total 0: none) */
+  guint64 span_tensors_before, span_bytes_before, span_tensors_total, span_bytes_total;
 } LpStagePrivate;
 
 G_DEFINE_ABSTRACT_TYPE_WITH_PRIVATE (LpStage, lp_stage, G_TYPE_OBJECT)
@@ -844,8 +847,30 @@ lp_stage_report_progress (LpStage *self,
 
   g_return_if_fail (LP_IS_STAGE (self));
   priv = lp_stage_get_instance_private (self);
+  if (priv->span_tensors_total > 0)
+    {
+      tensors_done += priv->span_tensors_before;
+      bytes_done += priv->span_bytes_before;
+      tensors_total = priv->span_tensors_total;
+      bytes_total = priv->span_bytes_total;
+    }
   if (priv->pipeline)
     lp_pipeline_emit_progress (priv->pipeline, tensors_done, tensors_total, bytes_done, bytes_total);
+}
+
+void
+lp_stage_set_progress_span (LpStage *self,
+                            guint64  tensors_before,
+                            guint64  bytes_before,
+                            guint64  tensors_total,
+                            guint64  bytes_total)
+{
+  LpStagePrivate *priv = lp_stage_get_instance_private (self);
+
+  priv->span_tensors_before = tensors_before;
+  priv->span_bytes_before = bytes_before;
+  priv->span_tensors_total = tensors_total;
+  priv->span_bytes_total = bytes_total;
 }
 
 /* lp_stage_pull_tensors(): computes tensors on a pool and hands them over in
