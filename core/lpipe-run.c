@@ -34,7 +34,8 @@ lp_cli_count_ranks (const char *filename,
                     guint      *min_rank,
                     guint      *max_rank)
 {
-  g_autoptr(LpCheckpoint) ckpt = lp_safetensors_load (filename, NULL);
+  g_autoptr(LpCheckpoint) ckpt = lp_safetensors_is_index (filename) ? lp_safetensors_load_index (filename, NULL)
+                                                                    : lp_safetensors_load (filename, NULL);
   g_autoptr(GPtrArray) modules = NULL;
 
   *n_modules = *min_rank = *max_rank = 0;
@@ -66,22 +67,25 @@ lp_cli_describe_ranks (guint n_modules,
   return g_strdup_printf ("%u-%u", min_rank, max_rank);
 }
 
+/* The bytes of a file, or of a sharded checkpoint's tensors (an index or
+ * its folder: the index alone says nothing of the size). */
 static guint64
 file_size (const char *path)
 {
   GStatBuf st;
 
-  if (path == NULL || g_stat (path, &st) != 0)
+  if (path == NULL)
     return 0;
-  if (S_ISREG (st.st_mode))
-    return st.st_size;
-  /* a sharded checkpoint's folder: the bytes of its tensors */
-  if (S_ISDIR (st.st_mode) && lp_safetensors_is_index (path))
+  /* a sharded checkpoint's folder or index: the bytes of its tensors */
+  if (lp_safetensors_is_index (path))
     {
       g_autoptr(LpCheckpoint) sharded = lp_safetensors_load_index (path, NULL);
-      return sharded ? lp_checkpoint_get_n_bytes (sharded) : 0;
+      if (sharded)
+        return lp_checkpoint_get_n_bytes (sharded);
     }
-  return 0;
+  if (g_stat (path, &st) != 0 || !S_ISREG (st.st_mode))
+    return 0;
+  return st.st_size;
 }
 
 /* What safetensors-sink wrote at @location: the file, or with

@@ -375,6 +375,32 @@ def main():
     p = lpipe("info", peft)
     check(p.returncode == 0 and "adapter_model.safetensors" in p.stdout.splitlines()[0]
           and "PEFT adapter_config.json" in p.stdout, "info: a PEFT folder stands for its adapter_model.safetensors")
+    # mlx-lm writes an adapter_config.json of its own (mlx_lm.tuner.utils), claimed by the mlx family
+    os.mkdir(os.path.join(tmp, "mlx"))
+    mlx = os.path.join(tmp, "mlx", "adapters.safetensors")
+    synth(mlx, preset="llama", fmt="mlx")
+    p = lpipe("info", mlx)
+    check(p.returncode == 0 and "mlx-lm adapter_config.json beside it" in p.stdout and "PEFT" not in p.stdout,
+          "info: mlx-lm's adapter_config.json is named mlx-lm's, not PEFT's")
+    # a sharded checkpoint (as huggingface_hub's split_state_dict_into_shards_factory writes it):
+    # its folder or its index is one checkpoint, for info and for the run's summary
+    shards, shards4 = os.path.join(tmp, "sharded"), os.path.join(tmp, "sharded-r4")
+    os.mkdir(shards)
+    os.mkdir(shards4)
+    p = lpipe("-q", "launch", "lora-synth", "preset=sd15-unet", "rank=8", "format=kohya", "!", "safetensors-sink",
+              "location=" + os.path.join(shards, "model.safetensors.index.json"), "max-shard-size=1MB")
+    check(p.returncode == 0, "a sharded input is written")
+    check(len([f for f in os.listdir(shards) if f.endswith(".safetensors")]) > 1, "the sharded input has several shards")
+    for where in (shards, os.path.join(shards, "model.safetensors.index.json")):
+        p = lpipe("info", where)
+        check(p.returncode == 0 and p.stdout.startswith(where + ": 384 tensors, 3.2 MB")
+              and "128 modules" in p.stdout, "info: a sharded checkpoint's %s is one checkpoint"
+              % ("folder" if where == shards else "index"))
+    p = lpipe("launch", "safetensors-source", "location=" + shards, "!", "lora-svd", "rank=4", "!",
+              "safetensors-sink", "location=" + shards4, "max-shard-size=1MB")
+    check(p.returncode == 0 and "read   %s: 3.2 MB, 128 LoRA modules of rank 8" % shards in p.stderr
+          and "wrote  %s: 1.6 MB, 128 LoRA modules of rank 4" % shards4 in p.stderr,
+          "a run's summary gives a sharded input's and output's sizes and ranks")
 
     # ---- control characters are escaped ------------------------------------------------
     evil = os.path.join(tmp, "evil.safetensors")
