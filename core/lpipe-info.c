@@ -137,7 +137,20 @@ sniff_not_safetensors (const char *path)
   return NULL;
 }
 
-/* A PEFT folder stands for its adapter_model.safetensors. */
+static gboolean
+folder_has_index (const char *folder)
+{
+  g_autoptr(GDir) dir = g_dir_open (folder, 0, NULL);
+  const char *name;
+
+  while (dir && (name = g_dir_read_name (dir)) != NULL)
+    if (g_str_has_suffix (name, ".safetensors.index.json"))
+      return TRUE;
+  return FALSE;
+}
+
+/* A PEFT folder stands for its adapter_model.safetensors; a folder with a
+ * `*.safetensors.index.json` for its sharded checkpoint. */
 static char *
 resolve_input (const char  *path,
                GError     **error)
@@ -149,6 +162,8 @@ resolve_input (const char  *path,
       g_autofree char *inner = g_build_filename (path, "adapter_model.safetensors", NULL);
       if (g_file_test (inner, G_FILE_TEST_IS_REGULAR))
         return g_steal_pointer (&inner);
+      if (folder_has_index (path))
+        return g_strdup (path);   /* a sharded checkpoint's folder */
       g_set_error (error, G_FILE_ERROR, G_FILE_ERROR_ISDIR,
                    "%s: a folder, not a safetensors file (a PEFT folder holds adapter_model.safetensors; "
                    "this one does not)", shown);
@@ -162,7 +177,8 @@ load_checkpoint (const char  *path,
                  GError     **error)
 {
   GError *local = NULL;
-  LpCheckpoint *ckpt = lp_safetensors_load (path, &local);
+  LpCheckpoint *ckpt = lp_safetensors_is_index (path) ? lp_safetensors_load_index (path, &local)
+                                                      : lp_safetensors_load (path, &local);
   g_autofree char *what = NULL;
 
   if (ckpt != NULL)
@@ -438,7 +454,14 @@ print_summary (const char   *path,
   }
   g_print ("\n");
   if (lp_checkpoint_get_adapter_config (ckpt))
-    g_print ("  %-11s PEFT adapter_config.json beside it\n", "config");
+    {
+      /* mlx-lm writes its own adapter_config.json, which the mlx family
+       * claims; any other is PEFT's */
+      gboolean mlx = FALSE;
+      for (guint i = 0; modules && i < modules->len; i++)
+        mlx |= g_strcmp0 (module_family (g_ptr_array_index (modules, i)), "mlx") == 0;
+      g_print ("  %-11s %s adapter_config.json beside it\n", "config", mlx ? "mlx-lm" : "PEFT");
+    }
   print_metadata_digest (ckpt, keys);
   if (opt_tensors)
     print_tensors (ckpt);

@@ -34,7 +34,8 @@ lp_cli_count_ranks (const char *filename,
                     guint      *min_rank,
                     guint      *max_rank)
 {
-  g_autoptr(LpCheckpoint) ckpt = lp_safetensors_load (filename, NULL);
+  g_autoptr(LpCheckpoint) ckpt = lp_safetensors_is_index (filename) ? lp_safetensors_load_index (filename, NULL)
+                                                                    : lp_safetensors_load (filename, NULL);
   g_autoptr(GPtrArray) modules = NULL;
 
   *n_modules = *min_rank = *max_rank = 0;
@@ -66,11 +67,57 @@ lp_cli_describe_ranks (guint n_modules,
   return g_strdup_printf ("%u-%u", min_rank, max_rank);
 }
 
+/* The bytes of a file, or of a sharded checkpoint's tensors (an index or
+ * its folder: the index alone says nothing of the size). */
 static guint64
 file_size (const char *path)
 {
   GStatBuf st;
-  return path && g_stat (path, &st) == 0 ? (guint64) st.st_size : 0;
+
+  if (path == NULL)
+    return 0;
+  /* a sharded checkpoint's folder or index: the bytes of its tensors */
+  if (lp_safetensors_is_index (path))
+    {
+      g_autoptr(LpCheckpoint) sharded = lp_safetensors_load_index (path, NULL);
+      if (sharded)
+        return lp_checkpoint_get_n_bytes (sharded);
+    }
+  if (g_stat (path, &st) != 0 || !S_ISREG (st.st_mode))
+    return 0;
+  return st.st_size;
+}
+
+/* What safetensors-sink wrote at @location: the file, or with
+ * max-shard-size the shards (their index beside STEM.safetensors, in the
+ * folder, or STEM.safetensors alone when the model fit in one shard). */
+static guint64
+output_size (const char *location)
+{
+  g_autofree char *index = NULL;
+  g_autofree char *whole = NULL;
+  guint64 size = file_size (location);
+
+  if (size > 0 || location == NULL)
+    return size;
+  if (g_str_has_suffix (location, ".safetensors.index.json"))
+    {
+      g_autoptr(LpCheckpoint) sharded = lp_safetensors_load_index (location, NULL);
+      whole = g_strndup (location, strlen (location) - strlen (".index.json"));
+      return sharded ? lp_checkpoint_get_n_bytes (sharded) : file_size (whole);
+    }
+  if (g_file_test (location, G_FILE_TEST_IS_DIR))
+    {
+      whole = g_build_filename (location, "model.safetensors", NULL);
+      return file_size (whole);
+    }
+  index = g_strconcat (location, ".index.json", NULL);
+  if (g_file_test (index, G_FILE_TEST_IS_REGULAR))
+    {
+      g_autoptr(LpCheckpoint) sharded = lp_safetensors_load_index (index, NULL);
+      return sharded ? lp_checkpoint_get_n_bytes (sharded) : 0;
+    }
+  return 0;
 }
 
 static char *
@@ -223,7 +270,7 @@ lp_cli_collect_result (LpPipeline  *pipeline,
     }
   if (result->output)
     {
-      result->out_bytes = file_size (result->output);
+      result->out_bytes = output_size (result->output);
       /* rank-check counted them already when the pipeline has one */
       if (result->out_modules == 0)
         lp_cli_count_ranks (result->output, &result->out_modules,

@@ -154,9 +154,21 @@ add_original_names (Targets    *targets,
 {
   const char *name = lp_tensor_get_name (weight);
   const char *kohya_prefix = NULL;
-  g_auto(GStrv) parts = lp_model_name_to_diffusers (name, &kohya_prefix);
+  g_auto(GStrv) parts = NULL;
   guint n_parts;
 
+  if (lp_tensor_get_n_dims (weight) == 0)
+    return;
+  if (g_str_has_prefix (name, "model.diffusion_model.") && g_str_has_suffix (name, ".weight"))
+    {
+      const char *rest = name + strlen ("model.diffusion_model.");
+      char *kohya = g_strconcat ("lora_unet_", rest, NULL);
+
+      kohya[strlen (kohya) - strlen (".weight")] = '\0';
+      g_strdelimit (kohya + strlen ("lora_unet_"), ".", '_');
+      add_alias (targets, kohya, weight, 0, 1);
+    }
+  parts = lp_model_name_to_diffusers (name, &kohya_prefix);
   if (parts == NULL)
     return;
   n_parts = g_strv_length (parts);
@@ -175,15 +187,6 @@ add_original_names (Targets    *targets,
       g_strdelimit (kohya + strlen (kohya_prefix), ".", '_');
       add_alias (targets, g_strdup (parts[p]), weight, p, n_parts);
       add_alias (targets, kohya, weight, p, n_parts);
-    }
-  if (g_str_has_prefix (name, "model.diffusion_model.") && g_str_has_suffix (name, ".weight"))
-    {
-      const char *rest = name + strlen ("model.diffusion_model.");
-      char *kohya = g_strconcat ("lora_unet_", rest, NULL);
-
-      kohya[strlen (kohya) - strlen (".weight")] = '\0';
-      g_strdelimit (kohya + strlen ("lora_unet_"), ".", '_');
-      add_alias (targets, kohya, weight, 0, 1);
     }
 }
 
@@ -283,7 +286,9 @@ find_target (Targets      *targets,
     }
   target->weight = find_weight (targets, module);
   target->row = 0;
-  target->n_rows = target->weight ? lp_tensor_get_dim (target->weight, 0) : 0;
+  /* a scalar named like a weight takes no update: it is of another shape */
+  target->n_rows = target->weight && lp_tensor_get_n_dims (target->weight) > 0
+    ? lp_tensor_get_dim (target->weight, 0) : 0;
   return target->weight != NULL;
 }
 
@@ -440,7 +445,7 @@ lp_lora_fuse_aggregate (LpAggregator  *aggregator,
           LpLoraModule *module = g_ptr_array_index (modules, m);
           Target target = { NULL, };
           LpTensor *weight = find_target (&targets, module, &target) ? target.weight : NULL;
-          guint64 out = weight ? lp_tensor_get_dim (weight, 0) : 0;
+          guint64 out = weight && lp_tensor_get_n_dims (weight) > 0 ? lp_tensor_get_dim (weight, 0) : 0;
           Fused *entry;
           Part part;
 

@@ -19,7 +19,10 @@
  * modules of a Flux.1-dev LoRA, a module per task on THREADS threads, and
  * prints "gram R GFLOPS WALL_GFLOPS CPU_SECONDS WALL_SECONDS", counting
  * (in + out)·R·(R + 1) flops per module: the upper triangles, which is
- * all that is computed. GFLOPS is THREADS times the rate per CPU second.
+ * all that is computed. GFLOPS is THREADS times the rate per CPU second;
+ * KERNELS is "bf16" (the bf16 dot product) or "f32" (the f32 kernels, on
+ * machines or builds without it). Usage line: "gram R GFLOPS WALL_GFLOPS
+ * CPU_SECONDS WALL_SECONDS KERNELS".
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,7 +33,7 @@
 
 #include "lp-lora-kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(__x86_64__) && defined(__GNUC__)
 # define LP_BENCH_X86 1
 # include <immintrin.h>
 #endif
@@ -204,6 +207,7 @@ run_peak (guint threads)
       }
 #else
   g_printerr ("lp-bench-gram: no peak measurement for this architecture\n");
+  return 77;
 #endif
   return 0;
 }
@@ -229,6 +233,7 @@ typedef struct {
   GArray *sizes;      /* (in, out) pairs, one per module */
   gint next;
   const guint16 *a, *b;   /* the largest module's factors, reused */
+  const float *af, *bf;   /* the same as f32, where there is no bf16 dot product */
   double cpu;             /* the threads' CPU seconds, summed */
   GMutex lock;
 } GramWork;
@@ -241,8 +246,8 @@ gram_thread (gpointer data)
   g_autofree double *ga = g_new (double, (gsize) r * r);
   g_autofree double *gb = g_new (double, (gsize) r * r);
   gboolean blocked = work->blocked;
-  g_autofree gpointer scratch = g_malloc (blocked ? lp_lora_gram_blocked_scratch_size (r)
-                                                  : lp_lora_gram_bf16_scratch_size (r));
+  g_autofree gpointer scratch = g_malloc (MAX (lp_lora_gram_blocked_scratch_size (r),
+                                               lp_lora_gram_bf16_scratch_size (r)));
 
   double start = thread_cpu ();
 
@@ -254,7 +259,14 @@ gram_thread (gpointer data)
       const guint *size = &g_array_index (work->sizes, guint, 2 * i);
       memset (ga, 0, sizeof (double) * r * r);
       memset (gb, 0, sizeof (double) * r * r);
-      if (blocked)
+      if (work->af)
+        {
+          /* the f32 kernels lora-svd runs on 16-bit factors without the bf16
+           * dot product, from blocks it has converted (not counted here) */
+          lp_lora_gram_blocked_rows_f32 (work->af, size[0], r, size[0], ga, scratch);
+          lp_lora_gram_blocked_cols_f32 (work->bf, r, size[1], gb, scratch);
+        }
+      else if (blocked)
         {
           lp_lora_gram_blocked_rows_bf16 (work->a, r, size[0], ga, scratch);
           lp_lora_gram_blocked_cols_bf16 (work->b, r, size[1], gb, scratch);
@@ -275,12 +287,6 @@ static int
 run_gram (guint r,
           guint threads)
 {
-  if (!lp_lora_have_bf16_dot ())
-    {
-      g_printerr ("lp-bench-gram: no bf16 dot product on this machine\n");
-      return 77;
-    }
-
   GramWork work = { r, r >= LP_LORA_GRAM_BLOCKED_RANK, g_array_new (FALSE, FALSE, sizeof (guint)), 0 };
   if (g_getenv ("LP_BENCH_GRAM_KERNELS"))   /* "blocked" or "plain", for comparisons */
     work.blocked = g_str_equal (g_getenv ("LP_BENCH_GRAM_KERNELS"), "blocked");
@@ -318,6 +324,20 @@ run_gram (guint r,
     b[i] = a[values - 1 - i];
   work.a = a;
   work.b = b;
+  g_autofree float *af = NULL, *bf = NULL;
+  if (!lp_lora_have_bf16_dot ())
+    {
+      af = g_new (float, values);
+      bf = g_new (float, values);
+      for (gsize i = 0; i < values; i++)
+        {
+          guint32 wa = (guint32) a[i] << 16, wb = (guint32) b[i] << 16;
+          memcpy (&af[i], &wa, sizeof wa);
+          memcpy (&bf[i], &wb, sizeof wb);
+        }
+      work.af = af;
+      work.bf = bf;
+    }
 
   double best = G_MAXDOUBLE, best_cpu = G_MAXDOUBLE;
   for (int rep = 0; rep < 3; rep++)
@@ -335,8 +355,8 @@ run_gram (guint r,
       best_cpu = MIN (best_cpu, work.cpu);
     }
   /* by CPU time: the rate the threads' cores give, scaled to all of them */
-  printf ("gram %u %.1f %.1f %.3f %.3f\n", r, flops / best_cpu * threads / 1e9, flops / best / 1e9,
-          best_cpu, best);
+  printf ("gram %u %.1f %.1f %.3f %.3f %s\n", r, flops / best_cpu * threads / 1e9, flops / best / 1e9,
+          best_cpu, best, af ? "f32" : "bf16");
   g_array_unref (work.sizes);
   return 0;
 }

@@ -217,6 +217,21 @@ def main():
               "--dynamic_param", "0.9", "--new_rank", "6")
     check(p.returncode == 0 and same_tensors(k_out, os.path.join(tmp, "dyn", "lora-svfro0.9.safetensors")),
           "reduce: kohya's --dynamic_method sv_fro --new_rank 6 is --sv-fro with --max-rank 6")
+    # --save_precision is read as kohya's str_to_dtype reads it (library/utils.py:
+    # "fp32"/"float32"/"float", "fp16"/"float16", "bf16"/"bfloat16", "fp8_e4m3fn", ...)
+    for spelling, nick, st in (("float", "f32", "F32"), ("fp32", "f32", "F32"), ("float16", "f16", "F16"),
+                               ("bfloat16", "bf16", "BF16"), ("fp8_e4m3fn", "f8-e4m3", "F8_E4M3")):
+        p = lpipe("reduce", lora, "--new_rank", "2", "--save_precision", spelling, "--dry-run")
+        words = shlex.split(p.stdout.strip().splitlines()[0]) if p.returncode == 0 and p.stdout.strip() else []
+        check("dtype=" + nick in words, "reduce: kohya's --save_precision %s is cast dtype=%s" % (spelling, nick))
+    prec_out = os.path.join(tmp, "prec.safetensors")
+    p = lpipe("reduce", lora, "--new_rank", "2", "--save_precision", "float16", "-o", prec_out)
+    check(p.returncode == 0 and {v["dtype"] for k, v in read_header(prec_out).items() if k != "__metadata__"}
+          == {"F16"}, "reduce: --save_precision float16 writes F16 tensors")
+    for bad in ("fp17", "int8"):
+        p = lpipe("reduce", lora, "--new_rank", "2", "--save_precision", bad, "-o", prec_out + ".bad")
+        check(p.returncode == 2 and "--save_precision " + bad in p.stderr and not os.path.exists(prec_out + ".bad"),
+              "reduce: --save_precision %s (not a float dtype) is refused by name" % bad)
     p = lpipe("reduce", lora, "--sv-fro", "0.9", "--rank", "16")
     check(p.returncode == 2 and "--max-rank 16" in p.stderr, "reduce: --sv-fro with --rank points at --max-rank")
     p = lpipe("reduce", lora, "--new_rank", "4", "--device", "cuda")
@@ -375,6 +390,32 @@ def main():
     p = lpipe("info", peft)
     check(p.returncode == 0 and "adapter_model.safetensors" in p.stdout.splitlines()[0]
           and "PEFT adapter_config.json" in p.stdout, "info: a PEFT folder stands for its adapter_model.safetensors")
+    # mlx-lm writes an adapter_config.json of its own (mlx_lm.tuner.utils), claimed by the mlx family
+    os.mkdir(os.path.join(tmp, "mlx"))
+    mlx = os.path.join(tmp, "mlx", "adapters.safetensors")
+    synth(mlx, preset="llama", fmt="mlx")
+    p = lpipe("info", mlx)
+    check(p.returncode == 0 and "mlx-lm adapter_config.json beside it" in p.stdout and "PEFT" not in p.stdout,
+          "info: mlx-lm's adapter_config.json is named mlx-lm's, not PEFT's")
+    # a sharded checkpoint (as huggingface_hub's split_state_dict_into_shards_factory writes it):
+    # its folder or its index is one checkpoint, for info and for the run's summary
+    shards, shards4 = os.path.join(tmp, "sharded"), os.path.join(tmp, "sharded-r4")
+    os.mkdir(shards)
+    os.mkdir(shards4)
+    p = lpipe("-q", "launch", "lora-synth", "preset=sd15-unet", "rank=8", "format=kohya", "!", "safetensors-sink",
+              "location=" + os.path.join(shards, "model.safetensors.index.json"), "max-shard-size=1MB")
+    check(p.returncode == 0, "a sharded input is written")
+    check(len([f for f in os.listdir(shards) if f.endswith(".safetensors")]) > 1, "the sharded input has several shards")
+    for where in (shards, os.path.join(shards, "model.safetensors.index.json")):
+        p = lpipe("info", where)
+        check(p.returncode == 0 and p.stdout.startswith(where + ": 384 tensors, 3.2 MB")
+              and "128 modules" in p.stdout, "info: a sharded checkpoint's %s is one checkpoint"
+              % ("folder" if where == shards else "index"))
+    p = lpipe("launch", "safetensors-source", "location=" + shards, "!", "lora-svd", "rank=4", "!",
+              "safetensors-sink", "location=" + shards4, "max-shard-size=1MB")
+    check(p.returncode == 0 and "read   %s: 3.2 MB, 128 LoRA modules of rank 8" % shards in p.stderr
+          and "wrote  %s: 1.6 MB, 128 LoRA modules of rank 4" % shards4 in p.stderr,
+          "a run's summary gives a sharded input's and output's sizes and ranks")
 
     # ---- control characters are escaped ------------------------------------------------
     evil = os.path.join(tmp, "evil.safetensors")

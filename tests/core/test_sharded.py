@@ -472,6 +472,29 @@ def check_progress(tmp):
           "progress: one count over all the shards, never going back (%s)" % seen[-3:])
 
 
+def check_summary(tmp):
+    """the CLI's summary gives a sharded checkpoint's size (its tensors'
+    bytes), read or written, not the size of a folder or of a name with no
+    file behind it"""
+    def fmt(n):  # lpipe-output.c lp_cli_format_bytes
+        return "%.1f kB" % (n / 1e3) if n >= 1e3 else "%d B" % n
+    tensors = model(41)
+    total = sum(x.nbytes for x in tensors.values())
+    whole = os.path.join(tmp, "c-model.safetensors")
+    write_model(whole, tensors, {"format": "pt"})
+    folder = os.path.join(tmp, "c-sharded")
+    os.makedirs(folder)
+    location = os.path.join(folder, "model.safetensors")
+    p = run("launch", "safetensors-source", "location=" + whole, "!", "safetensors-sink",
+            "location=" + location, "max-shard-size=5000")
+    check(p.returncode == 0 and "wrote  %s: %s\n" % (location, fmt(total)) in p.stderr,
+          "summary: a sharded write's size (%r)" % p.stderr)
+    p = run("launch", "safetensors-source", "location=" + folder, "!", "safetensors-sink",
+            "location=" + os.path.join(tmp, "c-back.safetensors"))
+    check(p.returncode == 0 and "read   %s: %s\n" % (folder, fmt(total)) in p.stderr,
+          "summary: a sharded read's size (%r)" % p.stderr)
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-sharded-")
     try:
@@ -485,6 +508,7 @@ def main():
             check_write(tmp)
             check_stale(tmp)
             check_pipelines(tmp)
+            check_summary(tmp)
     finally:
         shutil.rmtree(tmp)
     if FAILURES:

@@ -453,6 +453,20 @@ def check_kohya_sdxl_onto_sgm(tmp):
     check_fused(out, model, updates, "kohya sdxl onto sgm")
     check("10 modules of 1 LoRA fused into 9 weights" in p.stderr, "sdxl: every module fused (%r)" % p.stderr)
 
+    # a scalar named like a weight matches by name but takes no update: an
+    # error naming the module, not a crash
+    odd = dict(model)
+    odd[unet + "logit_scale.weight"] = ("F16", np.array(2.0))
+    op = os.path.join(tmp, "sdxl-scalar.safetensors")
+    write_st(op, odd)
+    scalar = {}
+    kohya_module(scalar, rng, "lora_unet_logit_scale", (4, 4), 2, 2, {}, "none")
+    sp = os.path.join(tmp, "sdxl-scalar-lora.safetensors")
+    write_st(sp, scalar)
+    p = run("run", PIPELINE, "model=" + op, "lora=" + sp, "output=" + out + "x", expect_ok=False)
+    check(p.returncode == 1 and "find no weight of their shape in the model: lora_unet_logit_scale" in p.stderr,
+          "sdxl: a module onto a scalar fails naming it (%r)" % p.stderr)
+
 
 def check_errors(tmp):
     rng = np.random.default_rng(4)
