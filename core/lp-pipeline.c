@@ -859,8 +859,6 @@ lp_pipeline_validate (LpPipeline  *self,
   return TRUE;
 }
 
-/* What the sink records in the file: which tool, pipeline and parameters
- * made it, and the stages as `lpipe launch` would spell them. */
 /* A recorded value that names a file keeps only its name: the file goes
  * where others read it, the directories it came from are private. */
 static char *
@@ -875,6 +873,24 @@ without_directories (char *text)
   return base;
 }
 
+/* Whether a pipeline parameter went into a file name: its value is part of
+ * some stage's file property (`"location": "${dir}/out.safetensors"`). */
+static gboolean
+names_file (const char *value,
+            GPtrArray  *file_values)
+{
+  if (value == NULL || *value == '\0')
+    return FALSE;
+  for (guint i = 0; i < file_values->len; i++)
+    if (strstr (g_ptr_array_index (file_values, i), value) != NULL)
+      return TRUE;
+  return FALSE;
+}
+
+/* What the sink records in the file: which tool, pipeline and parameters
+ * made it, and the stages as `lpipe launch` would spell them. Only the
+ * properties marked with lp_stage_class_set_property_file() (and the
+ * parameters that went into them) lose their directories. */
 static char *
 build_provenance (LpPipeline *self,
                   GPtrArray  *order)
@@ -884,17 +900,19 @@ build_provenance (LpPipeline *self,
   g_autoptr(JsonNode) root = NULL;
   g_autoptr(GString) chain = g_string_new (NULL);
   g_autoptr(GList) keys = NULL;
+  g_autoptr(GPtrArray) file_values = g_ptr_array_new_with_free_func (g_free);
 
   for (guint i = 0; i < order->len; i++)
     {
       Node *node = g_ptr_array_index (order, i);
+      LpStageClass *klass = LP_STAGE_GET_CLASS (node->stage);
       g_autofree GParamSpec **pspecs = NULL;
       guint n = 0;
 
       if (chain->len)
         g_string_append (chain, " ! ");
       g_string_append (chain, lp_stage_get_stage_name (node->stage));
-      pspecs = g_object_class_list_properties (G_OBJECT_GET_CLASS (node->stage), &n);
+      pspecs = g_object_class_list_properties (G_OBJECT_CLASS (klass), &n);
       for (guint j = 0; j < n; j++)
         {
           g_auto(GValue) v = G_VALUE_INIT;
@@ -906,7 +924,12 @@ build_provenance (LpPipeline *self,
           g_object_get_property (G_OBJECT (node->stage), pspecs[j]->name, &v);
           if (g_param_value_defaults (pspecs[j], &v))
             continue;
-          text = without_directories (lp_value_to_string (&v));
+          text = lp_value_to_string (&v);
+          if (text && lp_stage_class_is_property_file (klass, pspecs[j]->name))
+            {
+              g_ptr_array_add (file_values, g_strdup (text));
+              text = without_directories (text);
+            }
           g_string_append_printf (chain, " %s=%s", pspecs[j]->name, text ? text : "");
         }
     }
@@ -930,7 +953,8 @@ build_provenance (LpPipeline *self,
   keys = g_list_sort (g_hash_table_get_keys (self->params), (GCompareFunc) g_strcmp0);
   for (GList *l = keys; l; l = l->next)
     {
-      g_autofree char *value = without_directories (g_strdup (g_hash_table_lookup (self->params, l->data)));
+      const char *set = g_hash_table_lookup (self->params, l->data);
+      g_autofree char *value = names_file (set, file_values) ? without_directories (g_strdup (set)) : g_strdup (set);
       json_builder_set_member_name (b, l->data);
       json_builder_add_string_value (b, value);
     }

@@ -34,6 +34,8 @@ G_DEFINE_ABSTRACT_TYPE_WITH_PRIVATE (LpStage, lp_stage, G_TYPE_OBJECT)
 /* Marks required properties on their GParamSpec. */
 static GQuark required_quark (void);
 G_DEFINE_QUARK (lp-stage-required, required)
+static GQuark file_quark (void);
+G_DEFINE_QUARK (lp-stage-file, file)
 
 static void
 lp_stage_dispose (GObject *object)
@@ -165,6 +167,49 @@ lp_stage_class_is_property_required (LpStageClass *klass,
 
   pspec = g_object_class_find_property (G_OBJECT_CLASS (klass), property);
   return pspec != NULL && g_param_spec_get_qdata (pspec, required_quark ()) != NULL;
+}
+
+/**
+ * lp_stage_class_set_property_file:
+ * @klass: a stage class
+ * @property: the name of one of its string properties
+ *
+ * Marks a property whose value names a file (an input, an output, a report).
+ * The provenance a sink records keeps only the file's name, without the
+ * directories it was in; every other value is recorded as it was set, '/'
+ * and all (a rename rule such as `a/b=c`).
+ */
+void
+lp_stage_class_set_property_file (LpStageClass *klass,
+                                  const char   *property)
+{
+  GParamSpec *pspec;
+
+  g_return_if_fail (LP_IS_STAGE_CLASS (klass));
+
+  pspec = g_object_class_find_property (G_OBJECT_CLASS (klass), property);
+  g_return_if_fail (pspec != NULL && pspec->value_type == G_TYPE_STRING);
+  g_param_spec_set_qdata (pspec, file_quark (), GINT_TO_POINTER (1));
+}
+
+/**
+ * lp_stage_class_is_property_file:
+ * @klass: a stage class
+ * @property: the name of one of its properties
+ *
+ * Returns: %TRUE if @property names a file, see
+ *   lp_stage_class_set_property_file()
+ */
+gboolean
+lp_stage_class_is_property_file (LpStageClass *klass,
+                                 const char   *property)
+{
+  GParamSpec *pspec;
+
+  g_return_val_if_fail (LP_IS_STAGE_CLASS (klass), FALSE);
+
+  pspec = g_object_class_find_property (G_OBJECT_CLASS (klass), property);
+  return pspec != NULL && g_param_spec_get_qdata (pspec, file_quark ()) != NULL;
 }
 
 /**

@@ -192,16 +192,20 @@ map_kohya_options (GError **error)
     opt.output = g_strdup (opt.save_to);
   if (opt.save_precision)
     {
-      const char *dtype = g_str_equal (opt.save_precision, "float") ? "f32"
-                          : g_str_equal (opt.save_precision, "fp16") ? "f16"
-                          : g_str_equal (opt.save_precision, "bf16") ? "bf16" : NULL;
-      if (dtype == NULL)
+      /* kohya's scripts read it with str_to_dtype (float, fp16, bf16, and in
+       * library/utils.py also fp32, float16, bfloat16, fp8_e4m3fn, ...):
+       * the spellings lp_dtype_parse() knows */
+      LpDtype dtype;
+      g_autoptr (GEnumClass) dtypes = g_type_class_ref (LP_TYPE_DTYPE);
+
+      if (!lp_dtype_parse (opt.save_precision, &dtype) || !lp_dtype_is_float (dtype))
         {
           g_set_error (error, G_OPTION_ERROR, G_OPTION_ERROR_BAD_VALUE,
-                       "--save_precision %s: expected float, fp16 or bf16 (or write --dtype)", opt.save_precision);
+                       "--save_precision %s: expected a floating point dtype such as float, fp16 or bf16 "
+                       "(or write --dtype)", opt.save_precision);
           return FALSE;
         }
-      opt.dtype = g_strdup (dtype);
+      opt.dtype = g_strdup (g_enum_get_value (dtypes, dtype)->value_nick);
     }
   return TRUE;
 }

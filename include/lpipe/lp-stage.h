@@ -33,13 +33,15 @@ typedef enum {
  * LpStageFlags:
  * @LP_STAGE_FLAG_NONE: nothing special
  * @LP_STAGE_FLAG_REQUIRED: the property must be set in the pipeline
+ * @LP_STAGE_FLAG_FILE: the property's value names a file
  *
  * Flags lpipe reads from a property's #GParamSpec qdata; see
- * lp_stage_class_set_property_required().
+ * lp_stage_class_set_property_required() and lp_stage_class_set_property_file().
  */
 typedef enum {
   LP_STAGE_FLAG_NONE = 0,
   LP_STAGE_FLAG_REQUIRED = 1 << 0,
+  LP_STAGE_FLAG_FILE = 1 << 1,
 } LpStageFlags;
 
 #define LP_TYPE_STAGE (lp_stage_get_type ())
@@ -85,6 +87,8 @@ void          lp_stage_class_set_n_inputs   (LpStageClass  *klass,
                                              guint          max_inputs);
 void          lp_stage_class_set_property_required (LpStageClass *klass,
                                                     const char   *property);
+void          lp_stage_class_set_property_file (LpStageClass *klass,
+                                                const char   *property);
 const char   *lp_stage_class_get_stage_name (LpStageClass  *klass);
 const char   *lp_stage_class_get_category   (LpStageClass  *klass);
 const char   *lp_stage_class_get_description (LpStageClass *klass);
@@ -93,6 +97,8 @@ guint         lp_stage_class_get_min_inputs (LpStageClass  *klass);
 guint         lp_stage_class_get_max_inputs (LpStageClass  *klass);
 gboolean      lp_stage_class_is_property_required (LpStageClass *klass,
                                                    const char   *property);
+gboolean      lp_stage_class_is_property_file (LpStageClass *klass,
+                                               const char   *property);
 
 const char   *lp_stage_get_stage_name       (LpStage       *self);
 const char   *lp_stage_get_id               (LpStage       *self);

@@ -149,8 +149,22 @@ dense_top_svd (const LpLoraKronPart *p,
 
   /* Wᵀ W or W Wᵀ; its row-major lower triangle is the column-major upper
    * one lp_lora_top_eigenpairs() reads */
-  cblas_dsyrk (CblasRowMajor, CblasLower, tall ? CblasTrans : CblasNoTrans, side, other,
-               1.0, p->dense, p->cols, 0.0, gram, side);
+  if (p->narrow)
+    {
+      gsize n = p->rows * p->cols;
+      g_autofree float *dense = g_new (float, MAX (n, 1));
+      g_autofree float *gram32 = g_new0 (float, MAX (side * side, 1));
+
+      for (gsize i = 0; i < n; i++)
+        dense[i] = p->dense[i];
+      cblas_ssyrk (CblasRowMajor, CblasLower, tall ? CblasTrans : CblasNoTrans, side, other,
+                   1.0f, dense, p->cols, 0.0f, gram32, side);
+      for (gsize i = 0; i < side * side; i++)
+        gram[i] = gram32[i];
+    }
+  else
+    cblas_dsyrk (CblasRowMajor, CblasLower, tall ? CblasTrans : CblasNoTrans, side, other,
+                 1.0, p->dense, p->cols, 0.0, gram, side);
   if (!lp_lora_top_eigenpairs (gram, side, top, w, z))
     {
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
@@ -904,7 +918,8 @@ lokr_sides (Module     *m,
     {
       if ((*d1 = dup_part (m, PART_LOKR_W1, error)) == NULL)
         return FALSE;
-      ks->w1 = (LpLoraKronPart) { *d1, NULL, NULL, 0, DIM (m, PART_LOKR_W1, 0), DIM (m, PART_LOKR_W1, 1) };
+      ks->w1 = (LpLoraKronPart) { *d1, NULL, NULL, 0, DIM (m, PART_LOKR_W1, 0), DIM (m, PART_LOKR_W1, 1),
+                                  lp_dtype_get_bits (lp_tensor_get_dtype (m->parts[PART_LOKR_W1])) <= 16 };
     }
   else
     {
@@ -921,7 +936,8 @@ lokr_sides (Module     *m,
     {
       if ((*d2 = dup_part (m, PART_LOKR_W2, error)) == NULL)
         return FALSE;
-      ks->w2 = (LpLoraKronPart) { *d2, NULL, NULL, 0, o2, i2 * kernel };
+      ks->w2 = (LpLoraKronPart) { *d2, NULL, NULL, 0, o2, i2 * kernel,
+                                  lp_dtype_get_bits (lp_tensor_get_dtype (m->parts[PART_LOKR_W2])) <= 16 };
     }
   else
     {

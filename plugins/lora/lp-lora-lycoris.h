@@ -62,6 +62,10 @@ typedef struct {
   guint r;
   guint64 rows;
   guint64 cols;
+  /* @dense was stored in 16 bits or fewer: its products are exact in f32,
+   * so its Gram matrix is summed in f32, as lora-svd's compute-dtype=auto
+   * does for plain factors */
+  gboolean narrow;
 } LpLoraKronPart;
 
 /* The best rank-k approximation of scale · kron (W1, W2), written as

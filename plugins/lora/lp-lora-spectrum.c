@@ -593,6 +593,8 @@ lp_lora_spectrum_stage_class_init (LpLoraSpectrumStageClass *klass)
   lp_stage_class_set_metadata (stage_class, "lora-spectrum", "LoRA",
                                "Show the error and energy kept at ranks 1, 2, 4, ... for the file and each block, "
                                "without reducing");
+  lp_stage_class_set_property_file (stage_class, "report");
+  lp_stage_class_set_property_file (stage_class, "svg");
 }
 
 static void

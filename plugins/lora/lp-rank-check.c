@@ -530,6 +530,7 @@ lp_rank_check_class_init (LpRankCheckClass *klass)
   lp_stage_class_set_n_inputs (stage_class, 1, 2);
   lp_stage_class_set_metadata (stage_class, "rank-check", "LoRA",
                                "Report ranks, energy kept and error of every LoRA module; check the ranks");
+  lp_stage_class_set_property_file (stage_class, "report");
 }
 
 static void

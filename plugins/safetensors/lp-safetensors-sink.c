@@ -271,6 +271,7 @@ lp_safetensors_sink_class_init (LpSafetensorsSinkClass *klass)
   lp_stage_class_set_metadata (stage_class, "safetensors-sink", "Sink",
                                "Writes a checkpoint to a safetensors file, atomically");
   lp_stage_class_set_property_required (stage_class, "location");
+  lp_stage_class_set_property_file (stage_class, "location");
 }
 
 static void

@@ -133,6 +133,7 @@ lp_safetensors_source_class_init (LpSafetensorsSourceClass *klass)
   lp_stage_class_set_metadata (stage_class, "safetensors-source", "Source",
                                "Reads a checkpoint from a safetensors file");
   lp_stage_class_set_property_required (stage_class, "location");
+  lp_stage_class_set_property_file (stage_class, "location");
 }
 
 static void

@@ -217,6 +217,21 @@ def main():
               "--dynamic_param", "0.9", "--new_rank", "6")
     check(p.returncode == 0 and same_tensors(k_out, os.path.join(tmp, "dyn", "lora-svfro0.9.safetensors")),
           "reduce: kohya's --dynamic_method sv_fro --new_rank 6 is --sv-fro with --max-rank 6")
+    # --save_precision is read as kohya's str_to_dtype reads it (library/utils.py:
+    # "fp32"/"float32"/"float", "fp16"/"float16", "bf16"/"bfloat16", "fp8_e4m3fn", ...)
+    for spelling, nick, st in (("float", "f32", "F32"), ("fp32", "f32", "F32"), ("float16", "f16", "F16"),
+                               ("bfloat16", "bf16", "BF16"), ("fp8_e4m3fn", "f8-e4m3", "F8_E4M3")):
+        p = lpipe("reduce", lora, "--new_rank", "2", "--save_precision", spelling, "--dry-run")
+        words = shlex.split(p.stdout.strip().splitlines()[0]) if p.returncode == 0 and p.stdout.strip() else []
+        check("dtype=" + nick in words, "reduce: kohya's --save_precision %s is cast dtype=%s" % (spelling, nick))
+    prec_out = os.path.join(tmp, "prec.safetensors")
+    p = lpipe("reduce", lora, "--new_rank", "2", "--save_precision", "float16", "-o", prec_out)
+    check(p.returncode == 0 and {v["dtype"] for k, v in read_header(prec_out).items() if k != "__metadata__"}
+          == {"F16"}, "reduce: --save_precision float16 writes F16 tensors")
+    for bad in ("fp17", "int8"):
+        p = lpipe("reduce", lora, "--new_rank", "2", "--save_precision", bad, "-o", prec_out + ".bad")
+        check(p.returncode == 2 and "--save_precision " + bad in p.stderr and not os.path.exists(prec_out + ".bad"),
+              "reduce: --save_precision %s (not a float dtype) is refused by name" % bad)
     p = lpipe("reduce", lora, "--sv-fro", "0.9", "--rank", "16")
     check(p.returncode == 2 and "--max-rank 16" in p.stderr, "reduce: --sv-fro with --rank points at --max-rank")
     p = lpipe("reduce", lora, "--new_rank", "4", "--device", "cuda")

@@ -324,6 +324,30 @@ def test_provenance(tmp):
           "provenance: the stages by file name: %s" % rec2["stages"])
     check(rec3.get("history") == [rec2] and "rank=4" in rec3["stages"],
           "provenance: the input's record is the history: %s" % rec3.get("history"))
+    # Only the properties that name files lose their directories
+    # (lp_stage_class_set_property_file): a rename rule with '/' stays whole.
+    ruled = os.path.join(tmp, "prov-ruled.safetensors")
+    report = os.path.join(tmp, "prov-check.json")
+    rule = r"lora_unet_(down|a/b)_blocks_=lora_unet_\1_blocks_"
+    run("launch", "safetensors-source", "location=" + second, "!", "rename", "rules=" + rule, "!",
+        "rank-check", "quiet=true", "report=" + report, "!", "safetensors-sink", "location=" + ruled)
+    stages = json.loads(read_st(ruled)[1]["lpipe.pipeline"])["stages"]
+    check(rule in stages and "b_blocks_" not in stages.replace(rule, ""),
+          "provenance: a rename rule with '/' is recorded whole: %s" % stages)
+    check("location=prov-r8.safetensors" in stages and "report=prov-check.json" in stages
+          and tmp not in stages, "provenance: locations and reports lose their directories: %s" % stages)
+    # A pipeline's parameters: the one that went into a file name is shortened,
+    # the rule is not.
+    pipeline = os.path.join(tmp, "prov.pipeline")
+    with open(pipeline, "w") as f:
+        json.dump({"lpipe": 1, "params": {"input": second, "rule": rule, "dir": tmp},
+                   "stages": [{"stage": "safetensors-source", "location": "${input}"},
+                              {"stage": "rename", "rules": ["${rule}"]},
+                              {"stage": "safetensors-sink", "location": "${dir}/prov-run.safetensors"}]}, f)
+    run("run", pipeline)
+    params = json.loads(read_st(os.path.join(tmp, "prov-run.safetensors"))[1]["lpipe.pipeline"])["params"]
+    check(params == {"input": "prov-r8.safetensors", "rule": rule, "dir": os.path.basename(tmp)},
+          "provenance: parameters of file names shortened, the rule kept whole: %s" % params)
     off = os.path.join(tmp, "prov-off.safetensors")
     run("launch", "safetensors-source", "location=" + second, "!", "lora-svd", "rank=4", "!",
         "safetensors-sink", "location=" + off, "provenance=false")
