@@ -31,7 +31,7 @@ sgm_dots (const char *underscored)
   g_auto(GStrv) tokens = g_strsplit (underscored, "_", -1);
   GString *out = g_string_new (tokens[0]);
 
-  for (guint i = 1; tokens[i] != NULL; i++)
+  for (guint i = 1; tokens[0] != NULL && tokens[i] != NULL; i++)
     {
       gboolean number = g_ascii_isdigit (tokens[i][0]) || g_ascii_isdigit (tokens[i - 1][0]);
       g_string_append_c (out, number ? '.' : '_');
