@@ -136,6 +136,15 @@ gboolean          lp_lora_rewrite_for_new_ranks   (LpCheckpoint  *input,
 /* Drops the metadata a conversion to @target makes untrue */
 void              lp_lora_metadata_converted      (LpCheckpoint     *output,
                                                    LpLoraConvention  target);
+/* Applies a rename's rules to one tensor name; NULL if they fail */
+typedef char     *(*LpLoraRenameFunc)              (const char       *name,
+                                                   gpointer          data);
+/* Rewrites (or drops) the metadata naming modules after a rename by rules */
+gboolean          lp_lora_metadata_renamed        (LpCheckpoint     *input,
+                                                   LpCheckpoint     *output,
+                                                   LpLoraRenameFunc  rename,
+                                                   gpointer          data,
+                                                   GError          **error);
 char             *lp_lora_peft_pattern_key        (const char    *module_key);
 char             *lp_lora_update_adapter_config   (const char    *json,
                                                    GPtrArray     *modules,

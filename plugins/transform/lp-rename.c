@@ -608,7 +608,35 @@ lp_rename_convert (LpCheckpoint    *input,
   return g_steal_pointer (&output);
 }
 
-/* Step 2: the rules, on every name. */
+/* The rules, in order, on one name. */
+static char *
+rules_apply (LpRename    *self,
+             const char  *old_name,
+             GError     **error)
+{
+  g_autofree char *name = g_strdup (old_name);
+
+  for (guint r = 0; r < self->regexes->len; r++)
+    {
+      char *next = g_regex_replace (self->regexes->pdata[r], name, -1, 0,
+                                    self->replacements->pdata[r], 0, error);
+      if (next == NULL)
+        return NULL;
+      g_free (name);
+      name = next;
+    }
+  return g_steal_pointer (&name);
+}
+
+static char *
+rules_rename (const char *name,
+              gpointer    data)
+{
+  return rules_apply (data, name, NULL);
+}
+
+/* Step 2: the rules, on every name; the metadata that names modules
+ * follows them (lp_lora_metadata_renamed()). */
 static LpCheckpoint *
 apply_rules (LpRename      *self,
              LpCheckpoint  *input,
@@ -622,18 +650,11 @@ apply_rules (LpRename      *self,
     {
       LpTensor *tensor = lp_checkpoint_get_tensor (input, i);
       const char *old_name = lp_tensor_get_name (tensor);
-      g_autofree char *name = g_strdup (old_name);
+      g_autofree char *name = rules_apply (self, old_name, error);
       g_autoptr(LpTensor) renamed = NULL;
 
-      for (guint r = 0; r < self->regexes->len; r++)
-        {
-          char *next = g_regex_replace (self->regexes->pdata[r], name, -1, 0,
-                                        self->replacements->pdata[r], 0, error);
-          if (next == NULL)
-            return NULL;
-          g_free (name);
-          name = next;
-        }
+      if (name == NULL)
+        return NULL;
       if (*name == '\0')
         {
           g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_INVALID_INPUT,
@@ -645,6 +666,8 @@ apply_rules (LpRename      *self,
       if (!output_add (&out, renamed, old_name, error))
         return NULL;
     }
+  if (!lp_lora_metadata_renamed (input, output, rules_rename, self, error))
+    return NULL;
   return g_steal_pointer (&output);
 }
 
