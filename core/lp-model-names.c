@@ -96,7 +96,7 @@ block_numbers (const char *p,
   if (!g_ascii_isdigit (p[0]))
     return NULL;
   *k = strtoul (p, &end, 10);
-  if (*end != '.' || !g_ascii_isdigit (end[1]))
+  if (*end != '.' || !g_ascii_isdigit (end[1]) || *k > 1000)
     return NULL;
   *m = strtoul (end + 1, &end, 10);
   return *end == '.' ? end + 1 : NULL;
@@ -159,12 +159,132 @@ unet_name (const char *name)
           block = g_strdup_printf ("up_blocks.%u.resnets.%u.", i, j);
           return resnet_name (block, rest);
         }
-      if ((m == 1 || m == 2) && g_str_has_prefix (rest, "conv."))
+      if ((m == 1 || m == 2) && j == 2 && g_str_has_prefix (rest, "conv."))
         return g_strdup_printf ("up_blocks.%u.upsamplers.0.%s", i, rest);
       if (m == 1)
         return g_strdup_printf ("up_blocks.%u.attentions.%u.%s", i, j, rest);
     }
   return NULL;
+}
+
+/* "segment.N." at @p: what follows it. */
+static const char *
+diffusers_index (const char *p,
+                 const char *segment,
+                 guint      *index)
+{
+  gsize n = strlen (segment);
+  char *end;
+
+  if (strncmp (p, segment, n) != 0 || p[n] != '.' || !g_ascii_isdigit (p[n + 1]))
+    return NULL;
+  *index = strtoul (p + n + 1, &end, 10);
+  return *end == '.' && *index <= 1000 ? end + 1 : NULL;
+}
+
+static char *
+resnet_from_diffusers (const char *block,
+                       const char *rest)
+{
+  for (guint i = 0; i < G_N_ELEMENTS (resnet); i++)
+    if (g_str_has_prefix (rest, resnet[i].to))
+      return g_strconcat (block, resnet[i].from, rest + strlen (resnet[i].to), NULL);
+  return NULL;
+}
+
+/* unet_name() backwards. Each down block has two layers and each up block
+ * three; an up block's upsampler follows its last layer: the attention
+ * (.2), or the resnet (.1) in SD 1.x's and 2.x's first up block, the one up
+ * block there with an upsampler but no attention. */
+static char *
+unet_from_diffusers (const char *name,
+                     gboolean    sdxl)
+{
+  const char *rest, *tail;
+  g_autofree char *block = NULL;
+  guint b, l;
+
+  for (guint i = 0; i < G_N_ELEMENTS (unet_top); i++)
+    if (g_str_has_prefix (name, unet_top[i].to))
+      return g_strconcat (unet_top[i].from, name + strlen (unet_top[i].to), NULL);
+
+  if ((rest = diffusers_index (name, "down_blocks", &b)) != NULL)
+    {
+      if (g_str_has_prefix (rest, "downsamplers.0.conv."))
+        return g_strdup_printf ("input_blocks.%u.0.op.%s", 3 * b + 3, rest + strlen ("downsamplers.0.conv."));
+      if ((tail = diffusers_index (rest, "resnets", &l)) != NULL && l < 2)
+        {
+          block = g_strdup_printf ("input_blocks.%u.0.", 3 * b + l + 1);
+          return resnet_from_diffusers (block, tail);
+        }
+      if ((tail = diffusers_index (rest, "attentions", &l)) != NULL && l < 2)
+        return g_strdup_printf ("input_blocks.%u.1.%s", 3 * b + l + 1, tail);
+    }
+  else if (g_str_has_prefix (name, "mid_block."))
+    {
+      rest = name + strlen ("mid_block.");
+      if ((tail = diffusers_index (rest, "resnets", &l)) != NULL && l < 2)
+        {
+          block = g_strdup_printf ("middle_block.%u.", 2 * l);
+          return resnet_from_diffusers (block, tail);
+        }
+      if ((tail = diffusers_index (rest, "attentions", &l)) != NULL && l == 0)
+        return g_strconcat ("middle_block.1.", tail, NULL);
+    }
+  else if ((rest = diffusers_index (name, "up_blocks", &b)) != NULL)
+    {
+      if (g_str_has_prefix (rest, "upsamplers.0.conv."))
+        return g_strdup_printf ("output_blocks.%u.%u.%s", 3 * b + 2, !sdxl && b == 0 ? 1 : 2,
+                                rest + strlen ("upsamplers.0."));
+      if ((tail = diffusers_index (rest, "resnets", &l)) != NULL && l < 3)
+        {
+          block = g_strdup_printf ("output_blocks.%u.0.", 3 * b + l);
+          return resnet_from_diffusers (block, tail);
+        }
+      if ((tail = diffusers_index (rest, "attentions", &l)) != NULL && l < 3)
+        return g_strdup_printf ("output_blocks.%u.1.%s", 3 * b + l, tail);
+    }
+  return NULL;
+}
+
+/**
+ * lp_model_unet_name_to_diffusers:
+ * @name: a UNet tensor name below `model.diffusion_model.`, as ldm (SD 1.x,
+ *   2.x) and sgm (SDXL) name them: `input_blocks.4.1.proj_in.weight`
+ *
+ * The same tensor's name in diffusers' UNet: `down_blocks.1.attentions.0.proj_in.weight`.
+ * What follows a block's or layer's prefix is kept: below an attention
+ * block the names are diffusers' already, so the block's prefix alone,
+ * `input_blocks.4.1.`, gives `down_blocks.1.attentions.0.`.
+ *
+ * Returns: (transfer full) (nullable): the name, or %NULL for no UNet name
+ */
+char *
+lp_model_unet_name_to_diffusers (const char *name)
+{
+  g_return_val_if_fail (name != NULL, NULL);
+  return unet_name (name);
+}
+
+/**
+ * lp_model_unet_name_from_diffusers:
+ * @name: a tensor name of diffusers' UNet (below `unet.`), such as
+ *   `up_blocks.0.upsamplers.0.conv.weight`
+ * @sdxl: whether the UNet is SDXL's; else SD 1.x's or 2.x's, whose first up
+ *   block has no attention, so its upsampler is `output_blocks.2.1.conv`
+ *   where SDXL's is `output_blocks.2.2.conv`
+ *
+ * The reverse of lp_model_unet_name_to_diffusers().
+ *
+ * Returns: (transfer full) (nullable): the ldm or sgm name, or %NULL for a
+ *   name of no such UNet layer
+ */
+char *
+lp_model_unet_name_from_diffusers (const char *name,
+                                   gboolean    sdxl)
+{
+  g_return_val_if_fail (name != NULL, NULL);
+  return unet_from_diffusers (name, sdxl);
 }
 
 /* An OpenCLIP text encoder name below `model.`; q, k, v for in_proj. */

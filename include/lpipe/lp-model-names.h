@@ -14,5 +14,8 @@ G_BEGIN_DECLS
 
 GStrv lp_model_name_to_diffusers (const char  *name,
                                   const char **kohya_prefix);
+char  *lp_model_unet_name_to_diffusers   (const char *name);
+char  *lp_model_unet_name_from_diffusers (const char *name,
+                                          gboolean    sdxl);
 
 G_END_DECLS

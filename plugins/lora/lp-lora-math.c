@@ -974,15 +974,12 @@ lp_lora_spectrum_compute (const LpLoraFactors *f,
       symmetrize (gb, r);
       if (!spectrum_by_iteration (s, ga, gb, r, top, ITERATION_TOLERANCE, &converged, error))
         return NULL;
+      /* f32 sums too coarse for the iteration: the Cholesky route below
+       * judges f32 sums itself and re-sums in f64 only when it must (for
+       * LoHa's Khatri-Rao factors, whose spectrum is flat, re-summing here
+       * made lora-svd 4x slower) */
       if (converged && f32 && f->f64_fallback && !f32_sums_suffice (ga, gb, r, s, top))
-        {
-          f32 = FALSE;
-          gram_f64 (f, ga, gb);
-          symmetrize (ga, r);
-          symmetrize (gb, r);
-          if (!spectrum_by_iteration (s, ga, gb, r, top, ITERATION_TOLERANCE, &converged, error))
-            return NULL;
-        }
+        converged = FALSE;
       if (converged)
         return g_steal_pointer (&s);
     }
