@@ -263,9 +263,6 @@ renamed_adapter_metadata (const char        *text,
   g_autoptr(GHashTable) renamed = g_hash_table_new_full (g_str_hash, g_str_equal, g_free, NULL);
   JsonObject *old_meta, *new_meta;
   JsonNode *root;
-  g_autoptr(JsonNode) sorted = json_node_new (JSON_NODE_OBJECT);
-  g_autoptr(JsonObject) object = json_object_new ();
-  g_autoptr(GList) members = NULL;
 
   *scaled = FALSE;
   if (!json_parser_load_from_data (old_parser, text, -1, NULL)
@@ -352,12 +349,7 @@ renamed_adapter_metadata (const char        *text,
         }
     }
 
-  /* diffusers' write_lora_layers: json.dumps(indent=2, sort_keys=True) */
-  members = g_list_sort (json_object_get_members (new_meta), (GCompareFunc) strcmp);
-  for (GList *l = members; l != NULL; l = l->next)
-    json_object_set_member (object, l->data, json_node_copy (json_object_get_member (new_meta, l->data)));
-  json_node_set_object (sorted, object);
-  return lp_lora_json_to_text (sorted);
+  return lp_lora_diffusers_metadata_to_text (new_meta);
 }
 
 /**

@@ -147,9 +147,10 @@ components_of (JsonObject *metadata,
   return prefixes;
 }
 
-/* diffusers' write_lora_layers: json.dumps(indent=2, sort_keys=True). */
-static char *
-metadata_to_text (JsonObject *metadata)
+/* diffusers' write_lora_layers: json.dumps(indent=2, sort_keys=True);
+ * also the text lp_lora_metadata_renamed() writes. */
+char *
+lp_lora_diffusers_metadata_to_text (JsonObject *metadata)
 {
   g_autoptr(JsonNode) sorted = json_node_new (JSON_NODE_OBJECT);
   g_autoptr(JsonObject) object = json_object_new ();
@@ -204,7 +205,7 @@ diffusers_rewrite (const LpLoraFamily  *family,
         return FALSE;
       lp_lora_peft_config_rewrite (metadata, prefix, &config, component, ranks);
     }
-  text = metadata_to_text (metadata);
+  text = lp_lora_diffusers_metadata_to_text (metadata);
   lp_checkpoint_set_metadata (output, LORA_ADAPTER_METADATA, text);
   return TRUE;
 }

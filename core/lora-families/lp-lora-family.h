@@ -166,6 +166,7 @@ void      lp_lora_peft_config_rewrite  (JsonObject              *object,
                                         const guint             *new_ranks);
 JsonNode *lp_lora_peft_pattern_lookup  (JsonObject              *patterns,
                                         const char              *key);
+char     *lp_lora_diffusers_metadata_to_text (JsonObject        *metadata);
 
 /* PEFT's scale for a diffusers-named module beside a PEFT config */
 gboolean  lp_lora_family_peft_init_module (LpLoraModule  *module,

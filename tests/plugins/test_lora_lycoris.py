@@ -23,9 +23,11 @@
 #
 # SPDX-License-Identifier: LGPL-2.1-or-later
 
+import atexit
 import json
 import os
 import struct
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,6 +199,7 @@ def rng_parts(rng, shapes, dt, scale=1.0):
 
 def main():
     tmp = tempfile.mkdtemp(prefix="lpipe-lycoris-")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)   # also when a check fails
     rng = np.random.default_rng(12)
     f = lambda n: os.path.join(tmp, n)
 
