@@ -1688,6 +1688,83 @@ adapter_config_path (const char *filename,
   return g_build_filename (dir, named, NULL);
 }
 
+/* A PEFT adapter_config.json is a few kB; mlx-lm's too. */
+#define CONFIG_MAX_BYTES (1u << 20)
+
+/* The config beside an input, read only if it is a regular file (a link is
+ * followed, as Hugging Face's cache links every file of a snapshot, but
+ * only to a regular file): a FIFO would block the open, a device never
+ * end. *@contents stays NULL when there is no config. */
+static gboolean
+read_config_file (const char  *path,
+                  const char  *display,
+                  char       **contents,
+                  gsize       *len,
+                  GError     **error)
+{
+  struct stat st;
+  char *buf;
+  gsize done = 0;
+  int fd;
+
+  *contents = NULL;
+  fd = g_open (path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY, 0);
+  if (fd < 0 && errno == ENOENT)
+    return TRUE;
+  if (fd < 0)
+    {
+      int saved_errno = errno;
+      g_set_error (error, G_FILE_ERROR, g_file_error_from_errno (saved_errno),
+                   "Could not read “%s”: %s", display, g_strerror (saved_errno));
+      return FALSE;
+    }
+  if (fstat (fd, &st) != 0 || !S_ISREG (st.st_mode))
+    {
+      g_set_error (error, G_FILE_ERROR, G_FILE_ERROR_INVAL,
+                   "“%s”: not a regular file (a folder, FIFO or device): an adapter config must be "
+                   "a plain JSON file", display);
+      close (fd);
+      return FALSE;
+    }
+  if ((guint64) st.st_size > CONFIG_MAX_BYTES)
+    {
+      g_set_error (error, G_FILE_ERROR, G_FILE_ERROR_FAILED,
+                   "“%s”: %" G_GUINT64_FORMAT " bytes, more than any adapter config (at most %u)",
+                   display, (guint64) st.st_size, CONFIG_MAX_BYTES);
+      close (fd);
+      return FALSE;
+    }
+  buf = g_malloc (st.st_size + 1);
+  while (done < (gsize) st.st_size)
+    {
+      ssize_t n = read (fd, buf + done, st.st_size - done);
+      if (n < 0 && errno == EINTR)
+        continue;
+      if (n <= 0)
+        break;
+      done += n;
+    }
+  close (fd);
+  buf[done] = '\0';
+  *contents = buf;
+  *len = done;
+  return TRUE;
+}
+
+/* Whether a JSON object is an adapter's config: PEFT always writes
+ * peft_type (PeftConfigMixin.to_dict), hand-written ones at least r or
+ * target_modules, mlx-lm its lora_parameters. */
+static gboolean
+is_adapter_config (JsonObject *config)
+{
+  static const char *const keys[] = { "peft_type", "r", "lora_alpha", "target_modules", "lora_parameters" };
+
+  for (guint i = 0; i < G_N_ELEMENTS (keys); i++)
+    if (json_object_has_member (config, keys[i]))
+      return TRUE;
+  return FALSE;
+}
+
 static gboolean
 read_adapter_config (LpCheckpoint  *checkpoint,
                      const char    *filename,
@@ -1701,10 +1778,10 @@ read_adapter_config (LpCheckpoint  *checkpoint,
   JsonNode *root;
   gsize len, bad_pos;
 
-  if (!g_file_test (path, G_FILE_TEST_EXISTS))
-    return TRUE;
-  if (!g_file_get_contents (path, &contents, &len, error))
+  if (!read_config_file (path, display, &contents, &len, error))
     return FALSE;
+  if (contents == NULL)
+    return TRUE;   /* there is none */
   if (!g_utf8_validate_len (contents, len, NULL))
     {
       set_format_error (error, LP_FORMAT_ERROR_ENCODING, display, "not valid UTF-8");
@@ -1727,6 +1804,15 @@ read_adapter_config (LpCheckpoint  *checkpoint,
   if (root == NULL || !JSON_NODE_HOLDS_OBJECT (root))
     {
       set_format_error (error, LP_FORMAT_ERROR_SYNTAX, display, "not a JSON object");
+      return FALSE;
+    }
+  if (!is_adapter_config (json_node_get_object (root)))
+    {
+      /* its text would be copied beside the output: never a JSON file of
+       * some other kind that a link or a mistake put here */
+      set_format_error (error, LP_FORMAT_ERROR_SYNTAX, display,
+                        "not an adapter config (none of PEFT's peft_type, r, lora_alpha, target_modules "
+                        "or mlx-lm's lora_parameters); move it away to read the weights alone");
       return FALSE;
     }
   lp_checkpoint_set_adapter_config (checkpoint, contents);

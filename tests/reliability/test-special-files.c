@@ -416,6 +416,86 @@ test_input_refused (gconstpointer data)
   clear_dir ();
 }
 
+/* The adapter config beside an input (issue #11 item 9): once any file a
+ * link pointed to was read and its text copied beside the output. Now a
+ * link is followed only to a regular file (Hugging Face's cache links every
+ * file), and the text must be an adapter's config; a FIFO, a device, a
+ * folder or a huge file is refused by name, and nothing blocks. */
+static void
+run_with_config (const char *expected)
+{
+  g_autofree char *src = g_strconcat ("location=", dir, "/in/lora.safetensors", NULL);
+  g_autofree char *dst = g_strconcat ("location=", dir, "/out.safetensors", NULL);
+  g_autofree char *out_config = g_build_filename (dir, "out.adapter_config.json", NULL);
+  const char *args[] = { "-q", "launch", "safetensors-source", src, "!", "safetensors-sink", dst, NULL };
+  g_autofree char *err = NULL;
+  LpTestRun run = lp_test_spawn_lpipe (args, NULL);
+  int status = lp_test_wait_lpipe (&run, TIMEOUT_S, &err);
+
+  if (expected == NULL)
+    {
+      assert_exit (status, 0, err);
+      g_assert_true (g_file_test (out_config, G_FILE_TEST_IS_REGULAR));
+    }
+  else
+    {
+      assert_exit (status, 1, err);
+      g_assert_nonnull (strstr (err, "lora.adapter_config.json"));
+      g_assert_nonnull (strstr (err, expected));
+      g_assert_false (g_file_test (out_config, G_FILE_TEST_EXISTS));
+    }
+  g_unlink (out_config);
+  g_autofree char *out = g_build_filename (dir, "out.safetensors", NULL);
+  g_unlink (out);
+}
+
+static void
+test_input_config (void)
+{
+  g_autofree char *in = g_build_filename (dir, "in", NULL);
+  g_autofree char *lora = g_build_filename (in, "lora.safetensors", NULL);
+  g_autofree char *config = g_build_filename (in, "lora.adapter_config.json", NULL);
+  g_autofree char *blob = g_build_filename (dir, "blob.json", NULL);
+  g_autofree char *secret = g_build_filename (dir, "secret.json", NULL);
+  g_autofree char *huge = NULL;
+  g_autofree char *err = NULL;
+
+  g_assert_cmpint (g_mkdir (in, 0755), ==, 0);
+  g_assert_cmpint (run_synth (lora, &err), ==, 0);
+  /* as PEFT writes it, moved into a cache blob the config links to */
+  g_assert_cmpint (g_rename (config, blob), ==, 0);
+  g_assert_cmpint (symlink (blob, config), ==, 0);
+  run_with_config (NULL);
+
+  g_assert_true (g_file_set_contents (secret, "{\"password\": \"hunter2\"}", -1, NULL));
+  g_unlink (config);
+  g_assert_cmpint (symlink (secret, config), ==, 0);
+  run_with_config ("not an adapter config");
+
+  g_unlink (config);
+  g_assert_cmpint (mkfifo (config, 0644), ==, 0);
+  run_with_config ("not a regular file");
+
+  g_unlink (config);
+  g_free (make_node ("in/lora.adapter_config.json", S_IFCHR, makedev (1, 5)));   /* a /dev/zero */
+  run_with_config ("not a regular file");
+
+  g_unlink (config);
+  g_assert_cmpint (g_mkdir (config, 0755), ==, 0);
+  run_with_config ("not a regular file");
+
+  g_rmdir (config);
+  huge = g_strnfill (2 << 20, ' ');
+  huge[0] = '{';
+  huge[(2 << 20) - 1] = '}';
+  g_assert_true (g_file_set_contents (config, huge, -1, NULL));
+  run_with_config ("more than any adapter config");
+  g_unlink (config);
+  g_unlink (lora);
+  g_rmdir (in);
+  clear_dir ();
+}
+
 int
 main (int argc, char **argv)
 {
@@ -445,5 +525,6 @@ main (int argc, char **argv)
   g_test_add_data_func ("/special-files/input/fifo", "a FIFO", test_input_refused);
   g_test_add_data_func ("/special-files/input/char-device", "a character device", test_input_refused);
   g_test_add_data_func ("/special-files/input/directory", "a directory", test_input_refused);
+  g_test_add_func ("/special-files/input/adapter-config", test_input_config);
   return g_test_run ();
 }
