@@ -7,6 +7,8 @@
 #include <poll.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -131,6 +133,24 @@ redirect_stdout (gpointer user_data)
     }
 }
 
+/* Where a run's standard output goes when the test keeps none: a null
+ * device made in a temporary folder (the suite runs as root), never the
+ * real /dev/null; without the right to make one, a file there. */
+static const char *
+discard_path (void)
+{
+  static char *path;
+
+  if (path == NULL)
+    {
+      g_autofree char *dir = lp_test_make_tmpdir ();
+      path = g_build_filename (dir, "null", NULL);
+      if (mknod (path, S_IFCHR | 0666, makedev (1, 3)) != 0)
+        g_assert_true (g_file_set_contents (path, "", 0, NULL));
+    }
+  return path;
+}
+
 LpTestRun
 lp_test_spawn_lpipe (const char * const *args,
                      const char         *stdout_path)
@@ -141,13 +161,14 @@ lp_test_spawn_lpipe (const char * const *args,
   LpTestRun run = { 0, -1 };
 
   g_assert_nonnull (lpipe);
+  if (stdout_path == NULL)
+    stdout_path = discard_path ();
   g_ptr_array_add (argv, (char *) lpipe);
   for (guint i = 0; args[i]; i++)
     g_ptr_array_add (argv, (char *) args[i]);
   g_ptr_array_add (argv, NULL);
   g_spawn_async_with_pipes (NULL, (char **) argv->pdata, NULL,
-                            G_SPAWN_DO_NOT_REAP_CHILD |
-                            (stdout_path ? 0 : G_SPAWN_STDOUT_TO_DEV_NULL),
+                            G_SPAWN_DO_NOT_REAP_CHILD,
                             redirect_stdout, (gpointer) stdout_path, &run.pid, NULL, NULL,
                             &run.err_fd, &error);
   g_assert_no_error (error);

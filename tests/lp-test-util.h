@@ -21,7 +21,8 @@ char       *lp_test_make_tmpdir    (void);
  * standard output. */
 char       *lp_test_run_python     (const char * const *argv);
 /* A run of the CLI ($LPIPE, which the test environment sets) with @args,
- * standard output to @stdout_path (NULL: /dev/null) and standard error kept
+ * standard output to @stdout_path (NULL: discarded, through a null device made
+ * in a temporary folder) and standard error kept
  * for lp_test_wait_lpipe(). */
 typedef struct {
   GPid pid;

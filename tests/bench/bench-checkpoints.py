@@ -122,7 +122,7 @@ def timed(cmd):
     os.close(fd)
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-o", stats, "-f", "%U %S %M"] + cmd,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     user, system, rss = open(stats).read().split()[-3:]
     os.unlink(stats)

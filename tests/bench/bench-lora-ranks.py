@@ -30,6 +30,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from null_sink import open_null  # noqa: E402
+
 LPIPE = os.environ["LPIPE"]
 BENCH_GRAM = sys.argv[1]
 RUNS = int(os.environ.get("LPIPE_BENCH_RUNS", "3"))
@@ -41,10 +44,13 @@ def load():
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
-def timed(argv, stdout=subprocess.DEVNULL):
+NULL = None   # output not kept: a null device in the temporary folder (open_null)
+
+
+def timed(argv, stdout=None):
     """wall seconds and CPU seconds (user + system) of one child"""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=stdout)
+    proc = subprocess.Popen(argv, stdout=stdout or NULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -89,7 +95,9 @@ def main():
           + (", ".join("%s %.0f (%.0f)" % (n, c, w) for n, (c, w) in rates.items()) or "not measured here")
           + "; " + load())
 
+    global NULL
     tmp = tempfile.mkdtemp(prefix="lpipe-bench-ranks-", dir=os.environ.get("LPIPE_BENCH_DIR"))
+    NULL = open_null(tmp)
     try:
         for rank in RANKS:
             src = os.path.join(tmp, "flux-r%d.safetensors" % rank)

@@ -25,6 +25,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from null_sink import open_null  # noqa: E402
+
 LPIPE = os.environ["LPIPE"]
 RUNS = int(os.environ.get("LPIPE_BENCH_RUNS", "5"))
 FILES = {
@@ -33,10 +36,13 @@ FILES = {
 }
 
 
+NULL = None   # output not kept: a null device in the temporary folder (open_null)
+
+
 def timed(argv):
     """wall seconds, peak RSS (MiB) and CPU seconds (user + system) of one child"""
     start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=NULL)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.monotonic() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -45,7 +51,9 @@ def timed(argv):
 
 
 def main():
+    global NULL
     tmp = tempfile.mkdtemp(prefix="lpipe-bench-lycoris-", dir=os.environ.get("LPIPE_BENCH_DIR"))
+    NULL = open_null(tmp)
     try:
         commands = {}
         sizes = {}

@@ -30,7 +30,7 @@ RUNS = int(os.environ.get("LPIPE_BENCH_RUNS", "3"))
 
 def timed(argv):
     start = time.monotonic()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(argv, check=True, capture_output=True)   # -q: nothing much to keep
     return time.monotonic() - start
 
 

@@ -26,11 +26,16 @@ def check(cond, what):
         failures.append(what)
 
 
+TMP = None   # the test's temporary folder
+
+
 def run_on_pty(args, cols, env=None):
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, cols, 0, 0))
-    proc = subprocess.Popen([LPIPE, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=slave, env=env)
+    # the summary goes to stderr (the pty); stdout, unused, to a file beside the test's own
+    with open(os.path.join(TMP, "stdout"), "wb") as out:
+        proc = subprocess.Popen([LPIPE, *args], stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=slave, env=env)
     os.close(slave)
     data = b""
     while True:
@@ -63,7 +68,8 @@ def check_width(text, cols, label):
 
 
 def main():
-    tmp = tempfile.mkdtemp(prefix="lpipe-progress-")
+    global TMP
+    tmp = TMP = tempfile.mkdtemp(prefix="lpipe-progress-")
     atexit.register(shutil.rmtree, tmp, True)   # also when a check fails
     lora = os.path.join(tmp, "flux.safetensors")
     subprocess.run([LPIPE, "-q", "launch", "lora-synth", "preset=flux-dev", "rank=32", "!",

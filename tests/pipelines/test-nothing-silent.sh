@@ -27,9 +27,10 @@ expect () {
 # no sink: refused before anything runs
 expect 1 "launch: the pipeline has no sink, so nothing would be written" \
   launch lora-synth preset=sd15-unet rank=4 ! lora-svd rank=2
-expect 1 "the pipeline has no sink" validate /dev/stdin <<'JSON'
+cat >"$TMP/no-sink.pipeline" <<'JSON'
 {"lpipe": 1, "stages": [{"stage": "lora-synth"}, {"stage": "cast", "dtype": "half"}]}
 JSON
+expect 1 "the pipeline has no sink" validate "$TMP/no-sink.pipeline"
 
 # cast to f16 of values past 65504: an error naming the tensor and the count, nothing written
 expect 1 "stage 3 'cast': tensor 'unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight': 1243 of 1280 values are too large for F16 and would become inf; cast to bf16" \

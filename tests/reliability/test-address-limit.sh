@@ -32,7 +32,7 @@ run () {
   set -e
   case $got in
     0)
-      "$LPIPE" info "$TMP/out.safetensors" >/dev/null \
+      "$LPIPE" info "$TMP/out.safetensors" >"$TMP/info" \
         || { echo "FAIL: ulimit -v $limit, $threads threads: exit 0 but the output does not read"; exit 1; }
       echo "ulimit -v $limit, $threads threads: written" ;;
     1)
