@@ -28,10 +28,9 @@ import struct
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from null_sink import open_null  # noqa: E402
+from benchutil import open_null, timed  # noqa: E402
 
 LPIPE = os.environ["LPIPE"]
 BENCH_GRAM = sys.argv[1]
@@ -44,18 +43,7 @@ def load():
     return "load %.2f %.2f %.2f" % os.getloadavg()
 
 
-NULL = None   # output not kept: a null device in the temporary folder (open_null)
-
-
-def timed(argv, stdout=None):
-    """wall seconds and CPU seconds (user + system) of one child"""
-    start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=stdout or NULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit("failed: %s" % " ".join(argv))
-    return wall, usage.ru_utime + usage.ru_stime
+NULL = None   # output not kept (open_null, in main)
 
 
 def gram_flops(path):
@@ -119,7 +107,8 @@ def main():
             runs = {name: [] for name in commands}
             for _ in range(RUNS):
                 for name, (argv, result) in commands.items():
-                    runs[name].append(timed(argv))
+                    wall, _, cpu = timed(argv, NULL)
+                    runs[name].append((wall, cpu))
                     if result:
                         os.unlink(result)
             wall = {name: statistics.median(w for w, _ in r) for name, r in runs.items()}

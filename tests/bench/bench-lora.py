@@ -17,27 +17,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from null_sink import open_null  # noqa: E402
+from benchutil import open_null, timed  # noqa: E402
 
 LPIPE = os.environ["LPIPE"]
 RUNS = int(os.environ.get("LPIPE_BENCH_RUNS", "5"))
 
 
-NULL = None   # output not kept: a null device in the temporary folder (open_null)
-
-
-def timed(argv):
-    """wall seconds, peak RSS (MiB) and CPU seconds (user + system) of one child"""
-    start = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=NULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.monotonic() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit("failed: %s" % " ".join(argv))
-    return wall, usage.ru_maxrss / 1024.0, usage.ru_utime + usage.ru_stime
+NULL = None   # output not kept (open_null, in main)
 
 
 def main():
@@ -68,7 +56,7 @@ def main():
         runs = {name: [] for name in commands}
         for _ in range(RUNS):
             for name, (argv, result) in commands.items():
-                runs[name].append(timed(argv))
+                runs[name].append(timed(argv, NULL))
                 os.unlink(result)
         figures = {name: (statistics.median(w for w, _, _ in r), max(m for _, m, _ in r))
                    for name, r in runs.items()}
