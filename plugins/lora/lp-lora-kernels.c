@@ -12,6 +12,8 @@
 #include "lp-lora-kernels.h"
 #include "lp-lora-math.h"
 
+#include <float.h>
+#include <math.h>
 #include <string.h>
 
 /* Each kernel is a body, inlined into one function per x86-64 level (v4:
@@ -1262,3 +1264,130 @@ LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f32, (const float *values, gsize 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f64, (const double *values, gsize n), (values, n))
 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_bf16, (const guint16 *values, gsize n), (values, n))
+
+/* ---- eigenvalues of a symmetric tridiagonal matrix, by bisection -------- */
+
+typedef double LpV8d __attribute__ ((vector_size (64)));
+typedef gint64 LpV8l __attribute__ ((vector_size (64)));
+
+#define SELECT8(mask, a, b) ((LpV8d) (((LpV8l) (a) & (mask)) | ((LpV8l) (b) & ~(mask))))
+
+/* Sturm counts of T − x for the 8 shifts of @x, two vectors at once: the
+ * count of negative pivots of the LDLᵀ factorization is the number of
+ * eigenvalues below x (dstebz's count, with its pivot floor: a pivot
+ * smaller than @pivmin in magnitude is taken as −pivmin). Each pivot
+ * divides by the one before, so one chain of shifts waits on the divider;
+ * two chains keep it busy. */
+LP_INLINE void
+sturm_counts (const double *d,
+              const double *e2,
+              guint         n,
+              LpV8d         x0,
+              LpV8d         x1,
+              double        pivmin,
+              LpV8l        *c0,
+              LpV8l        *c1)
+{
+  LpV8d pm = (LpV8d) { 0 } + pivmin, npm = -pm;
+  LpV8d q0 = d[0] - x0, q1 = d[0] - x1;
+  LpV8l n0 = { 0 }, n1 = { 0 };
+
+  for (guint i = 0; ; )
+    {
+      q0 = SELECT8 ((q0 < pm) & (q0 > npm), npm, q0);
+      q1 = SELECT8 ((q1 < pm) & (q1 > npm), npm, q1);
+      n0 -= (q0 < 0);
+      n1 -= (q1 < 0);
+      if (++i >= n)
+        break;
+      q0 = (d[i] - x0) - e2[i - 1] / q0;
+      q1 = (d[i] - x1) - e2[i - 1] / q1;
+    }
+  *c0 = n0;
+  *c1 = n1;
+}
+
+LP_INLINE void
+lp_lora_tridiagonal_eigenvalues_body (const double *d,
+                                      const double *e,
+                                      guint         n,
+                                      guint         first,
+                                      guint         m,
+                                      double       *w)
+{
+  g_autofree double *e2 = g_new (double, MAX (n, 1));
+  double pivmin = 1, lo = G_MAXDOUBLE, hi = -G_MAXDOUBLE;
+
+  if (n == 0 || m == 0)
+    return;
+  for (guint i = 0; i + 1 < n; i++)
+    {
+      e2[i] = e[i] * e[i];
+      pivmin = MAX (pivmin, e2[i]);
+    }
+  pivmin *= DBL_MIN;
+  /* Gershgorin's interval, widened as dstebz widens it */
+  for (guint i = 0; i < n; i++)
+    {
+      double radius = (i > 0 ? fabs (e[i - 1]) : 0) + (i + 1 < n ? fabs (e[i]) : 0);
+      lo = MIN (lo, d[i] - radius);
+      hi = MAX (hi, d[i] + radius);
+    }
+  double norm = MAX (fabs (lo), fabs (hi)), margin = 2 * norm * DBL_EPSILON * n + 4 * pivmin;
+  double atol = DBL_EPSILON * norm;
+  lo -= margin;
+  hi += margin;
+
+  for (guint b = 0; b < m; b += 16)
+    {
+      /* lane l looks for eigenvalue first + b + l (lanes past m repeat the
+       * last): count (low) <= index < count (high) throughout */
+      LpV8d low[2], high[2];
+      LpV8l index[2];
+
+      for (guint v = 0; v < 2; v++)
+        for (guint l = 0; l < 8; l++)
+          {
+            low[v][l] = lo;
+            high[v][l] = hi;
+            index[v][l] = first + MIN (b + 8 * v + l, m - 1);
+          }
+      /* each step halves the intervals: from Gershgorin's width to the
+       * tolerance below takes about 53, well under 200 */
+      for (guint step = 0; step < 200; step++)
+        {
+          LpV8d mid0 = (low[0] + high[0]) * 0.5, mid1 = (low[1] + high[1]) * 0.5;
+          LpV8l c0, c1;
+          gboolean done = TRUE;
+
+          sturm_counts (d, e2, n, mid0, mid1, pivmin, &c0, &c1);
+          LpV8l below0 = c0 > index[0], below1 = c1 > index[1];
+          high[0] = SELECT8 (below0, mid0, high[0]);
+          low[0] = SELECT8 (below0, low[0], mid0);
+          high[1] = SELECT8 (below1, mid1, high[1]);
+          low[1] = SELECT8 (below1, low[1], mid1);
+          /* converged as dstebz with abstol = 0 converges: narrower than
+           * 2 ulp of the ends, ulp · ‖T‖ or the pivot floor, or no double
+           * left between the ends */
+          for (guint v = 0; v < 2 && done; v++)
+            for (guint l = 0; l < 8; l++)
+              {
+                double a = low[v][l], z = high[v][l], c = 0.5 * (a + z);
+                if (!(z - a <= MAX (MAX (2 * DBL_EPSILON * MAX (fabs (a), fabs (z)), atol), pivmin) ||
+                      c == a || c == z))
+                  {
+                    done = FALSE;
+                    break;
+                  }
+              }
+          if (done)
+            break;
+        }
+      for (guint l = 0; l < 16 && b + l < m; l++)
+        w[b + l] = 0.5 * (low[l / 8][l % 8] + high[l / 8][l % 8]);
+    }
+}
+
+LP_DEFINE_VOID_KERNEL (lp_lora_tridiagonal_eigenvalues,
+                       (const double *d, const double *e, guint n, guint first, guint m, double *w),
+                       (d, e, n, first, m, w))

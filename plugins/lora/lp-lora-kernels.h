@@ -129,4 +129,19 @@ void  lp_lora_gram_blocked_cols_bf16    (const guint16 *b,
                                          double        *g,
                                          gpointer       scratch);
 
+/* Eigenvalues @first … @first + @m − 1 (0-based, ascending) of the
+ * symmetric tridiagonal matrix with diagonal @d [n] and off-diagonal @e
+ * [n − 1], into @w, ascending: bisection on Sturm counts as dstebz() does
+ * it (its pivot floor and, with abstol = 0, its tolerance), for 16
+ * eigenvalues at a time in vectors: a Sturm count is a chain of divisions,
+ * each waiting on the one before, and dstebz() runs its intervals' chains
+ * one after another. Meant for an
+ * unreduced block (dstein() wants the eigenvalues of each block apart). */
+void lp_lora_tridiagonal_eigenvalues (const double *d,
+                                      const double *e,
+                                      guint         n,
+                                      guint         first,
+                                      guint         m,
+                                      double       *w);
+
 G_END_DECLS

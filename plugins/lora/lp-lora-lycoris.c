@@ -18,6 +18,7 @@
 #include "lp-lora-pair.h"
 
 #include <cblas.h>
+#include <float.h>
 #include <lapacke.h>
 #include <math.h>
 #include <string.h>
@@ -120,13 +121,110 @@ part_svd_clear (PartSvd *s)
   g_clear_pointer (&s->vt, g_free);
 }
 
+/* The f32 route of dense_top_svd(), for a side stored in 16 bits or fewer
+ * when only a few of its triplets are wanted (the common LoKr: a 192-wide
+ * W2 of Flux at factor 16, k = 16). Products of 16-bit values are exact in
+ * f32, so the Gram matrix is summed in f32 (ssyrk), and its top
+ * eigenvectors come from lp_lora_top_eigenpairs_f32(): a module's f64
+ * eigendecomposition was most of its time. Each σ_i is then ‖W v_i‖ (or
+ * ‖Wᵀ u_i‖) itself, not the square root of a Gram eigenvalue: the kept part
+ * σ_i u_i v_iᵀ = W v_i v_iᵀ is the projection onto the computed vector
+ * whatever its accuracy, and the pairs are ranked by what that projection
+ * holds. A σ_i at f32 rounding level of the largest (side · ε₃₂ · σ₁) is a
+ * zero singular value. */
+static gboolean
+dense_top_svd_f32 (const LpLoraKronPart *p,
+                   guint                 top,
+                   PartSvd              *s,
+                   GError              **error)
+{
+  gboolean tall = p->rows >= p->cols;
+  guint64 side = tall ? p->cols : p->rows, other = tall ? p->rows : p->cols;
+  g_autofree float *gram = g_new (float, side * side);
+  g_autofree float *w = g_new (float, top);
+  g_autofree float *z = g_new (float, side * top);              /* [top, side]: vector i at z + i·side */
+  g_autofree float *y = g_new (float, other * top);             /* W v_i: [rows, top] or [top, cols] */
+  g_autofree double *norm = g_new0 (double, top);
+  g_autofree guint *order = g_new (guint, top);
+
+  /* Wᵀ W or W Wᵀ: its row-major lower triangle is the column-major upper one */
+  cblas_ssyrk (CblasRowMajor, CblasLower, tall ? CblasTrans : CblasNoTrans, side, other,
+               1.0f, p->dense32, p->cols, 0.0f, gram, side);
+  if (!lp_lora_top_eigenpairs_f32 (gram, side, top, w, z))
+    {
+      g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
+                   "eigendecomposition of the Gram matrix of a %" G_GUINT64_FORMAT " × %"
+                   G_GUINT64_FORMAT " Kronecker factor failed", p->rows, p->cols);
+      return FALSE;
+    }
+  if (tall)
+    {
+      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasTrans, p->rows, top, p->cols,
+                   1.0f, p->dense32, p->cols, z, side, 0.0f, y, top);
+      for (guint64 o = 0; o < p->rows; o++)
+        for (guint i = 0; i < top; i++)
+          norm[i] += (double) y[o * top + i] * y[o * top + i];
+    }
+  else
+    {
+      cblas_sgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, top, p->cols, p->rows,
+                   1.0f, z, side, p->dense32, p->cols, 0.0f, y, p->cols);
+      for (guint i = 0; i < top; i++)
+        for (guint64 c = 0; c < p->cols; c++)
+          norm[i] += (double) y[i * p->cols + c] * y[i * p->cols + c];
+    }
+
+  /* descending by σ (an insertion sort: top is small) */
+  for (guint i = 0; i < top; i++)
+    {
+      guint at = i;
+      norm[i] = sqrt (norm[i]);
+      while (at > 0 && norm[order[at - 1]] < norm[i])
+        {
+          order[at] = order[at - 1];
+          at--;
+        }
+      order[at] = i;
+    }
+  double floor = side * FLT_EPSILON * norm[order[0]];
+  while (s->n < top && norm[order[s->n]] > floor)
+    {
+      s->sigma[s->n] = norm[order[s->n]];
+      s->n++;
+    }
+  for (guint i = 0; i < s->n; i++)
+    {
+      const float *v = z + (gsize) order[i] * side;
+      double inv = 1.0 / s->sigma[i];
+
+      if (tall)
+        {
+          for (guint64 c = 0; c < side; c++)
+            s->vt[i * p->cols + c] = v[c];
+          for (guint64 o = 0; o < p->rows; o++)
+            s->u[o * top + i] = y[o * top + order[i]] * inv;
+        }
+      else
+        {
+          for (guint64 t = 0; t < side; t++)
+            s->u[t * top + i] = v[t];
+          for (guint64 c = 0; c < p->cols; c++)
+            s->vt[i * p->cols + c] = y[(gsize) order[i] * p->cols + c] * inv;
+        }
+    }
+  return TRUE;
+}
+
 /* The @top largest singular triplets of a dense rows × cols side, from the
  * Gram matrix of its smaller side: only the top k products σ_i(W1)·σ_j(W2)
  * are kept, and none of them uses a direction beyond the k-th of its side,
  * so the full SVD (dgesdd, a few hundred MFLOP for a 1344 × 192 side of a
  * Flux LoKr with factor 16) is not needed. The kept part σ_i u_i v_iᵀ =
  * u_i u_iᵀ W is the projection onto accurate eigenvectors even where a
- * small σ_i is not accurate to full precision. */
+ * small σ_i is not accurate to full precision. A 16-bit side of which at
+ * most a quarter of the triplets are wanted takes the f32 route above;
+ * the rest (all of a side's spectrum for a rank chosen from it, the small
+ * W1, wider dtypes) the f64 one. */
 static gboolean
 dense_top_svd (const LpLoraKronPart *p,
                guint                 top,
@@ -135,36 +233,47 @@ dense_top_svd (const LpLoraKronPart *p,
 {
   gboolean tall = p->rows >= p->cols;    /* the Gram of the columns is the smaller */
   guint64 side = tall ? p->cols : p->rows, other = tall ? p->rows : p->cols;
-  g_autofree double *gram = g_new0 (double, MAX (side * side, 1));
-  g_autofree double *w = g_new (double, MAX (top, 1));
-  g_autofree double *z = g_new (double, MAX (side * top, 1));
+  gsize n = p->rows * p->cols;
 
-  for (gsize i = 0; i < p->rows * p->cols; i++)
-    s->total += p->dense[i] * p->dense[i];
   s->sigma = g_new0 (double, MAX (top, 1));
   s->u = g_new0 (double, MAX (p->rows * top, 1));
   s->vt = g_new0 (double, MAX (top * p->cols, 1));
+  if (p->dense32 != NULL)
+    for (gsize i = 0; i < n; i++)
+      s->total += (double) p->dense32[i] * p->dense32[i];
+  else
+    for (gsize i = 0; i < n; i++)
+      s->total += p->dense[i] * p->dense[i];
   if (top == 0 || s->total == 0)
     return TRUE;
+  if (p->dense32 != NULL && (guint64) top * 4 <= side)
+    return dense_top_svd_f32 (p, top, s, error);
+
+  g_autofree double *gram = g_new0 (double, MAX (side * side, 1));
+  g_autofree double *w = g_new (double, MAX (top, 1));
+  g_autofree double *z = g_new (double, MAX (side * top, 1));
+  g_autofree double *dense64 = NULL;
+  const double *dense = p->dense;
 
   /* Wᵀ W or W Wᵀ; its row-major lower triangle is the column-major upper
-   * one lp_lora_top_eigenpairs() reads */
-  if (p->narrow)
+   * one lp_lora_top_eigenpairs() reads. A 16-bit side's products are exact
+   * in f32, so its Gram matrix is summed in f32, as lora-svd's
+   * compute-dtype=auto does for plain factors */
+  if (p->dense32 != NULL)
     {
-      gsize n = p->rows * p->cols;
-      g_autofree float *dense = g_new (float, MAX (n, 1));
       g_autofree float *gram32 = g_new0 (float, MAX (side * side, 1));
 
-      for (gsize i = 0; i < n; i++)
-        dense[i] = p->dense[i];
       cblas_ssyrk (CblasRowMajor, CblasLower, tall ? CblasTrans : CblasNoTrans, side, other,
-                   1.0f, dense, p->cols, 0.0f, gram32, side);
+                   1.0f, p->dense32, p->cols, 0.0f, gram32, side);
       for (gsize i = 0; i < side * side; i++)
         gram[i] = gram32[i];
+      dense = dense64 = g_new (double, MAX (n, 1));
+      for (gsize i = 0; i < n; i++)
+        dense64[i] = p->dense32[i];
     }
   else
     cblas_dsyrk (CblasRowMajor, CblasLower, tall ? CblasTrans : CblasNoTrans, side, other,
-                 1.0, p->dense, p->cols, 0.0, gram, side);
+                 1.0, dense, p->cols, 0.0, gram, side);
   if (!lp_lora_top_eigenpairs (gram, side, top, w, z))
     {
       g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_FAILED,
@@ -192,7 +301,7 @@ dense_top_svd (const LpLoraKronPart *p,
     {
       memcpy (s->vt, vecs, sizeof (double) * s->n * side);
       cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasTrans, p->rows, s->n, p->cols,
-                   1.0, p->dense, p->cols, vecs, side, 0.0, s->u, top);
+                   1.0, dense, p->cols, vecs, side, 0.0, s->u, top);
       for (guint64 o = 0; o < p->rows; o++)
         for (guint i = 0; i < s->n; i++)
           s->u[o * top + i] /= s->sigma[i];
@@ -203,7 +312,7 @@ dense_top_svd (const LpLoraKronPart *p,
         for (guint i = 0; i < s->n; i++)
           s->u[t * top + i] = vecs[(gsize) i * side + t];
       cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, s->n, p->cols, p->rows,
-                   1.0, vecs, side, p->dense, p->cols, 0.0, s->vt, p->cols);
+                   1.0, vecs, side, dense, p->cols, 0.0, s->vt, p->cols);
       for (guint i = 0; i < s->n; i++)
         for (guint64 c = 0; c < p->cols; c++)
           s->vt[i * p->cols + c] /= s->sigma[i];
@@ -219,7 +328,7 @@ part_svd (const LpLoraKronPart *p,
           GError              **error)
 {
   memset (s, 0, sizeof *s);
-  if (p->dense != NULL)
+  if (p->dense != NULL || p->dense32 != NULL)
     {
       top = MIN (top, MIN (p->rows, p->cols));
       if (!dense_top_svd (p, top, s, error))
@@ -286,19 +395,54 @@ kron_pair_compare (gconstpointer a,
   return x->j < y->j ? -1 : x->j > y->j;
 }
 
+/* The kept directions t < n of the Kronecker product, row by row into
+ * @buf (of @type) and converted into the output dtypes: b row p·rows2 + q
+ * is x_p ⊙ u2sel[q] with x_p[t] = ±√σ_t u1[p, i_t] and u2sel[q, t] =
+ * u2[q, j_t]; a row t is √σ_t v1[i_t] ⊗ v2[j_t]. Zero past n. */
+#define KRON_FACTORS(type, from) \
+  G_STMT_START { \
+    type *buf_ = scratch; \
+    for (guint64 p_ = 0; p_ < w1->rows; p_++) \
+      { \
+        for (guint t_ = 0; t_ < k; t_++) \
+          x[t_] = t_ < n ? sign * root[t_] * s1.u[p_ * s1.stride + pi[t_]] : 0; \
+        for (guint64 q_ = 0; q_ < w2->rows; q_++) \
+          for (guint t_ = 0; t_ < k; t_++) \
+            buf_[q_ * k + t_] = (type) (x[t_] * u2sel[q_ * k + t_]); \
+        *overflow_up += from (up_dtype, buf_, (guint8 *) b_new + p_ * w2->rows * k * up_bytes, w2->rows * k); \
+      } \
+    for (guint t_ = 0; t_ < n; t_++) \
+      { \
+        const double *v1_ = s1.vt + (gsize) pi[t_] * w1->cols, *v2_ = s2.vt + (gsize) pj[t_] * w2->cols; \
+        for (guint64 c_ = 0; c_ < w1->cols; c_++) \
+          { \
+            double y_ = root[t_] * v1_[c_]; \
+            type *row_ = buf_ + c_ * w2->cols; \
+            for (guint64 d_ = 0; d_ < w2->cols; d_++) \
+              row_[d_] = (type) (y_ * v2_[d_]); \
+          } \
+        *overflow_down += from (down_dtype, buf_, (guint8 *) a_new + t_ * cols * down_bytes, cols); \
+      } \
+  } G_STMT_END
+
 gboolean
 lp_lora_lokr_reduce (const LpLoraKronPart *w1,
                      const LpLoraKronPart *w2,
                      double                scale,
                      guint                 k,
-                     double               *b_new,
-                     double               *a_new,
+                     LpDtype               up_dtype,
+                     gpointer              b_new,
+                     LpDtype               down_dtype,
+                     gpointer              a_new,
+                     gsize                *overflow_up,
+                     gsize                *overflow_down,
                      double               *kept,
                      double               *total,
                      GError              **error)
 {
   PartSvd s1, s2;
-  guint64 rows = w1->rows * w2->rows, cols = w1->cols * w2->cols;
+  guint64 cols = w1->cols * w2->cols;
+  gsize up_bytes = lp_dtype_get_bits (up_dtype) / 8, down_bytes = lp_dtype_get_bits (down_dtype) / 8;
 
   if (!part_svd (w1, k, &s1, error))
     return FALSE;
@@ -316,30 +460,42 @@ lp_lora_lokr_reduce (const LpLoraKronPart *w1,
       pairs[(gsize) i * s2.n + j] = (KronPair) { s1.sigma[i] * s2.sigma[j], i, j };
   qsort (pairs, n_pairs, sizeof (KronPair), kron_pair_compare);
 
-  memset (b_new, 0, sizeof (double) * rows * k);
-  memset (a_new, 0, sizeof (double) * k * cols);
+  g_autofree guint *pi = g_new (guint, MAX (k, 1));
+  g_autofree guint *pj = g_new (guint, MAX (k, 1));
+  g_autofree double *root = g_new (double, MAX (k, 1));
+  g_autofree double *x = g_new (double, MAX (k, 1));
+  g_autofree double *u2sel = g_new0 (double, MAX (w2->rows * k, 1));
+  double sign = scale < 0 ? -1.0 : 1.0;
+  guint n = 0;
+
   *kept = 0;
   *total = scale * scale * s1.total * s2.total;
-  for (guint t = 0; t < k && t < n_pairs && pairs[t].value > 0; t++)
+  for (; n < k && n < n_pairs && pairs[n].value > 0; n++)
     {
-      guint i = pairs[t].i, j = pairs[t].j;
-      double sigma = fabs (scale) * pairs[t].value;
-      double root = sqrt (sigma), sign = scale < 0 ? -1.0 : 1.0;
+      double sigma = fabs (scale) * pairs[n].value;
 
+      pi[n] = pairs[n].i;
+      pj[n] = pairs[n].j;
+      root[n] = sqrt (sigma);
       *kept += sigma * sigma;
-      for (guint64 p = 0; p < w1->rows; p++)
-        {
-          double x = sign * root * s1.u[p * s1.stride + i];
-          for (guint64 q = 0; q < w2->rows; q++)
-            b_new[(p * w2->rows + q) * k + t] = x * s2.u[q * s2.stride + j];
-        }
-      for (guint64 c = 0; c < w1->cols; c++)
-        {
-          double x = root * s1.vt[(gsize) i * w1->cols + c];
-          double *row = a_new + (gsize) t * cols + c * w2->cols;
-          for (guint64 d = 0; d < w2->cols; d++)
-            row[d] = x * s2.vt[(gsize) j * w2->cols + d];
-        }
+      for (guint64 q = 0; q < w2->rows; q++)
+        u2sel[q * k + n] = s2.u[q * s2.stride + pj[n]];
+    }
+
+  /* rows past the update's rank are zero (0 is all zero bits in every
+   * float dtype); the others are formed in the output's precision, f64
+   * only for an f64 output */
+  memset ((guint8 *) a_new + (gsize) n * cols * down_bytes, 0, (gsize) (k - n) * cols * down_bytes);
+  gsize scratch_n = MAX (MAX (w2->rows * k, cols), 1);
+  if (lp_dtype_get_bits (up_dtype) > 32 || lp_dtype_get_bits (down_dtype) > 32)
+    {
+      g_autofree double *scratch = g_new (double, scratch_n);
+      KRON_FACTORS (double, lp_dtype_from_f64);
+    }
+  else
+    {
+      g_autofree float *scratch = g_new (float, scratch_n);
+      KRON_FACTORS (float, lp_dtype_from_f32);
     }
   part_svd_clear (&s1);
   part_svd_clear (&s2);
@@ -895,6 +1051,7 @@ typedef struct {
   LpLoraKronPart w1;
   LpLoraKronPart w2;
   double *buffers[6];
+  float *buffers32[2];
 } KronSides;
 
 static void
@@ -902,6 +1059,42 @@ kron_sides_clear (KronSides *ks)
 {
   for (guint i = 0; i < G_N_ELEMENTS (ks->buffers); i++)
     g_clear_pointer (&ks->buffers[i], g_free);
+  for (guint i = 0; i < G_N_ELEMENTS (ks->buffers32); i++)
+    g_clear_pointer (&ks->buffers32[i], g_free);
+}
+
+/* A whole side, as it is stored: in f32 (exactly) when that is 16 bits or
+ * fewer, for the Gram matrix summed in f32, else in f64. */
+static gboolean
+dense_part (Module          *m,
+            Part             p,
+            guint64          rows,
+            guint64          cols,
+            double         **buffer,
+            float          **buffer32,
+            LpLoraKronPart  *side,
+            GError         **error)
+{
+  memset (side, 0, sizeof *side);
+  side->rows = rows;
+  side->cols = cols;
+  if (lp_dtype_get_bits (lp_tensor_get_dtype (m->parts[p])) <= 16)
+    {
+      *buffer32 = lp_tensor_dup_f32 (m->parts[p], NULL, error);
+      if (*buffer32 == NULL)
+        return FALSE;
+      if (!lp_lora_all_finite_f32 (*buffer32, lp_tensor_get_n_elements (m->parts[p])))
+        {
+          g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC, "NaN or infinity in %s", part_names[p]);
+          return FALSE;
+        }
+      side->dense32 = *buffer32;
+      return TRUE;
+    }
+  if ((*buffer = dup_part (m, p, error)) == NULL)
+    return FALSE;
+  side->dense = *buffer;
+  return TRUE;
 }
 
 G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (KronSides, kron_sides_clear)
@@ -916,28 +1109,25 @@ lokr_sides (Module     *m,
 
   if (HAS (m, PART_LOKR_W1))
     {
-      if ((*d1 = dup_part (m, PART_LOKR_W1, error)) == NULL)
+      if (!dense_part (m, PART_LOKR_W1, DIM (m, PART_LOKR_W1, 0), DIM (m, PART_LOKR_W1, 1),
+                       d1, &ks->buffers32[0], &ks->w1, error))
         return FALSE;
-      ks->w1 = (LpLoraKronPart) { *d1, NULL, NULL, 0, DIM (m, PART_LOKR_W1, 0), DIM (m, PART_LOKR_W1, 1),
-                                  lp_dtype_get_bits (lp_tensor_get_dtype (m->parts[PART_LOKR_W1])) <= 16 };
     }
   else
     {
       if ((*a1 = dup_part (m, PART_LOKR_W1_A, error)) == NULL ||
           (*b1 = dup_part (m, PART_LOKR_W1_B, error)) == NULL)
         return FALSE;
-      ks->w1 = (LpLoraKronPart) { NULL, *a1, *b1, DIM (m, PART_LOKR_W1_B, 0),
-                                  DIM (m, PART_LOKR_W1_A, 0), DIM (m, PART_LOKR_W1_B, 1) };
+      ks->w1 = (LpLoraKronPart) { .a = *a1, .b = *b1, .r = DIM (m, PART_LOKR_W1_B, 0),
+                                  .rows = DIM (m, PART_LOKR_W1_A, 0), .cols = DIM (m, PART_LOKR_W1_B, 1) };
     }
 
   guint64 kernel = m->in / m->in_channels;
   guint64 o2 = m->out / ks->w1.rows, i2 = m->in_channels / ks->w1.cols;
   if (HAS (m, PART_LOKR_W2))
     {
-      if ((*d2 = dup_part (m, PART_LOKR_W2, error)) == NULL)
+      if (!dense_part (m, PART_LOKR_W2, o2, i2 * kernel, d2, &ks->buffers32[1], &ks->w2, error))
         return FALSE;
-      ks->w2 = (LpLoraKronPart) { *d2, NULL, NULL, 0, o2, i2 * kernel,
-                                  lp_dtype_get_bits (lp_tensor_get_dtype (m->parts[PART_LOKR_W2])) <= 16 };
     }
   else
     {
@@ -960,7 +1150,7 @@ lokr_sides (Module     *m,
           *a2 = g_steal_pointer (&wa);
           *b2 = g_steal_pointer (&wb);
         }
-      ks->w2 = (LpLoraKronPart) { NULL, *a2, *b2, r, o2, i2 * kernel };
+      ks->w2 = (LpLoraKronPart) { .a = *a2, .b = *b2, .r = r, .rows = o2, .cols = i2 * kernel };
     }
   return TRUE;
 }
@@ -974,14 +1164,16 @@ compute_lokr (Job *job, double *kept, double *total, GError **error)
 
   if (!lokr_sides (m, &ks, error))
     return FALSE;
-  g_autofree double *b_new = g_new (double, MAX (m->out * k, 1));
-  g_autofree double *a_new = g_new (double, MAX ((gsize) k * m->in, 1));
-  if (!lp_lora_lokr_reduce (&ks.w1, &ks.w2, m->scale, k, b_new, a_new, kept, total, error))
-    return FALSE;
-
+  /* written straight in the output dtypes */
+  gsize down_size = (gsize) k * m->in * (lp_dtype_get_bits (m->down_dtype) / 8);
+  gsize up_size = (gsize) m->out * k * (lp_dtype_get_bits (m->up_dtype) / 8);
+  gpointer down = g_malloc (MAX (down_size, 1)), up = g_malloc (MAX (up_size, 1));
   gsize overflow_up = 0, overflow_down = 0;
-  job->held[0] = lp_lora_bytes_from_f64 (m->down_dtype, a_new, (gsize) k * m->in, &overflow_down);
-  job->held[1] = lp_lora_bytes_from_f64 (m->up_dtype, b_new, m->out * k, &overflow_up);
+  job->held[0] = g_bytes_new_take (down, down_size);
+  job->held[1] = g_bytes_new_take (up, up_size);
+  if (!lp_lora_lokr_reduce (&ks.w1, &ks.w2, m->scale, k, m->up_dtype, up, m->down_dtype, down,
+                            &overflow_up, &overflow_down, kept, total, error))
+    return FALSE;
   return lp_lora_check_overflow (overflow_down, m->down_dtype, error) &&
          lp_lora_check_overflow (overflow_up, m->up_dtype, error);
 }

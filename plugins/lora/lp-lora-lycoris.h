@@ -53,32 +53,38 @@ void      lp_lora_tucker_right    (const double *t,
                                    guint64       kernel,
                                    double       *m);
 
-/* One side of a Kronecker product: a dense rows × cols matrix (@dense), or
- * the product @a [rows, r] @ @b [r, cols]. */
+/* One side of a Kronecker product: a dense rows × cols matrix (@dense in
+ * f64, or @dense32 in f32 when it was stored in 16 bits or fewer), or the
+ * product @a [rows, r] @ @b [r, cols]. */
 typedef struct {
   const double *dense;
+  const float *dense32;
   const double *a;
   const double *b;
   guint r;
   guint64 rows;
   guint64 cols;
-  /* @dense was stored in 16 bits or fewer: its products are exact in f32,
-   * so its Gram matrix is summed in f32, as lora-svd's compute-dtype=auto
-   * does for plain factors */
-  gboolean narrow;
 } LpLoraKronPart;
 
 /* The best rank-k approximation of scale · kron (W1, W2), written as
- * b_new [rows1·rows2, k] and a_new [k, cols1·cols2] (f64, row-major, the
- * singular values split as √σ, the sign of @scale on b_new; zero columns and
- * rows beyond the update's rank). *@kept and *@total are Σσ² of the kept
- * directions and of the whole update. */
+ * b_new [rows1·rows2, k] in @up_dtype and a_new [k, cols1·cols2] in
+ * @down_dtype (row-major, the singular values split as √σ, the sign of
+ * @scale on b_new; zero columns and rows beyond the update's rank), each
+ * row formed in a small buffer and converted, without the whole factors in
+ * f64. *@overflow_up and *@overflow_down count the finite values that
+ * overflowed their dtype.
+ * *@kept and *@total are Σσ² of the kept directions and of the whole
+ * update. */
 gboolean  lp_lora_lokr_reduce     (const LpLoraKronPart *w1,
                                    const LpLoraKronPart *w2,
                                    double                scale,
                                    guint                 k,
-                                   double               *b_new,
-                                   double               *a_new,
+                                   LpDtype               up_dtype,
+                                   gpointer              b_new,
+                                   LpDtype               down_dtype,
+                                   gpointer              a_new,
+                                   gsize                *overflow_up,
+                                   gsize                *overflow_down,
                                    double               *kept,
                                    double               *total,
                                    GError              **error);

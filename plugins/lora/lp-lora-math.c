@@ -548,6 +548,110 @@ lp_lora_top_eigenpairs (double *h,
   return TRUE;
 }
 
+typedef struct {
+  double value;
+  lapack_int block;   /* 1-based, as sstein() numbers them */
+} TopEigenvalue;
+
+static int
+top_eigenvalue_by_value (gconstpointer a,
+                         gconstpointer b)
+{
+  const TopEigenvalue *x = a, *y = b;
+  return x->value > y->value ? -1 : x->value < y->value;
+}
+
+static int
+top_eigenvalue_by_block (gconstpointer a,
+                         gconstpointer b)
+{
+  const TopEigenvalue *x = a, *y = b;
+  if (x->block != y->block)
+    return x->block < y->block ? -1 : 1;
+  return x->value < y->value ? -1 : x->value > y->value;
+}
+
+gboolean
+lp_lora_top_eigenpairs_f32 (float *h,
+                            guint  n,
+                            guint  top,
+                            float *w,
+                            float *z)
+{
+  g_autofree float *d = g_new (float, n);
+  g_autofree float *e = g_new0 (float, n);
+  g_autofree float *tau = g_new0 (float, n);
+  g_autofree double *dd = g_new (double, n);
+  g_autofree double *ee = g_new0 (double, n);
+  g_autofree double *values = g_new (double, MIN (top, n));
+  g_autofree lapack_int *split = g_new (lapack_int, n);
+  g_autofree TopEigenvalue *found = g_new (TopEigenvalue, n);
+  g_autofree lapack_int *block = g_new (lapack_int, top);
+  g_autofree lapack_int *fail = g_new (lapack_int, top);
+  g_autofree float *chosen = g_new (float, top);
+  const double ulp = FLT_EPSILON, safe_min = FLT_MIN;
+  guint n_split = 0, n_found = 0;
+
+  g_return_val_if_fail (top >= 1 && top <= n, FALSE);
+  if (LAPACKE_ssytrd (LAPACK_COL_MAJOR, 'U', n, h, n, d, e, tau) != 0)
+    return FALSE;
+
+  /* unreduced blocks, split as sstebz() splits them */
+  for (guint j = 0; j < n; j++)
+    {
+      dd[j] = d[j];
+      ee[j] = e[j];
+    }
+  for (guint j = 1; j < n; j++)
+    if (fabs (dd[j] * dd[j - 1]) * ulp * ulp + safe_min > ee[j - 1] * ee[j - 1])
+      split[n_split++] = j;
+  split[n_split++] = n;
+
+  /* the top (up to @top) of each block: no other can be among the top overall */
+  for (guint b = 0, start = 0; b < n_split; start = split[b++])
+    {
+      guint len = split[b] - start, m = MIN (top, len);
+      lp_lora_tridiagonal_eigenvalues (dd + start, ee + start, len, len - m, m, values);
+      for (guint i = 0; i < m; i++)
+        found[n_found++] = (TopEigenvalue) { values[i], b + 1 };
+    }
+  qsort (found, n_found, sizeof (TopEigenvalue), top_eigenvalue_by_value);
+  /* grouped by block and ascending within one, as sstein() wants them */
+  qsort (found, top, sizeof (TopEigenvalue), top_eigenvalue_by_block);
+  for (guint i = 0; i < top; i++)
+    {
+      chosen[i] = found[i].value;
+      block[i] = found[i].block;
+    }
+
+  if (LAPACKE_sstein (LAPACK_COL_MAJOR, n, d, e, top, chosen, block, split, z, n, fail) != 0 ||
+      LAPACKE_sormtr (LAPACK_COL_MAJOR, 'L', 'U', 'N', n, top, h, n, tau, z, n) != 0)
+    return FALSE;
+
+  /* ascending overall: a selection sort of the columns (top is small) */
+  for (guint i = 0; i < top; i++)
+    {
+      guint best = i;
+      for (guint j = i + 1; j < top; j++)
+        if (chosen[j] < chosen[best])
+          best = j;
+      if (best != i)
+        {
+          float tmp = chosen[i];
+          chosen[i] = chosen[best];
+          chosen[best] = tmp;
+          for (guint t = 0; t < n; t++)
+            {
+              tmp = z[(gsize) i * n + t];
+              z[(gsize) i * n + t] = z[(gsize) best * n + t];
+              z[(gsize) best * n + t] = tmp;
+            }
+        }
+      w[i] = chosen[i];
+    }
+  return TRUE;
+}
+
 /* The Cholesky route, when both Gram matrices are well conditioned: with
  * G_A = U_Aᵀ U_A and G_B = U_Bᵀ U_B, A = U_Aᵀ Q_A and B = Q_B U_B for
  * orthonormal Q, so B A = Q_B C Q_A with the r × r core C = U_B U_Aᵀ. Two

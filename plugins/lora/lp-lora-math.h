@@ -112,6 +112,19 @@ gboolean  lp_lora_top_eigenpairs    (double        *h,
                                      double        *w,
                                      double        *z);
 
+/* The same in f32, for a few eigenpairs of a larger @h (a Gram matrix
+ * summed in f32 from 16-bit values): the tridiagonal form by ssytrd, the
+ * @top largest eigenvalues of each unreduced block by vectorised bisection
+ * on it (lp_lora_tridiagonal_eigenvalues(), in f64), the vectors by
+ * inverse iteration (sstein) and sormtr. For n = 192 and top = 16 that is
+ * about half of lp_lora_top_eigenpairs(), whose dsterf finds all n
+ * eigenvalues. FALSE if LAPACK fails. */
+gboolean  lp_lora_top_eigenpairs_f32 (float         *h,
+                                      guint          n,
+                                      guint          top,
+                                      float         *w,
+                                      float         *z);
+
 /* Writes the best rank-k approximation, scaled by @fold, split as √σ into
  * both factors: b_new [out, k_out] and a_new [k_out, in] in the compute dtype
  * of @factors; columns/rows from min(k, n) on are zero (padding). */
