@@ -1268,58 +1268,74 @@ LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_bf16, (const guint16 *values, gsi
 /* ---- eigenvalues of a symmetric tridiagonal matrix, by bisection -------- */
 
 typedef double LpV8d __attribute__ ((vector_size (64)));
-typedef gint64 LpV8l __attribute__ ((vector_size (64)));
+typedef long long LpV8l __attribute__ ((vector_size (64)));
 
 #define SELECT8(mask, a, b) ((LpV8d) (((LpV8l) (a) & (mask)) | ((LpV8l) (b) & ~(mask))))
 
-/* Sturm counts of T − x for the 8 shifts of @x, two vectors at once: the
- * count of negative pivots of the LDLᵀ factorization is the number of
- * eigenvalues below x (dstebz's count, with its pivot floor: a pivot
- * smaller than @pivmin in magnitude is taken as −pivmin). Each pivot
+/* Sturm counts of T − x for the 8 shifts of *x0 and of *x1, into *c0 and
+ * *c1: the count of negative pivots of the LDLᵀ factorization is the
+ * number of eigenvalues below x (dstebz's count, with its pivot floor: a
+ * pivot smaller than pivmin in magnitude is taken as −pivmin). Each pivot
  * divides by the one before, so one chain of shifts waits on the divider;
- * two chains keep it busy. */
-LP_INLINE void
-sturm_counts (const double *d,
-              const double *e2,
-              guint         n,
-              LpV8d         x0,
-              LpV8d         x1,
-              double        pivmin,
-              LpV8l        *c0,
-              LpV8l        *c1)
-{
-  LpV8d pm = (LpV8d) { 0 } + pivmin, npm = -pm;
-  LpV8d q0 = d[0] - x0, q1 = d[0] - x1;
-  LpV8l n0 = { 0 }, n1 = { 0 };
+ * two chains keep it busy. One function per x86-64 level, each compiled
+ * for it: a vector comparison inlined from a baseline body into an AVX-512
+ * function is split into scalar ones. */
+typedef void (*SturmCounts) (const double *d, const double *e2, guint n, const LpV8d *x0,
+                             const LpV8d *x1, double pivmin, LpV8l *c0, LpV8l *c1);
 
-  for (guint i = 0; ; )
-    {
-      q0 = SELECT8 ((q0 < pm) & (q0 > npm), npm, q0);
-      q1 = SELECT8 ((q1 < pm) & (q1 > npm), npm, q1);
-      n0 -= (q0 < 0);
-      n1 -= (q1 < 0);
-      if (++i >= n)
-        break;
-      q0 = (d[i] - x0) - e2[i - 1] / q0;
-      q1 = (d[i] - x1) - e2[i - 1] / q1;
-    }
-  *c0 = n0;
-  *c1 = n1;
-}
+#define DEFINE_STURM_COUNTS(name, attributes) \
+  attributes static void \
+  name (const double *d, const double *e2, guint n, const LpV8d *x0, const LpV8d *x1, \
+        double pivmin, LpV8l *c0, LpV8l *c1) \
+  { \
+    LpV8d pm = (LpV8d) { 0 } + pivmin, npm = -pm; \
+    LpV8d q0 = d[0] - *x0, q1 = d[0] - *x1; \
+    LpV8l n0 = { 0 }, n1 = { 0 }; \
+    for (guint i = 0; ; ) \
+      { \
+        LpV8l s0 = (q0 < pm) & (q0 > npm), s1 = (q1 < pm) & (q1 > npm); \
+        q0 = SELECT8 (s0, npm, q0); \
+        q1 = SELECT8 (s1, npm, q1); \
+        n0 -= (q0 < 0); \
+        n1 -= (q1 < 0); \
+        if (++i >= n) \
+          break; \
+        q0 = (d[i] - *x0) - e2[i - 1] / q0; \
+        q1 = (d[i] - *x1) - e2[i - 1] / q1; \
+      } \
+    *c0 = n0; \
+    *c1 = n1; \
+  }
 
-LP_INLINE void
-lp_lora_tridiagonal_eigenvalues_body (const double *d,
-                                      const double *e,
-                                      guint         n,
-                                      guint         first,
-                                      guint         m,
-                                      double       *w)
+DEFINE_STURM_COUNTS (sturm_counts_base, )
+#ifdef LP_X86_LEVELS
+DEFINE_STURM_COUNTS (sturm_counts_v3, __attribute__ ((target ("arch=x86-64-v3"))))
+DEFINE_STURM_COUNTS (sturm_counts_v4, __attribute__ ((target ("arch=x86-64-v4"))))
+#endif
+
+void
+lp_lora_tridiagonal_eigenvalues (const double *d,
+                                 const double *e,
+                                 guint         n,
+                                 guint         first,
+                                 guint         m,
+                                 double       *w)
 {
-  g_autofree double *e2 = g_new (double, MAX (n, 1));
+  SturmCounts sturm_counts = sturm_counts_base;
+  g_autofree double *e2 = NULL;
   double pivmin = 1, lo = G_MAXDOUBLE, hi = -G_MAXDOUBLE;
 
+#ifdef LP_X86_LEVELS
+  switch (kernel_level ())
+    {
+    case 4: sturm_counts = sturm_counts_v4; break;
+    case 3: sturm_counts = sturm_counts_v3; break;
+    default: break;
+    }
+#endif
   if (n == 0 || m == 0)
     return;
+  e2 = g_new (double, n);
   for (guint i = 0; i + 1 < n; i++)
     {
       e2[i] = e[i] * e[i];
@@ -1360,7 +1376,7 @@ lp_lora_tridiagonal_eigenvalues_body (const double *d,
           LpV8l c0, c1;
           gboolean done = TRUE;
 
-          sturm_counts (d, e2, n, mid0, mid1, pivmin, &c0, &c1);
+          sturm_counts (d, e2, n, &mid0, &mid1, pivmin, &c0, &c1);
           LpV8l below0 = c0 > index[0], below1 = c1 > index[1];
           high[0] = SELECT8 (below0, mid0, high[0]);
           low[0] = SELECT8 (below0, low[0], mid0);
@@ -1388,6 +1404,3 @@ lp_lora_tridiagonal_eigenvalues_body (const double *d,
     }
 }
 
-LP_DEFINE_VOID_KERNEL (lp_lora_tridiagonal_eigenvalues,
-                       (const double *d, const double *e, guint n, guint first, guint m, double *w),
-                       (d, e, n, first, m, w))
