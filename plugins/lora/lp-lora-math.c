@@ -588,7 +588,8 @@ lp_lora_top_eigenpairs_f32 (float *h,
   g_autofree TopEigenvalue *found = g_new (TopEigenvalue, n);
   g_autofree lapack_int *block = g_new (lapack_int, top);
   g_autofree lapack_int *fail = g_new (lapack_int, top);
-  g_autofree float *chosen = g_new (float, top);
+  /* n, not top: LAPACKE_sstein() checks n values of w for NaN */
+  g_autofree float *chosen = g_new0 (float, n);
   const double ulp = FLT_EPSILON, safe_min = FLT_MIN;
   guint n_split = 0, n_found = 0;
 

@@ -6,6 +6,7 @@
  *
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
+#include <float.h>
 #include <math.h>
 #include <string.h>
 #include <cblas.h>
@@ -609,6 +610,136 @@ test_top_eigenpairs (void)
     }
 }
 
+/* The f32 route (ssytrd, bisection, sstein) on the same kinds of matrix,
+ * and a 192-wide Gram matrix of 16-bit values as a Flux LoKr side gives
+ * it: eigenvalues against LAPACK's f64 ones within f32 rounding of the
+ * largest, residuals and orthonormality at f32 level. */
+static void
+test_top_eigenpairs_f32 (void)
+{
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, 17, "eigen-f32");
+
+  for (guint shape = 0; shape < 5; shape++)
+    {
+      guint n = shape == 3 ? 42 : shape == 4 ? 192 : 17;
+      g_autofree double *h = g_new0 (double, n * n);
+
+      if (shape == 0 || shape == 4)   /* dense: a Gram matrix */
+        {
+          guint rows = shape == 4 ? 3 * n : n;
+          g_autofree double *x = random_matrix (&rng, rows, n);
+          if (shape == 4)   /* bf16 values, and a spectrum of 8 orders of magnitude */
+            for (guint i = 0; i < rows * n; i++)
+              {
+                float v = x[i] * pow (10, -4.0 * (i % n) / n);
+                guint32 bits;
+                memcpy (&bits, &v, 4);
+                bits &= 0xffff0000u;
+                memcpy (&v, &bits, 4);
+                x[i] = v;
+              }
+          cblas_dgemm (CblasColMajor, CblasTrans, CblasNoTrans, n, n, rows, 1.0, x, rows, x, rows, 0.0, h, n);
+        }
+      else if (shape == 1 || shape == 3)   /* blocks of 6, 5, 4 … and a zero tail */
+        {
+          guint start = 0;
+          for (guint size = 6; size > 0 && start + size <= n; start += size, size--)
+            {
+              g_autofree double *x = random_matrix (&rng, size, size);
+              for (guint i = 0; i < size; i++)
+                for (guint j = 0; j < size; j++)
+                  {
+                    double acc = 0;
+                    for (guint t = 0; t < size; t++)
+                      acc += x[t * size + i] * x[t * size + j];
+                    h[(start + j) * n + start + i] = acc * (1 + size);
+                  }
+            }
+        }
+      else   /* repeated eigenvalues: 3·I on the first 5, 1·I on the rest */
+        for (guint i = 0; i < n; i++)
+          h[i * n + i] = i < 5 ? 3.0 : 1.0;
+
+      g_autofree double *full = g_memdup2 (h, sizeof (double) * n * n);
+      g_autofree double *all = g_new (double, n);
+      g_assert_cmpint (LAPACKE_dsyevd (LAPACK_COL_MAJOR, 'N', 'U', n, full, n, all), ==, 0);
+
+      for (guint top = 1; top <= (shape == 4 ? 16 : 5); top++)
+        {
+          g_autofree float *work = g_new (float, n * n);
+          g_autofree float *w = g_new (float, top);
+          g_autofree float *z = g_new (float, n * top);
+          for (guint i = 0; i < n * n; i++)
+            work[i] = h[i];
+          g_assert_true (lp_lora_top_eigenpairs_f32 (work, n, top, w, z));
+
+          double scale = MAX (fabs (all[n - 1]), 1e-300), tol = 8 * n * FLT_EPSILON * scale;
+          for (guint i = 0; i < top; i++)
+            {
+              g_assert_cmpfloat (fabs (w[i] - all[n - top + i]), <=, tol);
+              if (i > 0)
+                g_assert_cmpfloat (w[i - 1], <=, w[i]);
+              /* residual ‖H z − λ z‖ and orthonormality */
+              for (guint t = 0; t < n; t++)
+                {
+                  double acc = -(double) w[i] * z[i * n + t];
+                  for (guint j = 0; j < n; j++)
+                    acc += h[j * n + t] * z[i * n + j];
+                  g_assert_cmpfloat (fabs (acc), <=, tol);
+                }
+              for (guint j = 0; j <= i; j++)
+                {
+                  double dot = 0;
+                  for (guint t = 0; t < n; t++)
+                    dot += (double) z[i * n + t] * z[j * n + t];
+                  g_assert_cmpfloat (fabs (dot - (i == j)), <=, 8 * n * FLT_EPSILON);
+                }
+            }
+        }
+    }
+}
+
+/* Bisection's eigenvalues of a tridiagonal matrix against dstebz's,
+ * including a zero block and equal diagonals. */
+static void
+test_tridiagonal_eigenvalues (void)
+{
+  LpLoraRng rng;
+  lp_lora_rng_init (&rng, 19, "tridiagonal");
+
+  for (guint shape = 0; shape < 3; shape++)
+    {
+      guint n = shape == 2 ? 1 : 37;
+      g_autofree double *d = random_matrix (&rng, 1, n);
+      g_autofree double *e = random_matrix (&rng, 1, n);
+      if (shape == 1)
+        for (guint i = 0; i < n; i++)
+          {
+            d[i] = i < 10 ? 0 : 2.5;
+            e[i] = i < 10 ? 0 : e[i];
+          }
+      for (guint first = 0; first < n; first += 7)
+        {
+          guint m = MIN (n - first, 20);
+          g_autofree double *w = g_new (double, m);
+          g_autofree double *ref = g_new (double, n);
+          g_autofree lapack_int *block = g_new (lapack_int, n);
+          g_autofree lapack_int *split = g_new (lapack_int, n);
+          lapack_int found, n_split;
+
+          lp_lora_tridiagonal_eigenvalues (d, e, n, first, m, w);
+          g_assert_cmpint (LAPACKE_dstebz ('A', 'E', n, 0, 0, 0, 0, 0, d, e, &found, &n_split, ref,
+                                           block, split), ==, 0);
+          double scale = 0;
+          for (guint i = 0; i < n; i++)
+            scale = MAX (scale, fabs (ref[i]));
+          for (guint i = 0; i < m; i++)
+            g_assert_cmpfloat (fabs (w[i] - ref[first + i]), <=, 4 * n * DBL_EPSILON * MAX (scale, 1e-300));
+        }
+    }
+}
+
 static void
 test_randomized (void)
 {
@@ -787,6 +918,8 @@ main (int argc, char **argv)
   g_test_add_func ("/lora-math/blocked-gram-kernels", test_blocked_gram_kernels);
   g_test_add_func ("/lora-math/map-kernels", test_map_kernels);
   g_test_add_func ("/lora-math/top-eigenpairs", test_top_eigenpairs);
+  g_test_add_func ("/lora-math/top-eigenpairs-f32", test_top_eigenpairs_f32);
+  g_test_add_func ("/lora-math/tridiagonal-eigenvalues", test_tridiagonal_eigenvalues);
   g_test_add_func ("/lora-math/exact", test_exact);
   g_test_add_func ("/lora-math/randomized", test_randomized);
   g_test_add_func ("/lora-math/nan", test_nan);

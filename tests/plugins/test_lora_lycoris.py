@@ -271,6 +271,16 @@ def main():
     t.update(rng_parts(rng, {g + ".lokr_w1": (2, 2), g + ".lokr_w2": (8, 4, 3, 3)}, "F32"))
     t.update(rng_parts(rng, {h + ".lokr_w1": (2, 4), h + ".lokr_w2_a": (8, 2), h + ".lokr_w2_b": (2, 4 * 9)}, "F32"))
     t[h + ".alpha"] = ("F16", np.array(1.0))
+    # bf16 whole sides of which only a few triplets are wanted (as a Flux
+    # LoKr's 192-wide W2 at rank 16): the f32 route of lp-lora-lycoris.c's
+    # dense_top_svd, on a W2 of rank 5 (rows repeated) and a wide W2 whose
+    # singular values span 6 orders of magnitude
+    rd = "lora_unet_double_blocks_3_img_attn_qkv"
+    ic = "lora_unet_double_blocks_3_txt_mlp_2"
+    t[rd + ".lokr_w1"] = ("BF16", stored(rng.standard_normal((4, 4)), "BF16"))
+    t[rd + ".lokr_w2"] = ("BF16", stored(rng.standard_normal((5, 40))[rng.integers(0, 5, 48)], "BF16"))
+    t[ic + ".lokr_w1"] = ("BF16", stored(rng.standard_normal((4, 4)), "BF16"))
+    t[ic + ".lokr_w2"] = ("BF16", stored(rng.standard_normal((40, 64)) * 10.0 ** (-6 * np.arange(40) / 40)[:, None], "BF16"))
     write_st(f("lokr.safetensors"), t, lycoris_metadata("lokr", 4, 2, {"factor": "4", "decompose_both": "False"}))
 
     for k in (3, 12):
@@ -285,6 +295,8 @@ def main():
         check_module("lokr tucker conv k=%d" % k, t, out, e, lokr_delta, min(k, 6), [min(k, 6), 16, 3, 3], [32, min(k, 6), 1, 1])
         check_module("lokr full 4-D w2 conv k=%d" % k, t, out, g, lokr_delta, k, [k, 8, 3, 3], [16, k, 1, 1])
         check_module("lokr flattened conv k=%d" % k, t, out, h, lokr_delta, min(k, 4), [min(k, 4), 144], [16, min(k, 4)])
+        check_module("lokr bf16 w2 of rank 5 k=%d" % k, t, out, rd, lokr_delta, k, [k, 160], [192, k])
+        check_module("lokr bf16 ill-conditioned wide w2 k=%d" % k, t, out, ic, lokr_delta, k, [k, 256], [160, k])
         check(not any(".lokr_" in n for n in out), "lokr: no lokr_ part left")
 
     # pad=true pads them to the rank asked for instead
