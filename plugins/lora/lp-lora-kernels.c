@@ -1219,6 +1219,85 @@ lp_lora_gram_blocked_cols_bf16 (const guint16 *b,
 #endif
 }
 
+/* ---- LoHa's Khatri–Rao factors ----------------------------------------- */
+
+typedef float LpV8 __attribute__ ((vector_size (32)));
+
+/* y = a · x over @n floats, 16 and 8 at a time. */
+LP_INLINE void
+scaled_copy (float a, const float *x, gsize n, float *y)
+{
+  gsize j = 0;
+
+  for (; j + 16 <= n; j += 16)
+    {
+      LpV16 v;
+      LOAD16 (v, x + j);
+      v *= a;
+      memcpy (y + j, &v, sizeof v);
+    }
+  for (; j + 8 <= n; j += 8)
+    {
+      LpV8 v;
+      memcpy (&v, x + j, sizeof v);
+      v *= a;
+      memcpy (y + j, &v, sizeof v);
+    }
+  for (; j < n; j++)
+    y[j] = a * x[j];
+}
+
+LP_INLINE void
+lp_lora_face_split_rows_f32_body (const float *x1,
+                                  guint        r1,
+                                  const float *x2,
+                                  guint        r2,
+                                  gsize        h,
+                                  float       *y)
+{
+  gsize R = (gsize) r1 * r2;
+
+  for (gsize o = 0; o < h; o++)
+    for (guint i = 0; i < r1; i++)
+      scaled_copy (x1[o * r1 + i], x2 + o * r2, r2, y + o * R + (gsize) i * r2);
+}
+
+LP_INLINE void
+lp_lora_hadamard_rows_f32_body (const float *v1,
+                                guint        r1,
+                                const float *v2,
+                                guint        r2,
+                                gsize        w,
+                                float       *y,
+                                gsize        ld)
+{
+  for (guint i = 0; i < r1; i++)
+    for (guint j = 0; j < r2; j++)
+      {
+        const float *a = v1 + (gsize) i * w, *b = v2 + (gsize) j * w;
+        float *row = y + ((gsize) i * r2 + j) * ld;
+        gsize c = 0;
+
+        for (; c + 16 <= w; c += 16)
+          {
+            LpV16 x, z;
+            LOAD16 (x, a + c);
+            LOAD16 (z, b + c);
+            x *= z;
+            memcpy (row + c, &x, sizeof x);
+          }
+        for (; c < w; c++)
+          row[c] = a[c] * b[c];
+      }
+}
+
+LP_DEFINE_VOID_KERNEL (lp_lora_face_split_rows_f32,
+                       (const float *x1, guint r1, const float *x2, guint r2, gsize h, float *y),
+                       (x1, r1, x2, r2, h, y))
+LP_DEFINE_VOID_KERNEL (lp_lora_hadamard_rows_f32,
+                       (const float *v1, guint r1, const float *v2, guint r2, gsize w, float *y, gsize ld),
+                       (v1, r1, v2, r2, w, y, ld))
+
 /* ---- NaN and infinity --------------------------------------------------- */
 
 /* Tests the exponent bits (all ones: NaN or infinity) 64 bytes at a time:
@@ -1257,8 +1336,10 @@ name##_body (const value_type *values,                                          
 ALL_FINITE_BODY (lp_lora_all_finite_f32, float, guint32, 0x7f800000u)
 ALL_FINITE_BODY (lp_lora_all_finite_f64, double, guint64, G_GUINT64_CONSTANT (0x7ff0000000000000))
 ALL_FINITE_BODY (lp_lora_all_finite_bf16, guint16, guint16, 0x7f80u)
+ALL_FINITE_BODY (lp_lora_all_finite_f16, guint16, guint16, 0x7c00u)
 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f32, (const float *values, gsize n), (values, n))
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f64, (const double *values, gsize n), (values, n))
 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_bf16, (const guint16 *values, gsize n), (values, n))
+LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f16, (const guint16 *values, gsize n), (values, n))

@@ -78,9 +78,29 @@ void lp_lora_map_cols_bf16 (const float   *mt,
                             gsize          h,
                             float         *y);
 
-/* TRUE iff no bf16 value is a NaN or an infinity. */
+/* TRUE iff no bf16 (f16) value is a NaN or an infinity. */
 gboolean lp_lora_all_finite_bf16 (const guint16 *values,
                                   gsize          n);
+gboolean lp_lora_all_finite_f16  (const guint16 *values,
+                                  gsize          n);
+
+/* LoHa's Khatri–Rao factors, a block at a time (lp-lora-math.c):
+ * Y [h, r1·r2] with row o = x1[o, :] ⊗ x2[o, :] for x1 [h, r1] and
+ * x2 [h, r2]; and the r1·r2 rows of w floats (row stride @ld) of Y with row
+ * i·r2 + j = v1[i] ⊙ v2[j], for v1 [r1, w] and v2 [r2, w]. */
+void lp_lora_face_split_rows_f32 (const float *x1,
+                                  guint        r1,
+                                  const float *x2,
+                                  guint        r2,
+                                  gsize        h,
+                                  float       *y);
+void lp_lora_hadamard_rows_f32   (const float *v1,
+                                  guint        r1,
+                                  const float *v2,
+                                  guint        r2,
+                                  gsize        w,
+                                  float       *y,
+                                  gsize        ld);
 
 /* The same straight from bf16 factors, on machines with AVX512-BF16
  * (lp_lora_have_bf16_dot()): A [r, n] row-major, or B [n, r] with a

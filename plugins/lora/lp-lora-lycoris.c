@@ -24,60 +24,6 @@
 
 /* ---- the mathematics, on plain arrays ----------------------------------- */
 
-/* Row o of the face-splitting product: x[i·r2 + j] = p[i] · q[j]. Written
- * once per dtype, so that the inner loop has no branch and vectorises. */
-#define FACE_SPLIT_ROW(type, x, p, r1, q, r2) \
-  G_STMT_START { \
-    for (guint i_ = 0; i_ < (r1); i_++) \
-      { \
-        double pi_ = (p)[i_]; \
-        type *row_ = (x) + (gsize) i_ * (r2); \
-        for (guint j_ = 0; j_ < (r2); j_++) \
-          row_[j_] = (type) (pi_ * (q)[j_]); \
-      } \
-  } G_STMT_END
-
-/* Row i·r2 + j of A: v1[i] ⊙ v2[j]. */
-#define HADAMARD_ROWS(type, a, v1, r1, v2, r2, in) \
-  G_STMT_START { \
-    for (guint i_ = 0; i_ < (r1); i_++) \
-      for (guint j_ = 0; j_ < (r2); j_++) \
-        { \
-          const double *x_ = (v1) + (gsize) i_ * (in), *y_ = (v2) + (gsize) j_ * (in); \
-          type *row_ = (a) + ((gsize) i_ * (r2) + j_) * (in); \
-          for (guint64 c_ = 0; c_ < (in); c_++) \
-            row_[c_] = (type) (x_[c_] * y_[c_]); \
-        } \
-  } G_STMT_END
-
-void
-lp_lora_loha_to_factors (const double *u1,
-                         const double *v1,
-                         guint         r1,
-                         const double *u2,
-                         const double *v2,
-                         guint         r2,
-                         guint64       out,
-                         guint64       in,
-                         gboolean      f32,
-                         gpointer      b,
-                         gpointer      a)
-{
-  gsize rr = (gsize) r1 * r2;
-
-  for (guint64 o = 0; o < out; o++)
-    {
-      if (f32)
-        FACE_SPLIT_ROW (float, (float *) b + o * rr, u1 + o * r1, r1, u2 + o * r2, r2);
-      else
-        FACE_SPLIT_ROW (double, (double *) b + o * rr, u1 + o * r1, r1, u2 + o * r2, r2);
-    }
-  if (f32)
-    HADAMARD_ROWS (float, (float *) a, v1, r1, v2, r2, in);
-  else
-    HADAMARD_ROWS (double, (double *) a, v1, r1, v2, r2, in);
-}
-
 void
 lp_lora_tucker_right (const double *t,
                       const double *wb,
@@ -816,20 +762,69 @@ loha_side (Module *m, gboolean second, double **u, double **v, guint *r, GError 
 }
 
 /* A LoHa module's update as the product B A of its Khatri–Rao factors,
- * [out, r1·r2] and [r1·r2, in], in @f (the data in *@b and *@a, owned by the
- * caller). */
+ * [out, r1·r2] and [r1·r2, in], which lp-lora-math.c forms a block at a
+ * time from the four parts: as stored (mapped pages) when they share a
+ * dtype and have no Tucker core, else as f64 copies. */
+typedef struct {
+  LpLoraKhatriRao kr;
+  GBytes *stored[4];
+  double *copies[4];
+} LohaParts;
+
+static void
+loha_parts_clear (LohaParts *lp)
+{
+  for (guint i = 0; i < 4; i++)
+    {
+      g_clear_pointer (&lp->stored[i], g_bytes_unref);
+      g_clear_pointer (&lp->copies[i], g_free);
+    }
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (LohaParts, loha_parts_clear)
+
 static gboolean
 loha_factors (Module        *m,
               LpLoraFactors *f,
-              gpointer      *b,
-              gpointer      *a,
+              LohaParts     *lp,
               GError       **error)
 {
-  g_autofree double *u1 = NULL, *v1 = NULL, *u2 = NULL, *v2 = NULL;
+  static const Part order[4] = { PART_HADA_W1_A, PART_HADA_W1_B, PART_HADA_W2_A, PART_HADA_W2_B };
+  LpDtype dtype = lp_tensor_get_dtype (m->parts[PART_HADA_W1_A]);
+  gboolean as_stored = !HAS (m, PART_HADA_T1) && !HAS (m, PART_HADA_T2) && lp_dtype_can_convert (dtype);
+  gconstpointer data[4];
   guint r1, r2;
 
-  if (!loha_side (m, FALSE, &u1, &v1, &r1, error) || !loha_side (m, TRUE, &u2, &v2, &r2, error))
-    return FALSE;
+  for (guint i = 0; i < 4; i++)
+    if (lp_tensor_get_dtype (m->parts[order[i]]) != dtype)
+      as_stored = FALSE;
+  if (as_stored)
+    {
+      for (guint i = 0; i < 4; i++)
+        {
+          LpTensor *t = m->parts[order[i]];
+          if ((lp->stored[i] = lp_tensor_dup_data (t, error)) == NULL)
+            return FALSE;
+          data[i] = g_bytes_get_data (lp->stored[i], NULL);
+          if (!lp_lora_all_finite (dtype, data[i], lp_tensor_get_n_elements (t)))
+            {
+              g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC, "NaN or infinity in %s",
+                           part_names[order[i]]);
+              return FALSE;
+            }
+        }
+      r1 = DIM (m, PART_HADA_W1_B, 0);
+      r2 = DIM (m, PART_HADA_W2_B, 0);
+    }
+  else
+    {
+      dtype = LP_DTYPE_F64;
+      if (!loha_side (m, FALSE, &lp->copies[0], &lp->copies[1], &r1, error) ||
+          !loha_side (m, TRUE, &lp->copies[2], &lp->copies[3], &r2, error))
+        return FALSE;
+      for (guint i = 0; i < 4; i++)
+        data[i] = lp->copies[i];
+    }
 
   /* Products of two 16-bit numbers are exact in f32: those factors are
    * summed in f32 (f64 where ill-conditioned), as lora-svd's auto does. */
@@ -840,20 +835,14 @@ loha_factors (Module        *m,
   if (HAS (m, PART_HADA_T1))
     f32 = FALSE;   /* the Tucker contraction is a sum, not a product */
 
-  guint R = r1 * r2;
-  gsize value = f32 ? sizeof (float) : sizeof (double);
-  *b = g_malloc (MAX (m->out * R * value, 1));
-  *a = g_malloc (MAX (R * m->in * value, 1));
-  lp_lora_loha_to_factors (u1, v1, r1, u2, v2, r2, m->out, m->in, f32, *b, *a);
-
+  lp->kr = (LpLoraKhatriRao) { dtype, data[0], data[1], data[2], data[3], r1, r2 };
   memset (f, 0, sizeof *f);
   f->f32 = f32;
   f->f64_fallback = f32;
-  f->b = *b;
-  f->a = *a;
+  f->khatri_rao = &lp->kr;
   f->out = m->out;
   f->in = m->in;
-  f->r = R;
+  f->r = r1 * r2;
   return TRUE;
 }
 
@@ -861,10 +850,10 @@ static gboolean
 compute_loha (Job *job, double *kept, double *total, GError **error)
 {
   Module *m = job->module;
-  g_autofree gpointer b = NULL, a = NULL;
+  g_auto (LohaParts) parts = { { 0, }, };
   LpLoraFactors f;
 
-  if (!loha_factors (m, &f, &b, &a, error))
+  if (!loha_factors (m, &f, &parts, error))
     return FALSE;
   guint R = f.r;
   g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, MIN (job->k, R), TRUE, error);
@@ -1022,10 +1011,10 @@ module_sigma (Module  *m,
 
   if (!m->lokr)
     {
-      g_autofree gpointer b = NULL, a = NULL;
+      g_auto (LohaParts) parts = { { 0, }, };
       LpLoraFactors f;
 
-      if (!loha_factors (m, &f, &b, &a, error))
+      if (!loha_factors (m, &f, &parts, error))
         return NULL;
       g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, 0, FALSE, error);
       if (spectrum == NULL)

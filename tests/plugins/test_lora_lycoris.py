@@ -358,6 +358,14 @@ def main():
     half = {n: x for n, x in rng_parts(rng, {q + ".hada_w1_a": (96, 4), q + ".hada_w1_b": (4, 80),
                                              q + ".hada_w2_a": (96, 4)}, "F32").items()}
     refused("loha-missing", half, [q, "hada_w2_b", "missing"])
+    # parts read as stored (bf16, f16) are checked before the Khatri–Rao factors are formed
+    for dt, bad_value, part in (("BF16", np.nan, "hada_w2_a"), ("F16", np.inf, "hada_w1_b")):
+        loha = rng_parts(rng, {q + ".hada_w1_a": (96, 4), q + ".hada_w1_b": (4, 80),
+                               q + ".hada_w2_a": (96, 4), q + ".hada_w2_b": (4, 80)}, dt)
+        bad = loha[q + "." + part][1].copy()
+        bad.flat[7] = bad_value
+        loha[q + "." + part] = (dt, bad)
+        refused("loha-nonfinite-" + dt, loha, [q, "NaN or infinity", part])
     refused("lokr-budget", base, ["LyCORIS", "budget"], "budget=100000")
     refused("lokr-randomized", base, ["LyCORIS", "method=randomized"], "rank=2", "method=randomized", "seed=1")
     nan = dict(base)
