@@ -546,6 +546,103 @@ lp_lora_gram_blocked_cols_f32 (const float *y,
     gram_blocked_f32 (y, r, r, n, TRUE, g, panel_of (scratch));
 }
 
+/* The blocked Gram kernel on LoHa's Khatri–Rao factors, formed while the
+ * panel is packed: lane l of group g at step t is x1[t][i] · x2[t][j] for
+ * i·r2 + j = 16 g + l, picked from the step's two rows by permutes, so the
+ * r1·r2 products are never written anywhere but the panel. Lanes past
+ * r1·r2 are zero (the mask). */
+typedef gint32 LpI32x16 __attribute__ ((vector_size (64)));
+
+LP_INLINE void
+pack_khatri_rao_f32 (const float *x1,
+                     const float *x2,
+                     guint        r1,
+                     guint        r2,
+                     gsize        len,
+                     float       *panel)
+{
+  guint R = r1 * r2, groups = (R + 15) / 16;
+  LpI32x16 pick1[16], pick2[16];
+  LpV16 mask[16];
+
+  for (guint gi = 0; gi < groups; gi++)
+    for (guint l = 0; l < 16; l++)
+      {
+        guint c = 16 * gi + l;
+        pick1[gi][l] = c < R ? (gint32) (c / r2) : 0;
+        pick2[gi][l] = c < R ? (gint32) (c % r2) : 0;
+        mask[gi][l] = c < R ? 1.f : 0.f;
+      }
+  for (gsize t = 0; t < len; t++)
+    {
+      LpV16 a, b;
+      LOAD16 (a, x1 + t * 16);
+      LOAD16 (b, x2 + t * 16);
+      for (guint gi = 0; gi < groups; gi++)
+        {
+          LpV16 v = __builtin_shuffle (a, pick1[gi]) * __builtin_shuffle (b, pick2[gi]) * mask[gi];
+          memcpy (panel + gi * GRAM_GROUP + t * 16, &v, sizeof v);
+        }
+    }
+}
+
+LP_INLINE void
+gram_khatri_rao_f32_body (const float *x1,
+                          const float *x2,
+                          guint        r1,
+                          guint        r2,
+                          gsize        n,
+                          double      *g,
+                          float       *panel,
+                          const guint  max_nv)
+{
+  for (gsize t0 = 0; t0 < n; t0 += GRAM_PANEL)
+    {
+      gsize len = MIN (GRAM_PANEL, n - t0);
+      pack_khatri_rao_f32 (x1 + t0 * 16, x2 + t0 * 16, r1, r2, len, panel);
+      blocked_panel_f32 (panel, len, r1 * r2, g, max_nv);
+    }
+}
+
+#ifdef LP_X86_LEVELS
+__attribute__ ((target ("arch=x86-64-v4"))) static void
+gram_khatri_rao_f32_v4 (const float *x1, const float *x2, guint r1, guint r2, gsize n, double *g, float *panel)
+{
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, g, panel, 4);
+}
+
+__attribute__ ((target ("arch=x86-64-v3"))) static void
+gram_khatri_rao_f32_v3 (const float *x1, const float *x2, guint r1, guint r2, gsize n, double *g, float *panel)
+{
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, g, panel, 1);
+}
+#endif
+
+void
+lp_lora_gram_khatri_rao_f32 (const float *x1,
+                             const float *x2,
+                             guint        r1,
+                             guint        r2,
+                             gsize        n,
+                             double      *g,
+                             gpointer     scratch)
+{
+  float *panel = panel_of (scratch);
+
+  g_return_if_fail (r1 <= 16 && r2 <= 16);
+  if (r1 == 0 || r2 == 0)
+    return;
+#ifdef LP_X86_LEVELS
+  switch (kernel_level ())
+    {
+    case 4: gram_khatri_rao_f32_v4 (x1, x2, r1, r2, n, g, panel); return;
+    case 3: gram_khatri_rao_f32_v3 (x1, x2, r1, r2, n, g, panel); return;
+    default: break;
+    }
+#endif
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, g, panel, 1);
+}
+
 /* ---- applying a small map to a factor ------------------------------------ */
 
 /* Y = M X, 4 rows of M at a time against 16 columns of X: k × r small, X a
@@ -1297,6 +1394,64 @@ LP_DEFINE_VOID_KERNEL (lp_lora_face_split_rows_f32,
 LP_DEFINE_VOID_KERNEL (lp_lora_hadamard_rows_f32,
                        (const float *v1, guint r1, const float *v2, guint r2, gsize w, float *y, gsize ld),
                        (v1, r1, v2, r2, w, y, ld))
+
+/* Y [h, k] = X M for X's rows the Khatri–Rao products x1[o] ⊗ x2[o], in
+ * their structure: y[o] = Σ_i x1[o][i] · (Σ_j x2[o][j] · M[i·r2 + j]), so
+ * the r1·r2 products are never formed. Eight rows at a time share each row
+ * of M; per output vector that is r1·(r2 + 1) multiply-adds a row. */
+LP_INLINE void
+lp_lora_map_khatri_rao_f32_body (const float *x1,
+                                 const float *x2,
+                                 guint        r1,
+                                 guint        r2,
+                                 const float *m,
+                                 guint        k,
+                                 gsize        h,
+                                 float       *y)
+{
+  gsize kp = (k + 15) / 16 * 16;
+
+  for (gsize o0 = 0; o0 < h; o0 += 8)
+    {
+      guint rows = MIN (8, h - o0);
+      /* one pointer for the eight rows: the compiler keeps the 16
+       * accumulators in registers instead of spilling them for pointers */
+      const float *b1 = x1 + o0 * 16, *b2 = x2 + o0 * 16;
+
+      for (gsize v = 0; v < kp; v += 16)
+        {
+          LpV16 acc[8];
+#pragma GCC unroll 8
+          for (guint a = 0; a < 8; a++)
+            acc[a] = (LpV16) { 0 };
+          for (guint i = 0; i < r1; i++)
+            {
+              LpV16 z[8];
+#pragma GCC unroll 8
+              for (guint a = 0; a < 8; a++)
+                z[a] = (LpV16) { 0 };
+              for (guint j = 0; j < r2; j++)
+                {
+                  LpV16 mv;
+                  LOAD16 (mv, m + ((gsize) i * r2 + j) * kp + v);
+#pragma GCC unroll 8
+                  for (guint a = 0; a < 8; a++)
+                    z[a] += b2[a * 16 + j] * mv;
+                }
+#pragma GCC unroll 8
+              for (guint a = 0; a < 8; a++)
+                acc[a] += b1[a * 16 + i] * z[a];
+            }
+          guint cols = MIN (16, k - v);
+          for (guint a = 0; a < rows; a++)
+            memcpy (y + (o0 + a) * k + v, &acc[a], sizeof (float) * cols);
+        }
+    }
+}
+
+LP_DEFINE_VOID_KERNEL (lp_lora_map_khatri_rao_f32,
+                       (const float *x1, const float *x2, guint r1, guint r2, const float *m, guint k, gsize h, float *y),
+                       (x1, x2, r1, r2, m, k, h, y))
 
 /* ---- NaN and infinity --------------------------------------------------- */
 

@@ -149,4 +149,29 @@ void  lp_lora_gram_blocked_cols_bf16    (const guint16 *b,
                                          double        *g,
                                          gpointer       scratch);
 
+/* The blocked G += Yᵀ Y for LoHa's Khatri–Rao factor Y [n, r1·r2], row t
+ * = x1[t] ⊗ x2[t], formed as the panel is packed: @x1 and @x2 hold n rows
+ * of 16 floats each (the r1, r2 ≤ 16 values, zero after). The scratch is
+ * lp_lora_gram_blocked_scratch_size (r1·r2) bytes. */
+void  lp_lora_gram_khatri_rao_f32       (const float   *x1,
+                                         const float   *x2,
+                                         guint          r1,
+                                         guint          r2,
+                                         gsize          n,
+                                         double        *g,
+                                         gpointer       scratch);
+
+/* Y [h, k] (row-major) = X M for X [h, r1·r2] those Khatri–Rao rows
+ * (@x1, @x2 as above, but round_up (h, 8) rows of them, readable) and M
+ * [r1·r2, k] with rows of round_up (k, 16) floats, zero past @k: the up
+ * factor's new rows, without forming X. */
+void  lp_lora_map_khatri_rao_f32        (const float   *x1,
+                                         const float   *x2,
+                                         guint          r1,
+                                         guint          r2,
+                                         const float   *m,
+                                         guint          k,
+                                         gsize          h,
+                                         float         *y);
+
 G_END_DECLS

@@ -179,6 +179,9 @@ lp_lora_all_finite (LpDtype       dtype,
  * call: a whole f64 copy of a factor would cost more in page faults and
  * memory traffic than the arithmetic. A block holds about this many values. */
 #define BLOCK_VALUES 16384
+/* Steps of LoHa's parts per block of the Khatri–Rao kernels (16 floats
+ * each, both sides: 64 KiB); a multiple of 8. */
+#define GRAM_KHATRI_RAO_LEN 512
 
 /* One scratch buffer per thread, kept for the thread's life: fresh large
  * allocations are mmap'd and faulted in every time, which dominates on
@@ -348,6 +351,50 @@ khatri_rao_cols (const LpLoraKhatriRao *kr,
       }
 }
 
+/* For lp_lora_gram_khatri_rao_f32(): steps t0 … t0 + w of the up side (rows
+ * of u1, u2) or of the down side (columns of v1, v2), each step's r1 and r2
+ * values in a row of 16 floats (zero after) of @x1 and @x2. */
+static void
+khatri_rao_steps (const LpLoraKhatriRao *kr,
+                  gboolean               up,
+                  guint64                n,
+                  guint64                t0,
+                  gsize                  w,
+                  float                 *x1,
+                  float                 *x2)
+{
+  gsize ssize = lp_dtype_get_bits (kr->dtype) / 8;
+  float *tmp = scratch_get_slot (SCRATCH_PARTS, sizeof (float) * w * MAX (kr->r1, kr->r2));
+
+  /* rows up to a multiple of 8 are zero: lp_lora_map_khatri_rao_f32()
+   * reads them */
+  gsize rows = (w + 7) / 8 * 8;
+
+  g_assert (w <= GRAM_KHATRI_RAO_LEN);
+  memset (x1, 0, sizeof (float) * rows * 16);
+  memset (x2, 0, sizeof (float) * rows * 16);
+  for (guint side = 0; side < 2; side++)
+    {
+      guint r = side ? kr->r2 : kr->r1;
+      float *x = side ? x2 : x1;
+      const guchar *data = side ? (up ? kr->u2 : kr->v2) : (up ? kr->u1 : kr->v1);
+
+      if (up)
+        {
+          lp_dtype_to_f32 (kr->dtype, data + t0 * r * ssize, tmp, w * r);
+          for (gsize t = 0; t < w; t++)
+            memcpy (x + t * 16, tmp + t * r, sizeof (float) * r);
+        }
+      else
+        for (guint i = 0; i < r; i++)
+          {
+            lp_dtype_to_f32 (kr->dtype, data + (i * n + t0) * ssize, tmp, w);
+            for (gsize t = 0; t < w; t++)
+              x[t * 16 + i] = tmp[t];
+          }
+    }
+}
+
 /* Rows i0 … i0 + h of the up factor B [n, r] (h × r, row-major), or columns
  * j0 … j0 + w of the down factor A [r, n] (r rows at a stride of @ld), in
  * f32 or (@wide) f64: converted from the stored dtype, or formed from
@@ -434,6 +481,20 @@ gram_f32 (const LpLoraFactors *f,
                                 scratch_get (lp_lora_gram_bf16_scratch_size (r)));
       else
         lp_lora_gram_rows_bf16 ((const guint16 *) data, r, n, g);
+      return;
+    }
+  if (r >= LP_LORA_GRAM_BLOCKED_RANK && f->khatri_rao && f->khatri_rao->r1 <= 16 && f->khatri_rao->r2 <= 16)
+    {
+      /* LoHa: the kernel forms the products as it packs its panel */
+      gsize block = ALIGN_UP (sizeof (float) * 16 * GRAM_KHATRI_RAO_LEN);
+      guchar *buf = scratch_get (2 * block + lp_lora_gram_blocked_scratch_size (r));
+      float *x1 = (float *) buf, *x2 = (float *) (buf + block);
+      for (guint64 t0 = 0; t0 < n; t0 += GRAM_KHATRI_RAO_LEN)
+        {
+          gsize w = MIN (GRAM_KHATRI_RAO_LEN, n - t0);
+          khatri_rao_steps (f->khatri_rao, up, n, t0, w, x1, x2);
+          lp_lora_gram_khatri_rao_f32 (x1, x2, f->khatri_rao->r1, f->khatri_rao->r2, w, g, buf + 2 * block);
+        }
       return;
     }
   if (r >= LP_LORA_GRAM_BLOCKED_RANK)
@@ -1426,6 +1487,41 @@ map_down_f64 (const LpLoraFactors *f,
   return overflow;
 }
 
+/* B' = B M for LoHa's Khatri–Rao B, by lp_lora_map_khatri_rao_f32() on
+ * blocks of the parts' rows. */
+static gsize
+map_up_khatri_rao (const LpLoraFactors *f,
+                   const float         *m,
+                   guint                k,
+                   LpDtype              out_dtype,
+                   gpointer             result)
+{
+  const LpLoraKhatriRao *kr = f->khatri_rao;
+  guint r = f->r;
+  guint64 n = f->out;
+  gsize kp = (k + 15) / 16 * 16, osize = dtype_size (out_dtype);
+  gsize bl = GRAM_KHATRI_RAO_LEN;
+  g_autofree float *mp = g_new0 (float, (gsize) r * kp);
+  gsize overflow = 0;
+
+  for (guint c = 0; c < r; c++)
+    memcpy (mp + c * kp, m + (gsize) c * k, sizeof (float) * k);
+  /* bl is a multiple of 8: the kernel reads whole groups of 8 rows */
+  float *buf = scratch_get (sizeof (float) * (bl * 32 + bl * k));
+  float *x1 = buf, *x2 = buf + bl * 16, *y = buf + bl * 32;
+  for (guint64 i0 = 0; i0 < n; i0 += bl)
+    {
+      gsize h = MIN (bl, n - i0);
+      float *dst = out_dtype == LP_DTYPE_F32 ? (float *) result + i0 * k : y;
+
+      khatri_rao_steps (kr, TRUE, n, i0, h, x1, x2);
+      lp_lora_map_khatri_rao_f32 (x1, x2, kr->r1, kr->r2, mp, k, h, dst);
+      if (out_dtype != LP_DTYPE_F32)
+        overflow += lp_dtype_from_f32 (out_dtype, y, (guchar *) result + i0 * k * osize, h * k);
+    }
+  return overflow;
+}
+
 /* B' = B M in f32 a block of rows at a time, written in @out_dtype. */
 static gsize
 map_up_f32 (const LpLoraFactors *f,
@@ -1438,6 +1534,10 @@ map_up_f32 (const LpLoraFactors *f,
   guint64 n = f->out;
   gsize osize = dtype_size (out_dtype);
   gsize bl = block_len (r);
+
+  if (f->khatri_rao && f->khatri_rao->r1 <= 16 && f->khatri_rao->r2 <= 16)
+    return map_up_khatri_rao (f, m, k, out_dtype, result);
+
   g_autofree float *mt = map_cols_matrix (m, r, k, FALSE, 1.f);
   float *obuf;
   float *buf = apply_scratch (r, k, bl, &obuf);

@@ -338,6 +338,7 @@ test_khatri_rao (void)
   static const KhatriRaoCase cases[] = {
     { 300, 517, 8, 8, 16, 16, LP_DTYPE_BF16 },    /* Flux's dim 8: R = 64, blocked kernels */
     { 300, 517, 8, 8, 16, 0, LP_DTYPE_BF16 },
+    { 700, 301, 8, 8, 20, 20, LP_DTYPE_BF16 },    /* two output vectors, the second ragged */
     { 1000, 130, 8, 9, 12, 12, LP_DTYPE_F16 },    /* R = 72: ragged groups and vectors */
     { 70, 45, 3, 5, 6, 6, LP_DTYPE_BF16 },        /* R = 15: the small kernels */
     { 70, 45, 3, 5, 6, 0, LP_DTYPE_F32 },         /* f64 sums */
