@@ -344,6 +344,8 @@ test_khatri_rao (void)
     { 70, 45, 3, 5, 6, 0, LP_DTYPE_F32 },         /* f64 sums */
     { 260, 300, 8, 8, 10, 10, LP_DTYPE_F64 },
     { 20, 300, 5, 5, 8, 8, LP_DTYPE_BF16 },       /* R above out */
+    { 300, 280, 16, 16, 24, 24, LP_DTYPE_BF16 },  /* R = 256: the most the permutes pick from */
+    { 200, 150, 16, 3, 8, 8, LP_DTYPE_F16 },
   };
   for (guint i = 0; i < G_N_ELEMENTS (cases); i++)
     check_khatri_rao (&cases[i], 77 + i);
