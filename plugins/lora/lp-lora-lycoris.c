@@ -1136,6 +1136,24 @@ module_sigma (Module  *m,
   return sigma;
 }
 
+double *
+lp_lora_lycoris_module_sigma (LpCheckpoint  *input,
+                              LpLoraModule  *module,
+                              guint         *n,
+                              GError       **error)
+{
+  g_autoptr (GPtrArray) found = g_ptr_array_new ();
+  g_autoptr (GPtrArray) modules = NULL;
+
+  g_ptr_array_add (found, module);
+  /* a DoRA magnitude does not change ΔW's spectrum */
+  modules = find_modules (input, found, TRUE, error);
+  if (modules == NULL)
+    return NULL;
+  g_return_val_if_fail (modules->len == 1, NULL);
+  return module_sigma (g_ptr_array_index (modules, 0), n, error);
+}
+
 /* kohya's layout: down [k, in] or a conv's [k, in, *kernel]; up [out, k] or
  * [out, k, 1, ...] (LoCon). Where the input keeps a conv kernel flattened
  * into its 2-D factors, so does the output: the matrix is the same, and

@@ -69,6 +69,14 @@ gboolean  lp_lora_lokr_reduce     (const LpLoraKronPart *w1,
                                    double               *total,
                                    GError              **error);
 
+/* Every non-zero singular value of the scaled update of one LoHa or LoKr
+ * @module of @input, descending, *@n of them: the spectrum lora-svd's
+ * dynamic criteria read (NULL with @error when the module is refused). */
+double       *lp_lora_lycoris_module_sigma (LpCheckpoint  *input,
+                                            LpLoraModule  *module,
+                                            guint         *n,
+                                            GError       **error);
+
 /* How many of @modules (lp_lora_find_modules_full()) are LoHa or LoKr. */
 guint         lp_lora_lycoris_count   (GPtrArray     *modules);
 
