@@ -546,44 +546,122 @@ lp_lora_gram_blocked_cols_f32 (const float *y,
     gram_blocked_f32 (y, r, r, n, TRUE, g, panel_of (scratch));
 }
 
-/* The blocked Gram kernel on LoHa's Khatri–Rao factors, formed while the
- * panel is packed: lane l of group g at step t is x1[t][i] · x2[t][j] for
- * i·r2 + j = 16 g + l, picked from the step's two rows by permutes, so the
- * r1·r2 products are never written anywhere but the panel. Lanes past
- * r1·r2 are zero (the mask). */
+/* The Gram matrix of LoHa's Khatri–Rao factor, row t = x1[t] ⊗ x2[t], in
+ * its symmetry: G[(i,j), (i',j')] = Σ_t x1[t][i] x1[t][i'] · x2[t][j] x2[t][j']
+ * depends only on the pairs {i, i'} and {j, j'}, so it is C = Pᵀ Q for P
+ * [n, r1(r1+1)/2] the products of x1's pairs and Q likewise of x2's: for
+ * r1 = r2 = 8, 36 × 36 sums instead of the 64 · 65 / 2 of Bᵀ B, and the
+ * r1·r2 products are never formed. P and Q are packed into panels as the
+ * blocked kernel packs (lanes picked from each step's row by permutes),
+ * and C is summed over tiles of 6 rows of P by up to 4 vectors of Q, then
+ * spread into G's upper triangle. */
 typedef gint32 LpI32x16 __attribute__ ((vector_size (64)));
 
-LP_INLINE void
-pack_khatri_rao_f32 (const float *x1,
-                     const float *x2,
-                     guint        r1,
-                     guint        r2,
-                     gsize        len,
-                     float       *panel)
+/* Index of the pair i ≤ j among r values, pairs ordered by i then j. */
+static inline guint
+pair_index (guint i, guint j, guint r)
 {
-  guint R = r1 * r2, groups = (R + 15) / 16;
-  LpI32x16 pick1[16], pick2[16];
-  LpV16 mask[16];
+  if (i > j)
+    {
+      guint t = i;
+      i = j;
+      j = t;
+    }
+  return i * (2 * r - i + 1) / 2 + (j - i);
+}
+
+LP_INLINE void
+pack_pairs_f32 (const float *x,
+                guint        r,
+                gsize        len,
+                float       *panel)
+{
+  guint s = r * (r + 1) / 2, groups = (s + 15) / 16;
+  LpI32x16 pick1[9], pick2[9];
+  LpV16 mask[9];
+  guint c = 0;
 
   for (guint gi = 0; gi < groups; gi++)
     for (guint l = 0; l < 16; l++)
       {
-        guint c = 16 * gi + l;
-        pick1[gi][l] = c < R ? (gint32) (c / r2) : 0;
-        pick2[gi][l] = c < R ? (gint32) (c % r2) : 0;
-        mask[gi][l] = c < R ? 1.f : 0.f;
+        pick1[gi][l] = pick2[gi][l] = 0;
+        mask[gi][l] = 0.f;
+      }
+  for (guint i = 0; i < r; i++)
+    for (guint j = i; j < r; j++, c++)
+      {
+        pick1[c / 16][c % 16] = i;
+        pick2[c / 16][c % 16] = j;
+        mask[c / 16][c % 16] = 1.f;
       }
   for (gsize t = 0; t < len; t++)
     {
-      LpV16 a, b;
-      LOAD16 (a, x1 + t * 16);
-      LOAD16 (b, x2 + t * 16);
+      LpV16 a;
+      LOAD16 (a, x + t * 16);
       for (guint gi = 0; gi < groups; gi++)
         {
-          LpV16 v = __builtin_shuffle (a, pick1[gi]) * __builtin_shuffle (b, pick2[gi]) * mask[gi];
+          LpV16 v = __builtin_shuffle (a, pick1[gi]) * __builtin_shuffle (a, pick2[gi]) * mask[gi];
           memcpy (panel + gi * GRAM_GROUP + t * 16, &v, sizeof v);
         }
     }
+}
+
+/* C[i0 … i0 + 5][16 g0 …] += the products of those rows of the P panel and
+ * @nv groups of the Q panel over @len steps; rows past s1 repeat the last
+ * one and are dropped, lanes past s2 too. */
+LP_INLINE void
+gemm_tile_f32 (const float *pp,
+               const float *qp,
+               gsize        len,
+               guint        s1,
+               guint        s2,
+               guint        i0,
+               guint        g0,
+               const int    nv,
+               double      *c)
+{
+  const float *bi[GRAM_TILE_ROWS];
+  const float *bj = qp + g0 * GRAM_GROUP;
+  LpV16 acc[GRAM_TILE_ROWS][4];
+
+  for (guint a = 0; a < GRAM_TILE_ROWS; a++)
+    {
+      guint i = MIN (i0 + a, s1 - 1);
+      bi[a] = pp + (i / 16) * GRAM_GROUP + i % 16;
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; v++)
+        acc[a][v] = (LpV16) { 0 };
+    }
+  for (gsize t = 0; t < len; t++)
+    {
+      LpV16 q[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; v++)
+        LOAD16 (q[v], bj + v * GRAM_GROUP + t * 16);
+#pragma GCC unroll 6
+      for (guint a = 0; a < GRAM_TILE_ROWS; a++)
+        {
+          float x = bi[a][t * 16];
+#pragma GCC unroll 4
+          for (int v = 0; v < nv; v++)
+            acc[a][v] += x * q[v];
+        }
+    }
+  for (guint a = 0; a < GRAM_TILE_ROWS && i0 + a < s1; a++)
+    for (int v = 0; v < nv; v++)
+      {
+        double *dst = c + (gsize) (i0 + a) * s2 + 16 * (g0 + v);
+        if (16 * (g0 + v) + 16 <= s2)
+          {
+            LpD16 sum, wide = __builtin_convertvector (acc[a][v], LpD16);
+            memcpy (&sum, dst, sizeof sum);
+            sum += wide;
+            memcpy (dst, &sum, sizeof sum);
+          }
+        else
+          for (guint l = 0; 16 * (g0 + v) + l < s2; l++)
+            dst[l] += acc[a][v][l];
+      }
 }
 
 LP_INLINE void
@@ -592,31 +670,74 @@ gram_khatri_rao_f32_body (const float *x1,
                           guint        r1,
                           guint        r2,
                           gsize        n,
-                          double      *g,
+                          double      *c,
                           float       *panel,
                           const guint  max_nv)
 {
+  guint s1 = r1 * (r1 + 1) / 2, s2 = r2 * (r2 + 1) / 2;
+  guint g1 = (s1 + 15) / 16, g2 = (s2 + 15) / 16;
+  float *pp = panel, *qp = panel + g1 * GRAM_GROUP;
+
   for (gsize t0 = 0; t0 < n; t0 += GRAM_PANEL)
     {
       gsize len = MIN (GRAM_PANEL, n - t0);
-      pack_khatri_rao_f32 (x1 + t0 * 16, x2 + t0 * 16, r1, r2, len, panel);
-      blocked_panel_f32 (panel, len, r1 * r2, g, max_nv);
+      pack_pairs_f32 (x1 + t0 * 16, r1, len, pp);
+      pack_pairs_f32 (x2 + t0 * 16, r2, len, qp);
+      for (guint gb = 0; gb < g2; gb += max_nv)
+        for (guint i0 = 0; i0 < s1; i0 += GRAM_TILE_ROWS)
+          switch (MIN (max_nv, g2 - gb))
+            {
+            case 4: gemm_tile_f32 (pp, qp, len, s1, s2, i0, gb, 4, c); break;
+            case 3: gemm_tile_f32 (pp, qp, len, s1, s2, i0, gb, 3, c); break;
+            case 2: gemm_tile_f32 (pp, qp, len, s1, s2, i0, gb, 2, c); break;
+            default: gemm_tile_f32 (pp, qp, len, s1, s2, i0, gb, 1, c); break;
+            }
     }
+}
+
+void
+lp_lora_khatri_rao_gram_expand (const double *c,
+                                guint         r1,
+                                guint         r2,
+                                double       *g)
+{
+  guint s2 = r2 * (r2 + 1) / 2, R = r1 * r2;
+
+  /* G[(i,j), (i',j')] = C[{i,i'}, {j,j'}] over the upper triangle */
+  for (guint i = 0; i < r1; i++)
+    for (guint j = 0; j < r2; j++)
+      {
+        guint row = i * r2 + j;
+        for (guint i2 = i; i2 < r1; i2++)
+          {
+            const double *crow = c + (gsize) pair_index (i, i2, r1) * s2;
+            for (guint j2 = i2 == i ? j : 0; j2 < r2; j2++)
+              g[(gsize) row * R + i2 * r2 + j2] += crow[pair_index (j, j2, r2)];
+          }
+      }
 }
 
 #ifdef LP_X86_LEVELS
 __attribute__ ((target ("arch=x86-64-v4"))) static void
-gram_khatri_rao_f32_v4 (const float *x1, const float *x2, guint r1, guint r2, gsize n, double *g, float *panel)
+gram_khatri_rao_f32_v4 (const float *x1, const float *x2, guint r1, guint r2, gsize n, double *c, float *panel)
 {
-  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, g, panel, 4);
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, c, panel, 4);
 }
 
 __attribute__ ((target ("arch=x86-64-v3"))) static void
-gram_khatri_rao_f32_v3 (const float *x1, const float *x2, guint r1, guint r2, gsize n, double *g, float *panel)
+gram_khatri_rao_f32_v3 (const float *x1, const float *x2, guint r1, guint r2, gsize n, double *c, float *panel)
 {
-  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, g, panel, 1);
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, c, panel, 1);
 }
 #endif
+
+gsize
+lp_lora_gram_khatri_rao_scratch_size (guint r1,
+                                      guint r2)
+{
+  guint s1 = r1 * (r1 + 1) / 2, s2 = r2 * (r2 + 1) / 2;
+  return sizeof (float) * GRAM_GROUP * ((s1 + 15) / 16 + (s2 + 15) / 16) + 64;
+}
 
 void
 lp_lora_gram_khatri_rao_f32 (const float *x1,
@@ -624,7 +745,7 @@ lp_lora_gram_khatri_rao_f32 (const float *x1,
                              guint        r1,
                              guint        r2,
                              gsize        n,
-                             double      *g,
+                             double      *c,
                              gpointer     scratch)
 {
   float *panel = panel_of (scratch);
@@ -635,12 +756,12 @@ lp_lora_gram_khatri_rao_f32 (const float *x1,
 #ifdef LP_X86_LEVELS
   switch (kernel_level ())
     {
-    case 4: gram_khatri_rao_f32_v4 (x1, x2, r1, r2, n, g, panel); return;
-    case 3: gram_khatri_rao_f32_v3 (x1, x2, r1, r2, n, g, panel); return;
+    case 4: gram_khatri_rao_f32_v4 (x1, x2, r1, r2, n, c, panel); return;
+    case 3: gram_khatri_rao_f32_v3 (x1, x2, r1, r2, n, c, panel); return;
     default: break;
     }
 #endif
-  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, g, panel, 1);
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, c, panel, 1);
 }
 
 /* ---- applying a small map to a factor ------------------------------------ */

@@ -149,17 +149,26 @@ void  lp_lora_gram_blocked_cols_bf16    (const guint16 *b,
                                          double        *g,
                                          gpointer       scratch);
 
-/* The blocked G += Yᵀ Y for LoHa's Khatri–Rao factor Y [n, r1·r2], row t
- * = x1[t] ⊗ x2[t], formed as the panel is packed: @x1 and @x2 hold n rows
- * of 16 floats each (the r1, r2 ≤ 16 values, zero after). The scratch is
- * lp_lora_gram_blocked_scratch_size (r1·r2) bytes. */
+/* The Gram matrix Yᵀ Y of LoHa's Khatri–Rao factor Y [n, r1·r2], row t =
+ * x1[t] ⊗ x2[t], in its symmetry, without forming Y: lp_lora_gram_khatri_rao_f32()
+ * adds to C [r1(r1+1)/2, r2(r2+1)/2] (row-major f64) the sums over the pairs
+ * of x1's and of x2's values (@x1 and @x2: n rows of 16 floats, the r1, r2 ≤
+ * 16 values and zeros), with a scratch of lp_lora_gram_khatri_rao_scratch_size()
+ * bytes; lp_lora_khatri_rao_gram_expand() adds C to G's upper triangle
+ * (r1·r2 square, row-major), once for all blocks. */
+gsize lp_lora_gram_khatri_rao_scratch_size (guint        r1,
+                                            guint        r2);
 void  lp_lora_gram_khatri_rao_f32       (const float   *x1,
                                          const float   *x2,
                                          guint          r1,
                                          guint          r2,
                                          gsize          n,
-                                         double        *g,
+                                         double        *c,
                                          gpointer       scratch);
+void  lp_lora_khatri_rao_gram_expand    (const double  *c,
+                                         guint          r1,
+                                         guint          r2,
+                                         double        *g);
 
 /* Y [h, k] (row-major) = X M for X [h, r1·r2] those Khatri–Rao rows
  * (@x1, @x2 as above, but round_up (h, 8) rows of them, readable) and M

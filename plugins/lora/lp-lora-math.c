@@ -485,16 +485,23 @@ gram_f32 (const LpLoraFactors *f,
     }
   if (r >= LP_LORA_GRAM_BLOCKED_RANK && f->khatri_rao && f->khatri_rao->r1 <= 16 && f->khatri_rao->r2 <= 16)
     {
-      /* LoHa: the kernel forms the products as it packs its panel */
+      /* LoHa: the kernel sums the Gram matrix in its symmetry, from the
+       * parts' values a step at a time */
+      guint r1 = f->khatri_rao->r1, r2 = f->khatri_rao->r2;
       gsize block = ALIGN_UP (sizeof (float) * 16 * GRAM_KHATRI_RAO_LEN);
-      guchar *buf = scratch_get (2 * block + lp_lora_gram_blocked_scratch_size (r));
+      gsize pairs = (gsize) r1 * (r1 + 1) / 2 * r2 * (r2 + 1) / 2;
+      guchar *buf = scratch_get (2 * block + ALIGN_UP (sizeof (double) * pairs)
+                                 + lp_lora_gram_khatri_rao_scratch_size (r1, r2));
       float *x1 = (float *) buf, *x2 = (float *) (buf + block);
+      double *c = (double *) (buf + 2 * block);
+      memset (c, 0, sizeof (double) * pairs);
       for (guint64 t0 = 0; t0 < n; t0 += GRAM_KHATRI_RAO_LEN)
         {
           gsize w = MIN (GRAM_KHATRI_RAO_LEN, n - t0);
           khatri_rao_steps (f->khatri_rao, up, n, t0, w, x1, x2);
-          lp_lora_gram_khatri_rao_f32 (x1, x2, f->khatri_rao->r1, f->khatri_rao->r2, w, g, buf + 2 * block);
+          lp_lora_gram_khatri_rao_f32 (x1, x2, r1, r2, w, c, buf + 2 * block + ALIGN_UP (sizeof (double) * pairs));
         }
+      lp_lora_khatri_rao_gram_expand (c, r1, r2, g);
       return;
     }
   if (r >= LP_LORA_GRAM_BLOCKED_RANK)
