@@ -718,7 +718,8 @@ lp_lora_top_eigenpairs (double *h,
   g_autofree BlockEigenvalue *all = g_new (BlockEigenvalue, n);
   g_autofree lapack_int *block = g_new (lapack_int, top);
   g_autofree lapack_int *fail = g_new (lapack_int, top);
-  g_autofree double *chosen = g_new (double, top);
+  /* LAPACKE_dstein checks n values of w for NaN, not just the m it uses */
+  g_autofree double *chosen = g_new0 (double, n);
   const double ulp = DBL_EPSILON, safe_min = DBL_MIN;
   guint n_split = 0;
 
