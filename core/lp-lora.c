@@ -156,6 +156,44 @@ lp_lora_module_get_part (LpLoraModule *self,
   return g_hash_table_lookup (self->parts, part);
 }
 
+static int
+tensor_name_compare (gconstpointer a,
+                     gconstpointer b)
+{
+  return strcmp (lp_tensor_get_name (*(LpTensor **) a), lp_tensor_get_name (*(LpTensor **) b));
+}
+
+/**
+ * lp_lora_module_get_tensors:
+ * @self: a module
+ *
+ * Every tensor the checkpoint stores for the module, of any family: its
+ * factors or LyCORIS parts as stored (not the views of
+ * lp_lora_module_get_down()), its alpha and a DoRA magnitude, sorted by
+ * name. What a stage keeps or drops with the module.
+ *
+ * Returns: (transfer container) (element-type LpTensor): the tensors
+ */
+GPtrArray *
+lp_lora_module_get_tensors (LpLoraModule *self)
+{
+  GPtrArray *tensors;
+  GHashTableIter iter;
+  gpointer value;
+
+  g_return_val_if_fail (LP_IS_LORA_MODULE (self), NULL);
+  tensors = g_ptr_array_new_with_free_func (g_object_unref);
+  g_hash_table_iter_init (&iter, self->parts);
+  while (g_hash_table_iter_next (&iter, NULL, &value))
+    g_ptr_array_add (tensors, g_object_ref (value));
+  if (self->alpha != NULL && !g_ptr_array_find (tensors, self->alpha, NULL))
+    g_ptr_array_add (tensors, g_object_ref (self->alpha));
+  if (self->magnitude != NULL && !g_ptr_array_find (tensors, self->magnitude, NULL))
+    g_ptr_array_add (tensors, g_object_ref (self->magnitude));
+  g_ptr_array_sort (tensors, tensor_name_compare);
+  return tensors;
+}
+
 /**
  * lp_lora_module_is_plain:
  * @self: a module

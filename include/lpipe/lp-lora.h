@@ -76,6 +76,7 @@ LpLoraConvention  lp_lora_module_get_convention   (LpLoraModule *self);
 const char       *lp_lora_module_get_family       (LpLoraModule *self);
 LpTensor         *lp_lora_module_get_part         (LpLoraModule *self,
                                                    const char   *part);
+GPtrArray        *lp_lora_module_get_tensors      (LpLoraModule *self);
 gboolean          lp_lora_module_is_plain         (LpLoraModule *self);
 gboolean          lp_lora_module_is_transposed    (LpLoraModule *self);
 gboolean          lp_lora_module_is_dora          (LpLoraModule *self);

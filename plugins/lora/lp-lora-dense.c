@@ -31,8 +31,31 @@ element_size (LpDtype dtype)
   return lp_dtype_get_bits (dtype) / 8;
 }
 
+/* One side of a LoHa update, u [r0 …, :] @ v [:, c0 …] (n × m) in f64. */
+static void
+hadamard_side (LpDtype        dtype,
+               gconstpointer  u,
+               gconstpointer  v,
+               guint          r,
+               guint64        in,
+               guint64        r0,
+               guint64        n,
+               guint64        c0,
+               guint64        m,
+               double        *out)
+{
+  gsize size = element_size (dtype);
+  g_autofree double *ub = g_new (double, MAX (n * r, 1));
+  g_autofree double *vb = g_new (double, MAX (r * m, 1));
+
+  lp_dtype_to_f64 (dtype, (const guint8 *) u + r0 * r * size, ub, n * r);
+  for (guint p = 0; p < r; p++)
+    lp_dtype_to_f64 (dtype, (const guint8 *) v + (p * in + c0) * size, vb + p * m, m);
+  cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, n, m, r, 1.0, ub, r, vb, m, 0.0, out, m);
+}
+
 /* Rows [r0, r0 + n) of D, columns [c0, c0 + m), into @out (n × m, row-major)
- * in f64; @scratch holds m values. */
+ * in f64; @scratch holds m values, or n · m for a LoHa update. */
 static void
 rows_f64 (const LpLoraDifference *d,
           guint64                 r0,
@@ -44,6 +67,15 @@ rows_f64 (const LpLoraDifference *d,
 {
   gsize eb = element_size (d->base_dtype), et = element_size (d->tuned_dtype);
 
+  if (d->hadamard != NULL)
+    {
+      const LpLoraKhatriRao *h = d->hadamard;
+      hadamard_side (h->dtype, h->u1, h->v1, h->r1, d->in, r0, n, c0, m, out);
+      hadamard_side (h->dtype, h->u2, h->v2, h->r2, d->in, r0, n, c0, m, scratch);
+      for (gsize i = 0; i < n * m; i++)
+        out[i] *= scratch[i];
+      return;
+    }
   for (guint64 i = 0; i < n; i++)
     {
       guint64 at = (r0 + i) * d->in + c0;
@@ -132,6 +164,14 @@ LpLoraDenseSvd *
 lp_lora_difference_svd (const LpLoraDifference  *d,
                         GError                 **error)
 {
+  return lp_lora_difference_svd_top (d, 0, error);
+}
+
+LpLoraDenseSvd *
+lp_lora_difference_svd_top (const LpLoraDifference  *d,
+                            guint                    top,
+                            GError                 **error)
+{
   gboolean tall = d->out > d->in;
   guint s = MIN (d->out, d->in);
   g_autofree double *g = lp_try_alloc0 ((gsize) s * s, sizeof (double), "the Gram matrix", error);
@@ -142,9 +182,9 @@ lp_lora_difference_svd (const LpLoraDifference  *d,
   if (tall)
     {
       /* G = Dᵀ D over blocks of rows */
-      guint64 rb = rows_per_block (d->in, sizeof (double));
+      guint64 rb = MIN (rows_per_block (d->in, sizeof (double)), d->out);
       g_autofree double *block = g_new (double, rb * d->in);
-      g_autofree double *scratch = g_new (double, d->in);
+      g_autofree double *scratch = g_new (double, rb * d->in);
 
       for (guint64 r0 = 0; r0 < d->out; r0 += rb)
         {
@@ -160,13 +200,12 @@ lp_lora_difference_svd (const LpLoraDifference  *d,
       /* G = D Dᵀ over blocks of columns */
       guint64 cb = rows_per_block (d->out, sizeof (double));
       g_autofree double *block = g_new (double, d->out * MIN (cb, d->in));
-      g_autofree double *scratch = g_new (double, MIN (cb, d->in));
+      g_autofree double *scratch = g_new (double, d->out * MIN (cb, d->in));
 
       for (guint64 c0 = 0; c0 < d->in; c0 += cb)
         {
           guint64 m = MIN (cb, d->in - c0);
-          for (guint64 i = 0; i < d->out; i++)
-            rows_f64 (d, i, 1, c0, m, block + i * m, scratch);
+          rows_f64 (d, 0, d->out, c0, m, block, scratch);
           if (!lp_lora_all_finite_f64 (block, d->out * m))
             return not_finite (error), NULL;
           cblas_dsyrk (CblasRowMajor, CblasUpper, CblasNoTrans, s, m, 1.0, block, m, 1.0, g, s);
@@ -175,6 +214,32 @@ lp_lora_difference_svd (const LpLoraDifference  *d,
 
   for (guint i = 0; i < s; i++)
     svd->total += g[(gsize) i * s + i];
+  if (top > 0 && top < s)
+    {
+      /* the top eigenpairs alone: the tridiagonal form, then only those
+       * (lp_lora_top_eigenpairs reads the upper triangle column-major,
+       * which is the row-major lower one: symmetrize first) */
+      g_autofree double *w = g_new (double, top);
+      g_autofree double *z = g_new (double, (gsize) s * top);
+      for (guint i = 0; i < s; i++)
+        for (guint j = 0; j < i; j++)
+          g[(gsize) i * s + j] = g[(gsize) j * s + i];
+      if (!lp_lora_top_eigenpairs (g, s, top, w, z))
+        return lapack_failed ("the top eigenpairs (dsytrd, dstein)", 0, error), NULL;
+      svd->n = top;
+      svd->sigma = g_new (double, top);
+      double *vectors = g_new (double, (gsize) s * top);
+      for (guint j = 0; j < top; j++)
+        {
+          svd->sigma[j] = sqrt (MAX (w[top - 1 - j], 0.0));
+          memcpy (vectors + (gsize) j * s, z + (gsize) (top - 1 - j) * s, sizeof (double) * s);
+        }
+      if (tall)
+        svd->v = vectors;
+      else
+        svd->u = vectors;
+      return g_steal_pointer (&svd);
+    }
   svd->n = s;
   svd->sigma = g_new (double, s);
   if (tall)
@@ -252,6 +317,8 @@ lp_lora_difference_randomized (const LpLoraDifference  *d,
                                LpLoraRng               *rng,
                                GError                 **error)
 {
+  g_return_val_if_fail (d->hadamard == NULL, NULL);
+
   guint64 rb = rows_per_block (d->in, sizeof (float));
   g_autofree float *block = g_new (float, MIN (rb, d->out) * d->in);
   g_autofree float *scratch = g_new (float, d->in);
@@ -364,7 +431,7 @@ lp_lora_dense_svd_factors (const LpLoraDenseSvd   *svd,
    * down = Ukᵀ D / √σ, or up = D Vk / √σ. */
   guint64 rb = rows_per_block (d->in, sizeof (double));
   g_autofree double *block = g_new (double, MIN (rb, d->out) * d->in);
-  g_autofree double *scratch = g_new (double, d->in);
+  g_autofree double *scratch = g_new (double, MIN (rb, d->out) * d->in);
   g_autofree double *known = g_new (double, (svd->u ? d->out : d->in) * kk);
   g_autofree double *acc = g_new0 (double, (svd->u ? d->in : MIN (rb, d->out)) * kk);
 

@@ -18,7 +18,9 @@
 G_BEGIN_DECLS
 
 /* D = tuned − base, both row-major out × in as stored (any convertible
- * dtypes, possibly different). */
+ * dtypes, possibly different); or, with @hadamard, D = (u1 v1) ⊙ (u2 v2),
+ * a LoHa update whose Khatri–Rao rank r1·r2 is too high for the factored
+ * route, each block of it made from the parts. */
 typedef struct {
   gconstpointer base;
   gconstpointer tuned;
@@ -26,6 +28,7 @@ typedef struct {
   LpDtype tuned_dtype;
   guint64 out;
   guint64 in;
+  const LpLoraKhatriRao *hadamard;
 } LpLoraDifference;
 
 /**
@@ -55,6 +58,11 @@ G_DEFINE_AUTOPTR_CLEANUP_FUNC (LpLoraDenseSvd, lp_lora_dense_svd_free)
  * the Gram matrix of the smaller side summed in f64. FALSE with @error set
  * on NaN or infinity in D or when LAPACK fails. */
 LpLoraDenseSvd *lp_lora_difference_svd        (const LpLoraDifference *d,
+                                               GError                **error);
+/* The same for the @top largest singular values and their vectors only
+ * (all of them for 0 or @top ≥ min (out, in)); @total is still ‖D‖². */
+LpLoraDenseSvd *lp_lora_difference_svd_top    (const LpLoraDifference *d,
+                                               guint                   top,
                                                GError                **error);
 
 /* The leading @l singular triplets by a randomized range finder (Halko,

@@ -183,7 +183,7 @@ job_compute (gpointer   user_data,
              GError   **error)
 {
   Job *job = user_data;
-  LpLoraDifference d;
+  LpLoraDifference d = { 0, };
   GBytes *data[2];
   g_autoptr (LpLoraDenseSvd) svd = NULL;
   gsize overflow = 0;
@@ -261,7 +261,7 @@ plan_task (guint     i,
 {
   PlanWork *work = user_data;
   Job *job = g_ptr_array_index (work->jobs, i);
-  LpLoraDifference d;
+  LpLoraDifference d = { 0, };
   GBytes *bytes[2];
 
   if (!job_load (job, &d, bytes, error))

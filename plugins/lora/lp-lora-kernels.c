@@ -546,6 +546,224 @@ lp_lora_gram_blocked_cols_f32 (const float *y,
     gram_blocked_f32 (y, r, r, n, TRUE, g, panel_of (scratch));
 }
 
+/* The Gram matrix of LoHa's Khatri–Rao factor, row t = x1[t] ⊗ x2[t], in
+ * its symmetry: G[(i,j), (i',j')] = Σ_t x1[t][i] x1[t][i'] · x2[t][j] x2[t][j']
+ * depends only on the pairs {i, i'} and {j, j'}, so it is C = Pᵀ Q for P
+ * [n, r1(r1+1)/2] the products of x1's pairs and Q likewise of x2's: for
+ * r1 = r2 = 8, 36 × 36 sums instead of the 64 · 65 / 2 of Bᵀ B, and the
+ * r1·r2 products are never formed. P and Q are packed into panels as the
+ * blocked kernel packs (lanes picked from each step's row by permutes),
+ * and C is summed over tiles of 6 rows of P by up to 4 vectors of Q, then
+ * spread into G's upper triangle. */
+typedef gint32 LpI32x16 __attribute__ ((vector_size (64)));
+
+/* Index of the pair i ≤ j among r values, pairs ordered by i then j. */
+static inline guint
+pair_index (guint i, guint j, guint r)
+{
+  if (i > j)
+    {
+      guint t = i;
+      i = j;
+      j = t;
+    }
+  return i * (2 * r - i + 1) / 2 + (j - i);
+}
+
+LP_INLINE void
+pack_pairs_f32 (const float *x,
+                guint        r,
+                gsize        len,
+                float       *panel)
+{
+  guint s = r * (r + 1) / 2, groups = (s + 15) / 16;
+  LpI32x16 pick1[9], pick2[9];
+  LpV16 mask[9];
+  guint c = 0;
+
+  for (guint gi = 0; gi < groups; gi++)
+    for (guint l = 0; l < 16; l++)
+      {
+        pick1[gi][l] = pick2[gi][l] = 0;
+        mask[gi][l] = 0.f;
+      }
+  for (guint i = 0; i < r; i++)
+    for (guint j = i; j < r; j++, c++)
+      {
+        pick1[c / 16][c % 16] = i;
+        pick2[c / 16][c % 16] = j;
+        mask[c / 16][c % 16] = 1.f;
+      }
+  for (gsize t = 0; t < len; t++)
+    {
+      LpV16 a;
+      LOAD16 (a, x + t * 16);
+      for (guint gi = 0; gi < groups; gi++)
+        {
+          LpV16 v = __builtin_shuffle (a, pick1[gi]) * __builtin_shuffle (a, pick2[gi]) * mask[gi];
+          memcpy (panel + gi * GRAM_GROUP + t * 16, &v, sizeof v);
+        }
+    }
+}
+
+/* C[i0 … i0 + 5][16 g0 …] += the products of those rows of the P panel and
+ * @nv groups of the Q panel over @len steps; rows past s1 repeat the last
+ * one and are dropped, lanes past s2 too. */
+LP_INLINE void
+gemm_tile_f32 (const float *pp,
+               const float *qp,
+               gsize        len,
+               guint        s1,
+               guint        s2,
+               guint        i0,
+               guint        g0,
+               const int    nv,
+               double      *c)
+{
+  const float *bi[GRAM_TILE_ROWS];
+  const float *bj = qp + g0 * GRAM_GROUP;
+  LpV16 acc[GRAM_TILE_ROWS][4];
+
+  for (guint a = 0; a < GRAM_TILE_ROWS; a++)
+    {
+      guint i = MIN (i0 + a, s1 - 1);
+      bi[a] = pp + (i / 16) * GRAM_GROUP + i % 16;
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; v++)
+        acc[a][v] = (LpV16) { 0 };
+    }
+  for (gsize t = 0; t < len; t++)
+    {
+      LpV16 q[4];
+#pragma GCC unroll 4
+      for (int v = 0; v < nv; v++)
+        LOAD16 (q[v], bj + v * GRAM_GROUP + t * 16);
+#pragma GCC unroll 6
+      for (guint a = 0; a < GRAM_TILE_ROWS; a++)
+        {
+          float x = bi[a][t * 16];
+#pragma GCC unroll 4
+          for (int v = 0; v < nv; v++)
+            acc[a][v] += x * q[v];
+        }
+    }
+  for (guint a = 0; a < GRAM_TILE_ROWS && i0 + a < s1; a++)
+    for (int v = 0; v < nv; v++)
+      {
+        double *dst = c + (gsize) (i0 + a) * s2 + 16 * (g0 + v);
+        if (16 * (g0 + v) + 16 <= s2)
+          {
+            LpD16 sum, wide = __builtin_convertvector (acc[a][v], LpD16);
+            memcpy (&sum, dst, sizeof sum);
+            sum += wide;
+            memcpy (dst, &sum, sizeof sum);
+          }
+        else
+          for (guint l = 0; 16 * (g0 + v) + l < s2; l++)
+            dst[l] += acc[a][v][l];
+      }
+}
+
+LP_INLINE void
+gram_khatri_rao_f32_body (const float *x1,
+                          const float *x2,
+                          guint        r1,
+                          guint        r2,
+                          gsize        n,
+                          double      *c,
+                          float       *panel,
+                          const guint  max_nv)
+{
+  guint s1 = r1 * (r1 + 1) / 2, s2 = r2 * (r2 + 1) / 2;
+  guint g1 = (s1 + 15) / 16, g2 = (s2 + 15) / 16;
+  float *pp = panel, *qp = panel + g1 * GRAM_GROUP;
+
+  for (gsize t0 = 0; t0 < n; t0 += GRAM_PANEL)
+    {
+      gsize len = MIN (GRAM_PANEL, n - t0);
+      pack_pairs_f32 (x1 + t0 * 16, r1, len, pp);
+      pack_pairs_f32 (x2 + t0 * 16, r2, len, qp);
+      for (guint gb = 0; gb < g2; gb += max_nv)
+        for (guint i0 = 0; i0 < s1; i0 += GRAM_TILE_ROWS)
+          switch (MIN (max_nv, g2 - gb))
+            {
+            case 4: gemm_tile_f32 (pp, qp, len, s1, s2, i0, gb, 4, c); break;
+            case 3: gemm_tile_f32 (pp, qp, len, s1, s2, i0, gb, 3, c); break;
+            case 2: gemm_tile_f32 (pp, qp, len, s1, s2, i0, gb, 2, c); break;
+            default: gemm_tile_f32 (pp, qp, len, s1, s2, i0, gb, 1, c); break;
+            }
+    }
+}
+
+void
+lp_lora_khatri_rao_gram_expand (const double *c,
+                                guint         r1,
+                                guint         r2,
+                                double       *g)
+{
+  guint s2 = r2 * (r2 + 1) / 2, R = r1 * r2;
+
+  /* G[(i,j), (i',j')] = C[{i,i'}, {j,j'}] over the upper triangle */
+  for (guint i = 0; i < r1; i++)
+    for (guint j = 0; j < r2; j++)
+      {
+        guint row = i * r2 + j;
+        for (guint i2 = i; i2 < r1; i2++)
+          {
+            const double *crow = c + (gsize) pair_index (i, i2, r1) * s2;
+            for (guint j2 = i2 == i ? j : 0; j2 < r2; j2++)
+              g[(gsize) row * R + i2 * r2 + j2] += crow[pair_index (j, j2, r2)];
+          }
+      }
+}
+
+#ifdef LP_X86_LEVELS
+__attribute__ ((target ("arch=x86-64-v4"))) static void
+gram_khatri_rao_f32_v4 (const float *x1, const float *x2, guint r1, guint r2, gsize n, double *c, float *panel)
+{
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, c, panel, 4);
+}
+
+__attribute__ ((target ("arch=x86-64-v3"))) static void
+gram_khatri_rao_f32_v3 (const float *x1, const float *x2, guint r1, guint r2, gsize n, double *c, float *panel)
+{
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, c, panel, 1);
+}
+#endif
+
+gsize
+lp_lora_gram_khatri_rao_scratch_size (guint r1,
+                                      guint r2)
+{
+  guint s1 = r1 * (r1 + 1) / 2, s2 = r2 * (r2 + 1) / 2;
+  return sizeof (float) * GRAM_GROUP * ((s1 + 15) / 16 + (s2 + 15) / 16) + 64;
+}
+
+void
+lp_lora_gram_khatri_rao_f32 (const float *x1,
+                             const float *x2,
+                             guint        r1,
+                             guint        r2,
+                             gsize        n,
+                             double      *c,
+                             gpointer     scratch)
+{
+  float *panel = panel_of (scratch);
+
+  g_return_if_fail (r1 <= 16 && r2 <= 16);
+  if (r1 == 0 || r2 == 0)
+    return;
+#ifdef LP_X86_LEVELS
+  switch (kernel_level ())
+    {
+    case 4: gram_khatri_rao_f32_v4 (x1, x2, r1, r2, n, c, panel); return;
+    case 3: gram_khatri_rao_f32_v3 (x1, x2, r1, r2, n, c, panel); return;
+    default: break;
+    }
+#endif
+  gram_khatri_rao_f32_body (x1, x2, r1, r2, n, c, panel, 1);
+}
+
 /* ---- applying a small map to a factor ------------------------------------ */
 
 /* Y = M X, 4 rows of M at a time against 16 columns of X: k × r small, X a
@@ -1219,6 +1437,143 @@ lp_lora_gram_blocked_cols_bf16 (const guint16 *b,
 #endif
 }
 
+/* ---- LoHa's Khatri–Rao factors ----------------------------------------- */
+
+typedef float LpV8 __attribute__ ((vector_size (32)));
+
+/* y = a · x over @n floats, 16 and 8 at a time. */
+LP_INLINE void
+scaled_copy (float a, const float *x, gsize n, float *y)
+{
+  gsize j = 0;
+
+  for (; j + 16 <= n; j += 16)
+    {
+      LpV16 v;
+      LOAD16 (v, x + j);
+      v *= a;
+      memcpy (y + j, &v, sizeof v);
+    }
+  for (; j + 8 <= n; j += 8)
+    {
+      LpV8 v;
+      memcpy (&v, x + j, sizeof v);
+      v *= a;
+      memcpy (y + j, &v, sizeof v);
+    }
+  for (; j < n; j++)
+    y[j] = a * x[j];
+}
+
+LP_INLINE void
+lp_lora_face_split_rows_f32_body (const float *x1,
+                                  guint        r1,
+                                  const float *x2,
+                                  guint        r2,
+                                  gsize        h,
+                                  float       *y)
+{
+  gsize R = (gsize) r1 * r2;
+
+  for (gsize o = 0; o < h; o++)
+    for (guint i = 0; i < r1; i++)
+      scaled_copy (x1[o * r1 + i], x2 + o * r2, r2, y + o * R + (gsize) i * r2);
+}
+
+LP_INLINE void
+lp_lora_hadamard_rows_f32_body (const float *v1,
+                                guint        r1,
+                                const float *v2,
+                                guint        r2,
+                                gsize        w,
+                                float       *y,
+                                gsize        ld)
+{
+  for (guint i = 0; i < r1; i++)
+    for (guint j = 0; j < r2; j++)
+      {
+        const float *a = v1 + (gsize) i * w, *b = v2 + (gsize) j * w;
+        float *row = y + ((gsize) i * r2 + j) * ld;
+        gsize c = 0;
+
+        for (; c + 16 <= w; c += 16)
+          {
+            LpV16 x, z;
+            LOAD16 (x, a + c);
+            LOAD16 (z, b + c);
+            x *= z;
+            memcpy (row + c, &x, sizeof x);
+          }
+        for (; c < w; c++)
+          row[c] = a[c] * b[c];
+      }
+}
+
+LP_DEFINE_VOID_KERNEL (lp_lora_face_split_rows_f32,
+                       (const float *x1, guint r1, const float *x2, guint r2, gsize h, float *y),
+                       (x1, r1, x2, r2, h, y))
+LP_DEFINE_VOID_KERNEL (lp_lora_hadamard_rows_f32,
+                       (const float *v1, guint r1, const float *v2, guint r2, gsize w, float *y, gsize ld),
+                       (v1, r1, v2, r2, w, y, ld))
+
+/* Y [h, k] = X M for X's rows the Khatri–Rao products x1[o] ⊗ x2[o], in
+ * their structure: y[o] = Σ_i x1[o][i] · (Σ_j x2[o][j] · M[i·r2 + j]), so
+ * the r1·r2 products are never formed. Eight rows at a time share each row
+ * of M; per output vector that is r1·(r2 + 1) multiply-adds a row. */
+LP_INLINE void
+lp_lora_map_khatri_rao_f32_body (const float *x1,
+                                 const float *x2,
+                                 guint        r1,
+                                 guint        r2,
+                                 const float *m,
+                                 guint        k,
+                                 gsize        h,
+                                 float       *y)
+{
+  gsize kp = (k + 15) / 16 * 16;
+
+  for (gsize o0 = 0; o0 < h; o0 += 8)
+    {
+      guint rows = MIN (8, h - o0);
+      /* one pointer for the eight rows: the compiler keeps the 16
+       * accumulators in registers instead of spilling them for pointers */
+      const float *b1 = x1 + o0 * 16, *b2 = x2 + o0 * 16;
+
+      for (gsize v = 0; v < kp; v += 16)
+        {
+          LpV16 acc[8];
+#pragma GCC unroll 8
+          for (guint a = 0; a < 8; a++)
+            acc[a] = (LpV16) { 0 };
+          for (guint i = 0; i < r1; i++)
+            {
+              LpV16 z[8];
+#pragma GCC unroll 8
+              for (guint a = 0; a < 8; a++)
+                z[a] = (LpV16) { 0 };
+              for (guint j = 0; j < r2; j++)
+                {
+                  LpV16 mv;
+                  LOAD16 (mv, m + ((gsize) i * r2 + j) * kp + v);
+#pragma GCC unroll 8
+                  for (guint a = 0; a < 8; a++)
+                    z[a] += b2[a * 16 + j] * mv;
+                }
+#pragma GCC unroll 8
+              for (guint a = 0; a < 8; a++)
+                acc[a] += b1[a * 16 + i] * z[a];
+            }
+          guint cols = MIN (16, k - v);
+          for (guint a = 0; a < rows; a++)
+            memcpy (y + (o0 + a) * k + v, &acc[a], sizeof (float) * cols);
+        }
+    }
+}
+
+LP_DEFINE_VOID_KERNEL (lp_lora_map_khatri_rao_f32,
+                       (const float *x1, const float *x2, guint r1, guint r2, const float *m, guint k, gsize h, float *y),
+                       (x1, x2, r1, r2, m, k, h, y))
+
 /* ---- NaN and infinity --------------------------------------------------- */
 
 /* Tests the exponent bits (all ones: NaN or infinity) 64 bytes at a time:
@@ -1257,8 +1612,10 @@ name##_body (const value_type *values,                                          
 ALL_FINITE_BODY (lp_lora_all_finite_f32, float, guint32, 0x7f800000u)
 ALL_FINITE_BODY (lp_lora_all_finite_f64, double, guint64, G_GUINT64_CONSTANT (0x7ff0000000000000))
 ALL_FINITE_BODY (lp_lora_all_finite_bf16, guint16, guint16, 0x7f80u)
+ALL_FINITE_BODY (lp_lora_all_finite_f16, guint16, guint16, 0x7c00u)
 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f32, (const float *values, gsize n), (values, n))
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f64, (const double *values, gsize n), (values, n))
 
 LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_bf16, (const guint16 *values, gsize n), (values, n))
+LP_DEFINE_KERNEL (gboolean, lp_lora_all_finite_f16, (const guint16 *values, gsize n), (values, n))

@@ -78,9 +78,29 @@ void lp_lora_map_cols_bf16 (const float   *mt,
                             gsize          h,
                             float         *y);
 
-/* TRUE iff no bf16 value is a NaN or an infinity. */
+/* TRUE iff no bf16 (f16) value is a NaN or an infinity. */
 gboolean lp_lora_all_finite_bf16 (const guint16 *values,
                                   gsize          n);
+gboolean lp_lora_all_finite_f16  (const guint16 *values,
+                                  gsize          n);
+
+/* LoHa's Khatri–Rao factors, a block at a time (lp-lora-math.c):
+ * Y [h, r1·r2] with row o = x1[o, :] ⊗ x2[o, :] for x1 [h, r1] and
+ * x2 [h, r2]; and the r1·r2 rows of w floats (row stride @ld) of Y with row
+ * i·r2 + j = v1[i] ⊙ v2[j], for v1 [r1, w] and v2 [r2, w]. */
+void lp_lora_face_split_rows_f32 (const float *x1,
+                                  guint        r1,
+                                  const float *x2,
+                                  guint        r2,
+                                  gsize        h,
+                                  float       *y);
+void lp_lora_hadamard_rows_f32   (const float *v1,
+                                  guint        r1,
+                                  const float *v2,
+                                  guint        r2,
+                                  gsize        w,
+                                  float       *y,
+                                  gsize        ld);
 
 /* The same straight from bf16 factors, on machines with AVX512-BF16
  * (lp_lora_have_bf16_dot()): A [r, n] row-major, or B [n, r] with a
@@ -128,5 +148,39 @@ void  lp_lora_gram_blocked_cols_bf16    (const guint16 *b,
                                          gsize          n,
                                          double        *g,
                                          gpointer       scratch);
+
+/* The Gram matrix Yᵀ Y of LoHa's Khatri–Rao factor Y [n, r1·r2], row t =
+ * x1[t] ⊗ x2[t], in its symmetry, without forming Y: lp_lora_gram_khatri_rao_f32()
+ * adds to C [r1(r1+1)/2, r2(r2+1)/2] (row-major f64) the sums over the pairs
+ * of x1's and of x2's values (@x1 and @x2: n rows of 16 floats, the r1, r2 ≤
+ * 16 values and zeros), with a scratch of lp_lora_gram_khatri_rao_scratch_size()
+ * bytes; lp_lora_khatri_rao_gram_expand() adds C to G's upper triangle
+ * (r1·r2 square, row-major), once for all blocks. */
+gsize lp_lora_gram_khatri_rao_scratch_size (guint        r1,
+                                            guint        r2);
+void  lp_lora_gram_khatri_rao_f32       (const float   *x1,
+                                         const float   *x2,
+                                         guint          r1,
+                                         guint          r2,
+                                         gsize          n,
+                                         double        *c,
+                                         gpointer       scratch);
+void  lp_lora_khatri_rao_gram_expand    (const double  *c,
+                                         guint          r1,
+                                         guint          r2,
+                                         double        *g);
+
+/* Y [h, k] (row-major) = X M for X [h, r1·r2] those Khatri–Rao rows
+ * (@x1, @x2 as above, but round_up (h, 8) rows of them, readable) and M
+ * [r1·r2, k] with rows of round_up (k, 16) floats, zero past @k: the up
+ * factor's new rows, without forming X. */
+void  lp_lora_map_khatri_rao_f32        (const float   *x1,
+                                         const float   *x2,
+                                         guint          r1,
+                                         guint          r2,
+                                         const float   *m,
+                                         guint          k,
+                                         gsize          h,
+                                         float         *y);
 
 G_END_DECLS

@@ -14,6 +14,7 @@
  * SPDX-License-Identifier: LGPL-2.1-or-later
  */
 #include "lp-lora-lycoris.h"
+#include "lp-lora-dense.h"
 #include "lp-lora-math.h"
 #include "lp-lora-pair.h"
 
@@ -23,60 +24,6 @@
 #include <string.h>
 
 /* ---- the mathematics, on plain arrays ----------------------------------- */
-
-/* Row o of the face-splitting product: x[i·r2 + j] = p[i] · q[j]. Written
- * once per dtype, so that the inner loop has no branch and vectorises. */
-#define FACE_SPLIT_ROW(type, x, p, r1, q, r2) \
-  G_STMT_START { \
-    for (guint i_ = 0; i_ < (r1); i_++) \
-      { \
-        double pi_ = (p)[i_]; \
-        type *row_ = (x) + (gsize) i_ * (r2); \
-        for (guint j_ = 0; j_ < (r2); j_++) \
-          row_[j_] = (type) (pi_ * (q)[j_]); \
-      } \
-  } G_STMT_END
-
-/* Row i·r2 + j of A: v1[i] ⊙ v2[j]. */
-#define HADAMARD_ROWS(type, a, v1, r1, v2, r2, in) \
-  G_STMT_START { \
-    for (guint i_ = 0; i_ < (r1); i_++) \
-      for (guint j_ = 0; j_ < (r2); j_++) \
-        { \
-          const double *x_ = (v1) + (gsize) i_ * (in), *y_ = (v2) + (gsize) j_ * (in); \
-          type *row_ = (a) + ((gsize) i_ * (r2) + j_) * (in); \
-          for (guint64 c_ = 0; c_ < (in); c_++) \
-            row_[c_] = (type) (x_[c_] * y_[c_]); \
-        } \
-  } G_STMT_END
-
-void
-lp_lora_loha_to_factors (const double *u1,
-                         const double *v1,
-                         guint         r1,
-                         const double *u2,
-                         const double *v2,
-                         guint         r2,
-                         guint64       out,
-                         guint64       in,
-                         gboolean      f32,
-                         gpointer      b,
-                         gpointer      a)
-{
-  gsize rr = (gsize) r1 * r2;
-
-  for (guint64 o = 0; o < out; o++)
-    {
-      if (f32)
-        FACE_SPLIT_ROW (float, (float *) b + o * rr, u1 + o * r1, r1, u2 + o * r2, r2);
-      else
-        FACE_SPLIT_ROW (double, (double *) b + o * rr, u1 + o * r1, r1, u2 + o * r2, r2);
-    }
-  if (f32)
-    HADAMARD_ROWS (float, (float *) a, v1, r1, v2, r2, in);
-  else
-    HADAMARD_ROWS (double, (double *) a, v1, r1, v2, r2, in);
-}
 
 void
 lp_lora_tucker_right (const double *t,
@@ -816,20 +763,69 @@ loha_side (Module *m, gboolean second, double **u, double **v, guint *r, GError 
 }
 
 /* A LoHa module's update as the product B A of its Khatri–Rao factors,
- * [out, r1·r2] and [r1·r2, in], in @f (the data in *@b and *@a, owned by the
- * caller). */
+ * [out, r1·r2] and [r1·r2, in], which lp-lora-math.c forms a block at a
+ * time from the four parts: as stored (mapped pages) when they share a
+ * dtype and have no Tucker core, else as f64 copies. */
+typedef struct {
+  LpLoraKhatriRao kr;
+  GBytes *stored[4];
+  double *copies[4];
+} LohaParts;
+
+static void
+loha_parts_clear (LohaParts *lp)
+{
+  for (guint i = 0; i < 4; i++)
+    {
+      g_clear_pointer (&lp->stored[i], g_bytes_unref);
+      g_clear_pointer (&lp->copies[i], g_free);
+    }
+}
+
+G_DEFINE_AUTO_CLEANUP_CLEAR_FUNC (LohaParts, loha_parts_clear)
+
 static gboolean
 loha_factors (Module        *m,
               LpLoraFactors *f,
-              gpointer      *b,
-              gpointer      *a,
+              LohaParts     *lp,
               GError       **error)
 {
-  g_autofree double *u1 = NULL, *v1 = NULL, *u2 = NULL, *v2 = NULL;
+  static const Part order[4] = { PART_HADA_W1_A, PART_HADA_W1_B, PART_HADA_W2_A, PART_HADA_W2_B };
+  LpDtype dtype = lp_tensor_get_dtype (m->parts[PART_HADA_W1_A]);
+  gboolean as_stored = !HAS (m, PART_HADA_T1) && !HAS (m, PART_HADA_T2) && lp_dtype_can_convert (dtype);
+  gconstpointer data[4];
   guint r1, r2;
 
-  if (!loha_side (m, FALSE, &u1, &v1, &r1, error) || !loha_side (m, TRUE, &u2, &v2, &r2, error))
-    return FALSE;
+  for (guint i = 0; i < 4; i++)
+    if (lp_tensor_get_dtype (m->parts[order[i]]) != dtype)
+      as_stored = FALSE;
+  if (as_stored)
+    {
+      for (guint i = 0; i < 4; i++)
+        {
+          LpTensor *t = m->parts[order[i]];
+          if ((lp->stored[i] = lp_tensor_dup_data (t, error)) == NULL)
+            return FALSE;
+          data[i] = g_bytes_get_data (lp->stored[i], NULL);
+          if (!lp_lora_all_finite (dtype, data[i], lp_tensor_get_n_elements (t)))
+            {
+              g_set_error (error, LP_STAGE_ERROR, LP_STAGE_ERROR_NUMERIC, "NaN or infinity in %s",
+                           part_names[order[i]]);
+              return FALSE;
+            }
+        }
+      r1 = DIM (m, PART_HADA_W1_B, 0);
+      r2 = DIM (m, PART_HADA_W2_B, 0);
+    }
+  else
+    {
+      dtype = LP_DTYPE_F64;
+      if (!loha_side (m, FALSE, &lp->copies[0], &lp->copies[1], &r1, error) ||
+          !loha_side (m, TRUE, &lp->copies[2], &lp->copies[3], &r2, error))
+        return FALSE;
+      for (guint i = 0; i < 4; i++)
+        data[i] = lp->copies[i];
+    }
 
   /* Products of two 16-bit numbers are exact in f32: those factors are
    * summed in f32 (f64 where ill-conditioned), as lora-svd's auto does. */
@@ -840,20 +836,79 @@ loha_factors (Module        *m,
   if (HAS (m, PART_HADA_T1))
     f32 = FALSE;   /* the Tucker contraction is a sum, not a product */
 
-  guint R = r1 * r2;
-  gsize value = f32 ? sizeof (float) : sizeof (double);
-  *b = g_malloc (MAX (m->out * R * value, 1));
-  *a = g_malloc (MAX (R * m->in * value, 1));
-  lp_lora_loha_to_factors (u1, v1, r1, u2, v2, r2, m->out, m->in, f32, *b, *a);
-
+  lp->kr = (LpLoraKhatriRao) { dtype, data[0], data[1], data[2], data[3], r1, r2 };
   memset (f, 0, sizeof *f);
   f->f32 = f32;
   f->f64_fallback = f32;
-  f->b = *b;
-  f->a = *a;
+  f->khatri_rao = &lp->kr;
   f->out = m->out;
   f->in = m->in;
-  f->r = R;
+  f->r = r1 * r2;
+  return TRUE;
+}
+
+/* Whether a LoHa module costs less as its dense update than through its
+ * Khatri–Rao factors. The factored route sums two Gram matrices of rank
+ * R = r1·r2, 2·(out + in)·R² flops in the kernels, then works on R × R
+ * matrices, about 8·R³ flops in LAPACK calls several times slower a flop;
+ * the dense one makes D = (u1 v1) ⊙ (u2 v2) a block at a time, twice
+ * (2·out·in·(r1 + r2) each), sums the Gram matrix of its smaller side s
+ * (out·in·s) and decomposes it (about 9·s³ in LAPACK, 4/3·s³ for the
+ * tridiagonal form alone when only the top k are asked for). At dim 8 on Flux
+ * (R = 64, 3072-wide) the factored route is some hundred times cheaper; at
+ * dim 32 on SD 1.5's 320-wide layers (R = 1024) the dense one is. */
+#define LAPACK_FLOP_COST 4.0
+
+static gboolean
+loha_dense_is_cheaper (guint64 out, guint64 in, guint r1, guint r2, guint top)
+{
+  double R = (double) r1 * r2, s = MIN (out, in);
+  double factored = 2.0 * (out + in) * R * R + LAPACK_FLOP_COST * 8.0 * R * R * R;
+  double dense = 4.0 * out * in * (r1 + r2) + (double) out * in * s
+                 + LAPACK_FLOP_COST * (top > 0 && top < s ? 4.0 / 3 : 9.0) * s * s * s;
+  return dense < factored;
+}
+
+/* The dense SVD of a LoHa update (lp-lora-dense.c, its Gram matrix on the
+ * smaller side), the kept part written as kohya factors. */
+static gboolean
+compute_loha_dense (Job *job, LohaParts *parts, double *kept, double *total, GError **error)
+{
+  Module *m = job->module;
+  LpLoraDifference d = { .out = m->out, .in = m->in, .hadamard = &parts->kr };
+  guint k = job->k;
+  g_autoptr (LpLoraDenseSvd) svd = lp_lora_difference_svd_top (&d, k, error);
+
+  if (svd == NULL)
+    return FALSE;
+  g_autofree float *up = g_new (float, MAX (m->out * k, 1));
+  g_autofree float *down = g_new (float, MAX ((gsize) k * m->in, 1));
+  lp_lora_dense_svd_factors (svd, &d, k, up, down);
+
+  /* the scale, split as √|scale| on both sides, its sign on up */
+  float root = sqrt (fabs (m->scale)), sign = m->scale < 0 ? -1.f : 1.f;
+  for (gsize i = 0; i < m->out * k; i++)
+    up[i] *= sign * root;
+  for (gsize i = 0; i < (gsize) k * m->in; i++)
+    down[i] *= root;
+
+  gsize down_size = (gsize) k * m->in * (lp_dtype_get_bits (m->down_dtype) / 8);
+  gsize up_size = (gsize) m->out * k * (lp_dtype_get_bits (m->up_dtype) / 8);
+  gpointer down_out = g_malloc (MAX (down_size, 1)), up_out = g_malloc (MAX (up_size, 1));
+  gsize overflow_down = lp_dtype_from_f32 (m->down_dtype, down, down_out, (gsize) k * m->in);
+  gsize overflow_up = lp_dtype_from_f32 (m->up_dtype, up, up_out, m->out * k);
+  job->held[0] = g_bytes_new_take (down_out, down_size);
+  job->held[1] = g_bytes_new_take (up_out, up_size);
+  if (!lp_lora_check_overflow (overflow_down, m->down_dtype, error) ||
+      !lp_lora_check_overflow (overflow_up, m->up_dtype, error))
+    return FALSE;
+
+  double s2 = m->scale * m->scale;
+  *kept = 0;
+  for (guint i = 0; i < MIN (k, svd->n); i++)
+    *kept += svd->sigma[i] * svd->sigma[i] * s2;
+  *total = svd->total * s2;
+  *kept = MIN (*kept, *total);
   return TRUE;
 }
 
@@ -861,11 +916,13 @@ static gboolean
 compute_loha (Job *job, double *kept, double *total, GError **error)
 {
   Module *m = job->module;
-  g_autofree gpointer b = NULL, a = NULL;
+  g_auto (LohaParts) parts = { { 0, }, };
   LpLoraFactors f;
 
-  if (!loha_factors (m, &f, &b, &a, error))
+  if (!loha_factors (m, &f, &parts, error))
     return FALSE;
+  if (loha_dense_is_cheaper (m->out, m->in, parts.kr.r1, parts.kr.r2, job->k))
+    return compute_loha_dense (job, &parts, kept, total, error);
   guint R = f.r;
   g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, MIN (job->k, R), TRUE, error);
   if (spectrum == NULL)
@@ -1022,11 +1079,27 @@ module_sigma (Module  *m,
 
   if (!m->lokr)
     {
-      g_autofree gpointer b = NULL, a = NULL;
+      g_auto (LohaParts) parts = { { 0, }, };
       LpLoraFactors f;
 
-      if (!loha_factors (m, &f, &b, &a, error))
+      if (!loha_factors (m, &f, &parts, error))
         return NULL;
+      if (loha_dense_is_cheaper (m->out, m->in, parts.kr.r1, parts.kr.r2, 0))
+        {
+          LpLoraDifference d = { .out = m->out, .in = m->in, .hadamard = &parts.kr };
+          g_autoptr (LpLoraDenseSvd) svd = lp_lora_difference_svd (&d, error);
+          if (svd == NULL)
+            return NULL;
+          /* the update's rank is at most r1·r2; below rounding of the
+           * Gram's eigenvalues (f64 sums) a singular value is zero */
+          *n = 0;
+          while (*n < MIN (svd->n, f.r) && svd->sigma[*n] > 1e-7 * svd->sigma[0])
+            (*n)++;
+          sigma = g_new (double, MAX (*n, 1));
+          for (guint i = 0; i < *n; i++)
+            sigma[i] = fabs (m->scale) * svd->sigma[i];
+          return sigma;
+        }
       g_autoptr (LpLoraSpectrum) spectrum = lp_lora_spectrum_compute (&f, 0, FALSE, error);
       if (spectrum == NULL)
         return NULL;
@@ -1061,6 +1134,24 @@ module_sigma (Module  *m,
   for (guint i = 0; i < *n; i++)
     sigma[i] = -sigma[i];
   return sigma;
+}
+
+double *
+lp_lora_lycoris_module_sigma (LpCheckpoint  *input,
+                              LpLoraModule  *module,
+                              guint         *n,
+                              GError       **error)
+{
+  g_autoptr (GPtrArray) found = g_ptr_array_new ();
+  g_autoptr (GPtrArray) modules = NULL;
+
+  g_ptr_array_add (found, module);
+  /* a DoRA magnitude does not change ΔW's spectrum */
+  modules = find_modules (input, found, TRUE, error);
+  if (modules == NULL)
+    return NULL;
+  g_return_val_if_fail (modules->len == 1, NULL);
+  return module_sigma (g_ptr_array_index (modules, 0), n, error);
 }
 
 /* kohya's layout: down [k, in] or a conv's [k, in, *kernel]; up [out, k] or

@@ -7,7 +7,8 @@
  * - LoHa: (U1 V1) ⊙ (U2 V2) = B A with the row-wise Khatri–Rao (face-
  *   splitting) factors B[o, :] = U1[o, :] ⊗ U2[o, :] and
  *   A[:, c] = V1[:, c] ⊗ V2[:, c], of rank r1·r2, whose exact SVD the
- *   factored machinery of lp-lora-math.c takes.
+ *   factored machinery of lp-lora-math.c takes (LpLoraKhatriRao: it forms
+ *   them a block at a time, from the parts as stored).
  * - LoKr: the singular values of kron (W1, W2) are the products
  *   σ_i(W1)·σ_j(W2), with singular vectors u_i ⊗ u_j and v_i ⊗ v_j.
  *
@@ -25,21 +26,6 @@
 #include "lp-lora-common.h"
 
 G_BEGIN_DECLS
-
-/* B [out, r1·r2] and A [r1·r2, in], row-major, in f64 (or f32 when @f32),
- * from u1 [out, r1], v1 [r1, in], u2 [out, r2], v2 [r2, in]; column
- * i·r2 + j of B is u1[:, i] ⊙ u2[:, j], row i·r2 + j of A is v1[i] ⊙ v2[j]. */
-void      lp_lora_loha_to_factors (const double *u1,
-                                   const double *v1,
-                                   guint         r1,
-                                   const double *u2,
-                                   const double *v2,
-                                   guint         r2,
-                                   guint64       out,
-                                   guint64       in,
-                                   gboolean      f32,
-                                   gpointer      b,
-                                   gpointer      a);
 
 /* The matrix of a Tucker (CP) LyCORIS part, as a product: the part is
  * Σ_ij t[i, j, κ] wa[i, p] wb[j, c] at [p, c, κ] (LyCORIS rebuild_tucker,
@@ -82,6 +68,14 @@ gboolean  lp_lora_lokr_reduce     (const LpLoraKronPart *w1,
                                    double               *kept,
                                    double               *total,
                                    GError              **error);
+
+/* Every non-zero singular value of the scaled update of one LoHa or LoKr
+ * @module of @input, descending, *@n of them: the spectrum lora-svd's
+ * dynamic criteria read (NULL with @error when the module is refused). */
+double       *lp_lora_lycoris_module_sigma (LpCheckpoint  *input,
+                                            LpLoraModule  *module,
+                                            guint         *n,
+                                            GError       **error);
 
 /* How many of @modules (lp_lora_find_modules_full()) are LoHa or LoKr. */
 guint         lp_lora_lycoris_count   (GPtrArray     *modules);

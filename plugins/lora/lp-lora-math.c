@@ -138,6 +138,40 @@ lp_lora_spectrum_free (LpLoraSpectrum *spectrum)
   g_free (spectrum);
 }
 
+gboolean
+lp_lora_all_finite (LpDtype       dtype,
+                    gconstpointer values,
+                    gsize         n)
+{
+  switch (dtype)
+    {
+    case LP_DTYPE_BF16:
+      return lp_lora_all_finite_bf16 (values, n);
+    case LP_DTYPE_F32:
+      return lp_lora_all_finite_f32 (values, n);
+    case LP_DTYPE_F64:
+      return lp_lora_all_finite_f64 (values, n);
+    case LP_DTYPE_F16:
+      return lp_lora_all_finite_f16 (values, n);
+    default:
+      if (!lp_dtype_is_float (dtype))
+        return TRUE;
+      /* the 8-bit floats and the rest: widened a block at a time */
+      {
+        double block[1024];
+        gsize size = lp_dtype_get_bits (dtype) / 8;
+        for (gsize i = 0; i < n; i += G_N_ELEMENTS (block))
+          {
+            gsize len = MIN (G_N_ELEMENTS (block), n - i);
+            lp_dtype_to_f64 (dtype, (const guchar *) values + i * size, block, len);
+            if (!lp_lora_all_finite_f64 (block, len))
+              return FALSE;
+          }
+        return TRUE;
+      }
+    }
+}
+
 /* ---- factors a block at a time ---------------------------------------- */
 
 /* Stored factors (bf16, usually) are converted a block at a time into a
@@ -145,27 +179,38 @@ lp_lora_spectrum_free (LpLoraSpectrum *spectrum)
  * call: a whole f64 copy of a factor would cost more in page faults and
  * memory traffic than the arithmetic. A block holds about this many values. */
 #define BLOCK_VALUES 16384
+/* Steps of LoHa's parts per block of the Khatri–Rao kernels (16 floats
+ * each, both sides: 64 KiB); a multiple of 8. */
+#define GRAM_KHATRI_RAO_LEN 512
 
 /* One scratch buffer per thread, kept for the thread's life: fresh large
  * allocations are mmap'd and faulted in every time, which dominates on
  * virtual machines. */
+typedef enum {
+  SCRATCH_BLOCK,    /* the block a kernel or BLAS call reads */
+  SCRATCH_PARTS,    /* the parts a Khatri–Rao block is formed from */
+  N_SCRATCH
+} ScratchSlot;
+
 typedef struct {
-  gpointer data;
-  gsize size;
+  gpointer data[N_SCRATCH];
+  gsize size[N_SCRATCH];
 } Scratch;
 
 static void
 scratch_free (gpointer data)
 {
   Scratch *scratch = data;
-  g_free (scratch->data);
+  for (guint i = 0; i < N_SCRATCH; i++)
+    g_free (scratch->data[i]);
   g_free (scratch);
 }
 
 static GPrivate scratch_key = G_PRIVATE_INIT (scratch_free);
 
 static gpointer
-scratch_get (gsize size)
+scratch_get_slot (ScratchSlot slot,
+                  gsize       size)
 {
   Scratch *scratch = g_private_get (&scratch_key);
 
@@ -174,13 +219,19 @@ scratch_get (gsize size)
       scratch = g_new0 (Scratch, 1);
       g_private_set (&scratch_key, scratch);
     }
-  if (scratch->size < size)
+  if (scratch->size[slot] < size)
     {
-      g_free (scratch->data);
-      scratch->data = g_malloc (size);
-      scratch->size = size;
+      g_free (scratch->data[slot]);
+      scratch->data[slot] = g_malloc (size);
+      scratch->size[slot] = size;
     }
-  return scratch->data;
+  return scratch->data[slot];
+}
+
+static gpointer
+scratch_get (gsize size)
+{
+  return scratch_get_slot (SCRATCH_BLOCK, size);
 }
 
 #define ALIGN_UP(n) (((n) + 63) & ~(gsize) 63)
@@ -213,6 +264,186 @@ block_len (guint r)
   return CLAMP (BLOCK_VALUES / MAX (r, 1), 16, 4096);
 }
 
+/* ---- Khatri–Rao factors, formed a block at a time ---------------------- */
+
+/* Rows o0 … o0 + h of B = u1 • u2 (row-wise), h × r1·r2, in f32 or, with
+ * @wide, f64; row o is u1[o, :] ⊗ u2[o, :]. */
+static void
+khatri_rao_rows (const LpLoraKhatriRao *kr,
+                 guint64                o0,
+                 gsize                  h,
+                 gboolean               wide,
+                 gpointer               buf)
+{
+  guint r1 = kr->r1, r2 = kr->r2, R = r1 * r2;
+  gsize vsize = wide ? sizeof (double) : sizeof (float);
+  gsize ssize = lp_dtype_get_bits (kr->dtype) / 8;
+  guchar *parts = scratch_get_slot (SCRATCH_PARTS, vsize * h * (r1 + r2));
+  guchar *p1 = parts, *p2 = parts + vsize * h * r1;
+  const guchar *u1 = (const guchar *) kr->u1 + o0 * r1 * ssize;
+  const guchar *u2 = (const guchar *) kr->u2 + o0 * r2 * ssize;
+
+  if (wide)
+    {
+      double *x1 = (double *) p1, *x2 = (double *) p2, *y = buf;
+      lp_dtype_to_f64 (kr->dtype, u1, x1, h * r1);
+      lp_dtype_to_f64 (kr->dtype, u2, x2, h * r2);
+      for (gsize o = 0; o < h; o++)
+        for (guint i = 0; i < r1; i++)
+          {
+            double a = x1[o * r1 + i];
+            double *row = y + o * R + (gsize) i * r2;
+            for (guint j = 0; j < r2; j++)
+              row[j] = a * x2[o * r2 + j];
+          }
+      return;
+    }
+  lp_dtype_to_f32 (kr->dtype, u1, (float *) p1, h * r1);
+  lp_dtype_to_f32 (kr->dtype, u2, (float *) p2, h * r2);
+  lp_lora_face_split_rows_f32 ((float *) p1, r1, (float *) p2, r2, h, buf);
+}
+
+/* Columns c0 … c0 + w of A = v1 • v2 (column-wise), r1·r2 rows of w values
+ * at a row stride of @ld, in f32 or, with @wide, f64; row i·r2 + j is
+ * v1[i, c0 …] ⊙ v2[j, c0 …]. */
+static void
+khatri_rao_cols (const LpLoraKhatriRao *kr,
+                 guint64                in,
+                 guint64                c0,
+                 gsize                  w,
+                 gboolean               wide,
+                 gpointer               buf,
+                 gsize                  ld)
+{
+  guint r1 = kr->r1, r2 = kr->r2;
+  gsize vsize = wide ? sizeof (double) : sizeof (float);
+  gsize ssize = lp_dtype_get_bits (kr->dtype) / 8;
+  guchar *parts = scratch_get_slot (SCRATCH_PARTS, vsize * w * (r1 + r2));
+
+  for (guint i = 0; i < r1; i++)
+    {
+      gconstpointer src = (const guchar *) kr->v1 + (i * in + c0) * ssize;
+      if (wide)
+        lp_dtype_to_f64 (kr->dtype, src, (double *) parts + (gsize) i * w, w);
+      else
+        lp_dtype_to_f32 (kr->dtype, src, (float *) parts + (gsize) i * w, w);
+    }
+  for (guint j = 0; j < r2; j++)
+    {
+      gconstpointer src = (const guchar *) kr->v2 + (j * in + c0) * ssize;
+      if (wide)
+        lp_dtype_to_f64 (kr->dtype, src, (double *) parts + (gsize) (r1 + j) * w, w);
+      else
+        lp_dtype_to_f32 (kr->dtype, src, (float *) parts + (gsize) (r1 + j) * w, w);
+    }
+  if (!wide)
+    {
+      lp_lora_hadamard_rows_f32 ((float *) parts, r1, (float *) parts + (gsize) r1 * w, r2, w, buf, ld);
+      return;
+    }
+  for (guint i = 0; i < r1; i++)
+    for (guint j = 0; j < r2; j++)
+      {
+        const double *a = (const double *) parts + (gsize) i * w, *b = (const double *) parts + (gsize) (r1 + j) * w;
+        double *y = (double *) buf + ((gsize) i * r2 + j) * ld;
+        for (gsize c = 0; c < w; c++)
+          y[c] = a[c] * b[c];
+      }
+}
+
+/* For lp_lora_gram_khatri_rao_f32(): steps t0 … t0 + w of the up side (rows
+ * of u1, u2) or of the down side (columns of v1, v2), each step's r1 and r2
+ * values in a row of 16 floats (zero after) of @x1 and @x2. */
+static void
+khatri_rao_steps (const LpLoraKhatriRao *kr,
+                  gboolean               up,
+                  guint64                n,
+                  guint64                t0,
+                  gsize                  w,
+                  float                 *x1,
+                  float                 *x2)
+{
+  gsize ssize = lp_dtype_get_bits (kr->dtype) / 8;
+  float *tmp = scratch_get_slot (SCRATCH_PARTS, sizeof (float) * w * MAX (kr->r1, kr->r2));
+
+  /* rows up to a multiple of 8 are zero: lp_lora_map_khatri_rao_f32()
+   * reads them */
+  gsize rows = (w + 7) / 8 * 8;
+
+  g_assert (w <= GRAM_KHATRI_RAO_LEN);
+  memset (x1, 0, sizeof (float) * rows * 16);
+  memset (x2, 0, sizeof (float) * rows * 16);
+  for (guint side = 0; side < 2; side++)
+    {
+      guint r = side ? kr->r2 : kr->r1;
+      float *x = side ? x2 : x1;
+      const guchar *data = side ? (up ? kr->u2 : kr->v2) : (up ? kr->u1 : kr->v1);
+
+      if (up)
+        {
+          lp_dtype_to_f32 (kr->dtype, data + t0 * r * ssize, tmp, w * r);
+          for (gsize t = 0; t < w; t++)
+            memcpy (x + t * 16, tmp + t * r, sizeof (float) * r);
+        }
+      else
+        for (guint i = 0; i < r; i++)
+          {
+            lp_dtype_to_f32 (kr->dtype, data + (i * n + t0) * ssize, tmp, w);
+            for (gsize t = 0; t < w; t++)
+              x[t * 16 + i] = tmp[t];
+          }
+    }
+}
+
+/* Rows i0 … i0 + h of the up factor B [n, r] (h × r, row-major), or columns
+ * j0 … j0 + w of the down factor A [r, n] (r rows at a stride of @ld), in
+ * f32 or (@wide) f64: converted from the stored dtype, or formed from
+ * Khatri–Rao parts. */
+static void
+load_up_rows (const LpLoraFactors *f,
+              guint64              i0,
+              gsize                h,
+              gboolean             wide,
+              gpointer             buf)
+{
+  if (f->khatri_rao)
+    {
+      khatri_rao_rows (f->khatri_rao, i0, h, wide, buf);
+      return;
+    }
+  LpDtype src = stored_dtype (f, TRUE);
+  const guchar *data = (const guchar *) f->b + i0 * f->r * dtype_size (src);
+  if (wide)
+    lp_dtype_to_f64 (src, data, buf, h * f->r);
+  else
+    lp_dtype_to_f32 (src, data, buf, h * f->r);
+}
+
+static void
+load_down_cols (const LpLoraFactors *f,
+                guint64              j0,
+                gsize                w,
+                gboolean             wide,
+                gpointer             buf,
+                gsize                ld)
+{
+  if (f->khatri_rao)
+    {
+      khatri_rao_cols (f->khatri_rao, f->in, j0, w, wide, buf, ld);
+      return;
+    }
+  LpDtype src = stored_dtype (f, FALSE);
+  gsize ssize = dtype_size (src);
+  for (guint t = 0; t < f->r; t++)
+    {
+      const guchar *data = (const guchar *) f->a + (t * f->in + j0) * ssize;
+      if (wide)
+        lp_dtype_to_f64 (src, data, (double *) buf + (gsize) t * ld, w);
+      else
+        lp_dtype_to_f32 (src, data, (float *) buf + (gsize) t * ld, w);
+    }
+}
+
 /* Columns of A (rows of B) per block of the f32 Gram kernels: a block of
  * a rank-64 factor stays within L2, and each tile of it within L1. */
 #define GRAM_ROWS_BLOCK 512
@@ -233,10 +464,9 @@ gram_f32 (const LpLoraFactors *f,
   guint64 n = up ? f->out : f->in;
   const guchar *data = up ? f->b : f->a;
   LpDtype src = stored_dtype (f, up);
-  gsize ssize = dtype_size (src);
 
   memset (g, 0, sizeof (double) * r * r);
-  if (src == LP_DTYPE_BF16 && lp_lora_have_bf16_dot ())
+  if (src == LP_DTYPE_BF16 && f->khatri_rao == NULL && lp_lora_have_bf16_dot ())
     {
       if (r >= LP_LORA_GRAM_BLOCKED_RANK)
         {
@@ -253,6 +483,27 @@ gram_f32 (const LpLoraFactors *f,
         lp_lora_gram_rows_bf16 ((const guint16 *) data, r, n, g);
       return;
     }
+  if (r >= LP_LORA_GRAM_BLOCKED_RANK && f->khatri_rao && f->khatri_rao->r1 <= 16 && f->khatri_rao->r2 <= 16)
+    {
+      /* LoHa: the kernel sums the Gram matrix in its symmetry, from the
+       * parts' values a step at a time */
+      guint r1 = f->khatri_rao->r1, r2 = f->khatri_rao->r2;
+      gsize block = ALIGN_UP (sizeof (float) * 16 * GRAM_KHATRI_RAO_LEN);
+      gsize pairs = (gsize) r1 * (r1 + 1) / 2 * r2 * (r2 + 1) / 2;
+      guchar *buf = scratch_get (2 * block + ALIGN_UP (sizeof (double) * pairs)
+                                 + lp_lora_gram_khatri_rao_scratch_size (r1, r2));
+      float *x1 = (float *) buf, *x2 = (float *) (buf + block);
+      double *c = (double *) (buf + 2 * block);
+      memset (c, 0, sizeof (double) * pairs);
+      for (guint64 t0 = 0; t0 < n; t0 += GRAM_KHATRI_RAO_LEN)
+        {
+          gsize w = MIN (GRAM_KHATRI_RAO_LEN, n - t0);
+          khatri_rao_steps (f->khatri_rao, up, n, t0, w, x1, x2);
+          lp_lora_gram_khatri_rao_f32 (x1, x2, r1, r2, w, c, buf + 2 * block + ALIGN_UP (sizeof (double) * pairs));
+        }
+      lp_lora_khatri_rao_gram_expand (c, r1, r2, g);
+      return;
+    }
   if (r >= LP_LORA_GRAM_BLOCKED_RANK)
     {
       /* blocks of GRAM_BLOCKED_LEN along the factor's long side, converted,
@@ -265,13 +516,12 @@ gram_f32 (const LpLoraFactors *f,
           gsize w = MIN (GRAM_BLOCKED_LEN, n - j0);
           if (up)
             {
-              lp_dtype_to_f32 (src, data + j0 * r * ssize, buf, w * r);
+              load_up_rows (f, j0, w, FALSE, buf);
               lp_lora_gram_blocked_cols_f32 (buf, r, w, g, panel);
             }
           else
             {
-              for (guint t = 0; t < r; t++)
-                lp_dtype_to_f32 (src, data + (t * n + j0) * ssize, buf + (gsize) t * w, w);
+              load_down_cols (f, j0, w, FALSE, buf, w);
               lp_lora_gram_blocked_rows_f32 (buf, w, r, w, g, panel);
             }
         }
@@ -284,7 +534,7 @@ gram_f32 (const LpLoraFactors *f,
       for (guint64 i0 = 0; i0 < n; i0 += GRAM_COLS_BLOCK)
         {
           gsize h = MIN (GRAM_COLS_BLOCK, n - i0);
-          lp_dtype_to_f32 (src, data + i0 * r * ssize, buf, h * r);
+          load_up_rows (f, i0, h, FALSE, buf);
           lp_lora_gram_cols_f32 (buf, r, h, g);
         }
       return;
@@ -295,12 +545,9 @@ gram_f32 (const LpLoraFactors *f,
     {
       gsize w = MIN (GRAM_ROWS_BLOCK, n - j0);
       gsize padded = (w + 15) / 16 * 16;
+      load_down_cols (f, j0, w, FALSE, buf, padded);
       for (guint t = 0; t < r; t++)
-        {
-          float *row = buf + (gsize) t * padded;
-          lp_dtype_to_f32 (src, data + (t * n + j0) * ssize, row, w);
-          memset (row + w, 0, sizeof (float) * (padded - w));
-        }
+        memset (buf + (gsize) t * padded + w, 0, sizeof (float) * (padded - w));
       lp_lora_gram_rows_f32 (buf, padded, r, padded, g);
     }
 }
@@ -323,7 +570,6 @@ gram (const LpLoraFactors *f,
   guint64 n = up ? f->out : f->in;
   const guchar *data = up ? f->b : f->a;
   LpDtype src = stored_dtype (f, up);
-  gsize ssize = dtype_size (src);
   CBLAS_TRANSPOSE trans = up ? CblasTrans : CblasNoTrans;
 
   memset (g, 0, sizeof (double) * r * r);
@@ -331,7 +577,7 @@ gram (const LpLoraFactors *f,
    * lda = 0, an illegal argument it reports on stderr. */
   if (n == 0)
     return;
-  if (src == LP_DTYPE_F64)
+  if (src == LP_DTYPE_F64 && f->khatri_rao == NULL)
     {
       /* one call over the whole factor */
       cblas_dsyrk (CblasRowMajor, CblasUpper, trans, r, n, 1.0, (const double *) data, up ? r : n, 0.0, g, r);
@@ -345,10 +591,9 @@ gram (const LpLoraFactors *f,
       gsize w = MIN (bl, n - j0);
 
       if (up)   /* rows j0 … j0 + w of B are contiguous */
-        lp_dtype_to_f64 (src, data + j0 * r * ssize, buf, w * r);
+        load_up_rows (f, j0, w, TRUE, buf);
       else
-        for (guint t = 0; t < r; t++)
-          lp_dtype_to_f64 (src, data + (t * n + j0) * ssize, buf + t * w, w);
+        load_down_cols (f, j0, w, TRUE, buf, w);
       cblas_dsyrk (CblasRowMajor, CblasUpper, trans, r, w, 1.0, buf, up ? r : w, 1.0, g, r);
     }
 }
@@ -968,7 +1213,11 @@ lp_lora_spectrum_compute (const LpLoraFactors *f,
   GError *local_error = NULL;
   gboolean f32 = f->f32;
   s->total = total;
-  if (top > 0 && r >= ITERATION_MIN_RANK && ITERATION_MAX_SHARE * top <= r)
+  /* The iteration is for spectra that fall off past the block; LoHa's
+   * Khatri–Rao factors have a flat one (a Hadamard product of two rank-r
+   * updates spreads its weight over all r² directions), on which it stops
+   * short after several steps and the module paid twice. */
+  if (top > 0 && r >= ITERATION_MIN_RANK && ITERATION_MAX_SHARE * top <= r && f->khatri_rao == NULL)
     {
       symmetrize (ga, r);
       symmetrize (gb, r);
@@ -1087,26 +1336,26 @@ rows_readable_in_place (guint   r,
  * factor [r, n] stored as @src at @data; bf16 and f32 are read in place,
  * other dtypes widened into @buf (r·w floats) first. */
 static void
-apply_rows (const float   *m,
-            guint          k,
-            guint          r,
-            LpDtype        src,
-            gconstpointer  data,
-            guint64        n,
-            guint64        j0,
-            gsize          w,
-            float         *buf,
-            float         *y,
-            gsize          ldy)
+apply_rows (const float         *m,
+            guint                k,
+            const LpLoraFactors *f,
+            guint64              j0,
+            gsize                w,
+            float               *buf,
+            float               *y,
+            gsize                ldy)
 {
-  if (src == LP_DTYPE_BF16)
-    lp_lora_map_rows_bf16 (m, k, r, (const guint16 *) data + j0, n, w, y, ldy);
-  else if (src == LP_DTYPE_F32)
-    lp_lora_map_rows_f32 (m, k, r, (const float *) data + j0, n, w, y, ldy);
+  guint r = f->r;
+  guint64 n = f->in;
+  LpDtype src = stored_dtype (f, FALSE);
+
+  if (src == LP_DTYPE_BF16 && f->khatri_rao == NULL)
+    lp_lora_map_rows_bf16 (m, k, r, (const guint16 *) f->a + j0, n, w, y, ldy);
+  else if (src == LP_DTYPE_F32 && f->khatri_rao == NULL)
+    lp_lora_map_rows_f32 (m, k, r, (const float *) f->a + j0, n, w, y, ldy);
   else
     {
-      for (guint t = 0; t < r; t++)
-        lp_dtype_to_f32 (src, (const guchar *) data + (t * n + j0) * dtype_size (src), buf + t * w, w);
+      load_down_cols (f, j0, w, FALSE, buf, w);
       lp_lora_map_rows_f32 (m, k, r, buf, w, w, y, ldy);
     }
 }
@@ -1116,23 +1365,23 @@ apply_rows (const float   *m,
  * where the kernel may, the rest widened into @buf (r·h floats and the
  * kernel's slack). */
 static void
-apply_cols (const float   *mt,
-            guint          k,
-            guint          r,
-            LpDtype        src,
-            gconstpointer  data,
-            guint64        n,
-            guint64        i0,
-            gsize          h,
-            float         *buf,
-            float         *y)
+apply_cols (const float         *mt,
+            guint                k,
+            const LpLoraFactors *f,
+            guint64              i0,
+            gsize                h,
+            float               *buf,
+            float               *y)
 {
-  if (src == LP_DTYPE_BF16 && i0 + h <= rows_readable_in_place (r, n))
+  guint r = f->r;
+
+  if (stored_dtype (f, TRUE) == LP_DTYPE_BF16 && f->khatri_rao == NULL &&
+      i0 + h <= rows_readable_in_place (r, f->out))
     {
-      lp_lora_map_cols_bf16 (mt, k, r, (const guint16 *) data + i0 * r, h, y);
+      lp_lora_map_cols_bf16 (mt, k, r, (const guint16 *) f->b + i0 * r, h, y);
       return;
     }
-  lp_dtype_to_f32 (src, (const guchar *) data + i0 * r * dtype_size (src), buf, h * r);
+  load_up_rows (f, i0, h, FALSE, buf);
   memset (buf + h * r, 0, sizeof (float) * LP_LORA_KERNEL_SLACK);
   lp_lora_map_cols_f32 (mt, k, r, buf, h, y);
 }
@@ -1192,8 +1441,7 @@ map_down_f32 (const LpLoraFactors *f,
       gsize w = MIN (bl, n - j0);
       gboolean direct = out_dtype == LP_DTYPE_F32;
 
-      apply_rows (m, k, r, stored_dtype (f, FALSE), f->a, n, j0, w, buf,
-                  direct ? (float *) result + j0 : obuf, direct ? n : w);
+      apply_rows (m, k, f, j0, w, buf, direct ? (float *) result + j0 : obuf, direct ? n : w);
       if (!direct)
         for (guint i = 0; i < k; i++)
           overflow += lp_dtype_from_f32 (out_dtype, obuf + i * w, (guchar *) result + (i * n + j0) * osize, w);
@@ -1212,9 +1460,9 @@ map_down_f64 (const LpLoraFactors *f,
 {
   guint r = f->r;
   guint64 n = f->in;
-  LpDtype src = stored_dtype (f, FALSE);
-  gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
-  gboolean direct = src == LP_DTYPE_F64 && out_dtype == LP_DTYPE_F64;
+  gboolean in_place = stored_dtype (f, FALSE) == LP_DTYPE_F64 && f->khatri_rao == NULL;
+  gsize osize = dtype_size (out_dtype);
+  gboolean direct = in_place && out_dtype == LP_DTYPE_F64;
   gsize bl = direct ? n : block_len (r);
   double *buf = direct ? NULL : scratch_get (sizeof (double) * (r + k) * bl);
   double *obuf = direct ? NULL : buf + r * bl;
@@ -1226,10 +1474,9 @@ map_down_f64 (const LpLoraFactors *f,
       const double *x = (const double *) f->a + j0;
       gsize ld = n;
 
-      if (src != LP_DTYPE_F64)
+      if (!in_place)
         {
-          for (guint t = 0; t < r; t++)
-            lp_dtype_to_f64 (src, (const guchar *) f->a + (t * n + j0) * ssize, buf + t * w, w);
+          load_down_cols (f, j0, w, TRUE, buf, w);
           x = buf;
           ld = w;
         }
@@ -1247,6 +1494,41 @@ map_down_f64 (const LpLoraFactors *f,
   return overflow;
 }
 
+/* B' = B M for LoHa's Khatri–Rao B, by lp_lora_map_khatri_rao_f32() on
+ * blocks of the parts' rows. */
+static gsize
+map_up_khatri_rao (const LpLoraFactors *f,
+                   const float         *m,
+                   guint                k,
+                   LpDtype              out_dtype,
+                   gpointer             result)
+{
+  const LpLoraKhatriRao *kr = f->khatri_rao;
+  guint r = f->r;
+  guint64 n = f->out;
+  gsize kp = (k + 15) / 16 * 16, osize = dtype_size (out_dtype);
+  gsize bl = GRAM_KHATRI_RAO_LEN;
+  g_autofree float *mp = g_new0 (float, (gsize) r * kp);
+  gsize overflow = 0;
+
+  for (guint c = 0; c < r; c++)
+    memcpy (mp + c * kp, m + (gsize) c * k, sizeof (float) * k);
+  /* bl is a multiple of 8: the kernel reads whole groups of 8 rows */
+  float *buf = scratch_get (sizeof (float) * (bl * 32 + bl * k));
+  float *x1 = buf, *x2 = buf + bl * 16, *y = buf + bl * 32;
+  for (guint64 i0 = 0; i0 < n; i0 += bl)
+    {
+      gsize h = MIN (bl, n - i0);
+      float *dst = out_dtype == LP_DTYPE_F32 ? (float *) result + i0 * k : y;
+
+      khatri_rao_steps (kr, TRUE, n, i0, h, x1, x2);
+      lp_lora_map_khatri_rao_f32 (x1, x2, kr->r1, kr->r2, mp, k, h, dst);
+      if (out_dtype != LP_DTYPE_F32)
+        overflow += lp_dtype_from_f32 (out_dtype, y, (guchar *) result + i0 * k * osize, h * k);
+    }
+  return overflow;
+}
+
 /* B' = B M in f32 a block of rows at a time, written in @out_dtype. */
 static gsize
 map_up_f32 (const LpLoraFactors *f,
@@ -1259,6 +1541,10 @@ map_up_f32 (const LpLoraFactors *f,
   guint64 n = f->out;
   gsize osize = dtype_size (out_dtype);
   gsize bl = block_len (r);
+
+  if (f->khatri_rao && f->khatri_rao->r1 <= 16 && f->khatri_rao->r2 <= 16)
+    return map_up_khatri_rao (f, m, k, out_dtype, result);
+
   g_autofree float *mt = map_cols_matrix (m, r, k, FALSE, 1.f);
   float *obuf;
   float *buf = apply_scratch (r, k, bl, &obuf);
@@ -1269,7 +1555,7 @@ map_up_f32 (const LpLoraFactors *f,
       gsize h = MIN (bl, n - i0);
       float *y = out_dtype == LP_DTYPE_F32 ? (float *) result + i0 * k : obuf;
 
-      apply_cols (mt, k, r, stored_dtype (f, TRUE), f->b, n, i0, h, buf, y);
+      apply_cols (mt, k, f, i0, h, buf, y);
       if (out_dtype != LP_DTYPE_F32)
         overflow += lp_dtype_from_f32 (out_dtype, obuf, (guchar *) result + i0 * k * osize, h * k);
     }
@@ -1287,9 +1573,9 @@ map_up_f64 (const LpLoraFactors *f,
 {
   guint r = f->r;
   guint64 n = f->out;
-  LpDtype src = stored_dtype (f, TRUE);
-  gsize ssize = dtype_size (src), osize = dtype_size (out_dtype);
-  gboolean direct = src == LP_DTYPE_F64 && out_dtype == LP_DTYPE_F64;
+  gboolean in_place = stored_dtype (f, TRUE) == LP_DTYPE_F64 && f->khatri_rao == NULL;
+  gsize osize = dtype_size (out_dtype);
+  gboolean direct = in_place && out_dtype == LP_DTYPE_F64;
   gsize bl = direct ? n : block_len (r);
   double *buf = direct ? NULL : scratch_get (sizeof (double) * (r + k) * bl);
   double *obuf = direct ? NULL : buf + r * bl;
@@ -1301,9 +1587,9 @@ map_up_f64 (const LpLoraFactors *f,
       const double *x = (const double *) f->b + i0 * r;
       double *y = out_dtype == LP_DTYPE_F64 ? (double *) result + i0 * k : obuf;
 
-      if (src != LP_DTYPE_F64)
+      if (!in_place)
         {
-          lp_dtype_to_f64 (src, (const guchar *) f->b + i0 * r * ssize, buf, h * r);
+          load_up_rows (f, i0, h, TRUE, buf);
           x = buf;
         }
       cblas_dgemm (CblasRowMajor, CblasNoTrans, CblasNoTrans, h, k, r, 1.0, x, r, m, k, 0.0, y, k);
@@ -1394,6 +1680,16 @@ lp_lora_project_factor (gboolean       up,
   g_autofree float *mt = up ? map_cols_matrix (proj, r, k, TRUE, alpha) : NULL;
   g_autofree float *scaled = up ? NULL : g_new (float, (gsize) k * r);
 
+  /* the one factor as the apply_*() helpers read it */
+  LpLoraFactors f = { 0, };
+  f.f32 = TRUE;
+  f.stored = TRUE;
+  f.b = f.a = data;
+  f.b_dtype = f.a_dtype = dtype;
+  f.out = out;
+  f.in = in;
+  f.r = r;
+
   if (!up)
     for (gsize i = 0; i < (gsize) k * r; i++)
       scaled[i] = alpha * proj[i];
@@ -1403,9 +1699,9 @@ lp_lora_project_factor (gboolean       up,
       gsize w = MIN (bl, n - j0);
 
       if (up)
-        apply_cols (mt, k, r, dtype, data, n, j0, w, buf, obuf);   /* B' rows j0 … j0 + w */
+        apply_cols (mt, k, &f, j0, w, buf, obuf);   /* B' rows j0 … j0 + w */
       else
-        apply_rows (scaled, k, r, dtype, data, n, j0, w, buf, obuf, w);
+        apply_rows (scaled, k, &f, j0, w, buf, obuf, w);
 
       /* Every output of a block takes in every value of its rows (or
        * columns), times a weight that may be zero: a NaN or an infinity

@@ -47,6 +47,11 @@ gboolean  lp_lora_all_finite_f64    (const double  *values,
                                      gsize          n);
 gboolean  lp_lora_all_finite_f32    (const float   *values,
                                      gsize          n);
+/* The same for @n values stored as @dtype (any float dtype; integers are
+ * always finite). */
+gboolean  lp_lora_all_finite        (LpDtype        dtype,
+                                     gconstpointer  values,
+                                     gsize          n);
 
 /**
  * LpLoraSpectrum:
@@ -72,6 +77,22 @@ typedef struct {
 void      lp_lora_spectrum_free     (LpLoraSpectrum *spectrum);
 G_DEFINE_AUTOPTR_CLEANUP_FUNC (LpLoraSpectrum, lp_lora_spectrum_free)
 
+/* LoHa's Khatri–Rao factors, given by their four parts instead of stored:
+ * B [out, r1·r2] row-wise (column i·r2 + j is u1[:, i] ⊙ u2[:, j]) and
+ * A [r1·r2, in] column-wise (row i·r2 + j is v1[i] ⊙ v2[j]), for u1
+ * [out, r1], v1 [r1, in], u2 [out, r2], v2 [r2, in], all in @dtype. The math
+ * forms them a cache-sized block at a time where it reads a block of a
+ * stored factor, so the out × r1·r2 factors never exist whole. */
+typedef struct {
+  LpDtype dtype;
+  gconstpointer u1;
+  gconstpointer v1;
+  gconstpointer u2;
+  gconstpointer v2;
+  guint r1;
+  guint r2;
+} LpLoraKhatriRao;
+
 /* Factors handed to the SVD. @f32 picks the compute dtype (f32 or f64). The
  * data are in the compute dtype, or, when @stored, in @b_dtype and @a_dtype
  * (any dtype lp_dtype_can_convert() accepts, such as a tensor's mapped
@@ -91,6 +112,10 @@ typedef struct {
   gboolean stored;
   LpDtype b_dtype;
   LpDtype a_dtype;
+  /* (nullable): B and A formed from LoHa's parts (@b, @a, @stored unused,
+   * @r = r1·r2). With @f32 the parts must be 16-bit or narrower, whose
+   * products are exact in f32. */
+  const LpLoraKhatriRao *khatri_rao;
 } LpLoraFactors;
 
 /* The exact SVD of B @ A from the factors' Gram matrices. With @top > 0

@@ -8,6 +8,7 @@
 #include "lp-lora-math.h"
 #include "lp-lora-report.h"
 #include "lp-lora-blas.h"
+#include "lp-lora-lycoris.h"
 
 #include <math.h>
 #include <string.h>
@@ -64,9 +65,40 @@ typedef struct {
 } ModuleSpectrum;
 
 typedef struct {
+  LpCheckpoint *input;
   GPtrArray *modules;
   ModuleSpectrum *spectra;
 } Work;
+
+/* A LyCORIS LoHa or LoKr module: the spectrum of its whole update
+ * (lp-lora-lycoris.c), sized as the plain LoRA lora-svd would write, in
+ * the dtype of its largest part. */
+static gboolean
+lycoris_spectrum (LpCheckpoint    *input,
+                  LpLoraModule    *module,
+                  ModuleSpectrum  *out,
+                  GError         **error)
+{
+  g_autoptr (GPtrArray) parts = lp_lora_module_get_tensors (module);
+  guint n = 0;
+  double *sigma = lp_lora_lycoris_module_sigma (input, module, &n, error);
+  LpTensor *largest = NULL;
+
+  if (sigma == NULL)
+    return FALSE;
+  for (guint i = 0; i < parts->len; i++)
+    if (largest == NULL || lp_tensor_get_n_bytes (parts->pdata[i]) > lp_tensor_get_n_bytes (largest))
+      largest = parts->pdata[i];
+  out->module = module;
+  out->r = n;
+  out->sigma = sigma;
+  out->total = 0;
+  for (guint i = 0; i < n; i++)
+    out->total += sigma[i] * sigma[i];
+  out->bytes_per_rank = (lp_lora_module_get_out_features (module) + lp_lora_module_get_in_features (module))
+                        * (lp_dtype_get_bits (lp_tensor_get_dtype (largest)) / 8);
+  return TRUE;
+}
 
 static gboolean
 module_spectrum (LpLoraModule    *module,
@@ -120,7 +152,8 @@ spectrum_task (guint     i,
   Work *work = user_data;
   LpLoraModule *module = g_ptr_array_index (work->modules, i);
 
-  if (module_spectrum (module, &work->spectra[i], error))
+  if (lp_lora_module_is_plain (module) ? module_spectrum (module, &work->spectra[i], error)
+                                       : lycoris_spectrum (work->input, module, &work->spectra[i], error))
     return TRUE;
   lp_lora_prefix_error (error, module);
   return FALSE;
@@ -129,11 +162,12 @@ spectrum_task (guint     i,
 /* Every module's spectrum on the stage's threads. */
 static ModuleSpectrum *
 compute_spectra (LpLoraSpectrumStage  *self,
+                 LpCheckpoint         *input,
                  GPtrArray            *modules,
                  GError              **error)
 {
   guint n = modules->len;
-  Work work = { modules, g_new0 (ModuleSpectrum, n) };
+  Work work = { input, modules, g_new0 (ModuleSpectrum, n) };
 
   if (!lp_stage_parallel_for (LP_STAGE (self), n, spectrum_task, &work, error))
     {
@@ -402,15 +436,14 @@ lp_lora_spectrum_stage_consume (LpSink        *sink,
   if (!lp_lora_blas_reserve (LP_STAGE (self), error))
     return FALSE;
 
-  /* the spectrum reads mlx-lm factors through their views; a DoRA
-   * magnitude does not change it */
+  /* the spectrum reads mlx-lm factors through their views, and a LyCORIS
+   * module's whole update; a DoRA magnitude does not change it */
   modules = lp_lora_find_modules_full (input, self->down_pattern, self->up_pattern,
-                                       LP_LORA_FIND_REQUIRE_MODULES | LP_LORA_FIND_PLAIN,
-                                       NULL, error);
+                                       LP_LORA_FIND_REQUIRE_MODULES, NULL, error);
   if (modules == NULL)
     return FALSE;
 
-  spectra = compute_spectra (self, modules, error);
+  spectra = compute_spectra (self, input, modules, error);
   if (spectra == NULL)
     return FALSE;
 

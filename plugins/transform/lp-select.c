@@ -15,7 +15,9 @@
  * A LoRA module is kept or dropped whole, by its module name (the factors'
  * keys without their suffix: `lora_unet_..._to_q`,
  * `transformer.single_transformer_blocks.0.attn.to_q`), so its down and up
- * factors and its kohya `.alpha` never part. Other tensors are judged by
+ * factors and its kohya `.alpha` never part; so do a LyCORIS module's
+ * `hada_*`/`lokr_*` parts, an mlx-lm module's `lora_a`/`lora_b` and a DoRA
+ * magnitude (lp_lora_module_get_tensors()). Other tensors are judged by
  * their own names. The metadata and a PEFT adapter config are kept.
  *
  * Selecting nothing is an error: an empty LoRA is almost always a glob that
@@ -74,8 +76,8 @@ lp_select_transform (LpTransform   *transform,
   if (!lp_select_prepare (LP_STAGE (self), error))
     return NULL;
 
-  modules = lp_lora_find_modules_full (input, NULL, NULL, LP_LORA_FIND_PLAIN | LP_LORA_FIND_STORED_LAYOUT,
-                                       NULL, error);
+  /* any family: a module is kept or dropped by name, whatever its parts */
+  modules = lp_lora_find_modules_full (input, NULL, NULL, LP_LORA_FIND_NONE, NULL, error);
   if (modules == NULL)
     return NULL;
 
@@ -87,17 +89,14 @@ lp_select_transform (LpTransform   *transform,
   for (guint i = 0; i < modules->len; i++)
     {
       LpLoraModule *module = g_ptr_array_index (modules, i);
-      LpTensor *parts[] = { lp_lora_module_get_down (module), lp_lora_module_get_up (module),
-                            lp_lora_module_get_alpha (module) };
+      g_autoptr(GPtrArray) parts = lp_lora_module_get_tensors (module);
       gboolean kept = lp_name_filter_matches (filter, lp_lora_module_get_name (module));
 
-      for (guint p = 0; p < G_N_ELEMENTS (parts); p++)
+      for (guint p = 0; p < parts->len; p++)
         {
-          if (parts[p] == NULL)
-            continue;
-          g_hash_table_add (in_module, parts[p]);
+          g_hash_table_add (in_module, parts->pdata[p]);
           if (kept)
-            g_hash_table_add (keep, parts[p]);
+            g_hash_table_add (keep, parts->pdata[p]);
         }
     }
 

@@ -15,6 +15,13 @@
 # turns, RUNS rounds, and each figure is the median of its runs, so that a
 # busy spell of a shared machine falls on all of them alike.
 #
+# Two more rows say where the floor is: "cp+sync" is cp with the copy's data
+# made durable (sync --data), which lpipe's sink does for every output
+# before it renames it into place; "lpipe copy" is the same file through
+# safetensors-source ! safetensors-sink with no stage between, lpipe's own
+# I/O for that many bytes (reduce writes as many bytes as the LoHa input has
+# and more than the LoKr one, all of them new).
+#
 # SPDX-License-Identifier: LGPL-2.1-or-later
 
 import os
@@ -53,6 +60,9 @@ def main():
             copy = os.path.join(tmp, name + "-copy.safetensors")
             out = os.path.join(tmp, name + "-r16.safetensors")
             commands["cp " + name] = (["cp", src, copy], copy)
+            commands["cp+sync " + name] = (["sh", "-c", 'cp "$1" "$2" && sync --data "$2"', "sh", src, copy], copy)
+            commands["lpipe copy " + name] = ([LPIPE, "-q", "launch", "safetensors-source", "location=" + src,
+                                              "!", "safetensors-sink", "location=" + copy], copy)
             commands[name + " -> r16"] = ([LPIPE, "-q", "launch", "safetensors-source", "location=" + src,
                                            "!", "lora-svd", "rank=16", "!", "safetensors-sink",
                                            "location=" + out], out)
@@ -68,13 +78,13 @@ def main():
         print("inputs: %s; median of %d interleaved runs; load average %s"
               % (", ".join("%s %.0f MB" % (n, s / 1e6) for n, s in sizes.items()), RUNS,
                  " ".join("%.2f" % x for x in os.getloadavg())))
-        print("%-13s %8s %8s %8s %8s %10s" % ("", "wall s", "min s", "CPU s", "x cp", "peak MiB"))
+        print("%-16s %8s %8s %8s %8s %10s" % ("", "wall s", "min s", "CPU s", "x cp", "peak MiB"))
         failures = []
         for name in FILES:
             cp = figures["cp " + name][0]
-            for label in ("cp " + name, name + " -> r16"):
+            for label in ("cp " + name, "cp+sync " + name, "lpipe copy " + name, name + " -> r16"):
                 wall, rss, cpu = figures[label]
-                print("%-13s %8.3f %8.3f %8.3f %8.2f %10.1f"
+                print("%-16s %8.3f %8.3f %8.3f %8.2f %10.1f"
                       % (label, wall, min(w for w, _, _ in runs[label]), cpu, wall / cp, rss))
             wall, rss, _ = figures[name + " -> r16"]
             if wall > 3 * cp:

@@ -249,6 +249,108 @@ test_exact (void)
     check_exact (&cases[i], 1000 + i);
 }
 
+/* LoHa's Khatri–Rao factors, formed by the math a block at a time from the
+ * four parts as stored: the spectrum and the rank-k factors of
+ * (u1 v1) ⊙ (u2 v2) against the dense SVD of that Hadamard product, for
+ * every dtype route (bf16 and f16 parts summed in f32, f32 and f64 parts in
+ * f64), ranks r1·r2 below, at and above the blocked kernels' 64, and sizes
+ * that cross the blocks with ragged ends. */
+typedef struct {
+  guint64 out, in;
+  guint r1, r2, k, top;
+  LpDtype dtype;
+} KhatriRaoCase;
+
+static gpointer
+stored_part (LpLoraRng *rng, LpDtype dtype, gsize n, double *exact)
+{
+  gsize size = lp_dtype_get_bits (dtype) / 8;
+  gpointer bytes = g_malloc (n * size);
+  for (gsize i = 0; i < n; i++)
+    exact[i] = 0.5 * lp_lora_rng_normal (rng);
+  lp_dtype_from_f64 (dtype, exact, bytes, n);
+  lp_dtype_to_f64 (dtype, bytes, exact, n);   /* the values as stored */
+  return bytes;
+}
+
+static void
+check_khatri_rao (const KhatriRaoCase *c, guint64 seed)
+{
+  LpLoraRng rng;
+  guint R = c->r1 * c->r2;
+  guint64 out = c->out, in = c->in;
+  g_autofree double *u1 = g_new (double, out * c->r1), *v1 = g_new (double, c->r1 * in);
+  g_autofree double *u2 = g_new (double, out * c->r2), *v2 = g_new (double, c->r2 * in);
+
+  lp_lora_rng_init (&rng, seed, "khatri-rao");
+  g_autofree gpointer su1 = stored_part (&rng, c->dtype, out * c->r1, u1);
+  g_autofree gpointer sv1 = stored_part (&rng, c->dtype, c->r1 * in, v1);
+  g_autofree gpointer su2 = stored_part (&rng, c->dtype, out * c->r2, u2);
+  g_autofree gpointer sv2 = stored_part (&rng, c->dtype, c->r2 * in, v2);
+
+  g_autofree double *d = dense (u1, v1, out, c->r1, in);
+  g_autofree double *d2 = dense (u2, v2, out, c->r2, in);
+  for (gsize i = 0; i < out * in; i++)
+    d[i] *= d2[i];
+  g_autofree double *sd = dense_sigma (d, out, in);
+  guint64 nd = MIN (out, in);
+
+  gboolean f32 = lp_dtype_get_bits (c->dtype) <= 16;
+  LpLoraKhatriRao kr = { c->dtype, su1, sv1, su2, sv2, c->r1, c->r2 };
+  LpLoraFactors f = { .f32 = f32, .f64_fallback = f32, .out = out, .in = in, .r = R, .khatri_rao = &kr };
+  g_autoptr (GError) error = NULL;
+  g_autoptr (LpLoraSpectrum) s = lp_lora_spectrum_compute (&f, c->top, TRUE, &error);
+  g_assert_no_error (error);
+
+  double total = 0;
+  for (guint64 i = 0; i < nd; i++)
+    total += sd[i] * sd[i];
+  g_assert_cmpfloat (fabs (s->total - total), <=, (f32 ? 1e-5 : 1e-10) * total);
+  for (guint i = 0; i < MIN (R, c->top ? c->top : R); i++)
+    if (fabs (s->sigma[i] - (i < nd ? sd[i] : 0)) > (f32 ? 1e-4 : 1e-9) * sd[0])
+      g_error ("Khatri–Rao %u×%u r %u·%u %s: sigma[%u] = %g, expected %g", (guint) out, (guint) in,
+               c->r1, c->r2, lp_dtype_to_string (c->dtype), i, s->sigma[i], sd[i]);
+
+  /* the rank-k factors, written as f32 (as a stage writes its output
+   * dtype), reach Eckart–Young's optimum */
+  g_autofree float *b_new = g_new (float, out * c->k);
+  g_autofree float *a_new = g_new (float, c->k * in);
+  lp_lora_spectrum_apply_to (s, &f, c->k, c->k, 1.0, LP_DTYPE_F32, b_new, LP_DTYPE_F32, a_new);
+  g_autofree double *b64 = g_new (double, out * c->k), *a64 = g_new (double, c->k * in);
+  for (gsize i = 0; i < out * c->k; i++)
+    b64[i] = b_new[i];
+  for (gsize i = 0; i < c->k * in; i++)
+    a64[i] = a_new[i];
+  g_autofree double *d_new = dense (b64, a64, out, c->k, in);
+  double opt2 = 0;
+  for (guint64 i = c->k; i < nd; i++)
+    opt2 += sd[i] * sd[i];
+  double err = sqrt (fro2_diff (d, d_new, out * in)), opt = sqrt (opt2);
+  /* f32 outputs: their own rounding, about 1e-7 of the update */
+  if (fabs (err - opt) > 1e-5 * sqrt (total))
+    g_error ("Khatri–Rao %u×%u r %u·%u %s k %u: error %g, optimum %g", (guint) out, (guint) in,
+             c->r1, c->r2, lp_dtype_to_string (c->dtype), c->k, err, opt);
+}
+
+static void
+test_khatri_rao (void)
+{
+  static const KhatriRaoCase cases[] = {
+    { 300, 517, 8, 8, 16, 16, LP_DTYPE_BF16 },    /* Flux's dim 8: R = 64, blocked kernels */
+    { 300, 517, 8, 8, 16, 0, LP_DTYPE_BF16 },
+    { 700, 301, 8, 8, 20, 20, LP_DTYPE_BF16 },    /* two output vectors, the second ragged */
+    { 1000, 130, 8, 9, 12, 12, LP_DTYPE_F16 },    /* R = 72: ragged groups and vectors */
+    { 70, 45, 3, 5, 6, 6, LP_DTYPE_BF16 },        /* R = 15: the small kernels */
+    { 70, 45, 3, 5, 6, 0, LP_DTYPE_F32 },         /* f64 sums */
+    { 260, 300, 8, 8, 10, 10, LP_DTYPE_F64 },
+    { 20, 300, 5, 5, 8, 8, LP_DTYPE_BF16 },       /* R above out */
+    { 300, 280, 16, 16, 24, 24, LP_DTYPE_BF16 },  /* R = 256: the most the permutes pick from */
+    { 200, 150, 16, 3, 8, 8, LP_DTYPE_F16 },
+  };
+  for (guint i = 0; i < G_N_ELEMENTS (cases); i++)
+    check_khatri_rao (&cases[i], 77 + i);
+}
+
 /* The f32 Gram kernels on small integers, whose products and sums are
  * exact in f32: the upper triangle must be exactly the f64 Gram matrix and
  * the lower one untouched, for ranks around every tile and vector width. */
@@ -788,6 +890,7 @@ main (int argc, char **argv)
   g_test_add_func ("/lora-math/map-kernels", test_map_kernels);
   g_test_add_func ("/lora-math/top-eigenpairs", test_top_eigenpairs);
   g_test_add_func ("/lora-math/exact", test_exact);
+  g_test_add_func ("/lora-math/khatri-rao", test_khatri_rao);
   g_test_add_func ("/lora-math/randomized", test_randomized);
   g_test_add_func ("/lora-math/nan", test_nan);
   g_test_add_func ("/lora-math/rng", test_rng);

@@ -36,6 +36,39 @@ test_modules_whole (void)
                  == lp_checkpoint_lookup (input, lp_tensor_get_name (lp_checkpoint_get_tensor (q_only, 0))));
 }
 
+/* Any family goes whole, by module name: LyCORIS parts, mlx-lm's
+ * transposed factors (all written by lora-synth as those tools write them). */
+static void
+test_every_family (void)
+{
+  static const struct { const char *format; guint per_module; } formats[] = {
+    { "loha", 5 },    /* hada_w1_a/_b, hada_w2_a/_b, alpha */
+    { "lokr", 4 },    /* lokr_w1, lokr_w2_a/_b, alpha */
+    { "mlx", 2 },     /* lora_a, lora_b */
+  };
+
+  for (guint i = 0; i < G_N_ELEMENTS (formats); i++)
+    {
+      g_autoptr(LpCheckpoint) input = synth ("preset", "sd15-unet", "format", formats[i].format, "rank", "2");
+      g_autoptr(LpCheckpoint) no_cross = run1 ("select", input, "exclude", "*attn2*");
+      g_autoptr(GError) error = NULL;
+      g_autoptr(GPtrArray) kept = lp_lora_find_modules (no_cross, NULL, NULL, NULL, &error);
+
+      g_assert_no_error (error);
+      g_assert_cmpuint (n_modules (input), ==, 128);
+      g_assert_cmpuint (kept->len, ==, 64);
+      g_assert_cmpuint (lp_checkpoint_get_n_tensors (no_cross), ==, formats[i].per_module * 64);
+      for (guint m = 0; m < kept->len; m++)
+        {
+          LpLoraModule *module = g_ptr_array_index (kept, m);
+          g_autoptr(GPtrArray) parts = lp_lora_module_get_tensors (module);
+          g_assert_null (strstr (lp_lora_module_get_name (module), "attn2"));
+          g_assert_cmpuint (parts->len, ==, formats[i].per_module);
+          g_assert_cmpstr (lp_lora_module_get_family (module), ==, formats[i].format);
+        }
+    }
+}
+
 static void
 test_others (void)
 {
@@ -84,6 +117,7 @@ main (int argc, char **argv)
   g_test_init (&argc, &argv, NULL);
 
   g_test_add_func ("/stage/select/modules-whole", test_modules_whole);
+  g_test_add_func ("/stage/select/every-family", test_every_family);
   g_test_add_func ("/stage/select/others", test_others);
   g_test_add_func ("/stage/select/errors", test_errors);
 

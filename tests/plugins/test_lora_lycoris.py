@@ -222,6 +222,13 @@ def main():
     t.update(rng_parts(rng, {cf + ".hada_w1_a": (16, 2), cf + ".hada_w1_b": (2, 8 * 9),
                              cf + ".hada_w2_a": (16, 2), cf + ".hada_w2_b": (2, 8 * 9)}, "F16", 0.5))
     t[cf + ".alpha"] = ("F16", np.array(2.0))
+    # dim 8 on a layer narrower than r1·r2 = 64: the dense route (the update made a
+    # block at a time, the Gram matrix of its smaller side) costs less than the
+    # Khatri-Rao one and must give the same optimum
+    w = "lora_unet_down_blocks_1_attentions_0_proj_in"
+    t.update(rng_parts(rng, {w + ".hada_w1_a": (40, 8), w + ".hada_w1_b": (8, 56),
+                             w + ".hada_w2_a": (40, 8), w + ".hada_w2_b": (8, 56)}, "BF16", 0.4))
+    t[w + ".alpha"] = ("F16", np.array(4.0))
     # a plain kohya module and a bias in the same file: reduced as usual / untouched
     p = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
     t.update(rng_parts(rng, {p + ".lora_down.weight": (8, 32), p + ".lora_up.weight": (48, 8)}, "F32"))
@@ -243,6 +250,7 @@ def main():
         check_module("loha f32 r1=3 r2=5 no alpha k=%d" % k, t, out, v, loha_delta, min(k, 15), [min(k, 15), 56], [40, min(k, 15)])
         check_module("loha tucker conv k=%d" % k, t, out, c, loha_delta, min(k, 9), [min(k, 9), 8, 3, 3], [24, min(k, 9), 1, 1])
         check_module("loha flattened conv k=%d" % k, t, out, cf, loha_delta, min(k, 4), [min(k, 4), 72], [16, min(k, 4)])
+        check_module("loha dim 8 dense route k=%d" % k, t, out, w, loha_delta, k, [k, 56], [40, k])
         check(not any(".hada_" in n for n in out), "loha: no hada_ part left")
         check(out["lora_unet_final_layer_linear.diff_b"][1].tolist() == t["lora_unet_final_layer_linear.diff_b"][1].tolist(),
               "loha: other tensors untouched")
@@ -313,7 +321,7 @@ def main():
     # ---- a rank chosen per module from the whole update's spectrum -------------
     # energy: the smallest k whose sigma_1..k hold the fraction of sum sigma^2
     # (as lora-svd energy= on plain modules), within max-rank
-    for src, delta_fn, names in ((f("loha.safetensors"), loha_delta, (q, v, c, cf)),
+    for src, delta_fn, names in ((f("loha.safetensors"), loha_delta, (q, v, c, cf, w)),
                                  (f("lokr.safetensors"), lokr_delta, (a, b, d, e, g, h))):
         inp, _ = read_st(src)
         for props in (("energy=0.9",), ("energy=0.99", "max-rank=5")):
@@ -358,6 +366,14 @@ def main():
     half = {n: x for n, x in rng_parts(rng, {q + ".hada_w1_a": (96, 4), q + ".hada_w1_b": (4, 80),
                                              q + ".hada_w2_a": (96, 4)}, "F32").items()}
     refused("loha-missing", half, [q, "hada_w2_b", "missing"])
+    # parts read as stored (bf16, f16) are checked before the Khatri–Rao factors are formed
+    for dt, bad_value, part in (("BF16", np.nan, "hada_w2_a"), ("F16", np.inf, "hada_w1_b")):
+        loha = rng_parts(rng, {q + ".hada_w1_a": (96, 4), q + ".hada_w1_b": (4, 80),
+                               q + ".hada_w2_a": (96, 4), q + ".hada_w2_b": (4, 80)}, dt)
+        bad = loha[q + "." + part][1].copy()
+        bad.flat[7] = bad_value
+        loha[q + "." + part] = (dt, bad)
+        refused("loha-nonfinite-" + dt, loha, [q, "NaN or infinity", part])
     refused("lokr-budget", base, ["LyCORIS", "budget"], "budget=100000")
     refused("lokr-randomized", base, ["LyCORIS", "method=randomized"], "rank=2", "method=randomized", "seed=1")
     nan = dict(base)

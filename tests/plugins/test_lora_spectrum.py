@@ -223,6 +223,37 @@ def check_rank_check(tmp, lora):
     check(worst < 4 * 2.0 ** -8, "rank-check: reduced singular values (%.2e)" % worst)
 
 
+def check_lycoris(tmp):
+    """LyCORIS LoHa and LoKr files: each module's spectrum is that of its whole
+    scaled update, which numpy forms densely with the LyCORIS/ComfyUI scale
+    rules of test_lora_lycoris.py (loha_delta, lokr_delta)"""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_lora_lycoris as ly
+    # dim 3 on sd15: the factored route; dim 24 is r1·r2 = 576 above the
+    # 320-wide layers: the dense route (lp-lora-lycoris.c loha_dense_is_cheaper)
+    for fmt, extra, delta_fn in (("loha", ["rank=3"], ly.loha_delta), ("loha", ["rank=24"], ly.loha_delta),
+                                 ("lokr", ["rank=3", "factor=4"], ly.lokr_delta)):
+        src = os.path.join(tmp, "%s-%s.safetensors" % (fmt, extra[0]))
+        report = os.path.join(tmp, "%s-%s.json" % (fmt, extra[0]))
+        run("launch", "lora-synth", "preset=sd15-unet", "format=" + fmt, "alpha=2", "dtype=f32", *extra,
+            "!", "select", "include=lora_unet_down_blocks_0_*", "!", "safetensors-sink", "location=" + src)
+        run("launch", "safetensors-source", "location=" + src, "!", "lora-spectrum", "quiet=true",
+            "report=" + report)
+        rep = json.load(open(report))
+        tensors, _ = ly.read_st(src)
+        parts = ly.parts_of(tensors)
+        check(len(rep["modules"]) == 16, "%s %s: every module reported (%d)" % (fmt, extra[0], len(rep["modules"])))
+        worst = 0.0
+        for m in rep["modules"]:
+            sv = np.linalg.svd(delta_fn(parts, m["name"]), compute_uv=False)
+            got = np.array(m["singular_values"])
+            n = int(np.sum(sv > 1e-7 * sv[0]))
+            check(len(got) == n, "%s %s %s: %d singular values, numpy's rank %d" % (fmt, extra[0], m["name"], len(got), n))
+            worst = max(worst, np.abs(got[:n] - sv[:len(got)][:n]).max() / sv[0])
+        # f32 parts are summed in f64 (lp-lora-lycoris.c loha_factors)
+        check(worst < 1e-6, "%s %s: singular values within 1e-6 sigma_1 of numpy (%.2e)" % (fmt, extra[0], worst))
+
+
 def check_errors(tmp):
     # a checkpoint without a LoRA module (a model's weights): an error, not an empty report
     plain = os.path.join(tmp, "plain.safetensors")
@@ -277,6 +308,7 @@ def main():
         lora = check_spectrum(tmp)
         check_rank_check(tmp, lora)
         check_info(tmp, lora)
+        check_lycoris(tmp)
         check_errors(tmp)
     finally:
         shutil.rmtree(tmp)
