@@ -568,8 +568,13 @@ transpose_data (LpTensor  *view,
 
   if (data == NULL)
     return NULL;
+  out = lp_try_alloc (rows * cols, width, "its transpose", error);
+  if (out == NULL)
+    {
+      g_prefix_error (error, "tensor '%s': ", lp_tensor_get_name (view));
+      return NULL;
+    }
   in = g_bytes_get_data (data, NULL);
-  out = g_malloc (MAX (rows * cols * width, 1));
   for (guint64 i = 0; i < rows; i++)
     for (guint64 j = 0; j < cols; j++)
       memcpy (out + (j * rows + i) * width, in + (i * cols + j) * width, width);

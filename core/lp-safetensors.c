@@ -1453,8 +1453,14 @@ slice_pread (Slice     *slice,
              LpTensor  *tensor,
              GError   **error)
 {
-  guchar *buf = g_malloc (MAX (slice->size, 1));
+  guchar *buf = lp_try_alloc (slice->size, 1, "the read buffer", error);
   gsize done = 0;
+
+  if (buf == NULL)
+    {
+      g_prefix_error (error, "tensor '%s': ", lp_tensor_get_name (tensor));
+      return NULL;
+    }
 
   while (done < slice->size)
     {

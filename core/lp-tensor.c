@@ -405,7 +405,12 @@ lp_tensor_new_from_f32 (const char     *name,
                    name, n_values, probe->n_elements);
       return NULL;
     }
-  buf = g_malloc (MAX (probe->n_bytes, 1));
+  buf = lp_try_alloc (probe->n_bytes, 1, "its data", error);
+  if (buf == NULL)
+    {
+      g_prefix_error (error, "tensor '%s': ", name);
+      return NULL;
+    }
   lp_dtype_from_f32 (dtype, values, buf, n_values);
   bytes = g_bytes_new_take (buf, probe->n_bytes);
   return lp_tensor_new (name, dtype, shape, n_dims, bytes, error);
@@ -594,19 +599,25 @@ lp_tensor_describe_shape (LpTensor *self)
  * may assume alignment, so a misaligned tensor is copied here, one tensor at
  * a time, instead of being checked for in every kernel. */
 static GBytes *
-ensure_aligned (GBytes  *bytes,
-                LpDtype  dtype)
+ensure_aligned (LpTensor  *self,
+                GBytes    *bytes,
+                GError   **error)
 {
   gsize size;
   gconstpointer data = g_bytes_get_data (bytes, &size);
-  guint element = MAX (lp_dtype_get_bits (dtype) / 8, 1);
+  guint element = MAX (lp_dtype_get_bits (self->dtype) / 8, 1);
+  gpointer copy;
 
   if (size == 0 || (guintptr) data % element == 0)
     return bytes;
 
-  GBytes *copy = g_bytes_new_take (g_memdup2 (data, size), size);
+  copy = lp_try_alloc (size, 1, "an aligned copy of its data", error);
+  if (copy != NULL)
+    memcpy (copy, data, size);
+  else
+    g_prefix_error (error, "tensor '%s': ", self->name);
   g_bytes_unref (bytes);
-  return copy;
+  return copy ? g_bytes_new_take (copy, size) : NULL;
 }
 
 /* Set by lp_stage_run() on the tensors a stage returns: what a failure to
@@ -646,7 +657,7 @@ lp_tensor_dup_data (LpTensor  *self,
   g_return_val_if_fail (LP_IS_TENSOR (self), NULL);
 
   if (self->data)
-    return ensure_aligned (g_bytes_ref (self->data), self->dtype);
+    return ensure_aligned (self, g_bytes_ref (self->data), error);
 
   compute_depth++;
   bytes = self->lazy->func (self->origin ? self->origin : self, self->lazy->user_data, &local_error);
@@ -685,7 +696,7 @@ lp_tensor_dup_data (LpTensor  *self,
       g_bytes_unref (bytes);
       return NULL;
     }
-  return ensure_aligned (bytes, self->dtype);
+  return ensure_aligned (self, bytes, error);
 }
 
 static gpointer
@@ -708,14 +719,19 @@ dup_converted (LpTensor  *self,
   if (bytes == NULL)
     return NULL;
 
+  out = lp_try_alloc (self->n_elements, to_f64 ? sizeof (double) : sizeof (float),
+                      to_f64 ? "its values as f64" : "its values as f32", error);
+  if (out == NULL)
+    {
+      g_prefix_error (error, "tensor '%s': ", self->name);
+      return NULL;
+    }
   if (to_f64)
     {
-      out = g_new (double, MAX (self->n_elements, 1));
       lp_dtype_to_f64 (self->dtype, g_bytes_get_data (bytes, NULL), out, self->n_elements);
     }
   else
     {
-      out = g_new (float, MAX (self->n_elements, 1));
       lp_dtype_to_f32 (self->dtype, g_bytes_get_data (bytes, NULL), out, self->n_elements);
     }
   if (n_values)

@@ -106,6 +106,8 @@ typedef enum {
  * @LP_STAGE_ERROR_INVALID_INPUT: the input checkpoint does not suit the stage (shapes, names, dtypes)
  * @LP_STAGE_ERROR_NUMERIC: NaN or infinity where a finite number is needed
  * @LP_STAGE_ERROR_CHECK_FAILED: a check stage's condition does not hold
+ * @LP_STAGE_ERROR_NO_MEMORY: a buffer whose size follows from the input could not
+ *   be allocated (out of memory, or an address-space limit); see lp_try_alloc()
  *
  * Errors raised by stages while they run.
  */
@@ -115,6 +117,7 @@ typedef enum {
   LP_STAGE_ERROR_INVALID_INPUT,
   LP_STAGE_ERROR_NUMERIC,
   LP_STAGE_ERROR_CHECK_FAILED,
+  LP_STAGE_ERROR_NO_MEMORY,
 } LpStageError;
 
 #define LP_PIPELINE_ERROR (lp_pipeline_error_quark ())
@@ -126,5 +129,14 @@ GQuark lp_pipeline_error_quark (void);
 GQuark lp_plugin_error_quark (void);
 GQuark lp_format_error_quark (void);
 GQuark lp_stage_error_quark (void);
+
+gpointer lp_try_alloc  (gsize         n_elements,
+                        gsize         element_size,
+                        const char   *what,
+                        GError      **error);
+gpointer lp_try_alloc0 (gsize         n_elements,
+                        gsize         element_size,
+                        const char   *what,
+                        GError      **error);
 
 G_END_DECLS

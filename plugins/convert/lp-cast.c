@@ -100,7 +100,8 @@ mapped_buffer_free (gpointer data)
 static gpointer
 output_buffer_new (gsize          size,
                    GDestroyNotify *free_func,
-                   gpointer       *free_data)
+                   gpointer       *free_data,
+                   GError        **error)
 {
   if (size >= 4 * HUGE_PAGE)
     {
@@ -123,17 +124,18 @@ output_buffer_new (gsize          size,
     }
   *free_func = g_free;
   *free_data = NULL;
-  return g_malloc (MAX (size, 1));
+  return lp_try_alloc (size, 1, "the converted data", error);
 }
 #else
 static gpointer
 output_buffer_new (gsize          size,
                    GDestroyNotify *free_func,
-                   gpointer       *free_data)
+                   gpointer       *free_data,
+                   GError        **error)
 {
   *free_func = g_free;
   *free_data = NULL;
-  return g_malloc (MAX (size, 1));
+  return lp_try_alloc (size, 1, "the converted data", error);
 }
 #endif
 
@@ -155,7 +157,12 @@ cast_tensor_data (LpTensor  *tensor,
   if (in == NULL)
     return NULL;
 
-  out = output_buffer_new (n_bytes, &free_func, &free_data);
+  out = output_buffer_new (n_bytes, &free_func, &free_data, error);
+  if (out == NULL)
+    {
+      g_prefix_error (error, "tensor '%s': ", lp_tensor_get_name (tensor));
+      return NULL;
+    }
   overflow = lp_dtype_convert (lp_tensor_get_dtype (cast->source), g_bytes_get_data (in, NULL),
                                cast->dtype, out, n);
   if (overflow > 0 && !cast->allow_overflow)

@@ -184,9 +184,30 @@ lp_lora_bytes_from_f64 (LpDtype       dtype,
                         gsize         n,
                         gsize        *overflow)
 {
-  gsize size = (n * lp_dtype_get_bits (dtype) + 7) / 8;
-  gpointer data = g_malloc (MAX (size, 1));
+  g_autoptr (GError) error = NULL;
+  GBytes *bytes = lp_lora_try_bytes_from_f64 (dtype, values, n, overflow, "a factor", &error);
 
+  /* aborts as g_malloc() would; lp_lora_try_bytes_from_f64() reports it instead */
+  if (bytes == NULL)
+    g_error ("%s", error->message);
+  return bytes;
+}
+
+/* lp_lora_bytes_from_f64(), the buffer from lp_try_alloc(): %NULL with
+ * @error set when it cannot be had. */
+GBytes *
+lp_lora_try_bytes_from_f64 (LpDtype        dtype,
+                            const double  *values,
+                            gsize          n,
+                            gsize         *overflow,
+                            const char    *what,
+                            GError       **error)
+{
+  gsize size = (n * lp_dtype_get_bits (dtype) + 7) / 8;
+  gpointer data = lp_try_alloc (size, 1, what, error);
+
+  if (data == NULL)
+    return NULL;
   *overflow += lp_dtype_from_f64 (dtype, values, data, n);
   return g_bytes_new_take (data, size);
 }

@@ -46,6 +46,12 @@ GBytes       *lp_lora_bytes_from_f64 (LpDtype       dtype,
                                       const double *values,
                                       gsize         n,
                                       gsize        *overflow);
+GBytes       *lp_lora_try_bytes_from_f64 (LpDtype        dtype,
+                                          const double  *values,
+                                          gsize          n,
+                                          gsize         *overflow,
+                                          const char    *what,
+                                          GError       **error);
 /* Reduced factors are never written with values that overflowed their
  * dtype: an error (the caller names the module) when @overflow > 0. */
 gboolean      lp_lora_check_overflow (gsize         overflow,

@@ -174,9 +174,11 @@ lp_lora_difference_svd_top (const LpLoraDifference  *d,
 {
   gboolean tall = d->out > d->in;
   guint s = MIN (d->out, d->in);
-  g_autofree double *g = g_new0 (double, (gsize) s * s);
+  g_autofree double *g = lp_try_alloc0 ((gsize) s * s, sizeof (double), "the Gram matrix", error);
   g_autoptr (LpLoraDenseSvd) svd = g_new0 (LpLoraDenseSvd, 1);
 
+  if (g == NULL)
+    return NULL;
   if (tall)
     {
       /* G = Dᵀ D over blocks of rows */
@@ -241,9 +243,11 @@ lp_lora_difference_svd_top (const LpLoraDifference  *d,
   svd->n = s;
   svd->sigma = g_new (double, s);
   if (tall)
-    svd->v = g_new (double, (gsize) s * s);
+    svd->v = lp_try_alloc ((gsize) s * s, sizeof (double), "the singular vectors", error);
   else
-    svd->u = g_new (double, (gsize) s * s);
+    svd->u = lp_try_alloc ((gsize) s * s, sizeof (double), "the singular vectors", error);
+  if ((tall ? svd->v : svd->u) == NULL)
+    return NULL;
   if (!eigen_descending (g, s, svd->sigma, tall ? svd->v : svd->u, error))
     return NULL;
   return g_steal_pointer (&svd);
@@ -328,9 +332,11 @@ lp_lora_difference_randomized (const LpLoraDifference  *d,
   g_autoptr (LpLoraDenseSvd) svd = g_new0 (LpLoraDenseSvd, 1);
 
   l = MIN (l, MIN (d->out, d->in));
-  omega = g_new (float, d->in * l);
-  y = g_new (float, d->out * l);
-  z = g_new (float, d->in * l);
+  omega = lp_try_alloc (d->in * l, sizeof (float), "the random test matrix", error);
+  y = omega ? lp_try_alloc (d->out * l, sizeof (float), "the range sketch", error) : NULL;
+  z = y ? lp_try_alloc (d->in * l, sizeof (float), "the co-range sketch", error) : NULL;
+  if (z == NULL)
+    return NULL;
   for (guint64 i = 0; i < d->in * l; i++)
     omega[i] = lp_lora_rng_normal (rng);
 
@@ -351,7 +357,9 @@ lp_lora_difference_randomized (const LpLoraDifference  *d,
     return NULL;
 
   /* B = Qᵀ D = (Dᵀ Q)ᵀ is l × in: its SVD from B Bᵀ = Zᵀ Z in f64 */
-  bt = g_new (double, d->in * l);
+  bt = lp_try_alloc (d->in * l, sizeof (double), "the projected matrix", error);
+  if (bt == NULL)
+    return NULL;
   for (guint64 i = 0; i < d->in * l; i++)
     bt[i] = z[i];
   m = g_new0 (double, (gsize) l * l);
@@ -363,8 +371,10 @@ lp_lora_difference_randomized (const LpLoraDifference  *d,
 
   /* U = Q Ub, V = Bᵀ Ub / σ, both column-major */
   svd->n = l;
-  svd->u = g_new0 (double, d->out * l);
-  svd->v = g_new0 (double, d->in * l);
+  svd->u = lp_try_alloc0 (d->out * l, sizeof (double), "the singular vectors", error);
+  svd->v = svd->u ? lp_try_alloc0 (d->in * l, sizeof (double), "the singular vectors", error) : NULL;
+  if (svd->v == NULL)
+    return NULL;
   for (guint j = 0; j < l; j++)
     {
       const double *col = ub + (gsize) j * l;

@@ -192,19 +192,21 @@ job_compute (gpointer   user_data,
   if (!job_load (job, &d, data, error))
     return FALSE;
   svd = job_svd (job, &d, job->k + job->oversample, error);
+  gsize bits = lp_dtype_get_bits (job->dtype) / 8;
+  g_autofree float *b = svd ? lp_try_alloc (job->out * job->k, sizeof (float), "the up factor", error) : NULL;
+  g_autofree float *a = b ? lp_try_alloc (job->k * job->in, sizeof (float), "the down factor", error) : NULL;
+  g_autofree guint8 *b_out = a ? lp_try_alloc (job->out * job->k, bits, "the up factor", error) : NULL;
+  g_autofree guint8 *a_out = b_out ? lp_try_alloc (job->k * job->in, bits, "the down factor", error) : NULL;
+
+  if (a_out == NULL)
+    g_clear_pointer (&svd, lp_lora_dense_svd_free);
   if (svd != NULL)
     {
-      g_autofree float *b = g_new (float, job->out * job->k);
-      g_autofree float *a = g_new (float, job->k * job->in);
-      gsize bits = lp_dtype_get_bits (job->dtype) / 8;
-      gpointer b_out = g_malloc (job->out * job->k * bits);
-      gpointer a_out = g_malloc (job->k * job->in * bits);
-
       lp_lora_dense_svd_factors (svd, &d, job->k, b, a);
       overflow += lp_dtype_from_f32 (job->dtype, b, b_out, job->out * job->k);
       overflow += lp_dtype_from_f32 (job->dtype, a, a_out, job->k * job->in);
-      *up = g_bytes_new_take (b_out, job->out * job->k * bits);
-      *down = g_bytes_new_take (a_out, job->k * job->in * bits);
+      *up = g_bytes_new_take (g_steal_pointer (&b_out), job->out * job->k * bits);
+      *down = g_bytes_new_take (g_steal_pointer (&a_out), job->k * job->in * bits);
       for (guint j = 0; j < MIN (job->k, svd->n); j++)
         kept += svd->sigma[j] * svd->sigma[j];
       lp_lora_stats_record (job->stats, job->module, MIN (kept, svd->total), svd->total);

@@ -360,8 +360,10 @@ fused_data (LpTensor  *tensor,
   stored = lp_tensor_dup_data (weight, error);
   if (stored == NULL)
     goto out;
-  data = g_malloc (out * in * esize);
-  block = g_new (double, MIN (rows, out) * in);
+  data = lp_try_alloc (out * in, esize, "the fused weight", error);
+  block = data ? lp_try_alloc (MIN (rows, out) * in, sizeof (double), "a block of the fused weight", error) : NULL;
+  if (block == NULL)
+    goto out;
   for (guint64 r0 = 0; r0 < out; r0 += rows)
     {
       guint64 n = MIN (rows, out - r0);

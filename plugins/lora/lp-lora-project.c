@@ -86,7 +86,12 @@ project_data (LpTensor  *tensor,
     return NULL;
 
   /* the same R for both factors: the stream of (seed, module name) */
-  g_autofree float *proj = g_new (float, (gsize) k * r);
+  g_autofree float *proj = lp_try_alloc ((gsize) k * r, sizeof (float), "the projection matrix", error);
+  if (proj == NULL)
+    {
+      lp_lora_prefix_error (error, module);
+      return NULL;
+    }
   lp_lora_rng_init (&rng, factor->seed, lp_lora_module_get_name (module));
   lp_lora_projection_matrix (&rng, factor->sparse, k, r, proj);
 
@@ -97,7 +102,12 @@ project_data (LpTensor  *tensor,
   /* read in the stored dtype a block at a time, written in the tensor's */
   LpDtype dtype = lp_tensor_get_dtype (tensor);
   gsize size = lp_tensor_get_n_bytes (tensor);
-  gpointer result = g_malloc (MAX (size, 1));
+  gpointer result = lp_try_alloc (size, 1, "the projected factor", error);
+  if (result == NULL)
+    {
+      lp_lora_prefix_error (error, module);
+      return NULL;
+    }
   if (!lp_lora_project_factor (factor->up, lp_tensor_get_dtype (source), g_bytes_get_data (data, NULL),
                                out, in, r, proj, k, alpha, dtype, result, &overflow))
     {

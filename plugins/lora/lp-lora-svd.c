@@ -261,19 +261,22 @@ job_compute_copy (Job     *job,
   if (!load_factors (module, &f, error))
     return FALSE;
 
-  g_autofree double *b_new = g_new (double, f.out * job->k_out);
-  g_autofree double *a_new = g_new (double, job->k_out * f.in);
-  gboolean ok = job_copy (job, &f, b_new, a_new, error);
+  g_autofree double *b_new = lp_try_alloc (f.out * job->k_out, sizeof (double), "the up factor", error);
+  g_autofree double *a_new = b_new ? lp_try_alloc (job->k_out * f.in, sizeof (double), "the down factor", error) : NULL;
+  gboolean ok = a_new != NULL && job_copy (job, &f, b_new, a_new, error);
 
   if (ok)
     {
       LpDtype a_dtype = lp_tensor_get_dtype (lp_lora_module_get_down (module));
       LpDtype b_dtype = lp_tensor_get_dtype (lp_lora_module_get_up (module));
       gsize overflow_a = 0, overflow_b = 0;
-      g_autoptr(GBytes) a_bytes = lp_lora_bytes_from_f64 (a_dtype, a_new, job->k_out * f.in, &overflow_a);
-      g_autoptr(GBytes) b_bytes = lp_lora_bytes_from_f64 (b_dtype, b_new, f.out * job->k_out, &overflow_b);
+      g_autoptr(GBytes) a_bytes = lp_lora_try_bytes_from_f64 (a_dtype, a_new, job->k_out * f.in, &overflow_a,
+                                                              "the down factor", error);
+      g_autoptr(GBytes) b_bytes = a_bytes ? lp_lora_try_bytes_from_f64 (b_dtype, b_new, f.out * job->k_out,
+                                                                        &overflow_b, "the up factor", error) : NULL;
 
-      ok = lp_lora_check_overflow (overflow_a, a_dtype, error) &&
+      ok = b_bytes != NULL &&
+           lp_lora_check_overflow (overflow_a, a_dtype, error) &&
            lp_lora_check_overflow (overflow_b, b_dtype, error);
       if (ok)
         {
@@ -323,8 +326,17 @@ job_compute (Job     *job,
       /* written straight in the factors' dtypes, block by block */
       gsize a_size = job->k_out * f.in * (lp_dtype_get_bits (f.a_dtype) / 8);
       gsize b_size = f.out * job->k_out * (lp_dtype_get_bits (f.b_dtype) / 8);
-      gpointer a_new = g_malloc (MAX (a_size, 1));
-      gpointer b_new = g_malloc (MAX (b_size, 1));
+      gpointer a_new = lp_try_alloc (a_size, 1, "the down factor", error);
+      gpointer b_new = a_new ? lp_try_alloc (b_size, 1, "the up factor", error) : NULL;
+
+      if (b_new == NULL)
+        {
+          g_free (a_new);
+          lp_lora_prefix_error (error, module);
+          g_bytes_unref (data[0]);
+          g_bytes_unref (data[1]);
+          return FALSE;
+        }
 
       gsize overflow = lp_lora_spectrum_apply_to (spectrum, &f, job->k, job->k_out, job->fold,
                                                   f.b_dtype, b_new, f.a_dtype, a_new);

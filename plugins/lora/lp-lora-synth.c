@@ -400,14 +400,22 @@ factor_data (LpTensor  *tensor,
   guint64 n = rows * cols;
   gsize n_bytes = lp_tensor_get_n_bytes (tensor);
   gsize elem_bits = lp_dtype_get_bits (dtype);
-  guint8 *out = g_malloc (MAX (n_bytes, 1));
+  guint8 *out = lp_try_alloc (n_bytes, 1, "its data", error);
   Stream stream;
 
+  if (out == NULL)
+    return NULL;
   if (factor->transposed)
     {
       /* drawn in the order of the matrix, stored transposed */
-      g_autofree float *values = g_new (float, MAX (n, 1));
-      g_autofree float *stored = g_new (float, MAX (n, 1));
+      g_autofree float *values = lp_try_alloc (n, sizeof (float), "its values", error);
+      g_autofree float *stored = values ? lp_try_alloc (n, sizeof (float), "its values", error) : NULL;
+
+      if (stored == NULL)
+        {
+          g_free (out);
+          return NULL;
+        }
 
       stream_init (&stream, factor, cols, rows);
       stream_fill (&stream, values, n);

@@ -83,7 +83,9 @@ blame_block (Assembly  *assembly,
                        block->what, lp_tensor_get_name (tensor), lp_tensor_get_name (block->source), bad);
           return NULL;
         }
-      scratch = g_malloc (MAX (n, 1) * 8);
+      scratch = lp_try_alloc (n, 8, "the converted values", error);
+      if (scratch == NULL)
+        return NULL;
       for (guint64 i = 0; i < n; i++)
         src[first + i] *= block->scale;
       bad = lp_dtype_from_f64 (dtype, src + first, scratch, n);
@@ -114,11 +116,13 @@ assembly_data (LpTensor  *tensor,
   guint64 columns = n_columns (tensor);
   guint64 n = lp_tensor_get_n_elements (tensor);
   gsize n_bytes = lp_tensor_get_n_bytes (tensor);
-  g_autofree double *out = g_new0 (double, MAX (n, 1));
+  g_autofree double *out = lp_try_alloc0 (n, sizeof (double), "its values as f64", error);
   gpointer bytes;
   gboolean checked = FALSE;
   gsize overflow;
 
+  if (out == NULL)
+    return NULL;
   for (guint b = 0; b < assembly->n_blocks; b++)
     checked |= assembly->blocks[b].what != NULL;
 
@@ -144,7 +148,9 @@ assembly_data (LpTensor  *tensor,
         }
     }
 
-  bytes = g_malloc (MAX (n_bytes, 1));
+  bytes = lp_try_alloc (n_bytes, 1, "its data", error);
+  if (bytes == NULL)
+    return NULL;
   overflow = lp_dtype_from_f64 (lp_tensor_get_dtype (tensor), out, bytes, n);
   if (checked && !all_finite (out, n, overflow))
     {

@@ -58,3 +58,36 @@ done
 # Enough address space: the limit alone does not fail a run.
 run 2000000 2
 test -e "$TMP/out.safetensors" || { echo "FAIL: 2 GB of address space did not suffice"; exit 1; }
+
+# A buffer sized by the input that the limit cannot hold: a 256 MiB f16
+# tensor (a sparse file, no disk used) cast to f64 needs 1 GiB for its
+# output. g_malloc() aborted the run (SIGTRAP, "failed to allocate"); now it
+# exits 1 naming the tensor, the size and the limit, and the old output is
+# kept as it was.
+n=$((128 << 20))
+header="{\"model.embed_tokens.weight\":{\"dtype\":\"F16\",\"shape\":[$n],\"data_offsets\":[0,$((2 * n))]}}"
+while [ $(( ${#header} % 8 )) -ne 0 ]; do header="$header "; done
+len=${#header}
+printf "$(printf '\\x%02x\\x%02x\\x%02x\\x%02x\\x00\\x00\\x00\\x00' \
+  $((len & 255)) $((len >> 8 & 255)) $((len >> 16 & 255)) $((len >> 24 & 255)))" >"$TMP/big.safetensors"
+printf '%s' "$header" >>"$TMP/big.safetensors"
+truncate -s $((8 + len + 2 * n)) "$TMP/big.safetensors"
+for threads in 1 2; do
+  echo "the old output" >"$TMP/out.safetensors"
+  set +e
+  (cd "$TMP" && timeout -s KILL 60 bash -c 'ulimit -c 0; ulimit -v 700000; exec "$@"' _ \
+    "$LPIPE" -q --threads "$threads" launch safetensors-source location="$TMP/big.safetensors" \
+    ! cast dtype=f64 ! safetensors-sink location="$TMP/out.safetensors" 2>"$TMP/err")
+  got=$?
+  set -e
+  cat "$TMP/err"
+  test "$got" -eq 1 || { echo "FAIL: cast to f64 under ulimit -v 700000, $threads threads: exit $got, not 1"; exit 1; }
+  for want in "tensor 'model.embed_tokens.weight'" "could not allocate 1.0" "GiB for the converted data" "ulimit -v" "stage 2 'cast'"; do
+    grep -qF "$want" "$TMP/err" || { echo "FAIL: the message does not say $want"; exit 1; }
+  done
+  if grep -q "GLib\|internal" "$TMP/err"; then echo "FAIL: GLib's abort, not a stage error"; exit 1; fi
+  test "$(cat "$TMP/out.safetensors")" = "the old output" \
+    || { echo "FAIL: the failed cast changed the old output"; exit 1; }
+  test -z "$(ls "$TMP" | grep -v -e '^in.safetensors$' -e '^out.safetensors$' -e '^big.safetensors$' -e '^err$' -e '^info$')" \
+    || { ls "$TMP"; echo "FAIL: the failed cast left files (a core, a temporary)"; exit 1; }
+done
