@@ -591,19 +591,23 @@ lp_rename_convert (LpCheckpoint    *input,
   if (plan->len > 0)
     lp_lora_metadata_converted (output, ((LpRenameTarget *) plan->pdata[0])->convention);
 
-  switch (preset)
+  /* The adapter config describes PEFT's names, the scale where kohya and
+   * diffusers names keep it beside no config. */
+  if (preset == LP_RENAME_PRESET_KOHYA_TO_PEFT)
     {
-    case LP_RENAME_PRESET_KOHYA_TO_PEFT:
-      {
-        g_autofree char *config = peft_config (peft);
-        lp_checkpoint_set_adapter_config (output, config);
-      }
-      break;
-    case LP_RENAME_PRESET_PEFT_TO_KOHYA:
+      g_autofree char *config = peft_config (peft);
+      lp_checkpoint_set_adapter_config (output, config);
+    }
+  else if (lp_checkpoint_get_adapter_config (output) != NULL)
+    {
+      LpLoraConvention target = plan->len > 0 ? ((LpRenameTarget *) plan->pdata[0])->convention
+                                              : LP_LORA_CONVENTION_KOHYA;
+
+      g_warning ("rename preset=%s: the input's adapter_config.json is not written beside the output, "
+                 "whose %s names keep every module's scale %s", lp_rename_preset_nick (preset),
+                 lp_rename_convention_name (target),
+                 target == LP_LORA_CONVENTION_KOHYA ? "in its .alpha tensor" : "in its factors");
       lp_checkpoint_set_adapter_config (output, NULL);
-      break;
-    default:
-      break;
     }
   return g_steal_pointer (&output);
 }

@@ -141,7 +141,7 @@ test_mixed_conventions (void)
                                              "seed", "4", "dtype", "f32");
   g_autoptr(LpCheckpoint) peft = synth ("preset", "llama", "format", "peft", "rank", "2", "alpha", "8", "dtype", "f32");
   g_autoptr(LpCheckpoint) other_peft = synth ("preset", "llama", "format", "peft", "rank", "2", "seed", "7", "dtype", "f32");
-  g_autoptr(LpCheckpoint) kohya_llama = run1 ("rename", other_peft, "preset", "peft-to-kohya");
+  g_autoptr(LpCheckpoint) kohya_llama = peft_to_kohya (other_peft);
   LpCheckpoint *kd[] = { kohya, diffusers }, *dk[] = { diffusers, kohya }, *pk[] = { peft, kohya_llama };
   g_autoptr(LpCheckpoint) as_kohya = run_ok ("lora-merge", kd, 2, NULL, NULL);
   g_autoptr(LpCheckpoint) as_diffusers = run_ok ("lora-merge", dk, 2, "weights", "2,-1", NULL);
@@ -225,6 +225,7 @@ int
 main (int argc, char **argv)
 {
   g_test_init (&argc, &argv, NULL);
+  capture_warnings ();
 
   g_test_add_func ("/stage/lora-merge/kohya-weighted", test_kohya_weighted);
   g_test_add_func ("/stage/lora-merge/diffusers-bf16", test_diffusers_bf16);

@@ -254,11 +254,65 @@ def get_pattern_key(pattern_keys, key_to_match):
     return key_to_match
 
 
-def check_target_module_exists(target_modules, key):
-    """PEFT tuners_utils.check_target_module_exists, for a list of names"""
+def check_target_module_exists(config, key):
+    """PEFT tuners_utils.check_target_module_exists: not excluded by
+    exclude_modules (a regex matching the whole name, or a list of names or
+    name ends) nor under a modules_to_save module; then a string
+    target_modules must match the whole name (match_target_against_key), a
+    list holds the name, or its end after a dot within layers_to_transform
+    (the layer index after the first name part, or after layers_pattern)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, key):
+                return False
+        elif key in exclude or any(key.endswith("." + e) for e in exclude):
+            return False
+    if any(re.match(r"(^|.*\.)%s($|\..*)" % m, key) for m in config.get("modules_to_save") or []):
+        return False
+    target_modules = config.get("target_modules") or []
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, key) is not None
-    return key in target_modules or any(key.endswith("." + t) for t in target_modules)
+    if key in target_modules:
+        return True
+    found = any(key.endswith("." + t) for t in target_modules)
+    layer_indexes = config.get("layers_to_transform")
+    if found and layer_indexes is not None and (not isinstance(layer_indexes, list) or layer_indexes):
+        patterns = config.get("layers_pattern")
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(\d+)\.", key)
+        else:
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                match = re.match(r".*?\.%s\.(\d+)\." % pattern, key)
+                if match is not None:
+                    break
+        if match is None:
+            return False
+        index = int(match.group(1))
+        return index == layer_indexes if isinstance(layer_indexes, int) else index in layer_indexes
+    return found
+
+
+def maybe_include_all_linear_layers(config, model):
+    """PEFT tuners_utils._maybe_include_all_linear_layers: `all-linear`
+    becomes the full name of every linear layer (every module of these
+    models is one)"""
+    target = config.get("target_modules")
+    if isinstance(target, str) and target.lower() == "all-linear":
+        return dict(config, target_modules=sorted(model))
+    return config
+
+
+def peft_scale(config, name):
+    """The (r, scaling) LoraModel._create_and_replace gives module @name:
+    rank_pattern / alpha_pattern entries by get_pattern_key, else r and
+    lora_alpha; alpha / r (alpha / sqrt(r) with use_rslora,
+    LoraLayer.update_layer)"""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), name), config.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), name), config.get("lora_alpha", 8))
+    return r, alpha / (np.sqrt(r) if config.get("use_rslora") else r)
 
 
 def peft_inject(config, model, state_dict):
@@ -269,14 +323,10 @@ def peft_inject(config, model, state_dict):
     copied in, a size mismatch raises as torch's load_state_dict does.
     Returns the updates and the LoRA keys no layer took."""
     layers = {}
+    config = maybe_include_all_linear_layers(config, model)
     for name in model:
-        if not check_target_module_exists(config.get("target_modules") or [], name):
-            continue
-        r = config.get("rank_pattern", {}).get(get_pattern_key(config.get("rank_pattern", {}).keys(), name),
-                                               config.get("r", 8))
-        alpha = config.get("alpha_pattern", {}).get(get_pattern_key(config.get("alpha_pattern", {}).keys(), name),
-                                                    config.get("lora_alpha", 8))
-        layers[name] = (r, alpha / (np.sqrt(r) if config.get("use_rslora") else r))
+        if check_target_module_exists(config, name):
+            layers[name] = peft_scale(config, name)
     updates, unloaded = {}, []
     for key in state_dict:
         if ".lora_A." in key or ".lora_B." in key:

@@ -55,6 +55,61 @@ run_ok (const char    *stage,
 /* One input through a stage */
 #define run1(stage, input, ...) run_ok (stage, (LpCheckpoint *[]) { input }, 1, __VA_ARGS__, NULL)
 
+/* The transform plugin's warnings go through GLib's structured log, which
+ * g_test_expect_message() does not see: a test that expects one sets
+ * expected_warning (a g_pattern_match_simple() pattern) around the stage,
+ * and the writer counts the warnings it matches. Any other warning stays
+ * fatal, as g_test_init() makes it. Call capture_warnings() after
+ * g_test_init(). */
+static const char *expected_warning;
+static guint n_expected_warnings;
+
+static inline GLogWriterOutput
+expected_warning_writer (GLogLevelFlags   level,
+                         const GLogField *fields,
+                         gsize            n_fields,
+                         gpointer         user_data)
+{
+  const char *message = NULL;
+
+  for (gsize i = 0; i < n_fields; i++)
+    if (g_str_equal (fields[i].key, "MESSAGE"))
+      message = fields[i].value;
+  if ((level & G_LOG_LEVEL_WARNING) && expected_warning != NULL && message != NULL
+      && g_pattern_match_simple (expected_warning, message))
+    {
+      g_atomic_int_inc (&n_expected_warnings);
+      return G_LOG_WRITER_HANDLED;
+    }
+  g_log_writer_default (level, fields, n_fields, user_data);
+  if (level & (G_LOG_LEVEL_WARNING | G_LOG_LEVEL_CRITICAL))
+    g_error ("unexpected warning");
+  return G_LOG_WRITER_HANDLED;
+}
+
+static inline void
+capture_warnings (void)
+{
+  g_log_set_always_fatal (G_LOG_FATAL_MASK);
+  g_log_set_writer_func (expected_warning_writer, NULL, NULL);
+}
+
+/* rename preset=peft-to-kohya, which warns that the PEFT adapter config is
+ * not carried to the kohya names (the .alpha tensors keep the scales). */
+static inline LpCheckpoint *
+peft_to_kohya (LpCheckpoint *peft)
+{
+  LpCheckpoint *kohya;
+
+  expected_warning = "rename preset=peft-to-kohya: the input's adapter_config.json is not written "
+                     "beside the output, whose kohya names keep every module's scale in its .alpha tensor";
+  n_expected_warnings = 0;
+  kohya = run1 ("rename", peft, "preset", "peft-to-kohya");
+  g_assert_cmpuint (n_expected_warnings, ==, 1);
+  expected_warning = NULL;
+  return kohya;
+}
+
 /* Writes @checkpoint to DIR/NAME.safetensors; returns the path. */
 static inline char *
 write_file (LpCheckpoint *checkpoint,
