@@ -559,6 +559,17 @@ lp_lora_gram_blocked_cols_f32 (const float *y,
  * spread into G's upper triangle. */
 typedef gint32 LpI32x16 __attribute__ ((vector_size (64)));
 
+/* Lanes of @v picked by the indices of @pick: one vpermps where GCC's
+ * __builtin_shuffle takes a variable mask; clang (the fuzzing build) has
+ * none, and picks lane by lane. (A macro: GCC notes an ABI change for
+ * 64-byte vector results otherwise.) */
+#if defined(__clang__)
+# define PERMUTE16(v, pick) \
+  ({ LpV16 out_; for (int l_ = 0; l_ < 16; l_++) out_[l_] = (v)[(pick)[l_] & 15]; out_; })
+#else
+# define PERMUTE16(v, pick) __builtin_shuffle ((v), (pick))
+#endif
+
 /* Index of the pair i ≤ j among r values, pairs ordered by i then j. */
 static inline guint
 pair_index (guint i, guint j, guint r)
@@ -602,7 +613,7 @@ pack_pairs_f32 (const float *x,
       LOAD16 (a, x + t * 16);
       for (guint gi = 0; gi < groups; gi++)
         {
-          LpV16 v = __builtin_shuffle (a, pick1[gi]) * __builtin_shuffle (a, pick2[gi]) * mask[gi];
+          LpV16 v = PERMUTE16 (a, pick1[gi]) * PERMUTE16 (a, pick2[gi]) * mask[gi];
           memcpy (panel + gi * GRAM_GROUP + t * 16, &v, sizeof v);
         }
     }
