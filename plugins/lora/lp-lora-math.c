@@ -672,7 +672,7 @@ cholesky (double   *g,
 
 typedef struct {
   double value;
-  lapack_int block;   /* 1-based, as dstein() numbers them */
+  lapack_int block;   /* 1-based, as dstein() and sstein() number them */
 } BlockEigenvalue;
 
 static int
@@ -794,27 +794,13 @@ lp_lora_top_eigenpairs (double *h,
   return TRUE;
 }
 
-typedef struct {
-  double value;
-  lapack_int block;   /* 1-based, as sstein() numbers them */
-} TopEigenvalue;
-
+/* Largest first, for the f32 route's candidates of all blocks. */
 static int
-top_eigenvalue_by_value (gconstpointer a,
-                         gconstpointer b)
+block_eigenvalue_descending (gconstpointer a,
+                             gconstpointer b)
 {
-  const TopEigenvalue *x = a, *y = b;
+  const BlockEigenvalue *x = a, *y = b;
   return x->value > y->value ? -1 : x->value < y->value;
-}
-
-static int
-top_eigenvalue_by_block (gconstpointer a,
-                         gconstpointer b)
-{
-  const TopEigenvalue *x = a, *y = b;
-  if (x->block != y->block)
-    return x->block < y->block ? -1 : 1;
-  return x->value < y->value ? -1 : x->value > y->value;
 }
 
 gboolean
@@ -831,7 +817,7 @@ lp_lora_top_eigenpairs_f32 (float *h,
   g_autofree double *ee = g_new0 (double, n);
   g_autofree double *values = g_new (double, MIN (top, n));
   g_autofree lapack_int *split = g_new (lapack_int, n);
-  g_autofree TopEigenvalue *found = g_new (TopEigenvalue, n);
+  g_autofree BlockEigenvalue *found = g_new (BlockEigenvalue, n);
   g_autofree lapack_int *block = g_new (lapack_int, top);
   g_autofree lapack_int *fail = g_new (lapack_int, top);
   /* n, not top: LAPACKE_sstein() checks n values of w for NaN */
@@ -860,11 +846,11 @@ lp_lora_top_eigenpairs_f32 (float *h,
       guint len = split[b] - start, m = MIN (top, len);
       lp_lora_tridiagonal_eigenvalues (dd + start, ee + start, len, len - m, m, values);
       for (guint i = 0; i < m; i++)
-        found[n_found++] = (TopEigenvalue) { values[i], b + 1 };
+        found[n_found++] = (BlockEigenvalue) { values[i], b + 1 };
     }
-  qsort (found, n_found, sizeof (TopEigenvalue), top_eigenvalue_by_value);
+  qsort (found, n_found, sizeof (BlockEigenvalue), block_eigenvalue_descending);
   /* grouped by block and ascending within one, as sstein() wants them */
-  qsort (found, top, sizeof (TopEigenvalue), top_eigenvalue_by_block);
+  qsort (found, top, sizeof (BlockEigenvalue), block_eigenvalue_compare);
   for (guint i = 0; i < top; i++)
     {
       chosen[i] = found[i].value;
